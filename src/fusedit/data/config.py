@@ -1,0 +1,71 @@
+"""Configuration of training data: the embedded shapes world, image folders, webdataset shards, latent caches."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+from fusedit.config import require
+
+
+@dataclass
+class ShapesWorldConfig:
+    """The procedural "shapes world" (see :mod:`fusedit.data.shapes`).
+
+    Attributes:
+        seed: seed of the world (which prompts are held out) and of the images.
+        size: number of training examples (images are generated on the fly from their index).
+        max_objects: at most this many objects per image (1..4).
+        held_out_fraction: fraction of attribute combinations never shown in training (evaluation prompts).
+    """
+
+    seed: int = 0
+    size: int = 50000
+    max_objects: int = 4
+    held_out_fraction: float = 0.1
+
+    def validate(self) -> None:
+        require(self.size > 0, f"data.shapes.size: got {self.size}, expected a positive integer")
+        require(1 <= self.max_objects <= 4, f"data.shapes.max_objects: got {self.max_objects}, expected 1..4")
+        require(0.0 <= self.held_out_fraction < 1.0,
+                f"data.shapes.held_out_fraction: got {self.held_out_fraction}, expected in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    """Where training images and captions come from.
+
+    Attributes:
+        source: ``shapes`` (embedded default, pixel space), ``folder`` (images + captions.jsonl/csv),
+            ``webdataset`` (shards in the reference's layout) or ``latents`` (shards written by
+            ``fusedit cache-latents``).
+        path: folder / shard pattern (e.g. ``data/train-{0000..0099}.tar``) / latent shard pattern.
+        resolution: training image side in pixels.
+        center_crop: centre crop after resizing the short side (else random crop).
+        image_key, caption_key, original_caption_key: webdataset sample keys (the reference's layout).
+        original_caption_rate: probability of using the original instead of the synthetic caption.
+        vae: path or hub id of a diffusers VAE (``null``: pixel space, no VAE).
+        vae_subfolder: subfolder of the VAE inside ``vae`` (e.g. ``vae`` for a pipeline repo).
+        num_workers: DataLoader workers.
+        shapes: the shapes world's settings (``source: shapes``).
+    """
+
+    source: Literal["shapes", "folder", "webdataset", "latents"] = "shapes"
+    path: Union[str, None] = None
+    resolution: int = 32
+    center_crop: bool = True
+    image_key: str = "image.jpg"
+    caption_key: str = "synthetic_caption.txt"
+    original_caption_key: str = "original_caption.txt"
+    original_caption_rate: float = 0.0
+    vae: Union[str, None] = None
+    vae_subfolder: Union[str, None] = None
+    num_workers: int = 0
+    shapes: ShapesWorldConfig = field(default_factory=ShapesWorldConfig)
+
+    def validate(self) -> None:
+        require(self.resolution > 0, f"data.resolution: got {self.resolution}, expected a positive integer")
+        require(0.0 <= self.original_caption_rate <= 1.0,
+                f"data.original_caption_rate: got {self.original_caption_rate}, expected 0..1")
+        require(self.num_workers >= 0, f"data.num_workers: got {self.num_workers}, expected >= 0")
+        if self.source != "shapes":
+            require(bool(self.path), f"data.path: data.source={self.source} needs data.path (a folder or shard pattern)")

@@ -1,0 +1,1 @@
+"""fusedit.dist"""

@@ -1,0 +1,1 @@
+"""Diffusion transformers: deep fusion (FuseDiT) and the shallow-fusion baselines."""

@@ -1,0 +1,224 @@
+"""Configuration of the diffusion transformer: deep fusion (FuseDiT) or a shallow-fusion baseline.
+
+Names follow the reference's configs (tang-bd/fuse-dit). Geometry that must match the LLM (attention heads, KV
+heads, head_dim, depth of the layer map) is resolved against the LLM's config by :func:`resolve_model_config`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal, Union
+
+from fusedit.config import ConfigError, require
+
+Attention = Literal["self", "cross"]
+PosEmbed = Literal["ape", "1d-rope", "2d-rope", "m-rope"]
+TimestepConditioning = Literal["adaln-zero", "adaln-single", "addition", "none"]
+
+
+@dataclass
+class ModelConfig:
+    """The trainable DiT.
+
+    Attributes:
+        kind: ``fusedit`` (deep fusion: every mapped DiT layer attends to its LLM layer's keys/values) or ``dit``
+            (shallow fusion: one hidden-state layer of the LLM, through an RMSNorm+Linear context embedder).
+        attention: ``self`` (text keys/values joined to the image self-attention) or ``cross`` (image
+            self-attention followed by cross-attention to the text).
+        pos_embed: image positions: ``ape`` (2D sin-cos added to patches), ``1d-rope`` (1D RoPE continuing after
+            the real text tokens), ``2d-rope`` (rows on one half of head_dim, columns on the other, offset by
+            the number of real text tokens), ``m-rope`` (Qwen2-VL-style multimodal RoPE).
+        timestep_conditioning: ``adaln-zero``, ``adaln-single`` (PixArt), ``addition`` (timestep embedding added
+            to patch tokens) or ``none`` (no timestep input at all).
+        text_modulation: add a pooled text embedding (RMSNorm → MLP) to the timestep embedding (the paper's
+            "CLIP-mod"); the pooled source is chosen in the ``text`` section. Needs timestep conditioning.
+        qk_norm: per-head RMSNorm on the DiT's queries and keys.
+        sandwich_norm: Gemma-2-style norms after attention and after the MLP.
+        dit_hidden_size: DiT width (``null``: the LLM's hidden size).
+        dit_num_hidden_layers: DiT depth (``null``: the number of fused LLM layers, or the LLM depth for ``dit``).
+        dit_intermediate_size: GeGLU MLP width (``null``: the LLM's intermediate size).
+        num_attention_heads, num_key_value_heads, head_dim: the DiT's head geometry (``null``: the LLM's). Deep
+            fusion requires it to equal the LLM's.
+        initial_layers: LLM layers that run text-only before the first fused layer.
+        shared_attention_layers: ``all`` (every LLM layer from ``initial_layers`` on) or the list of LLM layer
+            indices fused, in order, with DiT layers 0, 1, ...; DiT layers past the map run without text.
+        patch_size, in_channels, out_channels: patchification; channels are 3 for pixels or the VAE's latent
+            channels (``out_channels`` ``null``: same as ``in_channels``).
+        sample_size: default latent (or pixel) side length used by the pipeline when no size is given.
+        pos_embed_max_size: side of the sin-cos table for ``ape`` (centre-cropped to the image grid).
+        text_hidden_states_index: (``dit`` only) which ``hidden_states`` entry of the LLM conditions the baseline.
+        rms_norm_eps, rope_theta: ``null``: the LLM's.
+    """
+
+    kind: Literal["fusedit", "dit"] = "fusedit"
+    attention: Attention = "self"
+    pos_embed: PosEmbed = "2d-rope"
+    timestep_conditioning: TimestepConditioning = "none"
+    text_modulation: bool = False
+    qk_norm: bool = True
+    sandwich_norm: bool = True
+    dit_hidden_size: Union[int, None] = None
+    dit_num_hidden_layers: Union[int, None] = None
+    dit_intermediate_size: Union[int, None] = None
+    num_attention_heads: Union[int, None] = None
+    num_key_value_heads: Union[int, None] = None
+    head_dim: Union[int, None] = None
+    initial_layers: int = 0
+    shared_attention_layers: Union[Literal["all"], list[int]] = "all"
+    patch_size: int = 2
+    in_channels: int = 16
+    out_channels: Union[int, None] = None
+    sample_size: int = 64
+    pos_embed_max_size: int = 64
+    text_hidden_states_index: int = -1
+    rms_norm_eps: Union[float, None] = None
+    rope_theta: Union[float, None] = None
+
+    def validate(self) -> None:
+        for name in ("dit_hidden_size", "dit_num_hidden_layers", "dit_intermediate_size", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "out_channels"):
+            value = getattr(self, name)
+            require(value is None or value > 0, f"model.{name}: got {value}, expected a positive integer or null")
+        for name in ("patch_size", "in_channels", "sample_size", "pos_embed_max_size"):
+            value = getattr(self, name)
+            require(value > 0, f"model.{name}: got {value}, expected a positive integer")
+        require(self.initial_layers >= 0, f"model.initial_layers: got {self.initial_layers}, expected >= 0")
+        if isinstance(self.shared_attention_layers, list):
+            layers = self.shared_attention_layers
+            require(len(layers) > 0, "model.shared_attention_layers: got an empty list, expected 'all' or LLM layer indices")
+            require(all(b > a for a, b in zip(layers, layers[1:])),
+                    f"model.shared_attention_layers: got {layers}, expected strictly increasing LLM layer indices")
+            require(layers[0] >= self.initial_layers,
+                    f"model.shared_attention_layers: got {layers}, but layers below model.initial_layers="
+                    f"{self.initial_layers} run text-only; expected indices >= {self.initial_layers}")
+        if self.text_modulation:
+            require(self.timestep_conditioning != "none",
+                    "model.text_modulation: true needs a timestep embedding to add to; set "
+                    "model.timestep_conditioning to adaln-zero, adaln-single or addition")
+        if self.head_dim is not None and self.pos_embed in ("2d-rope", "m-rope"):
+            require(self.head_dim % 4 == 0, f"model.head_dim: {self.pos_embed} needs head_dim divisible by 4, got {self.head_dim}")
+
+
+@dataclass(frozen=True)
+class LLMGeometry:
+    """What the DiT needs to know about the LLM (read from its Hugging Face config)."""
+
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+
+    @classmethod
+    def from_hf_config(cls, config) -> "LLMGeometry":
+        """Read the geometry from a transformers ``PretrainedConfig`` (text config of multimodal models)."""
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        rope_theta = getattr(text, "rope_theta", None)
+        if rope_theta is None:
+            params = getattr(text, "rope_parameters", None) or {}
+            if isinstance(params, dict) and "full_attention" in params:
+                params = params["full_attention"]
+            rope_theta = (params or {}).get("rope_theta", 10000.0)
+        return cls(
+            model_type=text.model_type,
+            hidden_size=text.hidden_size,
+            num_hidden_layers=text.num_hidden_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=getattr(text, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            intermediate_size=text.intermediate_size,
+            rms_norm_eps=float(getattr(text, "rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta),
+        )
+
+
+@dataclass(frozen=True)
+class ResolvedModelConfig:
+    """A :class:`ModelConfig` with every ``null`` filled from the LLM and the layer map made explicit.
+
+    ``layer_map[i]`` is the LLM layer DiT layer ``i`` attends to (deep fusion) or ``None`` (no text).
+    """
+
+    config: ModelConfig
+    llm: LLMGeometry
+    hidden_size: int
+    num_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    out_channels: int
+    rms_norm_eps: float
+    rope_theta: float
+    layer_map: tuple[Union[int, None], ...] = field(default=())
+
+    @property
+    def fused_llm_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in self.layer_map if i is not None)
+
+
+def resolve_model_config(config: ModelConfig, llm: LLMGeometry) -> ResolvedModelConfig:
+    """Fill defaults from the LLM and check every combination that depends on it (raises :class:`ConfigError`)."""
+    heads = config.num_attention_heads or llm.num_attention_heads
+    kv_heads = config.num_key_value_heads or llm.num_key_value_heads
+    head_dim = config.head_dim or llm.head_dim
+    if config.kind == "fusedit":
+        for name, ours, theirs in (("num_attention_heads", heads, llm.num_attention_heads),
+                                   ("num_key_value_heads", kv_heads, llm.num_key_value_heads),
+                                   ("head_dim", head_dim, llm.head_dim)):
+            require(ours == theirs,
+                    f"model.{name}: deep fusion shares attention with the LLM, so the DiT's {name} must equal the "
+                    f"LLM's ({theirs}); got {ours}. Remove the key or set it to {theirs}.")
+    require(heads % kv_heads == 0,
+            f"model.num_attention_heads ({heads}) must be a multiple of model.num_key_value_heads ({kv_heads})")
+    if config.pos_embed in ("2d-rope", "m-rope"):
+        require(head_dim % 4 == 0, f"model.pos_embed={config.pos_embed} needs head_dim divisible by 4, got {head_dim}")
+    if config.pos_embed == "1d-rope" or config.pos_embed == "ape":
+        require(head_dim % 2 == 0, f"model.pos_embed={config.pos_embed} needs an even head_dim, got {head_dim}")
+
+    if config.kind == "fusedit":
+        require(config.initial_layers < llm.num_hidden_layers,
+                f"model.initial_layers: got {config.initial_layers}, but the LLM has only {llm.num_hidden_layers} "
+                f"layers; expected 0..{llm.num_hidden_layers - 1}")
+        if config.shared_attention_layers == "all":
+            fused = list(range(config.initial_layers, llm.num_hidden_layers))
+        else:
+            fused = list(config.shared_attention_layers)
+            require(fused[-1] < llm.num_hidden_layers,
+                    f"model.shared_attention_layers: layer {fused[-1]} is past the LLM's depth "
+                    f"({llm.num_hidden_layers} layers, indices 0..{llm.num_hidden_layers - 1})")
+        depth = config.dit_num_hidden_layers or len(fused)
+        require(depth >= len(fused),
+                f"model.dit_num_hidden_layers: got {depth}, but the layer map fuses {len(fused)} LLM layers "
+                f"({fused[0]}..{fused[-1]}); expected at least {len(fused)}")
+        layer_map = tuple(fused) + (None,) * (depth - len(fused))
+    else:
+        depth = config.dit_num_hidden_layers or llm.num_hidden_layers
+        index = config.text_hidden_states_index
+        require(-(llm.num_hidden_layers + 1) <= index <= llm.num_hidden_layers,
+                f"model.text_hidden_states_index: got {index}, but the LLM has {llm.num_hidden_layers + 1} hidden "
+                f"states; expected {-(llm.num_hidden_layers + 1)}..{llm.num_hidden_layers}")
+        layer_map = (None,) * depth
+
+    return ResolvedModelConfig(
+        config=config,
+        llm=llm,
+        hidden_size=config.dit_hidden_size or llm.hidden_size,
+        num_layers=depth,
+        intermediate_size=config.dit_intermediate_size or llm.intermediate_size,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        out_channels=config.out_channels or config.in_channels,
+        rms_norm_eps=config.rms_norm_eps if config.rms_norm_eps is not None else llm.rms_norm_eps,
+        rope_theta=config.rope_theta if config.rope_theta is not None else llm.rope_theta,
+        layer_map=layer_map,
+    )
+
+
+__all__ = ["ModelConfig", "LLMGeometry", "ResolvedModelConfig", "resolve_model_config", "ConfigError", "replace"]

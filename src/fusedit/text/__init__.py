@@ -1,0 +1,1 @@
+"""The text side: the frozen LLM as a key/value provider."""

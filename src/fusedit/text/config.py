@@ -1,0 +1,53 @@
+"""Configuration of the text side: which LLM, how prompts become tokens, and what the text context holds."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Union
+
+from fusedit.config import require
+
+
+@dataclass
+class TextConfig:
+    """The (frozen) decoder-only LLM used as a key/value provider.
+
+    Attributes:
+        llm: local path or Hugging Face hub id of a decoder-only causal LM (Gemma, Gemma 2/3, Llama, Qwen2/3, ...),
+            or of a multimodal model whose language model is used (PaliGemma).
+        tokenizer: path or hub id of the tokenizer (``null``: same as ``llm``).
+        dtype: LLM weights/compute dtype; ``auto`` = bfloat16 on CUDA, float32 on CPU.
+        trainable: train the LLM too (the ``train_llm`` ablation); the text context then carries gradients.
+        max_length: maximum prompt length in tokens (excluding the instruction prefix); longer prompts are
+            truncated and the truncation is reported.
+        padding_side: ``left`` (the Gemma tokenizer default, the reference's choice) or ``right``.
+        padding: ``max_length`` pads every prompt to ``max_length`` like the reference (needed to reproduce its
+            numbers, since text positions count pad slots); ``longest`` pads to the batch's longest prompt.
+        instruction: text prepended to every non-empty prompt (e.g. "Generate an image of: ").
+        chat_template: wrap prompts in the tokenizer's chat template (user turn, generation prompt).
+        attention: ``hf``: the text stream is the Hugging Face model's own forward; ``reference``: fused layers
+            compute attention like tang-bd/fuse-dit (plain softmax, scale head_dim^-0.5, no logit soft-capping, no
+            sliding window), needed to reproduce reference checkpoints trained on Gemma 2.
+        pooled: pooled text embedding for ``model.text_modulation``: ``none``, ``llm-mean`` (masked mean of the
+            last hidden state) or ``clip`` (a CLIP text model's projected embedding, from ``clip_model``).
+        clip_model: path or hub id of a CLIP text model (for ``pooled: clip``).
+        trim: drop key/value columns that are padding in every prompt of the batch (exact; faster attention).
+    """
+
+    llm: str = ""
+    tokenizer: Union[str, None] = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trainable: bool = False
+    max_length: int = 256
+    padding_side: Literal["left", "right"] = "left"
+    padding: Literal["max_length", "longest"] = "max_length"
+    instruction: str = ""
+    chat_template: bool = False
+    attention: Literal["hf", "reference"] = "hf"
+    pooled: Literal["none", "llm-mean", "clip"] = "none"
+    clip_model: Union[str, None] = None
+    trim: bool = True
+
+    def validate(self) -> None:
+        require(self.max_length > 0, f"text.max_length: got {self.max_length}, expected a positive integer")
+        if self.pooled == "clip":
+            require(bool(self.clip_model), "text.pooled: clip needs text.clip_model (a path or hub id of a CLIP model)")

@@ -1,0 +1,103 @@
+"""Configuration of training: optimisation, flow-matching time sampling, EMA, logging and checkpoints."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Union
+
+from fusedit.config import require
+
+
+@dataclass
+class TrainConfig:
+    """Defaults reproduce the reference recipe (DESIGN.md §4) except the step count.
+
+    Attributes:
+        max_steps: optimiser steps to train.
+        batch_size: global batch size per optimiser step (split over processes and accumulation steps).
+        gradient_accumulation_steps: micro-batches per optimiser step.
+        lr, weight_decay, betas, eps: AdamW.
+        lr_schedule: ``constant``, ``warmup`` (linear warm-up then constant) or ``cosine`` (warm-up then cosine
+            decay to ``min_lr``).
+        warmup_steps, min_lr: for the schedules above.
+        grad_clip: max global grad norm (``null``: no clipping).
+        mixed_precision: ``bf16`` autocast where the device supports it, ``no`` for float32.
+        time_sampling: ``reference`` (logit-normal index into the shifted flow-match schedule), ``uniform``,
+            ``logit_normal`` or ``mode`` (SD3).
+        shift: shift of the flow-match schedule (SD3-medium: 3.0).
+        logit_mean, logit_std, mode_scale: parameters of the time densities.
+        loss_weighting: SD3 weighting: ``none`` (uniform), ``sigma_sqrt`` or ``cosmap``.
+        caption_dropout: probability of replacing a caption by the empty string (for CFG).
+        ema_decay, ema_every: EMA of the trained weights, updated every ``ema_every`` steps (``ema_every: 0``
+            disables EMA).
+        seed: global seed.
+        log_every: steps between log lines / TensorBoard scalars.
+        sample_every: steps between PNG sample grids of ``sample_prompts`` (0 disables).
+        sample_prompts: prompts of the sample grid (empty: the data set's own held-out prompts, if any).
+        sample_steps, sample_cfg: sampling settings of the grid.
+        checkpoint_every: steps between checkpoints (the last step is always saved).
+        keep_checkpoints: how many step checkpoints to keep (the newest).
+        activation_checkpointing, compile, fused_adamw: speed/memory options.
+        distributed: ``none``, ``ddp`` or ``fsdp`` (launched by torchrun).
+    """
+
+    max_steps: int = 1000
+    batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    betas: list[float] = None  # type: ignore[assignment]
+    eps: float = 1e-8
+    lr_schedule: Literal["constant", "warmup", "cosine"] = "constant"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    grad_clip: Union[float, None] = 1.0
+    mixed_precision: Literal["bf16", "no"] = "bf16"
+    time_sampling: Literal["reference", "uniform", "logit_normal", "mode"] = "reference"
+    shift: float = 3.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.99
+    ema_every: int = 100
+    seed: int = 42
+    log_every: int = 10
+    sample_every: int = 0
+    sample_prompts: list[str] = None  # type: ignore[assignment]
+    sample_steps: int = 25
+    sample_cfg: float = 6.0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    activation_checkpointing: bool = False
+    compile: bool = False
+    fused_adamw: bool = False
+    distributed: Literal["none", "ddp", "fsdp"] = "none"
+
+    def __post_init__(self) -> None:
+        if self.betas is None:
+            self.betas = [0.9, 0.999]
+        if self.sample_prompts is None:
+            self.sample_prompts = []
+
+    def validate(self) -> None:
+        require(self.max_steps > 0, f"train.max_steps: got {self.max_steps}, expected a positive integer")
+        require(self.batch_size > 0, f"train.batch_size: got {self.batch_size}, expected a positive integer")
+        require(self.gradient_accumulation_steps > 0,
+                f"train.gradient_accumulation_steps: got {self.gradient_accumulation_steps}, expected >= 1")
+        require(self.batch_size % self.gradient_accumulation_steps == 0,
+                f"train.batch_size ({self.batch_size}) must be divisible by train.gradient_accumulation_steps "
+                f"({self.gradient_accumulation_steps})")
+        require(self.lr > 0, f"train.lr: got {self.lr}, expected > 0")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                f"train.betas: got {self.betas}, expected two numbers in [0, 1)")
+        require(0.0 <= self.caption_dropout <= 1.0, f"train.caption_dropout: got {self.caption_dropout}, expected 0..1")
+        require(0.0 <= self.ema_decay < 1.0, f"train.ema_decay: got {self.ema_decay}, expected in [0, 1)")
+        require(self.ema_every >= 0, f"train.ema_every: got {self.ema_every}, expected >= 0 (0 disables EMA)")
+        require(self.grad_clip is None or self.grad_clip > 0, f"train.grad_clip: got {self.grad_clip}, expected > 0 or null")
+        require(self.shift > 0, f"train.shift: got {self.shift}, expected > 0")
+        require(self.logit_std > 0, f"train.logit_std: got {self.logit_std}, expected > 0")
+        require(self.checkpoint_every > 0, f"train.checkpoint_every: got {self.checkpoint_every}, expected > 0")
+        require(self.keep_checkpoints >= 1, f"train.keep_checkpoints: got {self.keep_checkpoints}, expected >= 1")
+        require(self.warmup_steps >= 0, f"train.warmup_steps: got {self.warmup_steps}, expected >= 0")
+        require(self.sample_steps > 0, f"train.sample_steps: got {self.sample_steps}, expected > 0")
