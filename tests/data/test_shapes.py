@@ -1,0 +1,134 @@
+"""Tests of the procedural shapes world (prompts, held-out split, rendering, training data set)."""
+import numpy as np
+import pytest
+import torch
+
+from fusedit.data.config import ShapesWorldConfig
+from fusedit.data.shapes import (BACKGROUND, CATEGORIES, PALETTE, ShapesWorld, enumerate_prompts, object_side,
+                                 shape_mask)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return ShapesWorld(ShapesWorldConfig(seed=3, size=500, held_out_fraction=0.1), resolution=32)
+
+
+def test_every_category_has_training_and_held_out_prompts(world):
+    assert world.categories == CATEGORIES
+    for category in CATEGORIES:
+        train = {s.text for s in world.training_prompts(category)}
+        held = {s.text for s in world.held_out_prompts(category)}
+        assert train and held, category
+        assert not train & held
+        assert train | held == {s.text for s in world.all_prompts(category)}
+        assert all(s.category == category for s in world.held_out_prompts(category))
+    n_all = len(world.all_prompts())
+    assert len(world.held_out_prompts()) == pytest.approx(0.1 * n_all, rel=0.2)
+
+
+def test_held_out_split_is_seeded_and_deterministic():
+    a = ShapesWorld(ShapesWorldConfig(seed=1), 32).held_out_prompts()
+    b = ShapesWorld(ShapesWorldConfig(seed=1), 32).held_out_prompts()
+    c = ShapesWorld(ShapesWorldConfig(seed=2), 32).held_out_prompts()
+    assert [s.text for s in a] == [s.text for s in b]
+    assert [s.text for s in a] != [s.text for s in c]
+
+
+def test_prompt_texts_are_unique_and_readable():
+    texts = [s.text for c in CATEGORIES for s in enumerate_prompts(c)]
+    assert len(texts) == len(set(texts))
+    assert "a red circle to the left of a blue square" in texts
+    assert "three green triangles" in texts
+    assert "a circle and a square" in texts
+    assert "a red circle and a blue square" in texts
+
+
+def test_max_objects_limits_prompts():
+    world = ShapesWorld(ShapesWorldConfig(max_objects=1), 32)
+    assert world.categories == ("single_object", "colors")
+    world3 = ShapesWorld(ShapesWorldConfig(max_objects=3), 32)
+    assert max(s.objects[0].count for s in world3.all_prompts("counting")) == 3
+    with pytest.raises(ValueError, match="position"):
+        world.held_out_prompts("position")
+
+
+def test_caption_corpus_excludes_held_out(world):
+    corpus = set(world.caption_corpus())
+    assert not corpus & {s.text for s in world.held_out_prompts()}
+    vocab = {w for text in corpus for w in text.split()}
+    assert {w for s in world.held_out_prompts() for w in s.text.split()} <= vocab
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_render_is_faithful_to_the_spec(resolution):
+    world = ShapesWorld(ShapesWorldConfig(), resolution)
+    rng = np.random.default_rng(0)
+    for spec in world.all_prompts()[::7]:
+        objects = world.scene(spec, rng)
+        assert len(objects) == sum(o.count for o in spec.objects)
+        for req in spec.objects:
+            matching = [o for o in objects if o.shape == req.shape and req.color in (None, o.color)]
+            assert len(matching) >= req.count
+        image = world.draw(objects)
+        assert image.dtype == np.uint8 and image.shape == (resolution, resolution, 3)
+        # each object's pixels are exactly its mask in its color; the rest is background
+        painted = np.zeros((resolution, resolution), dtype=int)
+        for o in objects:
+            side = object_side(o.size, resolution)
+            mask = shape_mask(o.shape, side, side)
+            painted[o.y:o.y + side, o.x:o.x + side] += mask
+            assert (image[o.y:o.y + side, o.x:o.x + side][mask] == PALETTE[o.color]).all()
+        assert painted.max() == 1, "objects overlap"
+        assert (image[painted == 0] == BACKGROUND).all()
+
+
+def test_position_relation_is_rendered():
+    world = ShapesWorld(ShapesWorldConfig(), 32)
+    rng = np.random.default_rng(1)
+    for spec in world.all_prompts("position")[::11]:
+        a, b = world.scene(spec, rng)[:2]
+        dx, dy = b.x - a.x, b.y - a.y
+        expected = {"left of": dx > 0, "right of": dx < 0, "above": dy > 0, "below": dy < 0}[spec.relation]
+        assert expected, (spec.text, a, b)
+
+
+def test_train_dataset_is_deterministic_and_order_independent(world):
+    ds = world.train_dataset()
+    assert len(ds) == 500
+    forward = [ds[i] for i in range(20)]
+    other = ShapesWorld(ShapesWorldConfig(seed=3, size=500, held_out_fraction=0.1), 32).train_dataset()
+    for i in reversed(range(20)):
+        item = other[i]
+        assert item["caption"] == forward[i]["caption"]
+        assert torch.equal(item["image"], forward[i]["image"])
+    item = forward[0]
+    assert item["image"].dtype == torch.float32 and item["image"].shape == (3, 32, 32)
+    assert item["image"].min() >= -1 and item["image"].max() <= 1
+    assert torch.equal(ds[-1]["image"], ds[499]["image"])
+    with pytest.raises(IndexError):
+        ds[500]
+
+
+def test_train_dataset_uses_only_training_prompts_of_all_categories(world):
+    ds = world.train_dataset()
+    held = {s.text for s in world.held_out_prompts()}
+    captions = [ds[i]["caption"] for i in range(300)]
+    assert not held & set(captions)
+    assert {world.spec(c).category for c in captions} == set(CATEGORIES)
+    counts = [sum(o.count for o in world.spec(c).objects) for c in captions]
+    assert min(counts) == 1 and max(counts) == 4
+
+
+def test_different_seeds_give_different_images():
+    a = ShapesWorld(ShapesWorldConfig(seed=0), 32).train_dataset()[0]["image"]
+    b = ShapesWorld(ShapesWorldConfig(seed=1), 32).train_dataset()[0]["image"]
+    assert not torch.equal(a, b)
+
+
+def test_bad_arguments_raise_clear_errors(world):
+    with pytest.raises(ValueError, match="resolution"):
+        ShapesWorld(ShapesWorldConfig(), 8)
+    with pytest.raises(ValueError, match="unknown category"):
+        enumerate_prompts("spatial")
+    with pytest.raises(KeyError, match="not a prompt"):
+        world.spec("a dog")
