@@ -31,6 +31,8 @@ class ModelConfig:
             to patch tokens) or ``none`` (no timestep input at all).
         text_modulation: add a pooled text embedding (RMSNorm → MLP) to the timestep embedding (the paper's
             "CLIP-mod"); the pooled source is chosen in the ``text`` section. Needs timestep conditioning.
+        text_modulation_dim: width of the pooled embedding (``null``: the LLM's hidden size, for ``llm-mean``;
+            set it to the CLIP projection width for ``clip``).
         qk_norm: per-head RMSNorm on the DiT's queries and keys.
         sandwich_norm: Gemma-2-style norms after attention and after the MLP.
         dit_hidden_size: DiT width (``null``: the LLM's hidden size).
@@ -54,6 +56,7 @@ class ModelConfig:
     pos_embed: PosEmbed = "2d-rope"
     timestep_conditioning: TimestepConditioning = "none"
     text_modulation: bool = False
+    text_modulation_dim: Union[int, None] = None
     qk_norm: bool = True
     sandwich_norm: bool = True
     dit_hidden_size: Union[int, None] = None
@@ -74,7 +77,7 @@ class ModelConfig:
     rope_theta: Union[float, None] = None
 
     def validate(self) -> None:
-        for name in ("dit_hidden_size", "dit_num_hidden_layers", "dit_intermediate_size", "num_attention_heads",
+        for name in ("text_modulation_dim", "dit_hidden_size", "dit_num_hidden_layers", "dit_intermediate_size", "num_attention_heads",
                      "num_key_value_heads", "head_dim", "out_channels"):
             value = getattr(self, name)
             require(value is None or value > 0, f"model.{name}: got {value}, expected a positive integer or null")

@@ -1,0 +1,136 @@
+"""The text context: everything a DiT needs from the LLM for one prompt batch.
+
+Because text rows of FuseDiT's joint attention never see image tokens, the text stream does not depend on the image,
+the timestep or the noise (DESIGN.md §2). The LLM therefore runs once per prompt batch and leaves, for every fused
+layer, the keys and values its attention used. Deep fusion reads those; the shallow baselines read one hidden-state
+layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class TextContext:
+    """Per-prompt-batch output of :class:`fusedit.text.TextEncoder`.
+
+    Shapes: ``B`` prompts, ``L`` text tokens (padding included), ``H_kv`` key/value heads, ``D`` head_dim.
+
+    Attributes:
+        mask: ``(B, L)`` bool, True for real tokens (False for padding).
+        keys: LLM layer index -> ``(B, H_kv, L, D)`` keys as that layer's attention used them (after RoPE and any
+            key norm). Present for the layers the model fuses.
+        values: LLM layer index -> ``(B, H_kv, L, D)`` values.
+        raw_keys: LLM layer index -> ``(B, H_kv, L, D)`` keys *before* RoPE (cross-attention deep fusion).
+        hidden_states: ``(B, L, H_llm)`` the hidden-state layer the shallow baselines use, or None.
+        pooled: ``(B, P)`` pooled text embedding for text modulation, or None.
+        num_truncated: how many prompts of the batch were cut at ``max_length`` (reported, not an error).
+    """
+
+    mask: torch.Tensor
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    raw_keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    hidden_states: Optional[torch.Tensor] = None
+    pooled: Optional[torch.Tensor] = None
+    num_truncated: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+    @property
+    def num_real(self) -> torch.Tensor:
+        """``(B,)`` number of real (non-padding) tokens per prompt."""
+        return self.mask.sum(dim=1)
+
+    def _map(self, fn) -> "TextContext":
+        def on(d):
+            return {k: fn(v, 2) for k, v in d.items()}
+
+        return replace(
+            self,
+            mask=fn(self.mask, 1),
+            keys=on(self.keys),
+            values=on(self.values),
+            raw_keys=on(self.raw_keys),
+            hidden_states=None if self.hidden_states is None else fn(self.hidden_states, 1),
+        )
+
+    def trimmed(self) -> "TextContext":
+        """Drop token columns that are padding in every prompt (exact: those keys are masked anyway).
+
+        Positions are already baked into the keys and image positions depend only on :attr:`num_real`, so trimming
+        changes no output. Returns ``self`` when nothing can be dropped.
+        """
+        used = self.mask.any(dim=0)
+        if bool(used.all()):
+            return self
+        index = used.nonzero().squeeze(1)
+        return self._map(lambda t, dim: t.index_select(dim, index))
+
+    def repeat(self, times: int) -> "TextContext":
+        """Repeat every prompt ``times`` times along the batch (prompt-major: p0, p0, ..., p1, ...)."""
+        def rep(t, _dim):
+            return t.repeat_interleave(times, dim=0)
+
+        out = self._map(rep)
+        if self.pooled is not None:
+            out = replace(out, pooled=rep(self.pooled, 0))
+        return out
+
+    def to(self, device=None, dtype=None) -> "TextContext":
+        """Move tensors; ``dtype`` applies to floating tensors only."""
+        def move(t, _dim):
+            if t.is_floating_point():
+                return t.to(device=device, dtype=dtype)
+            return t.to(device=device)
+
+        out = self._map(move)
+        if self.pooled is not None:
+            out = replace(out, pooled=move(self.pooled, 0))
+        return out
+
+    @staticmethod
+    def cat(contexts: list["TextContext"]) -> "TextContext":
+        """Concatenate contexts along the batch; lengths are padded to the longest (pad columns masked).
+
+        Padding is added on the side where the first context has its padding (left when ``mask[:, 0]`` has
+        padding, else right), so the keys of real tokens keep their positions.
+        """
+        if len(contexts) == 1:
+            return contexts[0]
+        length = max(c.length for c in contexts)
+        left = any(bool((~c.mask[:, 0]).any()) for c in contexts)
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = length - t.shape[dim]
+            if missing == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            filler = torch.zeros(shape, dtype=t.dtype, device=t.device)
+            return torch.cat([filler, t] if left else [t, filler], dim=dim)
+
+        padded = [c._map(pad) for c in contexts]
+        first = padded[0]
+
+        def cat_dict(name):
+            return {k: torch.cat([getattr(c, name)[k] for c in padded], dim=0) for k in getattr(first, name)}
+
+        return TextContext(
+            mask=torch.cat([c.mask for c in padded], dim=0),
+            keys=cat_dict("keys"),
+            values=cat_dict("values"),
+            raw_keys=cat_dict("raw_keys"),
+            hidden_states=None if first.hidden_states is None else torch.cat([c.hidden_states for c in padded], 0),
+            pooled=None if first.pooled is None else torch.cat([c.pooled for c in contexts], 0),
+            num_truncated=sum(c.num_truncated for c in contexts),
+        )

@@ -1,0 +1,296 @@
+"""The text encoder: prompts -> tokens -> one LLM forward -> :class:`TextContext`.
+
+Keys and values are captured from the LLM's own forward through a recording ``Cache``: every attention layer hands
+its (post-RoPE, post-norm) keys and values to ``cache.update``, so what we keep is exactly what the Hugging Face
+model's attention used, for any model family, with no re-implementation of its layers. Pre-RoPE keys (needed by
+cross-attention deep fusion) come from forward hooks on the key projection (or key norm, where the family has one).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from fusedit.text.config import TextConfig
+from fusedit.text.context import TextContext
+from fusedit.text.llm import decoder_forward_kwargs, load_llm, load_tokenizer, resolve_dtype
+
+
+@dataclass(frozen=True)
+class TextRequirements:
+    """What a model reads from the text context (see ``model.text_requirements()``).
+
+    Attributes:
+        kv_layers: LLM layers whose keys/values are needed (deep fusion, self-attention).
+        raw_key_layers: LLM layers whose pre-RoPE keys and values are needed (deep fusion, cross-attention).
+        hidden_states_index: ``hidden_states`` entry for the shallow baselines (None: not needed).
+        pooled: whether a pooled embedding is needed (text modulation).
+    """
+
+    kv_layers: tuple[int, ...] = ()
+    raw_key_layers: tuple[int, ...] = ()
+    hidden_states_index: Optional[int] = None
+    pooled: bool = False
+
+    @property
+    def last_layer(self) -> int:
+        """Index of the deepest LLM layer that must run (-1: none)."""
+        return max(self.kv_layers + self.raw_key_layers, default=-1)
+
+
+@dataclass
+class TokenizedPrompts:
+    """``input_ids`` / ``attention_mask``: ``(B, L)``; ``num_truncated``: prompts cut at the max length."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    num_truncated: int = 0
+    truncated_indices: list[int] = field(default_factory=list)
+
+
+def _make_recording_cache(wanted: set[int]):
+    from transformers import DynamicCache
+
+    class RecordingCache(DynamicCache):
+        def __init__(self):
+            super().__init__()
+            self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            if layer_idx in wanted:
+                self.recorded[layer_idx] = (key_states, value_states)
+            # Nothing is stored: the prompt is processed in one call, so attention needs only this call's states.
+            return key_states, value_states
+
+        def get_seq_length(self, layer_idx: int = 0) -> int:
+            return 0
+
+    return RecordingCache()
+
+
+def _capture_heads(slot: dict, name: str, head_dim: int, heads_last: bool):
+    """A forward hook storing its module's output as ``(B, H, L, D)`` in ``slot[name]``."""
+
+    def hook(_module, _inputs, output):
+        if heads_last:  # (B, L, H, D) from a per-head norm
+            slot[name] = output.transpose(1, 2)
+        else:  # (B, L, H·D) from a projection
+            b, n, _ = output.shape
+            slot[name] = output.view(b, n, -1, head_dim).transpose(1, 2)
+
+    return hook
+
+
+class PromptFormatter:
+    """Instruction prefix, chat template and tokenization, as in the reference's data pipeline.
+
+    Non-empty prompts get ``instruction + prompt`` (and the chat template, when enabled); the empty prompt (CFG's
+    unconditional prompt, dropped captions) stays empty. With ``padding: max_length`` every prompt is padded to
+    ``max_length + len(instruction tokens)`` like the reference.
+    """
+
+    def __init__(self, tokenizer, config: TextConfig):
+        self.tokenizer = tokenizer
+        self.config = config
+        self.instruction_length = self._instruction_length()
+
+    def _instruction_length(self) -> int:
+        instruction = self.config.instruction.rstrip()
+        if self.config.chat_template:
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return len(ids)
+        # Minus one for the BOS token the tokenizer adds to every prompt (the reference's convention).
+        return max(len(self.tokenizer(instruction).input_ids) - 1, 0)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.config.max_length + self.instruction_length
+
+    def format(self, prompt: str) -> str:
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompts must be strings, got {type(prompt).__name__}: {prompt!r}")
+        if prompt == "":
+            return ""
+        text = self.config.instruction + prompt
+        if self.config.chat_template:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+        return text
+
+    def __call__(self, prompts: Sequence[str], device=None) -> TokenizedPrompts:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if len(prompts) == 0:
+            raise ValueError("no prompts given: expected a non-empty list of strings")
+        texts = [self.format(p) for p in prompts]
+        add_special = not self.config.chat_template
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=add_special).input_ids]
+        truncated = [i for i, n in enumerate(lengths) if n > self.max_tokens]
+        encoded = self.tokenizer(
+            texts,
+            return_tensors="pt",
+            padding="max_length" if self.config.padding == "max_length" else "longest",
+            truncation=True,
+            max_length=self.max_tokens,
+            add_special_tokens=add_special,
+        )
+        mask = encoded.attention_mask.bool()
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError("a prompt produced no tokens (the tokenizer adds no BOS and the prompt is empty); "
+                             "use a tokenizer that adds a BOS token or give non-empty prompts")
+        return TokenizedPrompts(
+            input_ids=encoded.input_ids.to(device),
+            attention_mask=mask.to(device),
+            num_truncated=len(truncated),
+            truncated_indices=truncated,
+        )
+
+
+class TextEncoder(nn.Module):
+    """The (frozen) LLM as a key/value provider.
+
+    ``encode(prompts)`` runs the LLM once and returns a :class:`TextContext` holding what ``requirements`` asks
+    for. Frozen (the default): parameters have ``requires_grad=False`` and the forward runs under
+    ``torch.inference_mode``-like ``no_grad``, so no autograd graph or activations are kept.
+    """
+
+    def __init__(self, decoder: nn.Module, tokenizer, config: TextConfig, requirements: TextRequirements,
+                 pooled_encoder: Optional[nn.Module] = None):
+        super().__init__()
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.config = config
+        self.requirements = requirements
+        self.formatter = PromptFormatter(tokenizer, config)
+        self.pooled_encoder = pooled_encoder
+        self._cache_arg = decoder_forward_kwargs(decoder)
+        self.trainable = config.trainable
+        self.decoder.requires_grad_(self.trainable)
+        if not self.trainable:
+            self.decoder.eval()
+        self._truncate_unused_layers()
+
+    # ------------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: TextConfig, requirements: TextRequirements, device="cpu") -> "TextEncoder":
+        """Load the LLM and tokenizer named by ``config`` (local path or hub id)."""
+        dtype = resolve_dtype(config.dtype, device)
+        decoder = load_llm(config.llm, dtype=dtype, attention=config.attention).to(device)
+        tokenizer = load_tokenizer(config.tokenizer or config.llm, padding_side=config.padding_side)
+        pooled = None
+        if requirements.pooled and config.pooled == "clip":
+            from fusedit.text.pooled import load_clip_pooler
+
+            pooled = load_clip_pooler(config.clip_model, device=device)
+        return cls(decoder, tokenizer, config, requirements, pooled_encoder=pooled)
+
+    def _truncate_unused_layers(self) -> None:
+        """Keep only the LLM layers the model reads (a deep-fusion model never needs the layers past its map)."""
+        if self.requirements.hidden_states_index is not None or self.requirements.pooled:
+            return
+        keep = self.requirements.last_layer + 1
+        if 0 < keep < len(self.decoder.layers):
+            self.decoder.layers = self.decoder.layers[:keep]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.decoder.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.decoder.parameters()).dtype
+
+    def trainable_parameters(self) -> Iterable[nn.Parameter]:
+        """Parameters to optimise (empty when frozen)."""
+        return [p for p in self.decoder.parameters() if p.requires_grad] if self.trainable else []
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not self.trainable:
+            self.decoder.eval()
+        return self
+
+    # ------------------------------------------------------------------------------------------------------------
+    def tokenize(self, prompts: Sequence[str]) -> TokenizedPrompts:
+        return self.formatter(prompts, device=self.device)
+
+    def encode(self, prompts: Sequence[str]) -> TextContext:
+        """Run the LLM on ``prompts`` and return their :class:`TextContext`."""
+        tokens = self.tokenize(prompts)
+        context = self.encode_tokens(tokens.input_ids, tokens.attention_mask)
+        context.num_truncated = tokens.num_truncated
+        if self.pooled_encoder is not None:
+            context.pooled = self.pooled_encoder([self.formatter.format(p) for p in prompts]).to(self.dtype)
+        return context
+
+    def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextContext:
+        """``input_ids``/``attention_mask``: ``(B, L)`` -> :class:`TextContext` (keys/values ``(B, H_kv, L, D)``)."""
+        grad = torch.enable_grad() if (self.trainable and torch.is_grad_enabled()) else torch.no_grad()
+        with grad:
+            return self._encode(input_ids, attention_mask.bool())
+
+    def _encode(self, input_ids: torch.Tensor, mask: torch.Tensor) -> TextContext:
+        req = self.requirements
+        wanted = set(req.kv_layers)
+        cache = _make_recording_cache(wanted)
+        raw: dict[int, dict[str, torch.Tensor]] = {}
+        need_hidden = req.hidden_states_index is not None or (req.pooled and self.pooled_encoder is None)
+        with self._raw_key_hooks(req.raw_key_layers, raw):
+            outputs = self.decoder(
+                input_ids=input_ids,
+                attention_mask=mask.long(),
+                use_cache=True,
+                output_hidden_states=need_hidden,
+                **{self._cache_arg: cache},
+            )
+        keep = mask[:, None, :, None]
+
+        def clean(t: torch.Tensor) -> torch.Tensor:
+            # Padded slots are masked for every image query; zero them so no NaN/garbage can leak through 0·x.
+            return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+        missing = wanted - set(cache.recorded)
+        if missing:
+            raise RuntimeError(f"the LLM did not report keys/values for layers {sorted(missing)}; "
+                               f"it has {len(self.decoder.layers)} layers")
+        context = TextContext(
+            mask=mask,
+            keys={i: clean(cache.recorded[i][0]) for i in req.kv_layers},
+            values={i: clean(cache.recorded[i][1]) for i in req.kv_layers},
+            raw_keys={i: clean(raw[i]["k"]) for i in req.raw_key_layers},
+        )
+        for i in req.raw_key_layers:
+            context.values[i] = clean(raw[i]["v"])
+        if need_hidden:
+            hidden = outputs.hidden_states[req.hidden_states_index if req.hidden_states_index is not None else -1]
+            hidden = hidden * mask[..., None].to(hidden.dtype)
+            if req.hidden_states_index is not None:
+                context.hidden_states = hidden
+            if req.pooled and self.pooled_encoder is None:
+                weights = mask[..., None].to(hidden.dtype)
+                context.pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
+        return context
+
+    @contextlib.contextmanager
+    def _raw_key_hooks(self, layers: Sequence[int], out: dict):
+        """Capture pre-RoPE keys (after the key norm, if any) and values of ``layers`` with forward hooks."""
+        handles = []
+        try:
+            for index in layers:
+                attn = self.decoder.layers[index].self_attn
+                key_norm = getattr(attn, "k_norm", None)
+                key_module = key_norm if isinstance(key_norm, nn.Module) else attn.k_proj
+                slot = out.setdefault(index, {})
+                handles.append(key_module.register_forward_hook(
+                    _capture_heads(slot, "k", attn.head_dim, heads_last=key_module is not attn.k_proj)))
+                handles.append(attn.v_proj.register_forward_hook(_capture_heads(slot, "v", attn.head_dim, False)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()

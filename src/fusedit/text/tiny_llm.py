@@ -1,0 +1,263 @@
+"""A tiny, real Hugging Face decoder-only LLM (Gemma 2 architecture) pretrained on shapes-world captions.
+
+The demo needs a frozen LLM whose hidden states carry the captions' meaning, without downloading weights. This
+module builds one in about a minute on a CPU:
+
+* :func:`train_caption_tokenizer`: a word-level ``tokenizers`` tokenizer (lower-cased words and punctuation) wrapped
+  as a ``transformers`` fast tokenizer; special ids ``<pad>``=0, ``<eos>``=1, ``<bos>``=2, ``<unk>``=3; ``<bos>`` is
+  prepended by the post-processor (like Gemma's); left padding.
+* :func:`pretrain_tiny_llm`: next-token training of a small ``Gemma2ForCausalLM`` on ``<bos> caption <eos>``
+  sequences, then ``save_pretrained`` of model and tokenizer plus a marker JSON (:data:`MARKER_NAME`).
+* :func:`ensure_tiny_llm`: reuse a folder whose marker matches the config and corpus, else (re)train.
+
+The folder loads through the normal path: ``AutoModelForCausalLM.from_pretrained(path)`` and
+``AutoTokenizer.from_pretrained(path)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, Union
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
+
+from fusedit.config import require
+
+#: Special tokens in id order: ``<pad>``=0, ``<eos>``=1, ``<bos>``=2, ``<unk>``=3.
+SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<eos>", "<bos>", "<unk>")
+PAD_ID, EOS_ID, BOS_ID, UNK_ID = range(4)
+
+#: Name of the marker file written next to the saved model.
+MARKER_NAME = "fusedit_tiny_llm.json"
+
+
+@dataclass
+class TinyLLMConfig:
+    """Size and training recipe of the tiny LLM.
+
+    Attributes:
+        hidden_size: model width.
+        num_hidden_layers: decoder layers.
+        num_attention_heads, num_key_value_heads, head_dim: attention geometry (grouped-query attention; a FuseDiT
+            built on this LLM copies it).
+        intermediate_size: GeGLU MLP width.
+        steps: optimizer steps of next-token training.
+        batch_size: captions per step.
+        lr: peak AdamW learning rate (short linear warm-up, cosine decay to 10%).
+        seed: seed of the initial weights and of batch sampling.
+        max_length: tokenizer ``model_max_length`` and the longest training sequence (``<bos>`` + caption +
+            ``<eos>``); the Gemma 2 sliding window is set to at least this, so every layer sees the whole prompt.
+    """
+
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 32
+    intermediate_size: int = 256
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+    max_length: int = 32
+
+    def validate(self) -> None:
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "intermediate_size", "batch_size"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value > 0, f"TinyLLMConfig.{name}: got {value!r}, expected a positive integer")
+        require(self.num_attention_heads % self.num_key_value_heads == 0,
+                f"TinyLLMConfig: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+        require(self.head_dim % 2 == 0, f"TinyLLMConfig.head_dim: got {self.head_dim}, expected an even number (RoPE)")
+        require(isinstance(self.steps, int) and self.steps >= 0, f"TinyLLMConfig.steps: got {self.steps!r}, expected >= 0")
+        require(self.lr > 0, f"TinyLLMConfig.lr: got {self.lr}, expected > 0")
+        require(isinstance(self.max_length, int) and self.max_length >= 4,
+                f"TinyLLMConfig.max_length: got {self.max_length!r}, expected an integer >= 4")
+
+
+def _check_corpus(corpus: Sequence[str]) -> list[str]:
+    if isinstance(corpus, str) or not all(isinstance(c, str) for c in corpus):
+        raise TypeError("corpus must be a list of caption strings")
+    corpus = list(corpus)
+    if not any(c.strip() for c in corpus):
+        raise ValueError("corpus is empty: expected a non-empty list of captions (e.g. ShapesWorld.caption_corpus())")
+    return corpus
+
+
+def train_caption_tokenizer(corpus: Sequence[str], max_length: int = 32) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer of ``corpus`` (lower-cased words and punctuation marks; unseen words → ``<unk>``).
+
+    The vocabulary is the specials (ids 0–3, see :data:`SPECIAL_TOKENS`) followed by the corpus words, most frequent
+    first. Encoding prepends ``<bos>``; padding is on the left; ``model_max_length`` = ``max_length``.
+    """
+    corpus = _check_corpus(corpus)
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS)))
+    for expected, token in enumerate(SPECIAL_TOKENS):
+        assert tokenizer.token_to_id(token) == expected, f"special token {token} must have id {expected}"
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B:1", special_tokens=[("<bos>", BOS_ID)])
+    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces, tidies punctuation
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        padding_side="left", model_max_length=max_length)
+
+
+def build_tiny_llm(config: TinyLLMConfig, vocab_size: int) -> Gemma2ForCausalLM:
+    """A randomly initialised ``Gemma2ForCausalLM`` of ``config``'s size (seeded by ``config.seed``).
+
+    Gemma 2 defaults are kept (logit soft-capping, alternating sliding/global layers, tied embeddings) except:
+    ``sliding_window`` and ``max_position_embeddings`` cover ``max_length``, and ``query_pre_attn_scalar`` =
+    ``head_dim`` (attention scale ``head_dim^-0.5``, as in Gemma-2-2B where head_dim is 256).
+    """
+    config.validate()
+    hf_config = Gemma2Config(
+        vocab_size=vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        query_pre_attn_scalar=config.head_dim,
+        max_position_embeddings=max(512, config.max_length),
+        sliding_window=max(512, config.max_length),
+        pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=BOS_ID,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = Gemma2ForCausalLM(hf_config)
+    return model
+
+
+def corpus_hash(corpus: Sequence[str]) -> str:
+    """SHA-256 of the caption list (order-sensitive)."""
+    return hashlib.sha256(json.dumps(list(corpus), ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _encode_corpus(tokenizer: PreTrainedTokenizerFast, corpus: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """``<bos> caption <eos>`` sequences, left-padded to the longest: input_ids, attention_mask, labels (-100 on pads)."""
+    sequences = [ids[: max_length - 1] + [EOS_ID] for ids in tokenizer(corpus)["input_ids"]]
+    truncated = sum(len(ids) > max_length - 1 for ids in tokenizer(corpus)["input_ids"])
+    if truncated:
+        print(f"tiny-llm: {truncated} captions longer than max_length={max_length} tokens were truncated")
+    length = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), length), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, length - len(seq):] = torch.tensor(seq)
+        mask[row, length - len(seq):] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, -100)}
+
+
+def _lr_factor(step: int, steps: int) -> float:
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def corpus_loss(model: Gemma2ForCausalLM, data: dict[str, torch.Tensor], batch_size: int = 512) -> float:
+    """Mean next-token loss over every real token of an encoded corpus."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, data["input_ids"].shape[0], batch_size):
+        batch = {k: v[start:start + batch_size] for k, v in data.items()}
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(model(**batch).loss) * n
+        count += n
+    return total / max(count, 1)
+
+
+def pretrain_tiny_llm(corpus: Sequence[str], out_dir: Union[str, os.PathLike],
+                      config: TinyLLMConfig = TinyLLMConfig()) -> Path:
+    """Train the tokenizer and the tiny LLM on ``corpus`` and save both (plus the marker) into ``out_dir``.
+
+    Returns:
+        ``out_dir`` as a :class:`Path`.
+    """
+    corpus = _check_corpus(corpus)
+    config.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER_NAME).unlink(missing_ok=True)  # an interrupted run must not look complete
+    started = time.perf_counter()
+
+    tokenizer = train_caption_tokenizer(corpus, config.max_length)
+    data = _encode_corpus(tokenizer, corpus, config.max_length)
+    model = build_tiny_llm(config, vocab_size=len(tokenizer))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config.steps))
+    generator = torch.Generator().manual_seed(config.seed)
+    n = data["input_ids"].shape[0]
+    report_every = max(1, config.steps // 4)
+    model.train()
+    first_loss = None
+    for step in range(config.steps):
+        index = torch.randint(n, (config.batch_size,), generator=generator)
+        batch = {k: v[index] for k, v in data.items()}
+        keep = batch["attention_mask"].any(0)  # drop columns that are padding in the whole batch
+        batch = {k: v[:, keep] for k, v in batch.items()}
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        first_loss = float(loss) if first_loss is None else first_loss
+        if (step + 1) % report_every == 0 or step + 1 == config.steps:
+            print(f"tiny-llm step {step + 1}/{config.steps} loss {float(loss):.3f} "
+                  f"({time.perf_counter() - started:.1f} s)", flush=True)
+
+    final_loss = corpus_loss(model, data)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    marker = {
+        "config": dataclasses.asdict(config),
+        "corpus_sha256": corpus_hash(corpus),
+        "num_captions": len(corpus),
+        "vocab_size": len(tokenizer),
+        "first_loss": first_loss,
+        "final_loss": final_loss,
+        "train_seconds": round(time.perf_counter() - started, 2),
+    }
+    tmp = out / (MARKER_NAME + ".tmp")
+    tmp.write_text(json.dumps(marker, indent=2))
+    tmp.replace(out / MARKER_NAME)
+    print(f"tiny-llm: saved to {out} (corpus loss {final_loss:.3f}, {marker['train_seconds']} s)", flush=True)
+    return out
+
+
+def read_marker(out_dir: Union[str, os.PathLike]) -> Union[dict, None]:
+    """The marker of a tiny-LLM folder, or ``None`` when absent or unreadable."""
+    path = Path(out_dir) / MARKER_NAME
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def ensure_tiny_llm(out_dir: Union[str, os.PathLike], corpus: Sequence[str],
+                    config: TinyLLMConfig = TinyLLMConfig()) -> Path:
+    """Return ``out_dir`` if it holds a tiny LLM trained with ``config`` on ``corpus``, else train one there."""
+    corpus = _check_corpus(corpus)
+    out = Path(out_dir)
+    marker = read_marker(out)
+    complete = all((out / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
+    if (complete and marker is not None and marker.get("config") == dataclasses.asdict(config)
+            and marker.get("corpus_sha256") == corpus_hash(corpus)):
+        return out
+    return pretrain_tiny_llm(corpus, out, config)
