@@ -183,22 +183,16 @@ def build_reference_llm(hf_config, state: dict[str, torch.Tensor], dtype: torch.
     from fusedit.text.llm import reference_attention_config
 
     config = reference_attention_config(hf_config)
-    with torch.device("meta"):
-        decoder = AutoModel.from_config(config)
-    decoder = decoder.to_empty(device="cpu")
-    for parameter in decoder.parameters():
-        nn.init.zeros_(parameter)
+    decoder = AutoModel.from_config(config)
+    with torch.no_grad():
+        for parameter in decoder.parameters():
+            parameter.zero_()
     weights = {k[len("llm."):]: v for k, v in state.items() if k.startswith("llm.")}
     if not weights:
         raise ReferenceFormatError("transformer/model.safetensors has no llm.* weights (expected a FuseDiT model)")
     result = decoder.load_state_dict(weights, strict=False)
     if result.unexpected_keys:
         raise ReferenceFormatError(f"transformer/model.safetensors: unexpected LLM weights {result.unexpected_keys[:8]}")
-    # Non-persistent buffers (rotary inv_freq) were created on the meta device: rebuild them properly.
-    rotary = getattr(decoder, "rotary_emb", None)
-    if rotary is not None:
-        fresh = type(rotary)(config=rotary.config)
-        decoder.rotary_emb = fresh
     return decoder.to(dtype).eval()
 
 

@@ -107,9 +107,11 @@ class PromptFormatter:
         # Minus one for the BOS token the tokenizer adds to every prompt (the reference's convention).
         return max(len(self.tokenizer(instruction).input_ids) - 1, 0)
 
-    @property
-    def max_tokens(self) -> int:
-        return self.config.max_length + self.instruction_length
+    def max_tokens(self, max_length: Optional[int] = None) -> int:
+        """Token budget of one prompt: ``max_length`` (default ``text.max_length``) plus the instruction."""
+        if max_length is not None and max_length <= 0:
+            raise ValueError(f"max_sequence_length must be positive, got {max_length}")
+        return (max_length or self.config.max_length) + self.instruction_length
 
     def format(self, prompt: str) -> str:
         if not isinstance(prompt, str):
@@ -123,7 +125,7 @@ class PromptFormatter:
             )
         return text
 
-    def __call__(self, prompts: Sequence[str], device=None) -> TokenizedPrompts:
+    def __call__(self, prompts: Sequence[str], device=None, max_length: Optional[int] = None) -> TokenizedPrompts:
         if isinstance(prompts, str):
             prompts = [prompts]
         if len(prompts) == 0:
@@ -131,13 +133,14 @@ class PromptFormatter:
         texts = [self.format(p) for p in prompts]
         add_special = not self.config.chat_template
         lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=add_special).input_ids]
-        truncated = [i for i, n in enumerate(lengths) if n > self.max_tokens]
+        budget = self.max_tokens(max_length)
+        truncated = [i for i, n in enumerate(lengths) if n > budget]
         encoded = self.tokenizer(
             texts,
             return_tensors="pt",
             padding="max_length" if self.config.padding == "max_length" else "longest",
             truncation=True,
-            max_length=self.max_tokens,
+            max_length=budget,
             add_special_tokens=add_special,
         )
         mask = encoded.attention_mask.bool()
@@ -217,12 +220,13 @@ class TextEncoder(nn.Module):
         return self
 
     # ------------------------------------------------------------------------------------------------------------
-    def tokenize(self, prompts: Sequence[str]) -> TokenizedPrompts:
-        return self.formatter(prompts, device=self.device)
+    def tokenize(self, prompts: Sequence[str], max_length: Optional[int] = None) -> TokenizedPrompts:
+        return self.formatter(prompts, device=self.device, max_length=max_length)
 
-    def encode(self, prompts: Sequence[str]) -> TextContext:
-        """Run the LLM on ``prompts`` and return their :class:`TextContext`."""
-        tokens = self.tokenize(prompts)
+    def encode(self, prompts: Sequence[str], max_length: Optional[int] = None) -> TextContext:
+        """Run the LLM on ``prompts`` and return their :class:`TextContext` (``max_length`` overrides
+        ``text.max_length`` for this call)."""
+        tokens = self.tokenize(prompts, max_length)
         context = self.encode_tokens(tokens.input_ids, tokens.attention_mask)
         context.num_truncated = tokens.num_truncated
         if self.pooled_encoder is not None:
