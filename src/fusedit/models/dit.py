@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from diffusers.models.embeddings import PatchEmbed
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fusedit.models.attention import CrossAttention, LLMLayerKV, ProjectedKV, SelfAttention, TextInputs
 from fusedit.models.config import ResolvedModelConfig
@@ -111,7 +112,12 @@ class DiffusionTransformer(nn.Module):
              for llm_layer in (r.layer_map if not shallow else [None] * r.num_layers)]
         )
         self.head = OutputHead(r.hidden_size, c.patch_size, r.out_channels, r.rms_norm_eps, variant.output_modulation)
+        self.activation_checkpointing = False
         self.initialize_weights()
+
+    def enable_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them (less memory)."""
+        self.activation_checkpointing = enabled
 
     @staticmethod
     def _text_modules(r: ResolvedModelConfig, llm_layer: Optional[int], shallow: bool):
@@ -203,5 +209,8 @@ class DiffusionTransformer(nn.Module):
         rope = self.positions(h, w, context.num_real.to(tokens.device))
         text = self.prepare_text(context)
         for block in self.layers:
-            tokens = block(tokens, cond.layer, rope, text)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, cond.layer, rope, text, use_reentrant=False)
+            else:
+                tokens = block(tokens, cond.layer, rope, text)
         return unpatchify(self.head(tokens, cond), h, w, p)
