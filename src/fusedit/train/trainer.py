@@ -38,7 +38,6 @@ uninterrupted one would (bit-exact on CPU).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import random
 import time
