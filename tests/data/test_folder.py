@@ -135,3 +135,18 @@ def test_user_errors(tmp_path):
     (tmp_path / "captions.jsonl").write_text('{"file": "a.jpg", "caption": "x"\n')
     with pytest.raises(ValueError, match="captions.jsonl:1: invalid JSON"):
         ImageFolderDataset(tmp_path, 8)
+
+
+def test_on_bad_raise(tmp_path):
+    from fusedit.data.transforms import CorruptImageError
+
+    make_folder(tmp_path, n=3, bad=(1,))
+    ds = ImageFolderDataset(tmp_path, resolution=8, on_bad="raise")
+    assert ds[0]["caption"] == "caption 0"
+    with pytest.raises(CorruptImageError):
+        ds[1]
+    with pytest.raises(CorruptImageError):
+        ds[1]  # raises again, counted once
+    assert ds.skipped == 1
+    with pytest.raises(ValueError, match="on_bad"):
+        ImageFolderDataset(tmp_path, 8, on_bad="ignore")

@@ -197,3 +197,19 @@ def test_all_corrupt_forever_raises(tmp_path):
     write_shard(tmp_path / "bad.tar", [("k", {"image.jpg": b"nope", "synthetic_caption.txt": b"x"})])
     with pytest.raises(RuntimeError, match="no usable sample"):
         next(iter(WebShardDataset(str(tmp_path / "bad.tar"), 8)))
+
+
+def test_from_config(tmp_path):
+    from fusedit.config import ConfigError, from_dict
+    from fusedit.data.config import DataConfig
+
+    spec, good = make_shards(tmp_path)
+    cfg = from_dict(DataConfig, {"source": "webdataset", "path": spec, "resolution": 8, "shuffle": False,
+                                 "interpolation": "bicubic"})
+    ds = WebShardDataset.from_config(cfg, epochs=1)
+    assert ds.transform.interpolation == "bicubic" and captions(ds) == good
+    assert from_dict(DataConfig, {}).shuffle is True
+    with pytest.raises(ConfigError, match="interpolation"):
+        from_dict(DataConfig, {"interpolation": "cubic"})
+    with pytest.raises(ConfigError, match="vae_sample_mode"):
+        from_dict(DataConfig, {"vae_sample_mode": "mode"})

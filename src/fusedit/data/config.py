@@ -47,6 +47,10 @@ class DataConfig:
         vae_subfolder: subfolder of the VAE inside ``vae`` (e.g. ``vae`` for a pipeline repo).
         num_workers: DataLoader workers.
         shapes: the shapes world's settings (``source: shapes``).
+        interpolation: resize filter: ``bilinear`` (the reference), ``bicubic``, ``lanczos`` or ``nearest``.
+        shuffle: for shard sources (``webdataset``, ``latents``): permute the shard order and the samples inside
+            each shard every epoch (deterministic in the seed and epoch; resumable without replay).
+        vae_sample_mode: latent of an image: the VAE posterior's ``mean`` or a ``sample`` from it.
     """
 
     source: Literal["shapes", "folder", "webdataset", "latents"] = "shapes"
@@ -61,11 +65,19 @@ class DataConfig:
     vae_subfolder: Union[str, None] = None
     num_workers: int = 0
     shapes: ShapesWorldConfig = field(default_factory=ShapesWorldConfig)
+    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
+    shuffle: bool = True
+    vae_sample_mode: Literal["mean", "sample"] = "mean"
 
     def validate(self) -> None:
         require(self.resolution > 0, f"data.resolution: got {self.resolution}, expected a positive integer")
         require(0.0 <= self.original_caption_rate <= 1.0,
                 f"data.original_caption_rate: got {self.original_caption_rate}, expected 0..1")
         require(self.num_workers >= 0, f"data.num_workers: got {self.num_workers}, expected >= 0")
+        interpolations = ("nearest", "bilinear", "bicubic", "lanczos")
+        require(self.interpolation in interpolations,
+                f"data.interpolation: got {self.interpolation!r}, expected one of {', '.join(interpolations)}")
+        require(self.vae_sample_mode in ("mean", "sample"),
+                f"data.vae_sample_mode: got {self.vae_sample_mode!r}, expected 'mean' or 'sample'")
         if self.source != "shapes":
             require(bool(self.path), f"data.path: data.source={self.source} needs data.path (a folder or shard pattern)")

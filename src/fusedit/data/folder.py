@@ -16,7 +16,10 @@ Unreadable images (missing, truncated, not an image) — policy:
     deterministic: the substitute is always the first readable file at or after ``i``. Files already marked bad
     are not retried. ``skipped`` is the number of distinct bad files found so far and ``bad_files`` their paths;
     the trainer can log both. ``prescan=True`` decodes every image at construction instead, so the counts are
-    complete before training starts (slow for large folders).
+    complete before training starts (slow for large folders). ``on_bad="raise"`` raises the
+    :class:`~fusedit.data.transforms.CorruptImageError` / ``FileNotFoundError`` instead of substituting (still
+    marking and counting): :func:`fusedit.data.latents.cache_latents` uses that to skip bad files without
+    caching duplicates.
 
 Random crops are drawn from a generator seeded by ``(seed, epoch, index)`` — call :meth:`set_epoch` each epoch —
 so an item's crop does not depend on worker assignment or on resuming.
@@ -112,11 +115,15 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         interpolation: resize filter (``bilinear`` as in the reference).
         seed: seed of the random crops.
         prescan: decode every image now and mark the bad ones (else lazily).
+        on_bad: ``"substitute"`` (next readable file; training) or ``"raise"`` (caching, inspection).
     """
 
     def __init__(self, root: Union[str, os.PathLike], resolution: int, center_crop: bool = True,
                  captions: Union[str, os.PathLike, None] = None, interpolation: str = "bilinear", seed: int = 0,
-                 prescan: bool = False):
+                 prescan: bool = False, on_bad: str = "substitute"):
+        if on_bad not in ("substitute", "raise"):
+            raise ValueError(f"on_bad: got {on_bad!r}, expected 'substitute' or 'raise'")
+        self.on_bad = on_bad
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
@@ -169,8 +176,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         file = Path(self.files[index])
         return file if file.is_absolute() else self.root / file
 
-    def _try_load(self, index: int):
-        if self._bad[index]:
+    def _try_load(self, index: int, reraise: bool = False):
+        if self._bad[index] and not reraise:
             return None
         try:
             return load_image(self.path(index))
@@ -179,6 +186,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             if index not in self._logged:
                 self._logged.add(index)
                 logger.warning("skipping unreadable image %s: %s", self.files[index], exc)
+            if reraise:
+                if isinstance(exc, (FileNotFoundError, CorruptImageError)):
+                    raise
+                raise CorruptImageError(f"{self.path(index)}: {exc}") from exc
             return None
 
     def __getitem__(self, index: int) -> dict:
@@ -187,14 +198,19 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} images")
         index %= n
+        if self.on_bad == "raise":
+            return self._item(index, self._try_load(index, reraise=True))
         for step in range(n):
             j = (index + step) % n
             image = self._try_load(j)
             if image is not None:
-                seed = np.random.SeedSequence([self.seed, self.epoch, j]).generate_state(2, dtype=np.uint64)[0]
-                generator = torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
-                return {"image": self.transform(image, generator), "caption": self.captions[j]}
+                return self._item(j, image)
         raise RuntimeError(f"no readable image in {self.root} ({n} listed, all unreadable)")
+
+    def _item(self, index: int, image) -> dict:
+        seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(2, dtype=np.uint64)[0]
+        generator = torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
+        return {"image": self.transform(image, generator), "caption": self.captions[index]}
 
     def __repr__(self) -> str:
         return (f"ImageFolderDataset({str(self.root)!r}, {len(self)} images, {self.transform}, "

@@ -1,0 +1,327 @@
+"""Precomputed VAE latents: write them once (:func:`cache_latents`), train from them (:class:`LatentShardDataset`).
+
+Cache layout (``out_dir``)::
+
+    manifest.json               codec (name, class, channels, spatial_factor, scaling/shift factors, sample mode),
+                                latent dtype and shape, image size, count, shards (file, count), tokenizer
+    latents-000000.tar          uncompressed tar shards in the webdataset layout, ``shard_size`` samples each:
+      000000000.latent.npy        normalised latent ``(C, h, w)`` — ``codec.encode`` output — as float16/float32
+      000000000.caption.txt       UTF-8 caption
+      000000000.original_caption.txt   (when the source items have ``"original_caption"``)
+      000000000.input_ids.npy     (with a tokenizer) int32 token ids, unpadded, truncated to ``max_length``
+
+Stored latents are *normalised* (``(z - shift_factor)·scaling_factor``); the manifest's codec entry says how to
+decode them. With ``sample_mode="mean"`` (the default codec mode) the cache is deterministic; with ``"sample"`` it
+freezes one posterior draw per image.
+
+:class:`LatentShardDataset` reads the shards with the same resumable, shard-per-rank machinery as
+:class:`fusedit.data.webdataset.WebShardDataset` and yields ``{"image": float32 (C, h, w), "caption": str,
+"is_latent": True, "stream_pos": ...}`` (``"input_ids"`` too when asked for; they vary in length, so the
+trainer then needs its own collate).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tarfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Union
+
+import numpy as np
+import torch
+
+from fusedit.data.transforms import CorruptImageError
+from fusedit.data.webdataset import CorruptSampleError, ShardStream, TarRecord
+
+__all__ = ["LatentShardDataset", "MANIFEST", "cache_latents", "read_manifest"]
+
+logger = logging.getLogger("fusedit.data")
+
+MANIFEST = "manifest.json"
+_FORMAT = "fusedit-latents"
+_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class _TarShardWriter:
+    """Writes ``{prefix}-{n:06d}.tar`` shards of at most ``shard_size`` samples (each shard atomically)."""
+
+    def __init__(self, out_dir: Path, prefix: str, shard_size: int):
+        self.out_dir, self.prefix, self.shard_size = out_dir, prefix, shard_size
+        self.shards: list[dict[str, Any]] = []
+        self._tar: tarfile.TarFile | None = None
+        self._tmp: Path | None = None
+        self._count = 0
+
+    def _open(self) -> None:
+        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        self._tmp = self.out_dir / (name + ".tmp")
+        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+        self.shards.append({"file": name, "count": 0})
+        self._count = 0
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        if self._tar is None:
+            self._open()
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            self._tar.addfile(info, io.BytesIO(data))
+        self._count += 1
+        self.shards[-1]["count"] = self._count
+        if self._count >= self.shard_size:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            os.replace(self._tmp, self.out_dir / self.shards[-1]["file"])
+            self._tar = None
+
+    def close(self) -> None:
+        self._finish()
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _items(data, bad: list[str]) -> Iterable[dict]:
+    """Iterate a map-style data set by index (items that raise a corrupt-image error are skipped and recorded in
+    ``bad``), anything else as an iterable."""
+    if getattr(data, "epochs", 1) is None:
+        raise ValueError("cache_latents: the data set repeats forever (epochs=None); build it with epochs=1")
+    is_map = (hasattr(data, "__getitem__") and hasattr(data, "__len__")
+              and not isinstance(data, torch.utils.data.IterableDataset) and not isinstance(data, (list, tuple)))
+    if not is_map:
+        yield from data
+        return
+    for index in range(len(data)):
+        try:
+            item = data[index]
+        except (CorruptImageError, FileNotFoundError) as exc:
+            bad.append(f"{index}: {exc}")
+            logger.warning("cache_latents: skipping item %d: %s", index, exc)
+            continue
+        yield item
+
+
+def _unbatch(item: dict) -> Iterable[tuple[torch.Tensor, str, str | None]]:
+    if not isinstance(item, dict) or "image" not in item or "caption" not in item:
+        raise ValueError(f"cache_latents: items must be dicts with 'image' and 'caption', got "
+                         f"{sorted(item) if isinstance(item, dict) else type(item).__name__}")
+    image, caption, original = item["image"], item["caption"], item.get("original_caption")
+    if image.dim() == 3:
+        yield image, caption, original
+    elif image.dim() == 4:  # a collated batch (e.g. from a DataLoader)
+        originals = original if original is not None else [None] * image.shape[0]
+        for i in range(image.shape[0]):
+            yield image[i], caption[i], originals[i]
+    else:
+        raise ValueError(f"cache_latents: 'image' must be (3, H, W) or (B, 3, H, W), got {tuple(image.shape)}")
+
+
+def cache_latents(data, codec, out_dir: Union[str, os.PathLike], shard_size: int = 1000, *, batch_size: int = 16,
+                  tokenizer=None, max_length: int | None = None, dtype: str = "float16", prefix: str = "latents",
+                  generator: torch.Generator | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Encode every image of ``data`` with ``codec`` and write latent shards + ``manifest.json`` into ``out_dir``.
+
+    Args:
+        data: a map-style data set (read by index, in order), a finite iterable/``IterableDataset`` (e.g. a
+            :class:`~fusedit.data.webdataset.WebShardDataset` with ``epochs=1``) or a DataLoader; items are
+            ``{"image": (3, H, W) or (B, 3, H, W) in [-1, 1], "caption": str or list}``. Items of a map-style
+            set that raise ``CorruptImageError``/``FileNotFoundError`` (e.g. ``ImageFolderDataset(...,
+            on_bad="raise")``) are skipped and counted in the manifest's ``skipped``/``bad_items``; the data
+            set's own counter (corrupt samples a stream skipped, or files a folder substituted) goes to
+            ``source_skipped``.
+        codec: a :class:`~fusedit.data.codec.VAECodec` (or ``PixelCodec``); its ``encode`` output is stored.
+        out_dir: output folder (created; must not hold a cache already unless ``overwrite``).
+        shard_size: samples per shard.
+        batch_size: images per ``codec.encode`` call (consecutive images of the same size are batched).
+        tokenizer, max_length: optionally store the caption's token ids (unpadded, truncated to ``max_length``).
+        dtype: ``float16`` (default, half the disk) or ``float32`` storage of the latents.
+        generator: drives ``codec.encode`` when the codec samples the posterior.
+        overwrite: replace an existing cache in ``out_dir``.
+
+    Returns:
+        the manifest (also written to ``out_dir/manifest.json``).
+    """
+    if shard_size < 1 or batch_size < 1:
+        raise ValueError(f"cache_latents: shard_size ({shard_size}) and batch_size ({batch_size}) must be >= 1")
+    if dtype not in _DTYPES:
+        raise ValueError(f"cache_latents: dtype got {dtype!r}, expected one of {sorted(_DTYPES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    existing = sorted(out.glob(f"{prefix}-*.tar")) + ([out / MANIFEST] if (out / MANIFEST).exists() else [])
+    if existing and not overwrite:
+        raise FileExistsError(f"{out} already holds a latent cache ({existing[0].name}...); pass overwrite=True")
+    for path in existing:
+        path.unlink()
+
+    writer = _TarShardWriter(out, prefix, shard_size)
+    count, latent_shape, image_size = 0, None, None
+    pending: list[tuple[torch.Tensor, str, str | None]] = []
+    started = time.time()
+    bad: list[str] = []
+
+    def flush() -> None:
+        nonlocal count, latent_shape, image_size
+        if not pending:
+            return
+        images = torch.stack([p[0] for p in pending])
+        latents = codec.encode(images, generator=generator)
+        latents = latents.detach().float().cpu().numpy().astype(_DTYPES[dtype])
+        shape = list(latents.shape[1:])
+        latent_shape = shape if latent_shape in (None, shape) else "mixed"
+        size = list(images.shape[-2:])
+        image_size = size if image_size in (None, size) else "mixed"
+        for latent, (_, caption, original) in zip(latents, pending):
+            members = {"latent.npy": _npy_bytes(np.ascontiguousarray(latent)), "caption.txt": caption.encode("utf-8")}
+            if original is not None:
+                members["original_caption.txt"] = str(original).encode("utf-8")
+            if tokenizer is not None:
+                ids = tokenizer(caption, truncation=max_length is not None, max_length=max_length)["input_ids"]
+                members["input_ids.npy"] = _npy_bytes(np.asarray(ids, dtype=np.int32))
+            writer.write(f"{count:09d}", members)
+            count += 1
+        pending.clear()
+
+    try:
+        for item in _items(data, bad):
+            for image, caption, original in _unbatch(item):
+                if not isinstance(caption, str):
+                    raise ValueError(f"cache_latents: caption must be a str, got {type(caption).__name__}")
+                if pending and pending[0][0].shape != image.shape:
+                    flush()
+                pending.append((image, caption, original))
+                if len(pending) >= batch_size:
+                    flush()
+        flush()
+    finally:
+        writer.close()
+    if count == 0:
+        raise ValueError("cache_latents: the data set yielded no images")
+
+    describe = codec.describe()
+    manifest = {
+        "format": _FORMAT, "version": 1,
+        "codec": describe,
+        "channels": codec.channels, "spatial_factor": codec.spatial_factor,
+        "normalization": {"scaling_factor": describe.get("scaling_factor", 1.0),
+                          "shift_factor": describe.get("shift_factor", 0.0),
+                          "formula": "(z - shift_factor) * scaling_factor"},
+        "dtype": dtype, "latent_shape": latent_shape, "image_size": image_size,
+        "count": count, "skipped": len(bad), "bad_items": bad[:100],
+        "source_skipped": int(getattr(data, "skipped", 0) or 0),
+        "shards": writer.shards,
+        "tokenizer": None if tokenizer is None else {
+            "name": getattr(tokenizer, "name_or_path", type(tokenizer).__name__), "max_length": max_length},
+        "seconds": round(time.time() - started, 3),
+    }
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def read_manifest(path: Union[str, os.PathLike]) -> dict[str, Any]:
+    """Read a cache's ``manifest.json`` (``path`` is the cache folder or the file).
+
+    Raises:
+        FileNotFoundError: no manifest there.
+        ValueError: not a fusedit latent manifest.
+    """
+    path = Path(path)
+    file = path / MANIFEST if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no latent-cache manifest at {file} (write one with cache_latents)")
+    manifest = json.loads(file.read_text())
+    if manifest.get("format") != _FORMAT:
+        raise ValueError(f"{file} is not a fusedit latent-cache manifest (format={manifest.get('format')!r})")
+    return manifest
+
+
+def _check_codec(manifest: dict, codec, where: str) -> None:
+    norm = manifest["normalization"]
+    mine = {"channels": codec.channels, "spatial_factor": codec.spatial_factor,
+            "scaling_factor": codec.describe().get("scaling_factor", 1.0),
+            "shift_factor": codec.describe().get("shift_factor", 0.0)}
+    theirs = {"channels": manifest["channels"], "spatial_factor": manifest["spatial_factor"],
+              "scaling_factor": norm["scaling_factor"], "shift_factor": norm["shift_factor"]}
+    diff = [k for k in mine if not np.isclose(float(mine[k]), float(theirs[k]))]
+    if diff:
+        raise ValueError(f"latent cache {where} was written with a different codec: "
+                         + ", ".join(f"{k} {theirs[k]} (cache) vs {mine[k]} (codec)" for k in diff))
+
+
+class LatentShardDataset(ShardStream):
+    """Latent shards written by :func:`cache_latents` → ``{"image": float32 (C, h, w), "caption": str,
+    "is_latent": True, "stream_pos": int64 (6,)}``.
+
+    Args:
+        path: the cache folder (its manifest lists the shards) or a shard spec (a manifest next to the shards is
+            read when present).
+        codec: if given, must match the manifest's channels, spatial factor and normalisation.
+        original_caption_rate: probability of using the stored original caption (when there is one).
+        return_token_ids: add ``"input_ids"`` (int64, variable length) when the cache has them.
+        seed, rank, world_size, shuffle, epochs: see :class:`~fusedit.data.webdataset.ShardStream`.
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], *, codec=None, original_caption_rate: float = 0.0,
+                 return_token_ids: bool = False, seed: int = 0, rank: int | None = None,
+                 world_size: int | None = None, shuffle: bool = False, epochs: int | None = None):
+        root = Path(path)
+        if root.is_dir() and (root / MANIFEST).is_file():
+            self.manifest = read_manifest(root)
+            shards = [str(root / s["file"]) for s in self.manifest["shards"]]
+        else:
+            shards = path
+            candidate = Path(str(path)).parent / MANIFEST
+            self.manifest = read_manifest(candidate) if candidate.is_file() else None
+        super().__init__(shards, seed=seed, rank=rank, world_size=world_size, shuffle=shuffle, epochs=epochs)
+        if not 0.0 <= original_caption_rate <= 1.0:
+            raise ValueError(f"original_caption_rate: got {original_caption_rate}, expected 0..1")
+        if codec is not None:
+            if self.manifest is None:
+                raise ValueError(f"cannot check the codec of {path}: no {MANIFEST} next to the shards")
+            _check_codec(self.manifest, codec, str(path))
+        self.channels = None if self.manifest is None else int(self.manifest["channels"])
+        self.original_caption_rate = float(original_caption_rate)
+        self.return_token_ids = return_token_ids
+
+    @classmethod
+    def from_config(cls, cfg, *, codec=None, seed: int = 0, rank: int | None = None, world_size: int | None = None,
+                    epochs: int | None = None) -> "LatentShardDataset":
+        """Build from a :class:`fusedit.data.config.DataConfig` (``source: latents``)."""
+        return cls(cfg.path, codec=codec, original_caption_rate=cfg.original_caption_rate, seed=seed, rank=rank,
+                   world_size=world_size, shuffle=getattr(cfg, "shuffle", False), epochs=epochs)
+
+    def decode(self, record: TarRecord, read, generator: torch.Generator) -> dict[str, Any]:
+        try:
+            latent = np.load(io.BytesIO(read("latent.npy")), allow_pickle=False)
+        except (ValueError, EOFError) as exc:
+            raise CorruptSampleError(f"unreadable latent.npy ({exc})") from None
+        if latent.ndim != 3 or (self.channels is not None and latent.shape[0] != self.channels):
+            raise CorruptSampleError(f"latent of shape {latent.shape}, expected ({self.channels}, h, w)")
+        caption = read("caption.txt").decode("utf-8")
+        use_original = float(torch.rand((), generator=generator)) < self.original_caption_rate
+        if use_original and record.has("original_caption.txt"):
+            caption = read("original_caption.txt").decode("utf-8") or caption
+        sample = {"image": torch.from_numpy(latent.astype(np.float32)), "caption": caption, "is_latent": True}
+        if self.return_token_ids and record.has("input_ids.npy"):
+            sample["input_ids"] = torch.from_numpy(np.load(io.BytesIO(read("input_ids.npy"))).astype(np.int64))
+        return sample
