@@ -213,3 +213,17 @@ def test_from_config(tmp_path):
         from_dict(DataConfig, {"interpolation": "cubic"})
     with pytest.raises(ConfigError, match="vae_sample_mode"):
         from_dict(DataConfig, {"vae_sample_mode": "mode"})
+
+
+def test_reads_shards_written_by_the_webdataset_library(tmp_path):
+    import webdataset as wds
+
+    with wds.TarWriter(str(tmp_path / "w-0.tar")) as sink:
+        for i in range(3):
+            sink.write({"__key__": f"sample{i:03d}", "image.jpg": jpeg(i), "synthetic_caption.txt": f"cap {i}"})
+    ds = WebShardDataset(str(tmp_path / "w-0.tar"), 8, epochs=1)
+    samples = list(ds)
+    assert captions(samples) == ["cap 0", "cap 1", "cap 2"]
+    ds2 = WebShardDataset(str(tmp_path / "w-0.tar"), 8, epochs=1)
+    ds2.mark_consumed([samples[0]])  # per-sample form
+    assert captions(ds2) == ["cap 1", "cap 2"]

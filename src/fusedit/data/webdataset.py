@@ -254,6 +254,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             pos = item.get(STREAM_POS_KEY) if isinstance(item, dict) else None
             if pos is None:
                 raise KeyError(f"mark_consumed: batch has no {STREAM_POS_KEY!r} entry (collate dropped it?)")
+            if isinstance(pos, (list, tuple)):  # a collate that kept per-sample tensors
+                pos = torch.stack([torch.as_tensor(p) for p in pos])
             rows = torch.as_tensor(pos).reshape(-1, 6).tolist()
             for worker, num_workers, epoch, cursor, offset, skipped in rows:
                 self._set(int(worker), int(num_workers), _Position(epoch, cursor, offset, skipped))
