@@ -54,7 +54,7 @@ def load_model_weights(model: torch.nn.Module, text_encoder, weights: dict[str, 
     """Load trained weights (the model's trainable parameters, plus ``llm.*`` when the LLM was trained)."""
     from fusedit.train.trainer import LLM_PREFIX, load_trainable_weights
 
-    params = {n: p for n, p in model.named_parameters()}
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if any(k.startswith(LLM_PREFIX) for k in weights):
         params.update({LLM_PREFIX + n: p for n, p in text_encoder.named_parameters()
                        if LLM_PREFIX + n in weights})

@@ -208,8 +208,6 @@ class FuseDiTPipeline:
         num_truncated = context.num_truncated
         if num_truncated:
             logger.warning("%d prompt(s) were longer than the maximum text length and were truncated", num_truncated)
-        if self.text_encoder.config.trim:
-            context = context.trimmed()
         self.scheduler.set_timesteps(steps, device=self.device)
         x = self.prepare_latents(len(prompts), height, width, generator, latents)
         timesteps = self.scheduler.timesteps
@@ -221,8 +219,6 @@ class FuseDiTPipeline:
         for t in iterator:
             if not use_text_cache:
                 context = contexts()
-                if self.text_encoder.config.trim:
-                    context = context.trimmed()
             v = self.velocity(x, t, context, guidance, cfg)
             x = self.scheduler.step(v, t, x, return_dict=False)[0]
         if output_type == "latent":

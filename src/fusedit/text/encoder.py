@@ -228,9 +228,11 @@ class TextEncoder(nn.Module):
         ``text.max_length`` for this call)."""
         tokens = self.tokenize(prompts, max_length)
         context = self.encode_tokens(tokens.input_ids, tokens.attention_mask)
-        context.num_truncated = tokens.num_truncated
         if self.pooled_encoder is not None:
             context.pooled = self.pooled_encoder([self.formatter.format(p) for p in prompts]).to(self.dtype)
+        if self.config.trim:
+            context = context.trimmed()
+        context.num_truncated = tokens.num_truncated
         return context
 
     def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextContext:

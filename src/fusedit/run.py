@@ -1,0 +1,62 @@
+"""Train a run from an :class:`ExperimentConfig`: build components and data, hand them to the Trainer."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import yaml
+
+from fusedit.builders import build_components
+from fusedit.data.factory import build_dataset
+from fusedit.experiment import ExperimentConfig
+from fusedit.loading import default_device
+from fusedit.pipeline import FuseDiTPipeline, make_scheduler
+
+logger = logging.getLogger(__name__)
+
+
+def save_run_config(config: ExperimentConfig, run_dir: Path) -> Path:
+    """Write ``run_dir/config.yaml`` (what ``fusedit sample``/``export``/``eval`` rebuild the model from)."""
+    from fusedit.train.checkpoint import write_text_atomic
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    write_text_atomic(path, yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    return path
+
+
+def make_sample_fn(pipeline: FuseDiTPipeline, config: ExperimentConfig, seed: int = 0):
+    """``sample_fn(prompts, step) -> images (N, 3, H, W) in [-1, 1]`` for the trainer's sample grids (fixed seed)."""
+    size = config.data.resolution
+
+    def sample(prompts: list[str], step: int) -> torch.Tensor:
+        generator = torch.Generator(device=pipeline.device).manual_seed(seed)
+        out = pipeline(prompts, height=size, width=size, num_inference_steps=config.train.sample_steps,
+                       guidance_scale=config.train.sample_cfg, generator=generator, output_type="pt")
+        return out.images * 2 - 1
+
+    return sample
+
+
+def train_run(config: ExperimentConfig, run_dir: Union[str, Path], *, device=None, resume: bool = True,
+              progress: bool = True):
+    """Train ``config`` in ``run_dir`` (resuming from its latest checkpoint) and return the ``TrainSummary``."""
+    from fusedit.train.trainer import Trainer
+
+    run_dir = Path(run_dir)
+    device = default_device(device)
+    parts = build_components(config, device=device)
+    dataset = build_dataset(config.data)
+    save_run_config(config, run_dir)
+    pipeline = FuseDiTPipeline(parts.model, parts.text_encoder, make_scheduler(config.sample.shift), parts.codec,
+                               defaults=config.sample, config=config)
+    trainer = Trainer(config, parts.model, parts.text_encoder, dataset, run_dir=run_dir, codec=parts.codec,
+                      sample_fn=make_sample_fn(pipeline, config), device=device, resume=resume, progress=progress)
+    summary = trainer.fit()
+    skipped = getattr(dataset, "skipped", None)
+    if skipped:
+        logger.warning("%d unreadable images were skipped", skipped if isinstance(skipped, int) else len(skipped))
+    return summary
