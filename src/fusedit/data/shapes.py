@@ -23,7 +23,6 @@ downwards), so "above" means a smaller ``y``.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
