@@ -63,7 +63,7 @@ class TinyLLMConfig:
     num_key_value_heads: int = 2
     head_dim: int = 32
     intermediate_size: int = 256
-    steps: int = 600
+    steps: int = 300
     batch_size: int = 64
     lr: float = 3e-3
     seed: int = 0
@@ -147,9 +147,10 @@ def corpus_hash(corpus: Sequence[str]) -> str:
 
 
 def _encode_corpus(tokenizer: PreTrainedTokenizerFast, corpus: list[str], max_length: int) -> dict[str, torch.Tensor]:
-    """``<bos> caption <eos>`` sequences, left-padded to the longest: input_ids, attention_mask, labels (-100 on pads)."""
-    sequences = [ids[: max_length - 1] + [EOS_ID] for ids in tokenizer(corpus)["input_ids"]]
-    truncated = sum(len(ids) > max_length - 1 for ids in tokenizer(corpus)["input_ids"])
+    """``<bos> caption <eos>`` sequences, left-padded to the longest: input_ids, attention_mask, labels (-100 = no target)."""
+    encoded = tokenizer(corpus)["input_ids"]
+    sequences = [ids[: max_length - 1] + [EOS_ID] for ids in encoded]
+    truncated = sum(len(ids) > max_length - 1 for ids in encoded)
     if truncated:
         print(f"tiny-llm: {truncated} captions longer than max_length={max_length} tokens were truncated")
     length = max(len(s) for s in sequences)
@@ -158,7 +159,9 @@ def _encode_corpus(tokenizer: PreTrainedTokenizerFast, corpus: list[str], max_le
     for row, seq in enumerate(sequences):
         input_ids[row, length - len(seq):] = torch.tensor(seq)
         mask[row, length - len(seq):] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, -100)}
+    # pads and <bos> are never targets (predicting <bos> from a pad slot is trivial and would dilute the loss)
+    labels = input_ids.masked_fill((mask == 0) | (input_ids == BOS_ID), -100)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
 def _lr_factor(step: int, steps: int) -> float:
@@ -176,7 +179,7 @@ def corpus_loss(model: Gemma2ForCausalLM, data: dict[str, torch.Tensor], batch_s
     total, count = 0.0, 0
     for start in range(0, data["input_ids"].shape[0], batch_size):
         batch = {k: v[start:start + batch_size] for k, v in data.items()}
-        n = int((batch["labels"][:, 1:] != -100).sum())
+        n = int((batch["labels"] != -100).sum())
         total += float(model(**batch).loss) * n
         count += n
     return total / max(count, 1)
@@ -217,9 +220,10 @@ def pretrain_tiny_llm(corpus: Sequence[str], out_dir: Union[str, os.PathLike],
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        first_loss = float(loss) if first_loss is None else first_loss
+        loss_value = loss.item()
+        first_loss = loss_value if first_loss is None else first_loss
         if (step + 1) % report_every == 0 or step + 1 == config.steps:
-            print(f"tiny-llm step {step + 1}/{config.steps} loss {float(loss):.3f} "
+            print(f"tiny-llm step {step + 1}/{config.steps} loss {loss_value:.3f} "
                   f"({time.perf_counter() - started:.1f} s)", flush=True)
 
     final_loss = corpus_loss(model, data)

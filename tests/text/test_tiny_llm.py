@@ -1,0 +1,126 @@
+"""Tests of the tiny caption LLM: tokenizer, save/load round trip, training, reuse."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fusedit.text.tiny_llm import (BOS_ID, EOS_ID, MARKER_NAME, PAD_ID, UNK_ID, TinyLLMConfig, build_tiny_llm,
+                                   ensure_tiny_llm, pretrain_tiny_llm, read_marker, train_caption_tokenizer)
+
+CORPUS = [
+    "a red circle", "a blue square", "two green triangles", "a red circle to the left of a blue square",
+    "a yellow triangle above a white circle", "three purple squares", "a circle and a square",
+    "a green square and a red triangle", "four white circles", "a blue triangle below a yellow square",
+]
+TINY = TinyLLMConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                     intermediate_size=64, steps=40, batch_size=8, lr=1e-2, seed=0, max_length=16)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return pretrain_tiny_llm(CORPUS, tmp_path_factory.mktemp("tiny_llm"), TINY)
+
+
+def test_tokenizer_specials_bos_and_round_trip():
+    tok = train_caption_tokenizer(CORPUS, max_length=16)
+    assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, tok.unk_token_id) == (PAD_ID, EOS_ID, BOS_ID, UNK_ID)
+    assert tok.convert_ids_to_tokens([0, 1, 2, 3]) == ["<pad>", "<eos>", "<bos>", "<unk>"]
+    ids = tok("A Red circle to the left of a blue square")["input_ids"]
+    assert ids[0] == BOS_ID and UNK_ID not in ids and len(ids) == 1 + 10
+    assert tok.decode(ids, skip_special_tokens=True) == "a red circle to the left of a blue square"
+    assert tok("a pink dog")["input_ids"] == [BOS_ID, tok.convert_tokens_to_ids("a"), UNK_ID, UNK_ID]
+    assert tok.padding_side == "left" and tok.model_max_length == 16
+
+
+def test_tokenizer_left_pads(trained):
+    tok = AutoTokenizer.from_pretrained(trained)
+    assert tok.padding_side == "left" and tok.model_max_length == TINY.max_length
+    batch = tok(["a red circle", "two green triangles and", ""], padding="max_length", max_length=8,
+                return_tensors="pt")
+    assert batch["input_ids"].shape == (3, 8)
+    assert batch["input_ids"][0].tolist()[:4] == [PAD_ID] * 4 and batch["input_ids"][0, 4] == BOS_ID
+    assert batch["attention_mask"][0].tolist() == [0] * 4 + [1] * 4
+    assert batch["input_ids"][2].tolist() == [PAD_ID] * 7 + [BOS_ID]
+    assert tok.decode(batch["input_ids"][1], skip_special_tokens=True) == "two green triangles and"
+
+
+def test_save_load_round_trip_gives_identical_logits(trained):
+    model = AutoModelForCausalLM.from_pretrained(trained).eval()
+    assert type(model).__name__ == "Gemma2ForCausalLM"
+    cfg = model.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) \
+        == (32, 2, 2, 1, 16)
+    assert cfg.sliding_window >= TINY.max_length and cfg.final_logit_softcapping is not None
+    tok = AutoTokenizer.from_pretrained(trained)
+    batch = tok(CORPUS[:4], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    # a second save/load cycle of the loaded model reproduces the logits exactly
+    resaved = trained.parent / (trained.name + "_resaved")
+    model.save_pretrained(resaved)
+    again = AutoModelForCausalLM.from_pretrained(resaved).eval()
+    with torch.no_grad():
+        assert torch.equal(again(**batch).logits, logits)
+    # and the weights equal those the training run produced: the state dicts match tensor for tensor
+    state, state2 = model.state_dict(), again.state_dict()
+    assert state.keys() == state2.keys() and all(torch.equal(state[k], state2[k]) for k in state)
+
+
+def test_in_memory_model_matches_loaded(tmp_path):
+    tok = train_caption_tokenizer(CORPUS, max_length=16)
+    model = build_tiny_llm(TINY, vocab_size=len(tok)).eval()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    batch = tok(CORPUS[:3], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+
+
+def test_build_is_seeded_and_does_not_touch_global_rng():
+    state = torch.random.get_rng_state()
+    a = build_tiny_llm(TINY, vocab_size=30).state_dict()
+    b = build_tiny_llm(TINY, vocab_size=30).state_dict()
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_loss_decreases(trained):
+    marker = read_marker(trained)
+    assert marker["final_loss"] < 0.6 * marker["first_loss"], marker
+    assert marker["config"] == json.loads(json.dumps(TINY.__dict__))
+
+
+def test_trained_model_prefers_corpus_continuations(trained):
+    model = AutoModelForCausalLM.from_pretrained(trained).eval()
+    tok = AutoTokenizer.from_pretrained(trained)
+    ids = tok(["a red circle to the left of a"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        probs = model(ids).logits[0, -1].softmax(-1)
+    assert probs[tok.convert_tokens_to_ids("blue")] > probs[tok.convert_tokens_to_ids("of")]
+
+
+def test_ensure_reuses_matching_folder_and_retrains_otherwise(trained, capsys):
+    before = (trained / "model.safetensors").stat().st_mtime_ns
+    assert ensure_tiny_llm(trained, CORPUS, TINY) == trained
+    assert (trained / "model.safetensors").stat().st_mtime_ns == before
+    assert "tiny-llm step" not in capsys.readouterr().out
+    other = trained.parent / (trained.name + "_other")
+    ensure_tiny_llm(other, CORPUS, TINY)
+    changed = TinyLLMConfig(**{**TINY.__dict__, "steps": 2})
+    ensure_tiny_llm(other, CORPUS, changed)
+    assert read_marker(other)["config"]["steps"] == 2
+    ensure_tiny_llm(other, CORPUS + ["a white square"], changed)
+    assert read_marker(other)["num_captions"] == len(CORPUS) + 1
+    assert "tiny-llm step" in capsys.readouterr().out
+    (other / MARKER_NAME).write_text("not json")
+    assert read_marker(other) is None
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="corpus is empty"):
+        train_caption_tokenizer([])
+    with pytest.raises(TypeError, match="list of caption strings"):
+        train_caption_tokenizer("a red circle")
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        pretrain_tiny_llm(CORPUS, tmp_path, TinyLLMConfig(num_attention_heads=3, num_key_value_heads=2))
