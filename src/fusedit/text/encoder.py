@@ -170,7 +170,8 @@ class TextEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.config = config
         self.requirements = requirements
-        self.formatter = PromptFormatter(tokenizer, config)
+        # Without a tokenizer only encode_tokens() works (tests, benchmarks feeding token ids directly).
+        self.formatter = PromptFormatter(tokenizer, config) if tokenizer is not None else None
         self.pooled_encoder = pooled_encoder
         self._cache_arg = decoder_forward_kwargs(decoder)
         self.trainable = config.trainable
@@ -221,6 +222,8 @@ class TextEncoder(nn.Module):
 
     # ------------------------------------------------------------------------------------------------------------
     def tokenize(self, prompts: Sequence[str], max_length: Optional[int] = None) -> TokenizedPrompts:
+        if self.formatter is None:
+            raise RuntimeError("this TextEncoder has no tokenizer; use encode_tokens(input_ids, attention_mask)")
         return self.formatter(prompts, device=self.device, max_length=max_length)
 
     def encode(self, prompts: Sequence[str], max_length: Optional[int] = None) -> TextContext:

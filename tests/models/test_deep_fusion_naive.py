@@ -1,0 +1,356 @@
+"""Deep fusion equals the reference's formulation, computed naively here.
+
+The naive computation concatenates text and image tokens and runs ONE attention per layer over the whole sequence
+with an explicit dense mask (text rows: causal over real text; image rows: every real text token and every image
+token), advancing the LLM stream and the DiT stream layer by layer. It shares only weights with fusedit: every
+formula (norms, modulation, rotary embeddings, softmax, unpatchify) is written out below.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import get_timestep_embedding
+from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from fusedit.models import LLMGeometry, ModelConfig, build_model
+from fusedit.text.config import TextConfig
+from fusedit.text.encoder import TextEncoder
+
+torch.set_grad_enabled(False)
+
+HEADS, KV_HEADS, HEAD_DIM, LLM_LAYERS = 4, 2, 8, 4
+
+
+def gemma2_decoder():
+    config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=LLM_LAYERS,
+                          num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
+                          attn_logit_softcapping=None, query_pre_attn_scalar=HEAD_DIM, sliding_window=512,
+                          rope_theta=100.0, pad_token_id=0)
+    torch.manual_seed(1)
+    model = Gemma2ForCausalLM(config).model.eval()
+    with torch.no_grad():  # non-trivial norm weights
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.3)
+    return model
+
+
+def llama_decoder():
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=LLM_LAYERS,
+                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
+                         rope_theta=100.0, pad_token_id=0)
+    torch.manual_seed(2)
+    model = LlamaForCausalLM(config).model.eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1, 0.3)
+    return model
+
+
+DECODERS = {"gemma2": gemma2_decoder(), "llama": llama_decoder()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# naive formulas
+# ----------------------------------------------------------------------------------------------------------------------
+
+def gemma_rms(x, weight, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (1 + weight)
+
+
+def rope_tables(positions, dim, theta):
+    """positions (B, N) -> cos, sin (B, N, dim) in the rotate-half layout."""
+    inv = 1.0 / theta ** (torch.arange(0, dim, 2).float() / dim)
+    angles = positions.float()[..., None] * inv
+    angles = torch.cat([angles, angles], -1)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def heads(x, n):
+    b, l, _ = x.shape
+    return x.view(b, l, n, -1).transpose(1, 2)
+
+
+def softmax_attention(q, k, v, allowed):
+    """q (B,H,Nq,D), k/v (B,Hkv,Nk,D), allowed (B,Nq,Nk) bool -> (B,Nq,H*D). Explicit scores and softmax."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    weights = torch.nan_to_num(weights)  # fully masked rows (padding queries) -> zeros
+    out = weights @ v
+    b, h, n, d = out.shape
+    return out.transpose(1, 2).reshape(b, n, h * d)
+
+
+def image_rope(kind, h, w, offsets, head_dim, theta):
+    rows = torch.arange(h).repeat_interleave(w)[None] + offsets[:, None]
+    cols = torch.arange(w).repeat(h)[None] + offsets[:, None]
+    if kind == "1d-rope":
+        return rope_tables(torch.arange(h * w)[None] + offsets[:, None], head_dim, theta)
+    if kind == "2d-rope":
+        rc, rs = rope_tables(rows, head_dim // 2, theta)
+        cc, cs = rope_tables(cols, head_dim // 2, theta)
+        q = head_dim // 4
+        mix = lambda r, c: torch.cat([r[..., :q], c[..., :q], r[..., q:], c[..., q:]], -1)  # noqa: E731
+        return mix(rc, cc), mix(rs, cs)
+    if kind == "m-rope":
+        rc, rs = rope_tables(rows, head_dim, theta)
+        cc, cs = rope_tables(cols, head_dim, theta)
+        q = head_dim // 4
+        mix = lambda r, c: torch.cat([r[..., :q], c[..., q:2 * q], r[..., 2 * q:3 * q], c[..., 3 * q:]], -1)  # noqa
+        return mix(rc, cc), mix(rs, cs)
+    return None
+
+
+class NaiveText:
+    """The LLM stream, advanced by hand with the HF layer's weights."""
+
+    def __init__(self, decoder, family):
+        self.decoder, self.family = decoder, family
+        self.eps = decoder.config.rms_norm_eps
+
+    def norm(self, module, x):
+        if self.family == "gemma2":
+            return gemma_rms(x, module.weight, self.eps)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * module.weight
+
+    def embed(self, ids):
+        h = F.embedding(ids, self.decoder.embed_tokens.weight)
+        return h * math.sqrt(h.shape[-1]) if self.family == "gemma2" else h
+
+    def qkv(self, layer, h):
+        attn = self.decoder.layers[layer].self_attn
+        x = self.norm(self.decoder.layers[layer].input_layernorm, h)
+        return heads(attn.q_proj(x), HEADS), heads(attn.k_proj(x), KV_HEADS), heads(attn.v_proj(x), KV_HEADS)
+
+    def finish(self, layer, h, attn_out):
+        block = self.decoder.layers[layer]
+        out = block.self_attn.o_proj(attn_out)
+        if self.family == "gemma2":
+            h = h + self.norm(block.post_attention_layernorm, out)
+            m = block.mlp(self.norm(block.pre_feedforward_layernorm, h))
+            return h + self.norm(block.post_feedforward_layernorm, m)
+        h = h + out
+        return h + block.mlp(self.norm(block.post_attention_layernorm, h))
+
+
+def naive_forward(model, decoder, family, x, timestep, ids, mask, pooled=None):
+    """The reference's joint computation of a FuseDiT (``model``) on LLM ``decoder``, written out in full."""
+    c, r = model.resolved.config, model.resolved
+    eps, theta = r.rms_norm_eps, r.rope_theta
+    b, _, height, width = x.shape
+    p = c.patch_size
+    gh, gw = height // p, width // p
+    n_text = ids.shape[1]
+    text = NaiveText(decoder, family)
+
+    # timestep embedding
+    emb = emb_final = None
+    if c.timestep_conditioning != "none":
+        te = model.timestep
+        feats = get_timestep_embedding(timestep, 256, flip_sin_to_cos=True, downscale_freq_shift=0)
+        emb = te.timestep_embedder[2](F.silu(te.timestep_embedder[0](feats)))
+        if c.text_modulation:
+            ce = te.condition_embedder
+            emb = emb + ce[3](F.silu(ce[1](gemma_rms(pooled, ce[0].weight, eps))))
+        emb_final = emb
+        if c.timestep_conditioning == "adaln-single":
+            emb = te.t_block[1](F.silu(emb))
+
+    z = model.patch_embed(x)  # diffusers PatchEmbed (conv + optional sin-cos table)
+    if c.timestep_conditioning == "addition":
+        z = z + emb_final[:, None]
+    h = text.embed(ids)
+    n_real = mask.sum(1)
+    text_cos, text_sin = rope_tables(torch.arange(n_text)[None].expand(b, -1), HEAD_DIM, theta)
+    img_rope = image_rope(c.pos_embed, gh, gw, n_real, HEAD_DIM, theta)
+    causal = torch.tril(torch.ones(n_text, n_text, dtype=torch.bool))
+    text_rows = causal[None] & mask[:, None, :]
+    n_img = gh * gw
+
+    def modulation(block):
+        if c.timestep_conditioning == "adaln-zero":
+            return block.modulation.linear(F.silu(emb)).chunk(6, 1)
+        if c.timestep_conditioning == "adaln-single":
+            return (block.modulation.scale_shift_table + emb).chunk(6, 1)
+        zero, one = torch.zeros(b, r.hidden_size), torch.ones(b, r.hidden_size)
+        return zero, zero, one, zero, zero, one
+
+    def maybe_norm(module, v):
+        return v if isinstance(module, torch.nn.Identity) else gemma_rms(v, module.weight, eps)
+
+    def image_attention_inputs(block, z):
+        sh, sc, g, sh2, sc2, g2 = modulation(block)
+        zn = gemma_rms(z, block.input_layernorm.weight, eps) * (1 + sc[:, None]) + sh[:, None]
+        at = block.self_attn
+        q, k, v = heads(at.q_proj(zn), HEADS), heads(at.k_proj(zn), KV_HEADS), heads(at.v_proj(zn), KV_HEADS)
+        if c.qk_norm:
+            q, k = gemma_rms(q, at.q_norm.weight, eps), gemma_rms(k, at.k_norm.weight, eps)
+        if img_rope is not None:
+            q, k = rotate(q, *img_rope), rotate(k, *img_rope)
+        return q, k, v, (g, sh2, sc2, g2)
+
+    def image_finish(block, z, attn_out, mods, cross=None):
+        g, sh2, sc2, g2 = mods
+        a = maybe_norm(block.attn_out_norm, block.self_attn.o_proj(attn_out))
+        z = z + g[:, None] * a
+        if cross is not None:
+            z = z + maybe_norm(block.cross_out_norm, cross(z))
+        zn = gemma_rms(z, block.ffn_norm.weight, eps) * (1 + sc2[:, None]) + sh2[:, None]
+        mlp = block.mlp.down_proj(F.gelu(block.mlp.gate_proj(zn), approximate="tanh") * block.mlp.up_proj(zn))
+        return z + g2[:, None] * maybe_norm(block.ffn_out_norm, mlp)
+
+    fused = {llm: i for i, llm in enumerate(r.layer_map) if llm is not None}
+    last = max(fused)
+    for layer in range(last + 1):
+        qt, kt, vt = text.qkv(layer, h)
+        qt, kt_rot = rotate(qt, text_cos, text_sin), rotate(kt, text_cos, text_sin)
+        if layer not in fused:
+            h = text.finish(layer, h, softmax_attention(qt, kt_rot, vt, text_rows))
+            continue
+        block = model.layers[fused[layer]]
+        qi, ki, vi, mods = image_attention_inputs(block, z)
+        if c.attention == "self":
+            # ONE joint attention over [text ; image] with the reference's dense mask
+            q = torch.cat([qt, qi], 2)
+            k = torch.cat([kt_rot, ki], 2)
+            v = torch.cat([vt, vi], 2)
+            total = n_text + n_img
+            allowed = torch.zeros(b, total, total, dtype=torch.bool)
+            allowed[:, :n_text, :n_text] = text_rows
+            allowed[:, n_text:, :n_text] = mask[:, None, :]
+            allowed[:, n_text:, n_text:] = True
+            out = softmax_attention(q, k, v, allowed)
+            h_new = text.finish(layer, h, out[:, :n_text])
+            z = image_finish(block, z, out[:, n_text:], mods)
+        else:
+            h_new = text.finish(layer, h, softmax_attention(qt, kt_rot, vt, text_rows))
+            image_self = softmax_attention(qi, ki, vi, torch.ones(b, n_img, n_img, dtype=torch.bool))
+            ca = block.cross_attn
+
+            def cross(z_res, kt=kt, vt=vt, ca=ca):
+                qc = heads(ca.q_proj(z_res), HEADS)
+                if c.qk_norm:
+                    qc = gemma_rms(qc, ca.q_norm.weight, eps)
+                allowed = mask[:, None, :].expand(b, n_img, n_text)
+                return ca.o_proj(softmax_attention(qc, kt, vt, allowed))  # pre-RoPE text keys
+
+            z = image_finish(block, z, image_self, mods, cross)
+        h = h_new
+    for i in range(len(fused), r.num_layers):  # DiT-only layers past the map
+        block = model.layers[i]
+        qi, ki, vi, mods = image_attention_inputs(block, z)
+        z = image_finish(block, z, softmax_attention(qi, ki, vi, torch.ones(b, n_img, n_img, dtype=torch.bool)), mods)
+
+    head = model.head
+    z = gemma_rms(z, head.norm_out.weight, eps)
+    if c.timestep_conditioning == "adaln-zero":
+        scale, shift = head.modulation.linear(F.silu(emb_final)).chunk(2, 1)
+        z = z * (1 + scale[:, None]) + shift[:, None]
+    elif c.timestep_conditioning == "adaln-single":
+        shift, scale = (head.modulation.scale_shift_table + torch.cat([emb_final, emb_final], 1)).chunk(2, 1)
+        z = z * (1 + scale[:, None]) + shift[:, None]
+    out = head.proj_out(z)
+    out = out.view(b, gh, gw, p, p, -1).permute(0, 5, 1, 3, 2, 4)
+    return out.reshape(b, -1, gh * p, gw * p)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+LAYER_MAPS = {
+    "all": dict(),
+    "subset": dict(initial_layers=1, shared_attention_layers=[1, 3]),
+    "extra-dit": dict(shared_attention_layers=[0, 1, 2], dit_num_hidden_layers=4),
+}
+
+
+def randomize(model, seed):
+    """Non-trivial weights everywhere (the default init zeroes gates and outputs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def encode(decoder, model, ids, mask, pooled=False):
+    encoder = TextEncoder(decoder, tokenizer=None, config=TextConfig(llm="unused"),
+                          requirements=model.text_requirements())
+    return encoder.encode_tokens(ids, mask)
+
+
+def inputs(seed, padding_side):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 64, (2, 7), generator=g)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    if padding_side == "left":
+        mask[0, :3] = False
+    else:
+        mask[0, 4:] = False
+    ids = ids.masked_fill(~mask, 0)
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    t = torch.tensor([700.0, 35.0])
+    return x, t, ids, mask
+
+
+COMBOS = list(itertools.product(["self", "cross"], ["ape", "1d-rope", "2d-rope", "m-rope"],
+                                ["none", "adaln-zero", "adaln-single", "addition"], [False, True], list(LAYER_MAPS)))
+
+
+@pytest.mark.parametrize("attention,pos_embed,timestep,sandwich,layer_map", COMBOS)
+def test_matches_naive_joint_attention(attention, pos_embed, timestep, sandwich, layer_map):
+    family = "gemma2" if COMBOS.index((attention, pos_embed, timestep, sandwich, layer_map)) % 2 else "llama"
+    decoder = copy.deepcopy(DECODERS[family])  # the encoder may drop unused layers of its decoder
+    config = ModelConfig(kind="fusedit", attention=attention, pos_embed=pos_embed, timestep_conditioning=timestep,
+                         sandwich_norm=sandwich, qk_norm=True, in_channels=3, sample_size=8, patch_size=2,
+                         dit_hidden_size=24, dit_intermediate_size=40, **LAYER_MAPS[layer_map])
+    model = build_model(config, LLMGeometry.from_hf_config(decoder.config)).eval()
+    randomize(model, 3)
+    for padding_side in ("left", "right"):
+        x, t, ids, mask = inputs(4, padding_side)
+        ours = model(x, t, encode(decoder, model, ids, mask))
+        naive = naive_forward(model, decoder, family, x, t, ids, mask)
+        torch.testing.assert_close(ours, naive, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "llama"])
+@pytest.mark.parametrize("timestep", ["adaln-zero", "adaln-single", "addition"])
+def test_text_modulation_matches_naive(family, timestep):
+    decoder = copy.deepcopy(DECODERS[family])
+    config = ModelConfig(kind="fusedit", pos_embed="2d-rope", timestep_conditioning=timestep, text_modulation=True,
+                         text_modulation_dim=12, in_channels=3, sample_size=8, dit_hidden_size=24)
+    model = build_model(config, LLMGeometry.from_hf_config(decoder.config)).eval()
+    randomize(model, 5)
+    x, t, ids, mask = inputs(6, "left")
+    context = encode(decoder, model, ids, mask)
+    context.pooled = torch.randn(2, 12, generator=torch.Generator().manual_seed(7))
+    ours = model(x, t, context)
+    naive = naive_forward(model, decoder, family, x, t, ids, mask, pooled=context.pooled)
+    torch.testing.assert_close(ours, naive, atol=2e-5, rtol=1e-4)
+
+
+def test_trimming_padding_changes_nothing():
+    decoder = copy.deepcopy(DECODERS["gemma2"])
+    model = build_model(ModelConfig(pos_embed="2d-rope", in_channels=3, sample_size=8),
+                        LLMGeometry.from_hf_config(decoder.config)).eval()
+    randomize(model, 8)
+    x, t, ids, mask = inputs(9, "left")
+    mask[1, :2] = False  # both prompts padded: the first two columns are padding everywhere
+    context = encode(decoder, model, ids, mask)
+    trimmed = context.trimmed()
+    assert trimmed.length == context.length - 2
+    torch.testing.assert_close(model(x, t, trimmed), model(x, t, context), atol=2e-5, rtol=1e-4)
