@@ -43,20 +43,41 @@ def make_sample_fn(pipeline: FuseDiTPipeline, config: ExperimentConfig, seed: in
 
 def train_run(config: ExperimentConfig, run_dir: Union[str, Path], *, device=None, resume: bool = True,
               progress: bool = True):
-    """Train ``config`` in ``run_dir`` (resuming from its latest checkpoint) and return the ``TrainSummary``."""
+    """Train ``config`` in ``run_dir`` (resuming from its latest checkpoint) and return the ``TrainSummary``.
+
+    With ``train.distributed`` ``ddp``/``fsdp`` this runs in every process started by torchrun: it initialises the
+    process group from torchrun's environment (``device``: ``cuda``/``cpu`` or ``None`` = CUDA when available; each
+    process takes ``cuda:LOCAL_RANK``), and tears it down at the end. Only rank 0 writes ``config.yaml``, logs,
+    samples and ``final/``.
+    """
+    from fusedit.dist.env import destroy_distributed, init_distributed, is_initialized
     from fusedit.train.trainer import Trainer
 
     run_dir = Path(run_dir)
-    device = default_device(device)
-    parts = build_components(config, device=device)
-    dataset = build_dataset(config.data)
-    save_run_config(config, run_dir)
-    pipeline = FuseDiTPipeline(parts.model, parts.text_encoder, make_scheduler(config.sample.shift), parts.codec,
-                               defaults=config.sample, config=config)
-    trainer = Trainer(config, parts.model, parts.text_encoder, dataset, run_dir=run_dir, codec=parts.codec,
-                      sample_fn=make_sample_fn(pipeline, config), device=device, resume=resume, progress=progress)
-    summary = trainer.fit()
+    created_group = False
+    if config.train.distributed != "none":
+        created_group = not is_initialized()
+        env = init_distributed(device)
+        device, is_main = env.device, env.is_main
+    else:
+        device, is_main = default_device(device), True
+    try:
+        torch.manual_seed(config.train.seed)  # the same initial weights in every process (and every run)
+        parts = build_components(config, device=device)
+        dataset = build_dataset(config.data, seed=config.train.seed, codec=parts.codec)
+        if is_main:
+            save_run_config(config, run_dir)
+        pipeline = FuseDiTPipeline(parts.model, parts.text_encoder, make_scheduler(config.sample.shift), parts.codec,
+                                   defaults=config.sample, config=config)
+        trainer = Trainer(config, parts.model, parts.text_encoder, dataset, run_dir=run_dir, codec=parts.codec,
+                          sample_fn=make_sample_fn(pipeline, config), device=device, resume=resume,
+                          progress=progress and is_main)
+        summary = trainer.fit()
+    finally:
+        if created_group:
+            destroy_distributed()
     skipped = getattr(dataset, "skipped", None)
-    if skipped:
-        logger.warning("%d unreadable images were skipped", skipped if isinstance(skipped, int) else len(skipped))
+    if skipped and is_main:
+        logger.warning("%d unreadable or corrupt samples were skipped", skipped if isinstance(skipped, int)
+                       else len(skipped))
     return summary

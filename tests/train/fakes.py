@@ -39,20 +39,26 @@ class TrainableTextEncoder(FrozenTextEncoder):
 
 
 class TinyVelocityModel(nn.Module):
-    """forward(x (B, 3, H, W), timestep (B,), context (B, 8)) -> (B, 3, H, W). Has dropout (global RNG)."""
+    """forward(x (B, 3, H, W), timestep (B,), context (B, 8)) -> (B, 3, H, W). Has dropout (global RNG; ``dropout=0``
+    for runs that must not depend on per-process RNG) and ``blocks`` residual conv blocks in ``layers`` (what FSDP
+    shards one by one)."""
 
-    def __init__(self, channels: int = 3, hidden: int = 8) -> None:
+    def __init__(self, channels: int = 3, hidden: int = 8, dropout: float = 0.1, blocks: int = 0) -> None:
         super().__init__()
         self.inp = nn.Conv2d(channels, hidden, 3, padding=1)
         self.time = nn.Linear(1, hidden)
         self.text = nn.Linear(8, hidden)
-        self.drop = nn.Dropout(0.1)
+        self.drop = nn.Dropout(dropout)
         self.out = nn.Conv2d(hidden, channels, 3, padding=1)
         self.frozen = nn.Parameter(torch.ones(1), requires_grad=False)
+        self.layers = nn.ModuleList([nn.Conv2d(hidden, hidden, 3, padding=1) for _ in range(blocks)])
 
     def forward(self, x, timestep, context):
         h = self.inp(x) + (self.time(timestep[:, None] / 1000) + self.text(context))[:, :, None, None]
-        return self.out(self.drop(torch.nn.functional.silu(h))) * self.frozen
+        h = torch.nn.functional.silu(h)
+        for block in self.layers:
+            h = h + torch.nn.functional.silu(block(h))
+        return self.out(self.drop(h)) * self.frozen
 
 
 class ImageCaptionDataset(Dataset):
@@ -73,3 +79,48 @@ class ImageCaptionDataset(Dataset):
         if self.crash_after is not None and self.fetches > self.crash_after:
             raise RuntimeError("simulated crash")
         return {"image": self.images[i], "caption": self.captions[i]}
+
+
+def write_image_shards(root, n_shards: int = 4, per_shard: int = 5, size: int = 8, corrupt: tuple = ()) -> list:
+    """Tar shards in the reference's webdataset layout (PNG images, synthetic captions); ``corrupt``: global sample
+    numbers whose image bytes are garbage. Returns the shard paths."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for s in range(n_shards):
+        path = root / f"train-{s:04d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(per_shard):
+                number = s * per_shard + i
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+                members = {"image.png": b"garbage" if number in corrupt else buf.getvalue(),
+                           "synthetic_caption.txt": f"a {['red', 'blue', 'green'][number % 3]} thing {number}".encode()}
+                for ext, data in members.items():
+                    info = tarfile.TarInfo(f"{number:06d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        paths.append(path)
+    return paths
+
+
+class EpochRecordingDataset(ImageCaptionDataset):
+    """Records ``(epoch, index)`` of every fetch; ``set_epoch`` like ``ImageFolderDataset``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.epoch = 0
+        self.seen: list[tuple[int, int]] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, i: int):
+        self.seen.append((self.epoch, i))
+        return super().__getitem__(i)

@@ -1,15 +1,33 @@
 """Build the training data set named by a config's ``data`` section."""
 from __future__ import annotations
 
+from typing import Any, Optional
+
 from fusedit.config import ConfigError
 from fusedit.data.config import DataConfig
 
 
-def build_dataset(config: DataConfig):
-    """A map-style data set of ``{"image": (C, H, W), "caption": str}`` items for ``config.source``.
+def _data_parallel_split(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
+    """``(rank, world_size)``: the given values, else the process group's, else ``(0, 1)``."""
+    from fusedit.dist.env import current_env
 
-    ``shapes``: the embedded shapes world (its ``sample_prompts`` are held-out prompts for sample grids);
-    ``folder``: images + captions.jsonl/csv.
+    env = current_env()
+    return (env.rank if rank is None else rank), (env.world_size if world_size is None else world_size)
+
+
+def build_dataset(config: DataConfig, *, seed: int = 0, codec: Any = None, rank: Optional[int] = None,
+                  world_size: Optional[int] = None):
+    """The training data set for ``config.source``.
+
+    * ``shapes``: the embedded shapes world, map-style (its ``sample_prompts`` are held-out prompts for sample
+      grids);
+    * ``folder``: :class:`~fusedit.data.folder.ImageFolderDataset` (map-style; random crops seeded by ``seed``);
+    * ``webdataset``: :class:`~fusedit.data.webdataset.WebShardDataset`, a resumable shard stream repeating forever;
+    * ``latents``: :class:`~fusedit.data.latents.LatentShardDataset` over a cache written by
+      ``fusedit cache-latents`` (checked against ``codec`` when given).
+
+    Shard streams are split shard-per-rank: ``rank``/``world_size`` default to the process group's (0 and 1
+    without one). ``seed`` drives the shard/sample order and per-sample randomness of streams.
     """
     if config.source == "shapes":
         from fusedit.data.shapes import ShapesWorld
@@ -23,7 +41,17 @@ def build_dataset(config: DataConfig):
     if config.source == "folder":
         from fusedit.data.folder import ImageFolderDataset
 
-        return ImageFolderDataset(config.path, resolution=config.resolution, center_crop=config.center_crop)
-    raise ConfigError(f"data.source={config.source}: streaming sources (webdataset shards, latent caches) are read "
-                      f"by the distributed trainer (fusedit.dist); the single-process trainer takes 'shapes' or "
-                      f"'folder'")
+        return ImageFolderDataset(config.path, resolution=config.resolution, center_crop=config.center_crop,
+                                  interpolation=config.interpolation, seed=seed)
+    if config.source == "webdataset":
+        from fusedit.data.webdataset import WebShardDataset
+
+        rank, world_size = _data_parallel_split(rank, world_size)
+        return WebShardDataset.from_config(config, seed=seed, rank=rank, world_size=world_size, epochs=None)
+    if config.source == "latents":
+        from fusedit.data.latents import LatentShardDataset
+
+        rank, world_size = _data_parallel_split(rank, world_size)
+        return LatentShardDataset.from_config(config, codec=codec, seed=seed, rank=rank, world_size=world_size,
+                                              epochs=None)
+    raise ConfigError(f"data.source={config.source!r}: expected shapes, folder, webdataset or latents")
