@@ -163,3 +163,23 @@ def test_presets_and_peaks():
     assert bench.gpu_peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
     assert bench.gpu_peak_flops("NVIDIA H200", "bfloat16") == 989e12
     assert bench.gpu_peak_flops("Some GPU", "bfloat16") is None
+
+
+def test_out_of_memory_is_reported_not_raised():
+    def boom():
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    calls = []
+    out = bench.time_interleaved({"ours": lambda: calls.append(1), "dense": boom}, CPU, warmup=1, iters=2)
+    assert out["dense"]["error"] == "out of memory" and out["dense"]["times_s"] == []
+    assert out["ours"]["error"] is None and len(out["ours"]["times_s"]) == 2 and len(calls) == 3
+    line = bench.summary_line({"preset": "tiny", "mode": "train", "device_name": "cpu", "dtype": "float32",
+                               "batch_size": 1, "img_per_s": 1.0, "mfu": None, "peak_memory_gib": None,
+                               "dense": {"error": "out of memory"}, "speedup_vs_dense": None})
+    assert "dense formulation out of memory" in line
+
+
+def test_paired_speedup_is_robust_to_load_changes():
+    # the machine got twice as slow half-way: per-pair ratios stay 1.5
+    assert bench.paired_speedup([1.0, 1.0, 2.0, 2.0], [1.5, 1.5, 3.0, 3.0]) == pytest.approx(1.5)
+    assert bench.paired_speedup([], [1.0]) is None

@@ -199,7 +199,7 @@ def gpu_peak_flops(name: str, dtype: str) -> Optional[float]:
     return None
 
 
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 10) -> float:
     """Best FLOP/s of a ``size³`` matmul on ``device`` (the CPU's practical peak, for a CPU MFU)."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
@@ -300,23 +300,45 @@ def time_interleaved(fns: dict[str, Callable[[], None]], device: torch.device, w
                      iters: int) -> dict[str, dict]:
     """Time several closures in alternation (``a b a b ...``) so that a change of machine load affects all alike.
 
-    Each closure gets ``warmup`` untimed calls, then ``iters`` timed calls. Returns, per name, ``times_s`` and
+    Each closure gets ``warmup`` untimed calls, then ``iters`` timed calls. Returns, per name, ``times_s``,
     ``peak_memory_gib`` (CUDA: the largest ``max_memory_allocated`` over its calls, the counter reset before each
-    call; CPU: None, the process RSS peak cannot be attributed to one closure).
+    call; CPU: None, the process RSS peak cannot be attributed to one closure) and ``error`` (``"out of memory"``
+    when a call ran out of memory: that closure is dropped, the others go on; else None).
     """
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    _sync(device)
-    out = {name: {"times_s": [], "peak_memory_gib": None} for name in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            reset_peak_memory(device)
-            out[name]["times_s"].append(_time_call(fn, device))
+    out = {name: {"times_s": [], "peak_memory_gib": None, "error": None} for name in fns}
+
+    def call(name: str, timed: bool) -> None:
+        if out[name]["error"] is not None:
+            return
+        reset_peak_memory(device)
+        try:
+            seconds = _time_call(fns[name], device)
+        except torch.OutOfMemoryError:
+            out[name]["error"] = "out of memory"
+            out[name]["times_s"] = []
             if device.type == "cuda":
-                previous = out[name]["peak_memory_gib"] or 0.0
-                out[name]["peak_memory_gib"] = max(previous, peak_memory_gib(device))
+                torch.cuda.empty_cache()
+            return
+        if timed:
+            out[name]["times_s"].append(seconds)
+        if device.type == "cuda":
+            out[name]["peak_memory_gib"] = max(out[name]["peak_memory_gib"] or 0.0, peak_memory_gib(device))
+
+    for _ in range(warmup):
+        for name in fns:
+            call(name, timed=False)
+    for _ in range(iters):
+        for name in fns:
+            call(name, timed=True)
     return out
+
+
+def paired_speedup(ours: Sequence[float], dense: Sequence[float]) -> Optional[float]:
+    """Median over interleaved pairs of ``dense_i / ours_i``: robust to the load of a shared machine changing during
+    the run (each pair ran back to back). None when either side has no timings."""
+    if not ours or not dense:
+        return None
+    return statistics.median(d / o for o, d in zip(ours, dense))
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -399,6 +421,23 @@ def _text_context(setup: BenchSetup, ids: torch.Tensor, mask: torch.Tensor) -> T
         return setup.encoder.encode_tokens(ids, mask).trimmed()
 
 
+def compile_blocks_(model: DiffusionTransformer) -> None:
+    """``torch.compile`` every DiT block in place (DESIGN.md §6).
+
+    Each block reads its LLM layer's keys/values by a Python int index, which dynamo specialises on, so every block
+    compiles its own graph; the recompile limit is raised to the depth so none falls back to eager.
+    """
+    import torch._dynamo.config as dynamo_config
+
+    limit = 2 * len(model.layers) + 8
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), limit))
+            break
+    for block in model.layers:
+        block.compile()
+
+
 def train_step_fns(setup: BenchSetup, compile_blocks: bool = False):
     """``(ours, dense)``: closures running one optimiser step of each formulation."""
     from fusedit.bench_dense import dense_velocity
@@ -416,8 +455,7 @@ def train_step_fns(setup: BenchSetup, compile_blocks: bool = False):
     x_t, target, timestep = interpolate(x0, noise, sigmas), velocity_target(x0, noise), sigmas * 1000
     forward = model
     if compile_blocks:
-        for block in model.layers:
-            block.compile()
+        compile_blocks_(model)
 
     def step(predict):
         optimizer.zero_grad(set_to_none=True)
@@ -445,8 +483,7 @@ def sample_fns(setup: BenchSetup, compile_blocks: bool = False):
     model, dev, b = setup.model, setup.device, setup.batch
     model.eval()
     if compile_blocks:
-        for block in model.layers:
-            block.compile()
+        compile_blocks_(model)
     g = torch.Generator(device="cpu").manual_seed(2)
     c, s = model.resolved.config.in_channels, setup.preset.latent_size
     noise = torch.randn(b, c, s, s, generator=g).to(dev)
@@ -499,7 +536,7 @@ def run_bench(mode: str, preset: str, device: str = "cpu", batch_size: Optional[
         batch_size: images per iteration (default: the preset's).
         vs_dense: also time the reference's dense formulation and report the speed ratio.
         iters, warmup: timed and untimed iterations of each formulation (run alternately when ``vs_dense``);
-            the reported time is the median.
+            the reported time is the median (``min_time_s``: the fastest).
         compile: ``torch.compile`` each DiT block (our formulation only).
         dtype: ``float32`` or ``bfloat16`` (default: bfloat16 on CUDA, float32 on CPU); training autocasts to it.
         llm: include the LLM forward in each iteration (False: random precomputed text keys/values).
@@ -510,7 +547,7 @@ def run_bench(mode: str, preset: str, device: str = "cpu", batch_size: Optional[
         image_tokens, text_tokens, real_text_tokens, dit_params_m, llm_params_m, time_per_iter_s, times_s,
         img_per_s | s_per_image, model_tflop_per_iter, achieved_tflops, peak_tflops, peak_source, mfu,
         peak_memory_gib, memory_source`` and, with ``vs_dense``, ``dense`` (same timing keys) and
-        ``speedup_vs_dense`` (dense time / our time). On CPU the memory is the process's RSS peak (with ``vs_dense``
+        ``speedup_vs_dense`` (median over the interleaved pairs of dense time / our time). On CPU the memory is the process's RSS peak (with ``vs_dense``
         it covers both formulations; the dense entry is None).
     """
     if mode not in MODES:
@@ -546,12 +583,19 @@ def run_bench(mode: str, preset: str, device: str = "cpu", batch_size: Optional[
     else:
         device_name = f"cpu ({torch.get_num_threads()} threads)"
         peak = measure_matmul_peak(dev, torch_dtype)
-        peak_source = "measured 1024^3 matmul"
+        peak_source = "measured: best 1024^3 matmul, before and after the runs"
+
+    timed = time_interleaved({"ours": ours, "dense": dense} if vs_dense else {"ours": ours}, dev, warmup, iters)
+    if dev.type == "cpu":  # a shared CPU's speed varies: keep the best of a measurement before and after the runs
+        peak = max(peak, measure_matmul_peak(dev, torch_dtype))
 
     def summarise(measured: dict) -> dict:
         times = measured["times_s"]
+        if not times:
+            return {"time_per_iter_s": None, "times_s": [], "error": measured["error"],
+                    "peak_memory_gib": measured["peak_memory_gib"]}
         seconds = statistics.median(times)
-        out = {"time_per_iter_s": seconds, "times_s": times}
+        out = {"time_per_iter_s": seconds, "min_time_s": min(times), "times_s": times}
         if mode == "train":
             out["img_per_s"] = batch / seconds
         else:
@@ -561,8 +605,7 @@ def run_bench(mode: str, preset: str, device: str = "cpu", batch_size: Optional[
         out["peak_memory_gib"] = measured["peak_memory_gib"]
         return out
 
-    fns = {"ours": ours, "dense": dense} if vs_dense else {"ours": ours}
-    measured = {name: summarise(m) for name, m in time_interleaved(fns, dev, warmup, iters).items()}
+    measured = {name: summarise(m) for name, m in timed.items()}
     if dev.type != "cuda":
         measured["ours"]["peak_memory_gib"] = peak_memory_gib(dev)
 
@@ -580,7 +623,7 @@ def run_bench(mode: str, preset: str, device: str = "cpu", batch_size: Optional[
     result["memory_source"] = "cuda max_memory_allocated" if dev.type == "cuda" else "process peak RSS (ru_maxrss)"
     if vs_dense:
         result["dense"] = measured["dense"]
-        result["speedup_vs_dense"] = measured["dense"]["time_per_iter_s"] / measured["ours"]["time_per_iter_s"]
+        result["speedup_vs_dense"] = paired_speedup(measured["ours"]["times_s"], measured["dense"]["times_s"])
     return result
 
 
@@ -636,13 +679,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def summary_line(result: dict) -> str:
     """One human-readable line of a :func:`run_bench` result."""
     def speed(r):
+        if r.get("error"):
+            return r["error"]
         return f"{r['img_per_s']:.2f} img/s" if "img_per_s" in r else f"{r['s_per_image']:.4f} s/image"
 
     mfu = f", MFU {result['mfu']:.1%}" if result.get("mfu") is not None else ""
+    memory = result.get("peak_memory_gib")
+    memory = f", peak memory {memory:.2f} GiB" if memory is not None else ""
     line = (f"{result['preset']} {result['mode']} on {result['device_name']} ({result['dtype']}, batch "
-            f"{result['batch_size']}): {speed(result)}{mfu}, peak memory {result['peak_memory_gib']:.2f} GiB")
+            f"{result['batch_size']}): {speed(result)}{mfu}{memory}")
     if "dense" in result:
-        line += f"; dense formulation {speed(result['dense'])} -> {result['speedup_vs_dense']:.2f}x"
+        ratio = result["speedup_vs_dense"]
+        line += f"; dense formulation {speed(result['dense'])}" + (f" -> {ratio:.2f}x" if ratio else "")
     return line
 
 
