@@ -25,6 +25,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -261,7 +262,9 @@ def load_sharded_checkpoint(path: Union[str, os.PathLike], *, model: nn.Module, 
 
     payload = _payload(model, optimizer, ema)
     try:
-        dcp.load(payload, checkpoint_id=str(path / DCP_DIR))
+        with warnings.catch_warnings():  # loading without a process group is intended (resume in one process)
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(payload, checkpoint_id=str(path / DCP_DIR))
         set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optimizer"],
                        options=_state_dict_options(strict=False))
     except (RuntimeError, KeyError, ValueError) as error:
