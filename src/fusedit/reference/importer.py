@@ -135,12 +135,17 @@ def _top_key(rest: str, config: ModelConfig) -> Optional[str]:
 
 
 def convert_dit_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Rename the reference's ``dit.*`` weights to our :class:`DiffusionTransformer` names."""
+    """Rename the reference's DiT weights to our :class:`DiffusionTransformer` names.
+
+    FuseDiT checkpoints hold them under ``dit.*`` (next to ``llm.*``); a shallow-fusion ``DiT`` checkpoint *is* the
+    DiT, so its keys have no prefix.
+    """
+    prefix = "dit." if config.kind == "fusedit" else ""
     converted = {}
     for key, value in state.items():
-        if not key.startswith("dit."):
+        if not key.startswith(prefix) or (not prefix and key.startswith("llm.")):
             continue
-        rest = key[len("dit."):]
+        rest = key[len(prefix):]
         match = re.match(r"layers\.(\d+)\.(.+)", rest)
         if match:
             new = _layer_key(match.group(2), config)
@@ -196,6 +201,29 @@ def build_reference_llm(hf_config, state: dict[str, torch.Tensor], dtype: torch.
     return decoder.to(dtype).eval()
 
 
+def load_baseline_llm(llm_dir: Path, dtype: torch.dtype) -> nn.Module:
+    """The decoder of a shallow-fusion folder's ``llm/`` (a ``save_pretrained`` Gemma / Gemma 2 model).
+
+    The reference ran it under transformers 4.43, whose default (SDPA) Gemma 2 attention has no logit soft-capping
+    (it keeps ``query_pre_attn_scalar`` and the sliding window); newer transformers default Gemma 2 to eager
+    attention *with* soft-capping, which shifts the hidden states (about 3e-4 on the tiny fixtures). So the
+    soft-capping is switched off here; everything else follows the saved config.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from fusedit.text.llm import LLMLoadError, extract_decoder, load_llm_config
+
+    config = load_llm_config(str(llm_dir))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "attn_logit_softcapping", None) is not None:
+        text.attn_logit_softcapping = None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(llm_dir), config=config, dtype=dtype)
+    except Exception as error:  # transformers raises OSError/ValueError with long texts
+        raise LLMLoadError(f"could not load the shallow-fusion LLM from {llm_dir}: {error}") from None
+    return extract_decoder(model).eval()
+
+
 @dataclass
 class ReferenceModel:
     """What a reference folder holds, converted: our model + text side + scheduler/VAE/tokenizer locations."""
@@ -211,7 +239,7 @@ class ReferenceModel:
 
 def load_reference_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> ReferenceModel:
     """Load a reference pipeline folder into fusedit objects (no sampling here; see :mod:`fusedit.pipeline`)."""
-    from fusedit.text.llm import load_llm, load_tokenizer
+    from fusedit.text.llm import load_tokenizer
 
     root = Path(path)
     config = _read_json(root / "transformer" / "config.json")
@@ -230,7 +258,7 @@ def load_reference_folder(path: str | Path, dtype: torch.dtype = torch.float32) 
         llm_dir = root / "llm"
         if not llm_dir.is_dir():
             raise ReferenceFormatError(f"{llm_dir} is missing; a shallow-fusion (DiT) reference folder keeps its LLM there")
-        decoder = load_llm(str(llm_dir), dtype=dtype, attention="hf")
+        decoder = load_baseline_llm(llm_dir, dtype)
         hf_config = decoder.config
         attention = "hf"
     model = build_model(model_config, LLMGeometry.from_hf_config(hf_config))
