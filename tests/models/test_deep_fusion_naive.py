@@ -21,7 +21,12 @@ from fusedit.models import LLMGeometry, ModelConfig, build_model
 from fusedit.text.config import TextConfig
 from fusedit.text.encoder import TextEncoder
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 HEADS, KV_HEADS, HEAD_DIM, LLM_LAYERS = 4, 2, 8, 4
 
@@ -56,66 +61,7 @@ def llama_decoder():
 DECODERS = {"gemma2": gemma2_decoder(), "llama": llama_decoder()}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# naive formulas
-# ----------------------------------------------------------------------------------------------------------------------
-
-def gemma_rms(x, weight, eps):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (1 + weight)
-
-
-def rope_tables(positions, dim, theta):
-    """positions (B, N) -> cos, sin (B, N, dim) in the rotate-half layout."""
-    inv = 1.0 / theta ** (torch.arange(0, dim, 2).float() / dim)
-    angles = positions.float()[..., None] * inv
-    angles = torch.cat([angles, angles], -1)
-    return angles.cos(), angles.sin()
-
-
-def rotate(x, cos, sin):
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
-    return x * cos[:, None] + rotated * sin[:, None]
-
-
-def heads(x, n):
-    b, l, _ = x.shape
-    return x.view(b, l, n, -1).transpose(1, 2)
-
-
-def softmax_attention(q, k, v, allowed):
-    """q (B,H,Nq,D), k/v (B,Hkv,Nk,D), allowed (B,Nq,Nk) bool -> (B,Nq,H*D). Explicit scores and softmax."""
-    groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1)
-    v = v.repeat_interleave(groups, dim=1)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
-    weights = torch.nan_to_num(weights)  # fully masked rows (padding queries) -> zeros
-    out = weights @ v
-    b, h, n, d = out.shape
-    return out.transpose(1, 2).reshape(b, n, h * d)
-
-
-def image_rope(kind, h, w, offsets, head_dim, theta):
-    rows = torch.arange(h).repeat_interleave(w)[None] + offsets[:, None]
-    cols = torch.arange(w).repeat(h)[None] + offsets[:, None]
-    if kind == "1d-rope":
-        return rope_tables(torch.arange(h * w)[None] + offsets[:, None], head_dim, theta)
-    if kind == "2d-rope":
-        rc, rs = rope_tables(rows, head_dim // 2, theta)
-        cc, cs = rope_tables(cols, head_dim // 2, theta)
-        q = head_dim // 4
-        mix = lambda r, c: torch.cat([r[..., :q], c[..., :q], r[..., q:], c[..., q:]], -1)  # noqa: E731
-        return mix(rc, cc), mix(rs, cs)
-    if kind == "m-rope":
-        rc, rs = rope_tables(rows, head_dim, theta)
-        cc, cs = rope_tables(cols, head_dim, theta)
-        q = head_dim // 4
-        mix = lambda r, c: torch.cat([r[..., :q], c[..., q:2 * q], r[..., 2 * q:3 * q], c[..., 3 * q:]], -1)  # noqa
-        return mix(rc, cc), mix(rs, cs)
-    return None
-
+from naive_reference import gemma_rms, heads, image_rope, rope_tables, rotate, softmax_attention  # noqa: E402
 
 class NaiveText:
     """The LLM stream, advanced by hand with the HF layer's weights."""

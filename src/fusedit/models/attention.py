@@ -18,30 +18,37 @@ from fusedit.text.context import TextContext
 
 @dataclass
 class TextInputs:
-    """What the blocks read about the text, prepared once per forward by the model.
+    """What one block reads about the text, prepared by the model before the block loop.
 
     Attributes:
-        context: the text context (keys/values per LLM layer, mask, ...).
         hidden: ``(B, L, H_dit)`` embedded hidden states (shallow baselines) or None.
         key_mask: ``(B, L)`` bool, True for real tokens; None when no token is padding.
+        keys, values: ``(B, H_kv, L, D)`` of this block's LLM layer (deep fusion) or None. Selected by the model
+            so that blocks never index the context with a Python int (one compiled graph serves every block).
     """
 
-    context: TextContext
     hidden: Optional[torch.Tensor]
     key_mask: Optional[torch.Tensor]
+    keys: Optional[torch.Tensor] = None
+    values: Optional[torch.Tensor] = None
 
 
 class LLMLayerKV(nn.Module):
-    """Deep fusion: the keys/values of LLM layer ``layer`` (post-RoPE, or pre-RoPE with ``raw=True``)."""
+    """Deep fusion: the keys/values of LLM layer ``layer`` (post-RoPE, or pre-RoPE with ``raw=True``).
+
+    The model selects them (:meth:`select`) into the block's :class:`TextInputs`; ``forward`` hands them over.
+    """
 
     def __init__(self, layer: int, raw: bool = False):
         super().__init__()
         self.layer, self.raw = layer, raw
 
-    def forward(self, text: TextInputs, k_norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        context = text.context
+    def select(self, context: TextContext) -> tuple[torch.Tensor, torch.Tensor]:
         keys = context.raw_keys if self.raw else context.keys
         return keys[self.layer], context.values[self.layer]
+
+    def forward(self, text: TextInputs, k_norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return text.keys, text.values
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, raw={self.raw}"

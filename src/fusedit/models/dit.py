@@ -103,6 +103,9 @@ class DiffusionTransformer(nn.Module):
         self.adds_timestep_to_tokens = getattr(variant.embedder, "adds_to_tokens", False)
         self.positions = build_positions(c.pos_embed, r.head_dim, r.rope_theta)
         shallow = c.kind == "dit"
+        # Deep fusion places the image after the prompt's real tokens (their keys carry RoPE); the baselines' text
+        # keys carry no RoPE, so their image positions start at 0 like the reference's DiT.
+        self.image_follows_text = not shallow
         self.context_embedder = (
             nn.Sequential(RMSNorm(r.llm.hidden_size, r.rms_norm_eps), nn.Linear(r.llm.hidden_size, r.hidden_size))
             if shallow else None
@@ -113,7 +116,17 @@ class DiffusionTransformer(nn.Module):
         )
         self.head = OutputHead(r.hidden_size, c.patch_size, r.out_channels, r.rms_norm_eps, variant.output_modulation)
         self.activation_checkpointing = False
+        # Build-time list of each block's LLM key/value source (None: no LLM layer), for prepare_text.
+        self._llm_sources = [self._llm_source(block) for block in self.layers]
         self.initialize_weights()
+
+    @staticmethod
+    def _llm_source(block: "DiTBlock") -> Optional[LLMLayerKV]:
+        for attention in (block.self_attn, block.cross_attn):
+            source = getattr(attention, "text_source", None)
+            if isinstance(source, LLMLayerKV):
+                return source
+        return None
 
     def enable_activation_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of storing them (less memory)."""
@@ -181,8 +194,9 @@ class DiffusionTransformer(nn.Module):
         nn.init.zeros_(self.head.proj_out.bias)
 
     # ----------------------------------------------------------------------------------------------------------------
-    def prepare_text(self, context: TextContext) -> TextInputs:
-        """Embed the hidden states (shallow baselines) and drop the key mask when no token is padding."""
+    def prepare_text(self, context: TextContext) -> list[TextInputs]:
+        """Per block: its LLM layer's keys/values (deep fusion) or the embedded hidden states (baselines), and the
+        key mask (None when no token is padding)."""
         hidden = None
         if self.context_embedder is not None:
             if context.hidden_states is None:
@@ -190,8 +204,12 @@ class DiffusionTransformer(nn.Module):
                                  "TextEncoder built from model.text_requirements()")
             weight = self.context_embedder[1].weight
             hidden = self.context_embedder(context.hidden_states.to(weight.dtype))
-        key_mask = None if bool(context.mask.all()) else context.mask
-        return TextInputs(context=context, hidden=hidden, key_mask=key_mask)
+        key_mask = context.mask if context.has_padding else None
+        inputs = []
+        for source in self._llm_sources:
+            keys, values = source.select(context) if source is not None else (None, None)
+            inputs.append(TextInputs(hidden=hidden, key_mask=key_mask, keys=keys, values=values))
+        return inputs
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: TextContext) -> torch.Tensor:
         """``x``: ``(B, C, H, W)``; ``timestep``: ``(B,)`` = σ·1000; returns the velocity ``(B, C_out, H, W)``."""
@@ -206,9 +224,11 @@ class DiffusionTransformer(nn.Module):
         cond = self.timestep(timestep.to(tokens.device), context.pooled, tokens.dtype)
         if self.adds_timestep_to_tokens:
             tokens = tokens + cond.final[:, None]
-        rope = self.positions(h, w, context.num_real.to(tokens.device))
-        text = self.prepare_text(context)
-        for block in self.layers:
+        offsets = context.num_real.to(tokens.device)
+        if not self.image_follows_text:
+            offsets = torch.zeros_like(offsets)
+        rope = self.positions(h, w, offsets)
+        for block, text in zip(self.layers, self.prepare_text(context)):
             if self.activation_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(block, tokens, cond.layer, rope, text, use_reentrant=False)
             else:

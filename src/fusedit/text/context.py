@@ -39,6 +39,15 @@ class TextContext:
     num_truncated: int = 0
 
     @property
+    def has_padding(self) -> bool:
+        """Whether any token is padding. Cached after the first call: the mask never changes in place, and this
+        avoids one host-device synchronisation per model forward (e.g. per sampling step)."""
+        cached = self.__dict__.get("_has_padding")
+        if cached is None:
+            cached = self.__dict__["_has_padding"] = not bool(self.mask.all())
+        return cached
+
+    @property
     def batch_size(self) -> int:
         return self.mask.shape[0]
 

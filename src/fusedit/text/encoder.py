@@ -71,6 +71,19 @@ def _make_recording_cache(wanted: set[int]):
     return RecordingCache()
 
 
+def trim_padding_columns(input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Drop the leading and trailing columns that are padding in every row of ``(B, L)`` token ids.
+
+    Returns ``(ids, mask, offset)`` where ``offset`` is the number of leading columns dropped (the position of the
+    first kept column). Exact for causal LMs: no real token attends to a dropped column.
+    """
+    used = mask.bool().any(dim=0).nonzero().squeeze(1)
+    if used.numel() == 0:
+        return input_ids, mask, 0
+    start, end = int(used[0]), int(used[-1]) + 1
+    return input_ids[:, start:end], mask[:, start:end], start
+
+
 def _capture_heads(slot: dict, name: str, head_dim: int, heads_last: bool):
     """A forward hook storing its module's output as ``(B, H, L, D)`` in ``slot[name]``."""
 
@@ -228,32 +241,49 @@ class TextEncoder(nn.Module):
 
     def encode(self, prompts: Sequence[str], max_length: Optional[int] = None) -> TextContext:
         """Run the LLM on ``prompts`` and return their :class:`TextContext` (``max_length`` overrides
-        ``text.max_length`` for this call)."""
-        tokens = self.tokenize(prompts, max_length)
-        context = self.encode_tokens(tokens.input_ids, tokens.attention_mask)
+        ``text.max_length`` for this call).
+
+        With ``text.trim`` the token columns that are padding in every prompt are dropped *before* the LLM runs
+        (exact: the remaining tokens keep their positions), so a batch padded to 256 tokens of which 96 are real
+        costs the LLM 96 tokens.
+        """
+        if self.formatter is None:
+            raise RuntimeError("this TextEncoder has no tokenizer; use encode_tokens(input_ids, attention_mask)")
+        tokens = self.formatter(prompts, device=None, max_length=max_length)
+        ids, mask, offset = tokens.input_ids, tokens.attention_mask, 0
+        if self.config.trim:
+            ids, mask, offset = trim_padding_columns(ids, mask)
+        context = self.encode_tokens(ids.to(self.device), mask.to(self.device), position_offset=offset)
         if self.pooled_encoder is not None:
             context.pooled = self.pooled_encoder([self.formatter.format(p) for p in prompts]).to(self.dtype)
-        if self.config.trim:
-            context = context.trimmed()
         context.num_truncated = tokens.num_truncated
         return context
 
-    def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextContext:
-        """``input_ids``/``attention_mask``: ``(B, L)`` -> :class:`TextContext` (keys/values ``(B, H_kv, L, D)``)."""
+    def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      position_offset: int = 0) -> TextContext:
+        """``input_ids``/``attention_mask``: ``(B, L)`` -> :class:`TextContext` (keys/values ``(B, H_kv, L, D)``).
+
+        ``position_offset``: position of column 0 (non-zero when leading padding columns were dropped).
+        """
         grad = torch.enable_grad() if (self.trainable and torch.is_grad_enabled()) else torch.no_grad()
         with grad:
-            return self._encode(input_ids, attention_mask.bool())
+            return self._encode(input_ids, attention_mask.bool(), position_offset)
 
-    def _encode(self, input_ids: torch.Tensor, mask: torch.Tensor) -> TextContext:
+    def _encode(self, input_ids: torch.Tensor, mask: torch.Tensor, position_offset: int) -> TextContext:
         req = self.requirements
         wanted = set(req.kv_layers)
         cache = _make_recording_cache(wanted)
         raw: dict[int, dict[str, torch.Tensor]] = {}
         need_hidden = req.hidden_states_index is not None or (req.pooled and self.pooled_encoder is None)
+        positions = None
+        if position_offset:
+            positions = torch.arange(position_offset, position_offset + input_ids.shape[1], device=input_ids.device)
+            positions = positions[None].expand(input_ids.shape[0], -1)
         with self._raw_key_hooks(req.raw_key_layers, raw):
             outputs = self.decoder(
                 input_ids=input_ids,
                 attention_mask=mask.long(),
+                position_ids=positions,
                 use_cache=True,
                 output_hidden_states=need_hidden,
                 **{self._cache_arg: cache},
