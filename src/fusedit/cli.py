@@ -108,6 +108,10 @@ def cmd_cache_latents(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+#: Commands whose arguments are parsed by their own module's parser.
+PASS_THROUGH = ("eval", "study", "bench", "cache-latents")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusedit", description="Deep fusion of LLMs and diffusion transformers.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
@@ -168,7 +172,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers", "diffusers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Pass-through commands get every argument after their name, even ones that start with "--" (argparse's
+    # REMAINDER would reject "fusedit eval --suite fid ..." because the remainder starts with an option).
+    split = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if split is not None and argv[split] in PASS_THROUGH:
+        args = parser.parse_args(argv[:split + 1])
+        args.rest = argv[split + 1:]
+    else:
+        args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("FUSEDIT_DEBUG") == "1"
     try:
         return int(args.func(args) or 0)
