@@ -20,7 +20,7 @@ demo: venv
 	$(VENV)/bin/fusedit demo
 
 test: venv
-	$(PY) -m pytest tests
+	$(PY) -m pytest -q tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

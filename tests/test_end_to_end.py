@@ -1,0 +1,141 @@
+"""Train -> checkpoint -> resume -> export -> load -> sample, with a real (tiny) LLM and model, on CPU."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fusedit
+from fusedit.cli import main as cli
+from fusedit.experiment import load_experiment
+from fusedit.export import export_pipeline
+from fusedit.run import train_run
+from fusedit.train.errors import CheckpointError
+
+PROMPTS = ["a red circle", "two blue squares"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_llm_dir):
+    from tests_support import overrides_for
+
+    run = tmp_path_factory.mktemp("run")
+    config = load_experiment("demo", overrides_for(tiny_llm_dir))
+    summary = train_run(config, run, device="cpu", progress=False)
+    return run, config, summary
+
+
+def test_resume_continues_exactly(tmp_path, tiny_llm_dir, trained):
+    """Crash after the step-2 checkpoint (later checkpoints, final weights and metrics lost), resume to step 4."""
+    from tests_support import overrides_for
+
+    run, _, summary = trained
+    crashed = tmp_path / "crashed"
+    shutil.copytree(run, crashed)
+    shutil.rmtree(crashed / "final")
+    shutil.rmtree(crashed / "checkpoints" / "step-000004")
+    (crashed / "checkpoints" / "latest").write_text("step-000002")
+    resumed = train_run(load_experiment("demo", overrides_for(tiny_llm_dir)), crashed, device="cpu", progress=False)
+    assert resumed.start_step == 2 and resumed.step == 4
+    assert set(resumed.losses) == {3, 4}
+    for step in (3, 4):
+        assert abs(resumed.losses[step] - summary.losses[step]) <= 1e-6, (step, resumed.losses[step])
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_file(str(run / "final" / name)), load_file(str(crashed / "final" / name))
+        assert a.keys() == b.keys()
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_frozen_llm_is_not_in_checkpoints(trained):
+    run, _, summary = trained
+    weights = load_file(str(summary.last_checkpoint / "model.safetensors"))
+    assert weights and not any(k.startswith("llm.") for k in weights)
+
+
+def test_cached_uncached_and_training_forward_agree(trained):
+    run, config, _ = trained
+    pipe = fusedit.load_pipeline(run, device="cpu")
+    latents = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(height=16, width=16, num_inference_steps=3, guidance_scale=3.0, latents=latents, output_type="latent")
+    cached = pipe(PROMPTS, use_text_cache=True, **kwargs).images
+    pipe(PROMPTS, **kwargs)  # fills the unconditional cache, reused below
+    cached_again = pipe(PROMPTS, **kwargs).images
+    uncached = pipe(PROMPTS, use_text_cache=False, **kwargs).images
+    torch.testing.assert_close(cached, uncached, atol=1e-6, rtol=0)
+    torch.testing.assert_close(cached, cached_again, atol=0, rtol=0)
+
+    # The training-time computation: encode the captions as the trainer does, one model forward per branch.
+    encoder, model = pipe.text_encoder, pipe.model
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(3)
+    x = latents.clone()
+    for t in scheduler.timesteps:
+        timestep = t.expand(2)
+        v_cond = model(x, timestep, encoder.encode(PROMPTS))
+        v_uncond = model(x, timestep, encoder.encode(["", ""]))
+        x = scheduler.step(v_uncond + 3.0 * (v_cond - v_uncond), t, x, return_dict=False)[0]
+    torch.testing.assert_close(cached, x, atol=1e-5, rtol=1e-5)
+
+
+def test_cfg_scale_one_is_the_conditional_prediction(trained):
+    run, _, _ = trained
+    pipe = fusedit.load_pipeline(run, device="cpu")
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor(500.0)
+    cond = pipe.encode_prompt(PROMPTS)
+    expected = pipe.model(x, t.expand(2), cond)
+    torch.testing.assert_close(pipe.velocity(x, t, cond, 1.0, cfg=False), expected)
+    both = fusedit.text.context.TextContext.cat([pipe.unconditional_context("", 2), cond])
+    torch.testing.assert_close(pipe.velocity(x, t, both, 1.0, cfg=True), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_export_round_trip_is_exact(trained, tmp_path):
+    run, _, _ = trained
+    out = export_pipeline(run, tmp_path / "exported")
+    assert (out / "llm" / "config.json").is_file(), "a local LLM is copied into the exported folder"
+    shutil.move(str(run), str(tmp_path / "moved-run"))  # the export must not depend on the run directory
+    try:
+        exported = fusedit.load_pipeline(out, device="cpu")
+        weights = load_file(str(out / "transformer" / "model.safetensors"))
+        own = dict(exported.model.named_parameters())
+        assert all(torch.equal(own[k], v) for k, v in weights.items())
+        images = exported(PROMPTS, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
+        assert len(images) == 2 and images[0].size == (16, 16)
+    finally:
+        shutil.move(str(tmp_path / "moved-run"), str(run))
+
+
+def test_cli_sample_and_user_errors(trained, tmp_path, capsys):
+    run, _, _ = trained
+    target = tmp_path / "img.png"
+    assert cli(["sample", str(run), "--prompt", "a red circle", "--out", str(target), "--steps", "2"]) == 0
+    assert target.is_file()
+
+    assert cli(["sample", str(run), "--prompt", "a red circle", "--out", str(target), "--height", "18"]) == 2
+    assert "height and width must be positive multiples of 4" in capsys.readouterr().err
+    assert cli(["sample", str(run), "--prompt", "   ", "--out", str(target)]) == 2
+    assert "prompt 0 is empty" in capsys.readouterr().err
+    assert cli(["sample", str(tmp_path / "nope"), "--prompt", "x", "--out", str(target)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    long_prompt = " ".join(["a red circle and a blue square"] * 5)
+    assert cli(["sample", str(run), "--prompt", long_prompt, "--out", str(target), "--steps", "1"]) == 0
+    assert "1 prompt(s) were longer than the maximum text length and were truncated" in capsys.readouterr().out
+    assert cli(["train", "demo", "model.pos_embd=ape"]) == 2
+    assert "unknown key 'model.pos_embd'" in capsys.readouterr().err
+
+
+def test_missing_and_corrupt_checkpoints_are_reported(trained, tmp_path):
+    run, _, _ = trained
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    ema = broken / "final" / "ema.safetensors"
+    ema.write_bytes(ema.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        fusedit.load_pipeline(broken, device="cpu")
+    empty = tmp_path / "empty-run"
+    (empty / "checkpoints").mkdir(parents=True)
+    shutil.copy(run / "config.yaml", empty / "config.yaml")
+    with pytest.raises(CheckpointError, match="no final/ weights and no checkpoint"):
+        fusedit.load_pipeline(empty, device="cpu")
