@@ -27,6 +27,8 @@ def cmd_train(args) -> int:
     config = load_experiment(args.config, args.overrides)
     run_dir = Path(args.run_dir or Path("runs") / config.name)
     summary = train_run(config, run_dir, device=args.device, resume=not args.no_resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
     print(f"run: {run_dir}")
     print(f"final weights: {summary.final_dir}")
     print(f"logs: {run_dir / 'logs'} (tensorboard --logdir {run_dir / 'logs'}), metrics: {run_dir / 'metrics.jsonl'}")

@@ -128,11 +128,13 @@ class TrainLogger:
             self._writer = SummaryWriter(log_dir=str(self.run_dir / "logs"), purge_step=initial_step + 1)
 
     def info(self, message: str) -> None:
-        """A human-readable line (through the ``fusedit.train`` logger and above the bar)."""
-        logger.info(message)
+        """A human-readable line: above the progress bar when there is one, else through the ``fusedit.train``
+        logger (never both, so a configured logging handler does not print it twice)."""
         bar = getattr(self, "_bar", None)
         if bar is not None:
             bar.write(message)
+        else:
+            logger.info(message)
 
     def advance(self, steps: int = 1) -> None:
         """Move the progress bar."""
