@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -116,3 +117,81 @@ def test_clip_pairs_need_prompts(tmp_path):
         sampled_pairs(tmp_path)
     (tmp_path / "a.txt").write_text("a red circle\n")
     assert sampled_pairs(tmp_path) == [(tmp_path / "a.png", "a red circle")]
+
+
+class PerfectPipe:
+    """Stands in for a model that draws every prompt right: it renders the prompt with the shapes world, seeded by
+    the image's generator (so recorded seeds reproduce images)."""
+
+    device = "cpu"
+    defaults = None
+
+    def __init__(self, world: ShapesWorld):
+        self.world = world
+        self.calls: list[list[str]] = []
+
+    def __call__(self, prompts, *, generator, height, width, output_type, **kwargs):
+        import numpy as np
+        import torch
+
+        from fusedit.pipeline import PipelineOutput
+
+        assert output_type == "pt" and height == width == self.world.resolution and len(generator) == len(prompts)
+        self.calls.append(list(prompts))
+        images = [self.world.render(self.world.spec(p), np.random.default_rng(g.initial_seed()))
+                  for p, g in zip(prompts, generator)]
+        return PipelineOutput(images=torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255)
+
+
+def test_shapes_suite_scores_a_perfect_model_near_one(tmp_path):
+    from fusedit.eval.shapes_eval import ShapesEvalSettings, evaluate_shapes, images_per_prompt
+
+    config = load_experiment("demo", WORLD)
+    world = ShapesWorld(config.data.shapes, config.data.resolution)
+    pipe = PerfectPipe(world)
+    settings = ShapesEvalSettings(per_prompt=1, seed=3, num_inference_steps=1, guidance_scale=1.0, batch_size=16,
+                                  min_per_category=4)
+    scores = evaluate_shapes(pipe, world, tmp_path, settings)
+    assert scores["overall"] > 0.9
+    assert scores["color_recall"] == 1.0 and scores["color_precision"] == 1.0
+    saved = np.load(tmp_path / "images.npz")
+    assert saved["images"].shape == (scores["num_images"], 32, 32, 3) and saved["prompts"][0] == scores["per_prompt"][0]["prompt"]
+    # a model drawing the right objects in wrong colors fails the color-bound categories
+    recolor = PerfectPipe(world)
+    recolor.world = _Recolored(world)
+    wrong = evaluate_shapes(recolor, world, tmp_path / "wrong", settings)
+    assert wrong["accuracy"]["colors"] < 0.5 and wrong["accuracy"]["single_object"] == 1.0
+    assert wrong["color_recall"] < 0.7 and wrong["color_precision"] < 0.7
+    # pixel FD: empty images are far from the real ones
+    blank = PerfectPipe(world)
+    blank.world = _Recolored(world, blank=True)
+    empty = evaluate_shapes(blank, world, tmp_path / "blank", settings)
+    assert empty["overall"] == 0.0 and empty["fd_pixels"] > 1.5 * scores["fd_pixels"]
+    # categories with few held-out prompts get more images per prompt; seeds keep a fixed stride per prompt
+    counts = images_per_prompt(world.held_out_prompts(), 1, 4)
+    assert min(scores["total"].values()) >= 4 and scores["num_images"] == sum(counts)
+    stride = scores["settings"]["seed_stride"]
+    assert stride == max(counts) > 1
+    assert scores["per_prompt"][2]["seeds"][0] == 3 + 2 * stride
+    assert all(len(batch) <= 16 for batch in pipe.calls)
+    assert set(scores["grids"]) == set(world.categories)
+
+
+class _Recolored:
+    """A shapes world whose renders swap red and green and turn blue objects yellow, or are empty (bad fake models)."""
+
+    def __init__(self, world: ShapesWorld, blank: bool = False):
+        self.world, self.resolution, self.blank = world, world.resolution, blank
+
+    def spec(self, text: str):
+        return self.world.spec(text)
+
+    def render(self, spec, rng):
+        image = self.world.render(spec, rng).copy()
+        if self.blank:
+            image[:] = (16, 16, 20)
+            return image
+        red, green, blue = (image == (230, 40, 40)).all(-1), (image == (40, 200, 60)).all(-1), \
+            (image == (40, 90, 240)).all(-1)
+        image[red], image[green], image[blue] = (40, 200, 60), (230, 40, 40), (240, 220, 40)
+        return image

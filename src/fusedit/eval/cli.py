@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--suite", required=True, choices=SUITES)
     parser.add_argument("--out", help="output folder (default: <path>/eval-<suite>)")
     parser.add_argument("--per-prompt", type=int, default=4, help="images per prompt (shapes, geneval)")
+    parser.add_argument("--min-per-category", type=int, default=0,
+                        help="shapes: at least this many images per category (more per prompt where needed)")
     parser.add_argument("--seed", type=int, default=0, help="base seed; image k of prompt i uses seed + i*n + k")
     parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's sample config)")
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's sample config)")
@@ -70,6 +72,7 @@ def run_shapes(args) -> int:
     path = _model_path(args)
     settings = ShapesEvalSettings(per_prompt=args.per_prompt, seed=args.seed, num_inference_steps=args.steps,
                                   guidance_scale=args.cfg, negative_prompt=args.negative_prompt,
+                                  min_per_category=args.min_per_category,
                                   **({"batch_size": args.batch_size} if args.batch_size else {}))
     settings.validate()
     pipe = load_pipeline(path, device=args.device, use_ema=not args.no_ema)

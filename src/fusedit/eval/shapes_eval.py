@@ -3,8 +3,12 @@
 The held-out prompts of a shapes world (:meth:`fusedit.data.shapes.ShapesWorld.held_out_prompts`) never appear in
 training, so the suite measures compositional generalisation, GenEval style, per category.
 
-Seeds. Prompt ``i`` (in the world's held-out order) gets ``per_prompt`` images; its ``k``-th image starts from the
-noise of ``torch.Generator().manual_seed(seed + i * per_prompt + k)`` (the convention of
+Images per prompt. Every prompt gets ``per_prompt`` images, or more in a category with few held-out prompts when
+``min_per_category`` is set: ``n_c = max(per_prompt, ceil(min_per_category / prompts in c))`` (GenEval's overall
+score weighs every category equally, so a category of one prompt would otherwise decide it with a few images).
+
+Seeds. Prompt ``i`` (in the world's held-out order) has stride ``s = max_c n_c`` (``per_prompt`` without minimum); its
+``k``-th image starts from the noise of ``torch.Generator().manual_seed(seed + i * s + k)`` (the convention of
 :mod:`fusedit.eval.benchmarks`), so every image can be regenerated alone.
 
 Outputs in ``out_dir``:
@@ -12,8 +16,11 @@ Outputs in ``out_dir``:
 * ``scores.json``: ``overall`` (mean of the per-category accuracies), ``accuracy``/``correct``/``total`` per
   category, ``num_images``, ``settings`` (seed, images per prompt, steps, CFG, negative prompt, resolution, the
   shapes world's settings, the model path) and ``per_prompt`` (prompt, category, seeds, per-image correctness);
+  ``color_recall``/``color_precision`` (:func:`color_alignment`, over images of prompts that name colors);
   optionally ``fd_pixels`` (see :func:`pixel_frechet_distance`);
-* ``grid-<category>.png``: one row per example prompt (up to ``grid_prompts``), its ``per_prompt`` images side by
+* ``images.npz``: every sample (``images`` ``uint8 (N, R, R, 3)``, prompt-major, and their ``prompts``), for
+  re-scoring without re-sampling;
+* ``grid-<category>.png``: one row per example prompt (up to ``grid_prompts``), its first images (up to 8) side by
   side, and ``grid-<category>.txt`` naming each row's prompt.
 """
 from __future__ import annotations
@@ -46,6 +53,7 @@ class ShapesEvalSettings:
         batch_size: images per pipeline call.
         grid_prompts: prompts shown per category grid.
         pixel_fd: also compute :func:`pixel_frechet_distance` against renders of the same prompts.
+        min_per_category: at least this many images per category (more images per prompt where needed; 0: off).
     """
 
     per_prompt: int = 4
@@ -56,6 +64,7 @@ class ShapesEvalSettings:
     batch_size: int = 64
     grid_prompts: int = 8
     pixel_fd: bool = True
+    min_per_category: int = 0
 
     def validate(self) -> None:
         if self.per_prompt < 1:
@@ -66,6 +75,8 @@ class ShapesEvalSettings:
             raise ValueError(f"steps must be >= 1, got {self.num_inference_steps}")
         if self.guidance_scale is not None and self.guidance_scale < 0:
             raise ValueError(f"cfg must be >= 0, got {self.guidance_scale}")
+        if self.min_per_category < 0:
+            raise ValueError(f"min_per_category must be >= 0, got {self.min_per_category}")
         if self.grid_prompts < 1:
             raise ValueError(f"grid_prompts must be >= 1, got {self.grid_prompts}")
 
@@ -85,16 +96,23 @@ def world_from_config(config) -> ShapesWorld:
     return ShapesWorld(config.data.shapes, config.data.resolution)
 
 
-def prompt_seeds(seed: int, index: int, per_prompt: int) -> list[int]:
-    """Seeds of the images of the ``index``-th prompt."""
-    return [seed + index * per_prompt + k for k in range(per_prompt)]
+def images_per_prompt(specs: Sequence[PromptSpec], per_prompt: int, min_per_category: int = 0) -> list[int]:
+    """How many images each prompt gets (see the module docstring)."""
+    counts: dict[str, int] = {}
+    for spec in specs:
+        counts[spec.category] = counts.get(spec.category, 0) + 1
+    return [max(per_prompt, math.ceil(min_per_category / counts[spec.category])) for spec in specs]
 
 
-def sample_specs(pipe, specs: Sequence[PromptSpec], resolution: int, settings: ShapesEvalSettings,
-                 progress: bool = False) -> torch.Tensor:
-    """Images ``(len(specs) * per_prompt, 3, R, R)`` in ``[-1, 1]``, prompt-major, seeded per image."""
-    jobs = [(spec.text, s) for i, spec in enumerate(specs)
-            for s in prompt_seeds(settings.seed, i, settings.per_prompt)]
+def prompt_seeds(seed: int, index: int, count: int, stride: Optional[int] = None) -> list[int]:
+    """Seeds of the ``count`` images of the ``index``-th prompt (``stride``: seeds reserved per prompt)."""
+    stride = count if stride is None else stride
+    return [seed + index * stride + k for k in range(count)]
+
+
+def sample_jobs(pipe, jobs: Sequence[tuple[str, int]], resolution: int, settings: "ShapesEvalSettings",
+                progress: bool = False) -> torch.Tensor:
+    """Images ``(len(jobs), 3, R, R)`` in ``[-1, 1]`` for ``(prompt, seed)`` jobs, one generator per image."""
     out = []
     for start in range(0, len(jobs), settings.batch_size):
         batch = jobs[start:start + settings.batch_size]
@@ -108,10 +126,10 @@ def sample_specs(pipe, specs: Sequence[PromptSpec], resolution: int, settings: S
     return torch.cat(out)
 
 
-def render_specs(world: ShapesWorld, specs: Sequence[PromptSpec], per_prompt: int, seed: int) -> np.ndarray:
-    """Real shapes-world images of ``specs`` (``per_prompt`` each, prompt-major), ``uint8 (N, R, R, 3)``."""
+def render_specs(world: ShapesWorld, specs: Sequence[PromptSpec], counts: Sequence[int], seed: int) -> np.ndarray:
+    """Real shapes-world images of ``specs`` (``counts[i]`` of prompt ``i``, prompt-major), ``uint8 (N, R, R, 3)``."""
     rng = np.random.default_rng([seed, 4242])
-    return np.stack([world.render(spec, rng) for spec in specs for _ in range(per_prompt)])
+    return np.stack([world.render(spec, rng) for spec, n in zip(specs, counts) for _ in range(n)])
 
 
 def _pooled_pixels(images: np.ndarray, cells: int = 8) -> np.ndarray:
@@ -135,18 +153,51 @@ def pixel_frechet_distance(fake: np.ndarray, real: np.ndarray) -> float:
     return fid_from_features(_pooled_pixels(fake), _pooled_pixels(real))
 
 
-def save_category_grids(images: torch.Tensor, specs: Sequence[PromptSpec], per_prompt: int, out_dir: Path,
-                        grid_prompts: int) -> dict[str, str]:
-    """``grid-<category>.png`` (+ ``.txt`` with the row prompts) for every category; returns category → file name."""
+def color_alignment(image: np.ndarray, spec: PromptSpec, min_pixels: Optional[int] = None) -> Optional[tuple[float, float]]:
+    """``(recall, precision)`` of the prompt's colors in ``image`` (``uint8 (H, W, 3)``); ``None`` for prompts
+    that name no color.
+
+    A softer text-alignment signal than the detector's all-or-nothing rules, useful early in training when shapes
+    are still blotchy: foreground pixels (as the detector defines them) are assigned their nearest palette color; a
+    color is *drawn* when it covers at least ``min_pixels`` pixels (default: the detector's minimum object area).
+    Recall: drawn prompt colors / prompt colors; precision: drawn prompt colors / drawn colors (0 when nothing is
+    drawn).
+    """
+    from fusedit.data.shapes import BACKGROUND, COLORS, PALETTE
+    from fusedit.eval.shapes_scorer import DEFAULT_SETTINGS
+
+    wanted = {obj.color for obj in spec.objects if obj.color is not None}
+    if not wanted:
+        return None
+    pixels = image.astype(np.float32)
+    height, width = image.shape[:2]
+    if min_pixels is None:
+        min_pixels = int(max(4.0, DEFAULT_SETTINGS.min_area_fraction * height * width))
+    foreground = np.linalg.norm(pixels - np.array(BACKGROUND, np.float32), axis=-1) > DEFAULT_SETTINGS.background_threshold
+    palette = np.array([PALETTE[c] for c in COLORS], np.float32)
+    nearest = np.linalg.norm(pixels[foreground][:, None, :] - palette, axis=-1).argmin(axis=-1)
+    counts = np.bincount(nearest, minlength=len(COLORS))
+    drawn = {COLORS[i] for i in range(len(COLORS)) if counts[i] >= min_pixels}
+    hit = len(wanted & drawn)
+    return hit / len(wanted), (hit / len(drawn) if drawn else 0.0)
+
+
+def save_category_grids(images: torch.Tensor, specs: Sequence[PromptSpec], counts: Sequence[int], out_dir: Path,
+                        grid_prompts: int, max_columns: int = 8) -> dict[str, str]:
+    """``grid-<category>.png`` (+ ``.txt`` with the row prompts) for every category; returns category → file name.
+
+    ``images`` are prompt-major, ``counts[i]`` of prompt ``i``; a row shows a prompt's first images.
+    """
     from fusedit.train.logging import save_image_grid
 
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
     grids = {}
-    categories = list(dict.fromkeys(spec.category for spec in specs))
-    for category in categories:
+    for category in dict.fromkeys(spec.category for spec in specs):
         rows = [i for i, spec in enumerate(specs) if spec.category == category][:grid_prompts]
-        tiles = torch.cat([images[i * per_prompt:(i + 1) * per_prompt] for i in rows])
+        columns = min(max_columns, min(counts[i] for i in rows))
+        tiles = torch.cat([images[starts[i]:starts[i] + columns] for i in rows])
         name = f"grid-{category}.png"
-        save_image_grid(tiles, out_dir / name, nrow=per_prompt)
+        save_image_grid(tiles, out_dir / name, nrow=columns)
         (out_dir / f"grid-{category}.txt").write_text(
             "".join(f"row {r}: {specs[i].text}\n" for r, i in enumerate(rows)))
         grids[category] = name
@@ -183,28 +234,46 @@ def evaluate_shapes(pipe, world: ShapesWorld, out_dir: Union[str, os.PathLike],
     negative = settings.negative_prompt if settings.negative_prompt is not None else getattr(defaults, "negative_prompt", "")
     resolved = ShapesEvalSettings(**{**asdict(settings), "num_inference_steps": steps, "guidance_scale": cfg,
                                      "negative_prompt": negative})
-    images = sample_specs(pipe, specs, world.resolution, resolved, progress=progress)
-    expanded = [spec for spec in specs for _ in range(settings.per_prompt)]
+    counts = images_per_prompt(specs, settings.per_prompt, settings.min_per_category)
+    stride = max(counts)
+    seeds = [prompt_seeds(settings.seed, i, n, stride) for i, n in enumerate(counts)]
+    jobs = [(spec.text, s) for spec, prompt_seeds_ in zip(specs, seeds) for s in prompt_seeds_]
+    images = sample_jobs(pipe, jobs, world.resolution, resolved, progress=progress)
+    expanded = [spec for spec, n in zip(specs, counts) for _ in range(n)]
     scores = score_images(images, expanded)
     uint8 = as_uint8_images(images)
-    per_prompt = []
-    for i, spec in enumerate(specs):
-        chunk = uint8[i * settings.per_prompt:(i + 1) * settings.per_prompt]
-        per_prompt.append({"prompt": spec.text, "category": spec.category,
-                           "seeds": prompt_seeds(settings.seed, i, settings.per_prompt),
-                           "correct": [bool(score_image(im, spec)) for im in chunk]})
+    per_prompt, start, recalls, precisions = [], 0, [], []
+    for spec, n, prompt_seeds_ in zip(specs, counts, seeds):
+        chunk = uint8[start:start + n]
+        start += n
+        entry = {"prompt": spec.text, "category": spec.category, "seeds": prompt_seeds_,
+                 "correct": [bool(score_image(im, spec)) for im in chunk]}
+        alignment = [color_alignment(im, spec) for im in chunk]
+        if alignment[0] is not None:
+            entry["color_recall"] = [a[0] for a in alignment]
+            entry["color_precision"] = [a[1] for a in alignment]
+            recalls += entry["color_recall"]
+            precisions += entry["color_precision"]
+        per_prompt.append(entry)
     result: dict[str, Any] = {"suite": "shapes", **scores}
+    if recalls:
+        result["color_recall"] = float(np.mean(recalls))
+        result["color_precision"] = float(np.mean(precisions))
+    np.savez_compressed(out / "images.npz", images=np.stack(uint8),
+                        prompts=np.array([spec.text for spec, n in zip(specs, counts) for _ in range(n)]))
     if settings.pixel_fd:
-        real = render_specs(world, specs, settings.per_prompt, settings.seed)
+        real = render_specs(world, specs, counts, settings.seed)
         result["fd_pixels"] = pixel_frechet_distance(np.stack(uint8), real)
-    result["grids"] = save_category_grids(images, specs, settings.per_prompt, out, settings.grid_prompts)
+    result["grids"] = save_category_grids(images, specs, counts, out, settings.grid_prompts)
     result["settings"] = {
         "model": model_path,
         "prompts": "held_out",
         "num_prompts": len(specs),
         "per_prompt": settings.per_prompt,
+        "min_per_category": settings.min_per_category,
         "seed": settings.seed,
-        "seed_rule": "seed + prompt_index * per_prompt + k",
+        "seed_stride": stride,
+        "seed_rule": "seed + prompt_index * seed_stride + k",
         "num_inference_steps": steps,
         "guidance_scale": cfg,
         "negative_prompt": negative,

@@ -81,7 +81,7 @@ class StudyGrid:
 
 _EVAL_KEYS = {"per_prompt": "per_prompt", "seed": "seed", "steps": "num_inference_steps",
               "cfg": "guidance_scale", "negative_prompt": "negative_prompt", "batch_size": "batch_size",
-              "grid_prompts": "grid_prompts", "pixel_fd": "pixel_fd"}
+              "grid_prompts": "grid_prompts", "pixel_fd": "pixel_fd", "min_per_category": "min_per_category"}
 
 
 def _as_overrides(value: Any, where: str) -> list[str]:
@@ -322,9 +322,11 @@ def collect_run(run: PlannedRun) -> dict:
     scores = json.loads(run.scores_path.read_text())
     records = [r for r in read_metrics(run.run_dir) if "loss" in r]
     tail = records[-3:]
-    metrics = {"overall": scores["overall"], **{f"acc/{k}": v for k, v in scores["accuracy"].items()}}
-    if "fd_pixels" in scores:
-        metrics["fd_pixels"] = scores["fd_pixels"]
+    metrics = {"overall": scores["overall"], "acc_images": sum(scores["correct"].values()) / scores["num_images"],
+               **{f"acc/{k}": v for k, v in scores["accuracy"].items()}}
+    for name in ("fd_pixels", "color_recall", "color_precision"):
+        if name in scores:
+            metrics[name] = scores[name]
     if tail:
         metrics["final_loss"] = sum(r["loss"] for r in tail) / len(tail)
     speeds = [r["img_per_s"] for r in records if "img_per_s" in r]
@@ -358,12 +360,15 @@ def count_parameters(path: Path) -> Optional[int]:
 #: Metric name → (label, higher is better).
 METRIC_INFO = {
     "overall": ("shapes overall ↑", True),
+    "acc_images": ("all images ↑", True),
     "acc/single_object": ("single object ↑", True),
     "acc/two_object": ("two object ↑", True),
     "acc/counting": ("counting ↑", True),
     "acc/colors": ("colors ↑", True),
     "acc/position": ("position ↑", True),
     "acc/color_attr": ("color attr ↑", True),
+    "color_recall": ("color recall ↑", True),
+    "color_precision": ("color precision ↑", True),
     "fd_pixels": ("pixel FD ↓", False),
     "final_loss": ("final loss ↓", False),
     "img_per_s": ("train img/s ↑", True),
@@ -410,7 +415,9 @@ def _fmt(metric: str, mean: float, std: float) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def verdict_lines(summary: dict[str, dict[str, dict]], metrics: Sequence[str] = ("overall", "fd_pixels")) -> list[str]:
+def verdict_lines(summary: dict[str, dict[str, dict]],
+                  metrics: Sequence[str] = ("overall", "color_recall", "color_precision", "fd_pixels",
+                                            "final_loss")) -> list[str]:
     """For each metric: the best variant by mean, and against every other variant the difference, Welch's p and
     whether the per-seed ranges overlap — a plain statement of how sure the seeds let us be."""
     lines = []
@@ -448,7 +455,9 @@ def markdown_table(summary: dict[str, dict[str, dict]], num_seeds: int) -> str:
     return "\n".join(lines)
 
 
-def comparison_lines(summary: dict[str, dict[str, dict]], metrics: Sequence[str] = ("overall", "fd_pixels")) -> list[str]:
+def comparison_lines(summary: dict[str, dict[str, dict]],
+                     metrics: Sequence[str] = ("overall", "color_recall", "color_precision", "fd_pixels",
+                                               "final_loss")) -> list[str]:
     """Welch t-tests of every variant against the first one, for ``metrics``."""
     variants = list(summary)
     if len(variants) < 2:
@@ -493,7 +502,8 @@ def write_report(grid: StudyGrid, out: Path, runs: Sequence[PlannedRun], results
         f"{settings.per_prompt} image(s) per prompt, eval seed {settings.seed}, "
         f"{settings.num_inference_steps or first.sample.num_inference_steps} Euler steps, CFG "
         f"{settings.guidance_scale if settings.guidance_scale is not None else first.sample.guidance_scale}. "
-        "Accuracies are GenEval-style (overall = mean of the category accuracies). Pixel FD is a Fréchet distance "
+        "Accuracies are GenEval-style (overall = mean of the category accuracies; \"all images\" = correct / all "
+        "images, dominated by the largest category). Pixel FD is a Fréchet distance "
         "on 8×8 mean-pooled RGB between the samples and real renders of the same prompts — an image-statistics "
         "proxy, not Inception FID.", "",
         markdown_table(summary, len(grid.seeds)), "",
