@@ -53,10 +53,11 @@ def plot_scores(summary: dict[str, dict[str, dict]], path: Path) -> Path:
     plt = _pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
     variants = list(summary)
-    accuracy = [m for m in ("overall", "acc/single_object", "acc/two_object", "acc/counting", "acc/colors",
-                            "acc/position", "acc/color_attr") if any(m in s for s in summary.values())]
+    accuracy = [m for m in ("overall", "acc_images", "acc/single_object", "acc/two_object", "acc/counting",
+                            "acc/colors", "acc/position", "acc/color_attr", "color_recall", "color_precision")
+                if any(m in s for s in summary.values())]
     has_fd = any("fd_pixels" in s for s in summary.values())
-    fig, axes = plt.subplots(1, 2 if has_fd else 1, figsize=(11 if has_fd else 8, 4.5),
+    fig, axes = plt.subplots(1, 2 if has_fd else 1, figsize=(13 if has_fd else 10, 4.8),
                              gridspec_kw={"width_ratios": [4, 1]} if has_fd else None, squeeze=False)
     ax = axes[0][0]
     width = 0.8 / max(1, len(variants))
@@ -69,8 +70,9 @@ def plot_scores(summary: dict[str, dict[str, dict]], path: Path) -> Path:
             values = summary[variant].get(m, {}).get("values", [])
             ax.scatter([x] * len(values), values, color="black", s=8, zorder=3)
     ax.set_xticks(range(len(accuracy)))
-    ax.set_xticklabels([m.replace("acc/", "") for m in accuracy], rotation=20)
-    ax.set_ylabel("accuracy on held-out prompts")
+    ax.set_xticklabels([m.replace("acc/", "").replace("acc_images", "all images") for m in accuracy], rotation=25,
+                       ha="right")
+    ax.set_ylabel("held-out prompts: accuracy / color recall, precision")
     ax.set_ylim(0, 1)
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
