@@ -60,7 +60,9 @@ class Fakes:
         run.eval_dir.mkdir(parents=True, exist_ok=True)
         save_image_grid(torch.zeros(2, 3, 8, 8), run.eval_dir / "grid-colors.png")
         overall = OVERALL[(run.variant, run.seed)]
-        scores = {"suite": "shapes", "overall": overall, "accuracy": {"colors": overall},
+        scores = {"suite": "shapes", "overall": overall,
+                  "settings": {"per_prompt": settings.per_prompt, "seed": settings.seed, "min_per_category": 0,
+                               "num_inference_steps": 2, "guidance_scale": 2.0, "negative_prompt": ""}, "accuracy": {"colors": overall},
                   "correct": {"colors": 1}, "total": {"colors": 2}, "num_images": 2, "fd_pixels": 1.0 - overall,
                   "grids": {"colors": "grid-colors.png"}}
         run.scores_path.write_text(json.dumps(scores))
@@ -114,6 +116,16 @@ def test_finished_runs_are_reused_and_partial_ones_completed(tmp_path):
     run(grid, out, third)
     assert third.trained == [("shallow", 0)]
     assert sorted(third.evaluated) == [("deep", 1), ("shallow", 0)]
+
+
+def test_changed_eval_settings_evaluate_again_without_training(tmp_path):
+    grid, out = write_grid(tmp_path), tmp_path / "study"
+    run(grid, out, Fakes())
+    changed = write_grid(tmp_path, GRID.replace("seed: 7", "seed: 8"))
+    again, logs = Fakes(), []
+    run(changed, out, again, logs)
+    assert again.trained == [] and len(again.evaluated) == 4
+    assert any("seed: 7 -> 8" in line for line in logs)
 
 
 def test_run_trained_with_another_config_is_not_reused(tmp_path):

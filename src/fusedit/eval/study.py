@@ -17,7 +17,8 @@ A grid file (YAML)::
 
 Every (variant, seed) trains with :func:`fusedit.run.train_run` in ``OUT/runs/<variant>/seed-<seed>`` and is
 evaluated with the shapes suite into ``.../eval-shapes/``. Resumable: a run with ``final/`` and ``scores.json`` is
-reused; a run with ``final/`` only is evaluated; a partial run resumes from its latest checkpoint (``train_run``).
+reused; a run with ``final/`` only is evaluated; a partial run resumes from its latest checkpoint (``train_run``);
+a run evaluated with other sampling settings than the grid's ``eval`` is evaluated again (not retrained).
 A run whose saved ``config.yaml`` differs from what the grid asks for is an error (never silently reused).
 
 ``OUT`` gets ``report.md`` (mean ± std over seeds per metric and variant, Welch t-tests against the first variant,
@@ -197,6 +198,17 @@ class PlannedRun:
     def evaluated(self) -> bool:
         return self.scores_path.is_file()
 
+    def eval_differences(self, settings) -> list[str]:
+        """Sampling settings of the saved ``scores.json`` that differ from ``settings`` (empty: reusable)."""
+        saved = json.loads(self.scores_path.read_text()).get("settings", {})
+        wanted = {"per_prompt": settings.per_prompt, "seed": settings.seed,
+                  "min_per_category": settings.min_per_category,
+                  "num_inference_steps": settings.num_inference_steps, "guidance_scale": settings.guidance_scale,
+                  "negative_prompt": settings.negative_prompt}
+        return [f"{key}: {saved.get(key, 0 if key == 'min_per_category' else None)!r} -> {value!r}"
+                for key, value in wanted.items()
+                if value is not None and saved.get(key, 0 if key == "min_per_category" else None) != value]
+
 
 def tiny_llm_overrides(grid: StudyGrid, out: Path, *, build: bool) -> list[str]:
     """``[text.llm=<folder>]`` of the study's tiny LLM (pretrained into ``out/tiny-llm`` when ``build``)."""
@@ -204,7 +216,6 @@ def tiny_llm_overrides(grid: StudyGrid, out: Path, *, build: bool) -> list[str]:
         return []
     folder = (out / "tiny-llm").resolve()
     if build:
-        from fusedit.data.config import ShapesWorldConfig
         from fusedit.config import from_dict
         from fusedit.data.shapes import ShapesWorld
         from fusedit.experiment import load_experiment
@@ -291,7 +302,10 @@ def run_study(grid: StudyGrid, out: Path, *, train_fn: Callable = default_train,
     results = []
     for number, run in enumerate(runs, 1):
         label = f"run {number}/{len(runs)}: {run.variant} seed {run.seed}"
-        if run.trained and run.evaluated:
+        changed = run.eval_differences(settings) if run.evaluated else []
+        if changed:
+            log(f"{label} — the grid's eval settings changed ({', '.join(changed)}); evaluating again")
+        if run.trained and run.evaluated and not changed:
             log(f"{label} — done before, reusing {run.run_dir}")
         else:
             if not run.trained:
