@@ -112,10 +112,11 @@ class BenchPreset:
 
 
 PRESETS: dict[str, BenchPreset] = {p.name: p for p in (
-    BenchPreset("tiny", "CPU-sized: 4-layer LLM of width 128, 32 px pixel space (256 image tokens), 32 text tokens",
+    BenchPreset("tiny", "CPU-sized: 4-layer LLM of width 128, 32 px pixel space (256 image tokens), prompts of 12 "
+                "tokens padded to the reference's 256",
                 llm_hidden_size=128, llm_num_layers=4, llm_num_heads=4, llm_num_kv_heads=2, llm_head_dim=32,
                 llm_intermediate_size=256, vocab_size=256, image_size=32, latent_factor=1, latent_channels=3,
-                patch_size=2, text_tokens=32, real_tokens=12),
+                patch_size=2, text_tokens=256, real_tokens=12),
     BenchPreset("small", "8 layers of width 512, 256 px with an SD3-like VAE (256 image tokens), 128 text tokens",
                 llm_hidden_size=512, llm_num_layers=8, llm_num_heads=8, llm_num_kv_heads=4, llm_head_dim=64,
                 llm_intermediate_size=2048, vocab_size=32000, image_size=256, latent_factor=8, latent_channels=16,
@@ -418,7 +419,7 @@ def _text_context(setup: BenchSetup, ids: torch.Tensor, mask: torch.Tensor) -> T
     if setup.encoder is None:
         return setup.context
     with torch.no_grad():
-        return setup.encoder.encode_tokens(ids, mask).trimmed()
+        return setup.encoder.encode_padded(ids, mask).trimmed()
 
 
 def compile_blocks_(model: DiffusionTransformer) -> None:

@@ -23,7 +23,6 @@ from fusedit.models.attention import TextInputs
 from fusedit.models.dit import DiffusionTransformer, unpatchify
 from fusedit.models.layers import apply_rope, merge_heads, rotary_tables, split_heads
 from fusedit.models.timestep import modulate
-from fusedit.text.context import TextContext
 
 
 def dense_joint_mask(text_mask: torch.Tensor, num_image: int, dtype: torch.dtype) -> torch.Tensor:
@@ -178,7 +177,7 @@ def dense_velocity(model: DiffusionTransformer, llm: nn.Module, x: torch.Tensor,
 
     joint_mask = dense_joint_mask(text_mask, h * w, tokens.dtype)
     text_mask_2d = joint_mask[:, :, :length, :length]
-    no_text = TextInputs(context=TextContext(mask=text_mask), hidden=None, key_mask=None)
+    no_text = TextInputs(hidden=None, key_mask=None)
 
     next_llm_layer = 0
     for block, llm_layer in zip(model.layers, r.layer_map):

@@ -250,14 +250,19 @@ class TextEncoder(nn.Module):
         if self.formatter is None:
             raise RuntimeError("this TextEncoder has no tokenizer; use encode_tokens(input_ids, attention_mask)")
         tokens = self.formatter(prompts, device=None, max_length=max_length)
-        ids, mask, offset = tokens.input_ids, tokens.attention_mask, 0
-        if self.config.trim:
-            ids, mask, offset = trim_padding_columns(ids, mask)
-        context = self.encode_tokens(ids.to(self.device), mask.to(self.device), position_offset=offset)
+        context = self.encode_padded(tokens.input_ids, tokens.attention_mask)
         if self.pooled_encoder is not None:
             context.pooled = self.pooled_encoder([self.formatter.format(p) for p in prompts]).to(self.dtype)
         context.num_truncated = tokens.num_truncated
         return context
+
+    def encode_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextContext:
+        """Token ids padded to a common length ``(B, L)`` -> :class:`TextContext`; with ``text.trim`` the columns that
+        are padding in every row are dropped before the LLM runs (positions kept, exact)."""
+        offset = 0
+        if self.config.trim:
+            input_ids, attention_mask, offset = trim_padding_columns(input_ids, attention_mask)
+        return self.encode_tokens(input_ids.to(self.device), attention_mask.to(self.device), position_offset=offset)
 
     def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       position_offset: int = 0) -> TextContext:
