@@ -5,6 +5,7 @@ Layout::
     OUT/model_index.json          {"_class_name": "FuseDiTPipeline", "fusedit": "<version>", ...}
     OUT/config.yaml               the ExperimentConfig (paths to local LLM/VAE rewritten relative to OUT)
     OUT/transformer/model.safetensors   trained weights (EMA by default)
+    OUT/transformer/config.json   the model and text sections as JSON
     OUT/scheduler/scheduler_config.json
     OUT/llm/                      the LLM + tokenizer, copied only when they are local folders (a hub id stays a hub
                                   id: the LLM is never copied into training checkpoints)
@@ -63,6 +64,10 @@ def export_pipeline(run_dir: Union[str, Path], out_dir: Union[str, Path], *, use
         data = dataclasses.replace(data, vae="vae")
     config = dataclasses.replace(config, text=text, data=data)
     write_text_atomic(tmp / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    # The same configuration as JSON beside the weights (model + text sections), for tools that read JSON.
+    transformer_config = {"model": dataclasses.asdict(config.model), "text": dataclasses.asdict(config.text),
+                          "fusedit_version": __version__}
+    write_text_atomic(tmp / "transformer" / "config.json", json.dumps(transformer_config, indent=2))
     make_scheduler(config.sample.shift).save_pretrained(str(tmp / "scheduler"))
     index = {"_class_name": "FuseDiTPipeline", "fusedit": __version__, "weights": "ema" if weights.name ==
              "ema.safetensors" else "model", "source_run": str(run_dir.resolve())}

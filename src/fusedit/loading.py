@@ -45,6 +45,12 @@ def run_weights_path(run_dir: Path, use_ema: bool) -> Path:
         raise CheckpointError(f"{run_dir} has no final/ weights and no checkpoint under checkpoints/; "
                               f"train first (fusedit train CONFIG) or give the path of an exported pipeline")
     folder = candidates[0]
+    from fusedit.dist.checkpoint import is_sharded_checkpoint
+
+    if folder != final and is_sharded_checkpoint(folder):
+        raise CheckpointError(f"{folder} is a sharded (torch.distributed.checkpoint) checkpoint of an unfinished "
+                              f"ddp/fsdp run; sample from a finished run (its final/ holds full weights) or resume "
+                              f"training to the end (fusedit train CONFIG --run-dir {run_dir})")
     if use_ema and (folder / "ema.safetensors").is_file():
         return folder / "ema.safetensors"
     return folder / "model.safetensors"
