@@ -44,7 +44,14 @@ def run_demo(out: Path, *, device: Optional[str] = None, steps: Optional[int] = 
           f"{len(world.held_out_prompts())} held out, {base.data.resolution}px")
 
     print("[2/4] tiny LLM (Gemma 2 architecture) on the caption language")
-    llm_dir = ensure_tiny_llm(out / "tiny-llm", world.caption_corpus(), TinyLLMConfig())
+    # One thread: at this size (width 128, sequences of ~12 tokens) a second thread adds synchronisation, not speed,
+    # and on a busy machine two spinning threads per process slow training down several-fold.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        llm_dir = ensure_tiny_llm(out / "tiny-llm", world.caption_corpus(), TinyLLMConfig())
+    finally:
+        torch.set_num_threads(threads)
     extra = [f"text.llm={llm_dir}"] + ([f"train.max_steps={steps}"] if steps else [])
     config = load_experiment("demo", list(overrides) + extra)
 
