@@ -50,3 +50,27 @@ def test_every_trainable_parameter_gets_a_gradient_and_the_llm_none(variant):
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, f"parameters without gradient: {missing}"
     assert all(p.grad is None for p in decoder.parameters())
+
+
+def test_bf16_llm_and_model_run_and_stay_close_to_fp32():
+    decoder = llm().eval()
+    torch.manual_seed(2)
+    model = build_model(ModelConfig(in_channels=3, sample_size=8, timestep_conditioning="adaln-zero"),
+                        LLMGeometry.from_hf_config(decoder.config)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ids = torch.randint(4, 64, (2, 5), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    x, t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4)), torch.tensor([10.0, 800.0])
+    encoder = TextEncoder(decoder, None, TextConfig(llm="unused"), model.text_requirements())
+    with torch.no_grad():
+        reference = model(x, t, encoder.encode_tokens(ids, mask))
+        encoder.decoder.to(torch.bfloat16)
+        context = encoder.encode_tokens(ids, mask)
+        assert context.keys[0].dtype == torch.bfloat16
+        mixed = model(x, t, context)  # fp32 DiT reading a bf16 text context
+        low = model.to(torch.bfloat16)(x.bfloat16(), t, context)
+    assert mixed.dtype == torch.float32 and low.dtype == torch.bfloat16
+    torch.testing.assert_close(mixed, reference, atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(low.float(), reference, atol=1e-1, rtol=1e-1)
