@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -38,8 +37,10 @@ from fusedit.dist.env import DistEnv, barrier
 from fusedit.train.checkpoint import (
     LATEST,
     STATE_FILE,
+    capture_rng_state,
     checkpoint_dir,
     list_checkpoints,
+    restore_rng_state,
     step_name,
     write_text_atomic,
 )
@@ -83,32 +84,14 @@ class ShardedCheckpoint:
 
 
 def capture_local_rng(generators: Mapping[str, torch.Generator] = {}) -> dict[str, Any]:
-    """Python, numpy, torch CPU and the *current* CUDA device's RNG states plus the given generators' states.
-
-    (Only the current device: under torchrun each process owns one GPU and must not touch the others.)
-    """
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
-        "generators": {name: g.get_state() for name, g in generators.items()},
-    }
+    """This rank's RNG states: :func:`fusedit.train.checkpoint.capture_rng_state` with only the current CUDA device
+    (under torchrun each process owns one GPU and must not touch the others)."""
+    return capture_rng_state(generators, cuda_devices="current")
 
 
 def restore_local_rng(state: Mapping[str, Any], generators: Mapping[str, torch.Generator] = {}) -> None:
     """Inverse of :func:`capture_local_rng`; every generator named here must be in ``state``."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    saved = state.get("generators", {})
-    missing = sorted(set(generators) - set(saved))
-    if missing:
-        raise CheckpointError(f"no saved state for the trainer's generator(s) {missing}; saved: {sorted(saved)}")
-    for name, g in generators.items():
-        g.set_state(saved[name])
+    restore_rng_state(state, generators)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -91,24 +91,37 @@ def list_checkpoints(run_dir: PathLike) -> list[Path]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def capture_rng_state(generators: Mapping[str, torch.Generator] = {}) -> dict[str, Any]:
-    """Python, numpy, torch CPU, all CUDA devices' RNG states and the given generators' states."""
+def capture_rng_state(generators: Mapping[str, torch.Generator] = {}, cuda_devices: str = "all") -> dict[str, Any]:
+    """Python, numpy, torch CPU and CUDA RNG states plus the given generators' states.
+
+    ``cuda_devices``: ``all`` (every visible device, a single-process run) or ``current`` (only the current device:
+    under torchrun each process owns one GPU and must not touch the others).
+    """
+    cuda = None
+    if cuda_devices == "all" and torch.cuda.is_available():
+        cuda = torch.cuda.get_rng_state_all()
+    elif cuda_devices == "current" and torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = torch.cuda.get_rng_state()
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda": cuda,
         "generators": {name: g.get_state() for name, g in generators.items()},
     }
 
 
 def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Generator] = {}) -> None:
-    """Inverse of :func:`capture_rng_state`; every generator named here must be present in ``state``."""
+    """Inverse of :func:`capture_rng_state` (either CUDA form); every generator named here must be in ``state``."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            torch.cuda.set_rng_state(cuda)
     saved = state.get("generators", {})
     missing = sorted(set(generators) - set(saved))
     if missing:
