@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -56,6 +57,11 @@ def run_demo(out: Path, *, device: Optional[str] = None, steps: Optional[int] = 
     config = load_experiment("demo", list(overrides) + extra)
 
     run_dir = out / "fusedit"
+    busy = os.getloadavg()[0] > 1.5 if hasattr(os, "getloadavg") else False
+    if busy and torch.get_num_threads() > 1:
+        # Several processes each spinning two threads on two cores slow every step down many-fold.
+        print(f"      the machine is busy (load average {os.getloadavg()[0]:.1f}): training on 1 thread")
+        torch.set_num_threads(1)
     print(f"[3/4] training deep fusion ({config.model.pos_embed}, {config.model.timestep_conditioning} timestep "
           f"conditioning) for {config.train.max_steps} steps -> {run_dir}")
     train_run(config, run_dir, device=device)
