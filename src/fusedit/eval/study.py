@@ -549,7 +549,7 @@ def write_report(grid: StudyGrid, out: Path, runs: Sequence[PlannedRun], results
               f"Grid file: `{_shown_path(grid.path)}`; base config `{_shown_path(grid.base)}`; every run: "
               f"`fusedit train {_shown_path(grid.base)} <overrides> --run-dir <run>` with the overrides below, then "
               f"`fusedit eval <run> --suite shapes " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in grid.eval.items()
-                                                              if k in ('per_prompt', 'seed', 'steps', 'cfg')) + "`.", ""]
+                                                              if k in ('per_prompt', 'min_per_category', 'seed', 'steps', 'cfg')) + "`.", ""]
     for variant in grid.variants:
         example = next(r for r in runs if r.variant == variant)
         shown = [o for o in example.overrides if not o.startswith("name=")]
