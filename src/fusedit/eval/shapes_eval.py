@@ -292,6 +292,8 @@ def format_scores(scores: dict[str, Any]) -> str:
     lines = [f"overall {scores['overall']:.3f} on {scores['num_images']} images"]
     for category, acc in scores["accuracy"].items():
         lines.append(f"  {category:<14} {acc:.3f} ({scores['correct'][category]}/{scores['total'][category]})")
+    if "color_recall" in scores:
+        lines.append(f"  color recall   {scores['color_recall']:.3f}, precision {scores['color_precision']:.3f}")
     if "fd_pixels" in scores and not math.isnan(scores["fd_pixels"]):
         lines.append(f"  pixel FD       {scores['fd_pixels']:.4f} (lower is better; not Inception FID)")
     return "\n".join(lines)
