@@ -139,3 +139,17 @@ def test_missing_and_corrupt_checkpoints_are_reported(trained, tmp_path):
     shutil.copy(run / "config.yaml", empty / "config.yaml")
     with pytest.raises(CheckpointError, match="no final/ weights and no checkpoint"):
         fusedit.load_pipeline(empty, device="cpu")
+
+
+def test_negative_prompt_as_a_list(trained):
+    run, _, _ = trained
+    pipe = fusedit.load_pipeline(run, device="cpu")
+    latents = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    kwargs = dict(num_inference_steps=2, guidance_scale=2.0, latents=latents, output_type="latent")
+    same = pipe(PROMPTS, negative_prompt=["", ""], **kwargs).images
+    torch.testing.assert_close(same, pipe(PROMPTS, negative_prompt="", **kwargs).images)
+    mixed = pipe(PROMPTS, negative_prompt=["", "a white square"], **kwargs).images
+    torch.testing.assert_close(mixed[0], same[0])
+    assert not torch.allclose(mixed[1], same[1])
+    with pytest.raises(ValueError, match="one per prompt"):
+        pipe(PROMPTS, negative_prompt=["only one"], **kwargs)

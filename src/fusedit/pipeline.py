@@ -172,7 +172,7 @@ class FuseDiTPipeline:
     def __call__(
         self,
         prompt: Union[str, Sequence[str]],
-        negative_prompt: Optional[str] = None,
+        negative_prompt: Union[str, Sequence[str], None] = None,
         height: Optional[int] = None,
         width: Optional[int] = None,
         num_inference_steps: Optional[int] = None,
@@ -186,14 +186,20 @@ class FuseDiTPipeline:
         progress: bool = False,
     ) -> PipelineOutput:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = None
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            negatives = list(negative_prompt)
+            if len(negatives) != len(prompts) or not all(isinstance(n, str) for n in negatives):
+                raise ValueError(f"negative_prompt must be a string or a list of {len(prompts)} strings (one per "
+                                 f"prompt); got {negative_prompt!r}")
+            negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
+            negative_prompt = negatives[0] if len(set(negatives)) == 1 else None
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         height = height or self.default_size
         width = width or self.default_size
         steps = num_inference_steps or self.defaults.num_inference_steps
         guidance = self.defaults.guidance_scale if guidance_scale is None else guidance_scale
         negative = self.defaults.negative_prompt if negative_prompt is None else negative_prompt
-        if not isinstance(negative, str):
-            raise TypeError(f"negative_prompt must be a string, got {type(negative).__name__}")
         self.check_inputs(prompts, height, width, output_type, latents, steps)
         cfg = guidance > 1.0
 
@@ -201,7 +207,11 @@ class FuseDiTPipeline:
             cond = self.encode_prompt(prompts, max_sequence_length)
             if not cfg:
                 return cond
-            uncond = self.unconditional_context(negative, len(prompts), max_sequence_length, cache=use_text_cache)
+            if negatives is not None and negative_prompt is None:  # different negative prompts per image
+                uncond = self.encode_prompt(negatives, max_sequence_length)
+            else:
+                uncond = self.unconditional_context(negative, len(prompts), max_sequence_length,
+                                                    cache=use_text_cache)
             return TextContext.cat([uncond, cond])
 
         context = contexts()
