@@ -35,14 +35,13 @@ from torch import nn
 
 from fusedit.dist.env import DistEnv, barrier
 from fusedit.train.checkpoint import (
-    LATEST,
     STATE_FILE,
     capture_rng_state,
     checkpoint_dir,
     list_checkpoints,
+    publish_checkpoint,
     restore_rng_state,
     step_name,
-    write_text_atomic,
 )
 from fusedit.train.errors import CheckpointError
 
@@ -168,14 +167,7 @@ def save_sharded_checkpoint(run_dir: Union[str, os.PathLike], step: int, *, mode
                    "files": _file_sizes(tmp)}
         (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2, default=_json_default))
         _fsync_tree(tmp)
-        if final.exists():  # re-saving a step (after resuming from it)
-            old = root / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        write_text_atomic(root / LATEST, final.name + "\n")
+        publish_checkpoint(tmp, final)
         if keep is not None:
             for path in list_checkpoints(run_dir)[:-keep]:
                 if path != final:

@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
-from fusedit.config import ConfigError, apply_overrides, parse_override, read_config_file, resolve_config_path
+from fusedit.config import ConfigError, parse_override, resolve_config_path
 
 GRID_KEYS = ("name", "base", "tiny_llm", "overrides", "budget", "seeds", "variants", "eval", "description")
 EVAL_DIR = "eval-shapes"

@@ -197,6 +197,24 @@ def write_weights_dir(directory: Path, files: Mapping[str, Any]) -> None:
         shutil.rmtree(old)
 
 
+def publish_checkpoint(tmp: Path, final: Path) -> None:
+    """Move a completely written checkpoint directory ``tmp`` to ``final`` and point ``latest`` at it.
+
+    Re-saving a step (e.g. after resuming from it) moves the old directory aside first, so a crash at any moment
+    leaves either the old or the new checkpoint complete; the pointer is written last.
+    """
+    root = final.parent
+    if final.exists():
+        old = root / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    write_text_atomic(root / LATEST, final.name + "\n")
+
+
 def save_checkpoint(
     run_dir: PathLike,
     step: int,
@@ -233,15 +251,7 @@ def save_checkpoint(
         _fsync_file(tmp / name)
     _fsync_dir(tmp)
 
-    if final.exists():  # re-saving a step (e.g. after resuming from it): move the old one aside first
-        old = root / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)
-    write_text_atomic(root / LATEST, final.name + "\n")
+    publish_checkpoint(tmp, final)
 
     if keep is not None:
         for path in list_checkpoints(run_dir)[:-keep]:

@@ -84,7 +84,6 @@ from fusedit.dist.env import DistEnv, all_reduce, barrier, current_env, is_initi
 from fusedit.dist.parallelize import full_tensor, parallelize
 from fusedit.flow import FlowMatchSchedule, flow_matching_loss, interpolate, loss_weighting, velocity_target
 from fusedit.train.checkpoint import (
-    Checkpoint,
     capture_rng_state,
     find_latest,
     load_checkpoint,
