@@ -86,26 +86,6 @@ def run_shapes(args) -> int:
     return 0
 
 
-class BenchmarkPipe:
-    """Adapts a :class:`~fusedit.pipeline.FuseDiTPipeline` to the benchmark samplers' call convention.
-
-    The samplers of :mod:`fusedit.eval.benchmarks` pass ``negative_prompt`` as a list (one per prompt, diffusers'
-    convention); our pipeline takes one negative prompt string for the whole batch. The samplers always pass the
-    same string for every prompt, so the list is collapsed; differing entries are an error.
-    """
-
-    def __init__(self, pipe):
-        self.pipe = pipe
-
-    def __call__(self, prompt, negative_prompt=None, **kwargs):
-        if isinstance(negative_prompt, (list, tuple)):
-            distinct = set(negative_prompt)
-            if len(distinct) > 1:
-                raise ValueError(f"one negative prompt per batch is supported, got {sorted(distinct)}")
-            negative_prompt = distinct.pop() if distinct else None
-        return self.pipe(prompt, negative_prompt=negative_prompt, **kwargs)
-
-
 def _sampling_kwargs(args, pipe) -> dict:
     size = args.resolution or pipe.default_size
     kwargs = dict(seed=args.seed, height=size, width=size,
@@ -126,7 +106,7 @@ def run_geneval(args) -> int:
     path = _model_path(args)
     pipe = load_pipeline(path, device=args.device, use_ema=not args.no_ema)
     out = Path(args.out or path / "eval-geneval")
-    summary = sample_geneval(BenchmarkPipe(pipe), args.metadata, out, n_samples=args.per_prompt, save_grid=True,
+    summary = sample_geneval(pipe, args.metadata, out, n_samples=args.per_prompt, save_grid=True,
                              **_sampling_kwargs(args, pipe))
     print(f"geneval: {summary.generated} images generated, {summary.skipped} prompts already complete -> {out}")
     print(f"score with GenEval: python evaluation/evaluate_images.py {out} --outfile {out}/results.jsonl "
@@ -143,7 +123,7 @@ def run_dpgbench(args) -> int:
     pipe = load_pipeline(path, device=args.device, use_ema=not args.no_ema)
     out = Path(args.out or path / "eval-dpgbench")
     kwargs = _sampling_kwargs(args, pipe)
-    summary = sample_dpgbench(BenchmarkPipe(pipe), args.prompts, out, **kwargs)
+    summary = sample_dpgbench(pipe, args.prompts, out, **kwargs)
     print(f"dpgbench: {summary.generated} images generated, {summary.skipped} prompts already complete -> {out}")
     print(f"score with DPG-Bench: python dpg_bench/compute_dpg_bench.py --image-root-path {out} "
           f"--resolution {kwargs['height']} --pic-num 4")
