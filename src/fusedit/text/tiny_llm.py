@@ -53,6 +53,10 @@ class TinyLLMConfig:
         batch_size: captions per step.
         lr: peak AdamW learning rate (short linear warm-up, cosine decay to 10%).
         seed: seed of the initial weights and of batch sampling.
+        tie_word_embeddings: tie input and output embeddings. Off by default: in the caption language all color
+            (and shape) words are interchangeable for next-token prediction, and tied embeddings collapse them
+            (measured: keys of "a green square" and "a red square" differ by 4 % at layer 0 tied, 15 % untied),
+            which leaves the DiT nothing to condition on.
         max_length: tokenizer ``model_max_length`` and the longest training sequence (``<bos>`` + caption +
             ``<eos>``); the Gemma 2 sliding window is set to at least this, so every layer sees the whole prompt.
     """
@@ -68,6 +72,7 @@ class TinyLLMConfig:
     lr: float = 3e-3
     seed: int = 0
     max_length: int = 32
+    tie_word_embeddings: bool = False
 
     def validate(self) -> None:
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -134,6 +139,7 @@ def build_tiny_llm(config: TinyLLMConfig, vocab_size: int) -> Gemma2ForCausalLM:
         max_position_embeddings=max(512, config.max_length),
         sliding_window=max(512, config.max_length),
         pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=BOS_ID,
+        tie_word_embeddings=config.tie_word_embeddings,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
