@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -38,9 +37,9 @@ from fusedit.train.checkpoint import (
     STATE_FILE,
     capture_rng_state,
     checkpoint_dir,
-    list_checkpoints,
     publish_checkpoint,
     restore_rng_state,
+    state_json_default,
     step_name,
 )
 from fusedit.train.errors import CheckpointError
@@ -165,25 +164,11 @@ def save_sharded_checkpoint(run_dir: Union[str, os.PathLike], step: int, *, mode
     if env.is_main:
         payload = {**state, "format": FORMAT, "step": step, "world_size": env.world_size, "has_ema": ema is not None,
                    "files": _file_sizes(tmp)}
-        (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2, default=_json_default))
+        (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2, default=state_json_default))
         _fsync_tree(tmp)
-        publish_checkpoint(tmp, final)
-        if keep is not None:
-            for path in list_checkpoints(run_dir)[:-keep]:
-                if path != final:
-                    shutil.rmtree(path)
+        publish_checkpoint(tmp, final, keep)
     barrier()
     return final
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{STATE_FILE}: cannot serialise {type(value).__name__}")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -197,8 +197,9 @@ def write_weights_dir(directory: Path, files: Mapping[str, Any]) -> None:
         shutil.rmtree(old)
 
 
-def publish_checkpoint(tmp: Path, final: Path) -> None:
-    """Move a completely written checkpoint directory ``tmp`` to ``final`` and point ``latest`` at it.
+def publish_checkpoint(tmp: Path, final: Path, keep: Optional[int] = None) -> None:
+    """Move a completely written checkpoint directory ``tmp`` to ``final``, point ``latest`` at it, then keep only
+    the newest ``keep`` checkpoints (``None``: keep all).
 
     Re-saving a step (e.g. after resuming from it) moves the old directory aside first, so a crash at any moment
     leaves either the old or the new checkpoint complete; the pointer is written last.
@@ -213,6 +214,10 @@ def publish_checkpoint(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
     _fsync_dir(root)
     write_text_atomic(root / LATEST, final.name + "\n")
+    if keep is not None:
+        for path in list_checkpoints(root.parent)[:-keep]:
+            if path != final:
+                shutil.rmtree(path)
 
 
 def save_checkpoint(
@@ -246,17 +251,12 @@ def save_checkpoint(
     sizes = {name: (tmp / name).stat().st_size for name in (MODEL_FILE, EMA_FILE, OPTIMIZER_FILE, RNG_FILE)
              if (tmp / name).exists()}
     payload = {**state, "step": step, "files": sizes}
-    (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2, default=_json_default))
+    (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2, default=state_json_default))
     for name in list(sizes) + [STATE_FILE]:
         _fsync_file(tmp / name)
     _fsync_dir(tmp)
 
-    publish_checkpoint(tmp, final)
-
-    if keep is not None:
-        for path in list_checkpoints(run_dir)[:-keep]:
-            if path != final:
-                shutil.rmtree(path)
+    publish_checkpoint(tmp, final, keep)
     return final
 
 
@@ -271,14 +271,15 @@ def remove_stale_temporaries(run_dir: PathLike) -> list[Path]:
     return stale
 
 
-def _json_default(value: Any) -> Any:
+def state_json_default(value: Any) -> Any:
+    """``json.dumps`` fallback for checkpoint state files: tensors, numpy scalars and paths."""
     if isinstance(value, torch.Tensor):
         return value.tolist()
-    if isinstance(value, (np.generic,)):
+    if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, Path):
         return str(value)
-    raise TypeError(f"trainer_state.json: cannot serialise {type(value).__name__}")
+    raise TypeError(f"{STATE_FILE}: cannot serialise {type(value).__name__}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
