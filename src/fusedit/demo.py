@@ -34,7 +34,7 @@ def run_demo(out: Path, *, device: Optional[str] = None, steps: Optional[int] = 
     from fusedit.eval.shapes_scorer import score_images
     from fusedit.pipeline import load_pipeline
     from fusedit.run import train_run
-    from fusedit.text.tiny_llm import TinyLLMConfig, ensure_tiny_llm
+    from fusedit.text.tiny_llm import TinyLLMConfig, ensure_shapes_world_llm
     from fusedit.train.logging import save_image_grid
 
     started = time.perf_counter()
@@ -50,7 +50,7 @@ def run_demo(out: Path, *, device: Optional[str] = None, steps: Optional[int] = 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        llm_dir = ensure_tiny_llm(out / "tiny-llm", world.caption_corpus(), TinyLLMConfig())
+        llm_dir = ensure_shapes_world_llm(out / "tiny-llm", world, TinyLLMConfig())
     finally:
         torch.set_num_threads(threads)
     extra = [f"text.llm={llm_dir}"] + ([f"train.max_steps={steps}"] if steps else [])

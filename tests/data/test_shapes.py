@@ -5,7 +5,7 @@ import torch
 
 from fusedit.data.config import ShapesWorldConfig
 from fusedit.data.shapes import (BACKGROUND, CATEGORIES, PALETTE, ShapesWorld, enumerate_prompts, object_side,
-                                 shape_mask)
+                                 restatement, shape_mask)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,34 @@ def test_caption_corpus_excludes_held_out(world):
     assert not corpus & {s.text for s in world.held_out_prompts()}
     vocab = {w for text in corpus for w in text.split()}
     assert {w for s in world.held_out_prompts() for w in s.text.split()} <= vocab
+
+
+def test_restatement_names_every_attribute_and_binding():
+    spec = {s.text: s for c in CATEGORIES for s in enumerate_prompts(c)}
+    assert restatement(spec["a red circle to the left of a blue square"]) == (
+        "the red circle is on the left . the blue square is on the right .")
+    assert restatement(spec["a red circle to the right of a blue square"]) == (
+        "the red circle is on the right . the blue square is on the left .")
+    assert restatement(spec["a white triangle below a green circle"]) == (
+        "the white triangle is at the bottom . the green circle is on top .")
+    assert restatement(spec["a red circle and a blue square"]) == "the circle is red . the square is blue ."
+    assert restatement(spec["three green triangles"]) == "count three . color green . shape triangle ."
+    assert restatement(spec["a circle and a square"]) == "there is one circle . there is one square ."
+    for s in spec.values():  # every color, shape and number word of a prompt is said again
+        words = set(restatement(s).split())
+        assert {o.shape for o in s.objects} <= words and {o.color for o in s.objects if o.color} <= words, s.text
+
+
+def test_llm_corpus_restates_training_prompts_only(world):
+    restated = world.llm_corpus()
+    assert restated == world.llm_corpus("restated")
+    captions = world.caption_corpus()
+    assert world.llm_corpus("captions") == captions and len(restated) == len(captions)
+    assert all(line.startswith(caption + " . ") for line, caption in zip(restated, captions))
+    held = {s.text for s in world.held_out_prompts()}
+    assert not {line.split(" . ")[0] for line in restated} & held
+    with pytest.raises(ValueError, match="unknown tiny-LLM corpus 'poems'"):
+        world.llm_corpus("poems")
 
 
 @pytest.mark.parametrize("resolution", [32, 64])

@@ -5,8 +5,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from fusedit.config import ConfigError
+from fusedit.data.config import ShapesWorldConfig
+from fusedit.data.shapes import ShapesWorld
 from fusedit.text.tiny_llm import (BOS_ID, EOS_ID, MARKER_NAME, PAD_ID, UNK_ID, TinyLLMConfig, build_tiny_llm,
-                                   ensure_tiny_llm, pretrain_tiny_llm, read_marker, train_caption_tokenizer)
+                                   corpus_hash, ensure_shapes_world_llm, ensure_tiny_llm, pretrain_tiny_llm,
+                                   read_marker, train_caption_tokenizer)
 
 CORPUS = [
     "a red circle", "a blue square", "two green triangles", "a red circle to the left of a blue square",
@@ -115,6 +119,23 @@ def test_ensure_reuses_matching_folder_and_retrains_otherwise(trained, capsys):
     assert "tiny-llm step" in capsys.readouterr().out
     (other / MARKER_NAME).write_text("not json")
     assert read_marker(other) is None
+
+
+def test_shapes_world_llm_trains_on_the_chosen_corpus(tmp_path, capsys):
+    world = ShapesWorld(ShapesWorldConfig(max_objects=2), 32)
+    quick = TinyLLMConfig(**{**TINY.__dict__, "steps": 1, "max_length": TinyLLMConfig().max_length})
+    folder = ensure_shapes_world_llm(tmp_path / "restated", world, quick)
+    marker = read_marker(folder)
+    assert marker["config"]["corpus"] == "restated"
+    assert marker["corpus_sha256"] == corpus_hash(world.llm_corpus("restated"))
+    assert "truncated" not in capsys.readouterr().out  # the default max_length holds every restated caption
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.convert_tokens_to_ids("left") != UNK_ID and tok.convert_tokens_to_ids("is") != UNK_ID
+    captions = TinyLLMConfig(**{**quick.__dict__, "corpus": "captions"})
+    folder = ensure_shapes_world_llm(tmp_path / "captions", world, captions)
+    assert read_marker(folder)["corpus_sha256"] == corpus_hash(world.caption_corpus())
+    with pytest.raises(ConfigError, match="TinyLLMConfig.corpus: got 'poems'"):
+        ensure_shapes_world_llm(tmp_path / "bad", world, TinyLLMConfig(corpus="poems"))
 
 
 def test_bad_inputs_raise_clear_errors(tmp_path):

@@ -64,6 +64,13 @@ CATEGORIES: tuple[str, ...] = ("single_object", "two_object", "counting", "color
 
 _NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 
+#: Where a restatement (:func:`restatement`) puts the subject and the reference object of a relation.
+_RELATION_SIDES = {"left of": ("on the left", "on the right"), "right of": ("on the right", "on the left"),
+                   "above": ("on top", "at the bottom"), "below": ("at the bottom", "on top")}
+
+#: Texts the tiny LLM can be pretrained on (:meth:`ShapesWorld.llm_corpus`).
+LLM_CORPORA: tuple[str, ...] = ("restated", "captions")
+
 #: Smallest supported image side in pixels.
 MIN_RESOLUTION = 16
 
@@ -153,6 +160,23 @@ def enumerate_prompts(category: str, max_objects: int = 4) -> list[PromptSpec]:
         specs = [make_spec(category, [ObjectSpec(sa, ca), ObjectSpec(sb, cb)])
                  for ca, sa in colored for cb, sb in colored if ca != cb and sa != sb]
     return sorted(specs, key=lambda p: p.text)
+
+
+def restatement(spec: PromptSpec) -> str:
+    """The content of ``spec`` said again, attribute by attribute (lower case, words and `` . `` separated).
+
+    ``a red circle to the left of a blue square`` → ``the red circle is on the left . the blue square is on the
+    right .``; ``a red circle and a blue square`` → ``the circle is red . the square is blue .``; ``three green
+    triangles`` → ``count three . color green . shape triangle .``; ``a circle`` → ``there is one circle .``.
+    """
+    if spec.category == "position":
+        (subject, reference), (subject_side, reference_side) = spec.objects, _RELATION_SIDES[spec.relation]
+        name = lambda o: f"{o.color} {o.shape}" if o.color else o.shape  # noqa: E731
+        return f"the {name(subject)} is {subject_side} . the {name(reference)} is {reference_side} ."
+    if spec.category == "counting":
+        (obj,) = spec.objects
+        return f"count {_NUMBER_WORDS[obj.count]} . color {obj.color} . shape {obj.shape} ."
+    return " ".join(f"the {o.shape} is {o.color} ." if o.color else f"there is one {o.shape} ." for o in spec.objects)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -272,8 +296,24 @@ class ShapesWorld:
         return self._select(self._held_out, category)
 
     def caption_corpus(self) -> list[str]:
-        """All training prompt strings (e.g. to pretrain a tiny LLM); held-out strings are excluded."""
+        """All training prompt strings; held-out strings are excluded."""
         return [s.text for s in self.training_prompts()]
+
+    def llm_corpus(self, kind: str = "restated") -> list[str]:
+        """The tiny LLM's pretraining text, built from the training prompts only (held-out ones are excluded).
+
+        ``captions``: the prompt strings alone. ``restated``: every prompt followed by its :func:`restatement`
+        (``"a red circle and a blue square . the circle is red . the square is blue ."``). In the caption language
+        alone every color word is equally likely wherever one may appear, so next-token training has no reason to
+        keep them apart in the hidden states the DiT reads; predicting the restatement needs each word's identity,
+        and which shape it belongs to, carried forward from the prompt — as a real LLM's states carry a text's
+        meaning. Measured in ``docs/results/demo.md``.
+        """
+        if kind not in LLM_CORPORA:
+            raise ValueError(f"unknown tiny-LLM corpus {kind!r}; expected one of {LLM_CORPORA}")
+        if kind == "captions":
+            return self.caption_corpus()
+        return [f"{s.text} . {restatement(s)}" for s in self.training_prompts()]
 
     def spec(self, text: str) -> PromptSpec:
         """The :class:`PromptSpec` of a prompt string of this world."""

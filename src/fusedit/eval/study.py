@@ -219,11 +219,11 @@ def tiny_llm_overrides(grid: StudyGrid, out: Path, *, build: bool) -> list[str]:
         from fusedit.config import from_dict
         from fusedit.data.shapes import ShapesWorld
         from fusedit.experiment import load_experiment
-        from fusedit.text.tiny_llm import TinyLLMConfig, ensure_tiny_llm
+        from fusedit.text.tiny_llm import TinyLLMConfig, ensure_shapes_world_llm
 
         base = load_experiment(grid.base, grid.overrides + grid.budget + [f"text.llm={folder}"])
         world = ShapesWorld(base.data.shapes, base.data.resolution)
-        ensure_tiny_llm(folder, world.caption_corpus(), from_dict(TinyLLMConfig, grid.tiny_llm, prefix="tiny_llm"))
+        ensure_shapes_world_llm(folder, world, from_dict(TinyLLMConfig, grid.tiny_llm, prefix="tiny_llm"))
     return [f"text.llm={folder}"]
 
 

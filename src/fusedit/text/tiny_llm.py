@@ -8,7 +8,9 @@ module builds one in about a minute on a CPU:
   prepended by the post-processor (like Gemma's); left padding.
 * :func:`pretrain_tiny_llm`: next-token training of a small ``Gemma2ForCausalLM`` on ``<bos> caption <eos>``
   sequences, then ``save_pretrained`` of model and tokenizer plus a marker JSON (:data:`MARKER_NAME`).
-* :func:`ensure_tiny_llm`: reuse a folder whose marker matches the config and corpus, else (re)train.
+* :func:`ensure_tiny_llm`: reuse a folder whose marker matches the config and corpus, else (re)train;
+  :func:`ensure_shapes_world_llm` does it on the shapes world's text (captions followed by restatements of their
+  content by default, so that the hidden states must carry which colors, shapes and places a caption names).
 
 The folder loads through the normal path: ``AutoModelForCausalLM.from_pretrained(path)`` and
 ``AutoTokenizer.from_pretrained(path)``.
@@ -57,8 +59,12 @@ class TinyLLMConfig:
             (and shape) words are interchangeable for next-token prediction, and tied embeddings collapse them
             (measured: keys of "a green square" and "a red square" differ by 4 % at layer 0 tied, 15 % untied),
             which leaves the DiT nothing to condition on.
-        max_length: tokenizer ``model_max_length`` and the longest training sequence (``<bos>`` + caption +
+        max_length: tokenizer ``model_max_length`` and the longest training sequence (``<bos>`` + text +
             ``<eos>``); the Gemma 2 sliding window is set to at least this, so every layer sees the whole prompt.
+        corpus: which shapes-world text :func:`ensure_shapes_world_llm` pretrains on
+            (:meth:`~fusedit.data.shapes.ShapesWorld.llm_corpus`): ``restated`` (each caption followed by a
+            restatement of its content; the default) or ``captions`` (the captions alone, whose color words the
+            LLM has no reason to tell apart; measured in ``docs/results/demo.md``).
     """
 
     hidden_size: int = 128
@@ -71,8 +77,9 @@ class TinyLLMConfig:
     batch_size: int = 64
     lr: float = 3e-3
     seed: int = 0
-    max_length: int = 32
+    max_length: int = 40
     tie_word_embeddings: bool = False
+    corpus: str = "restated"
 
     def validate(self) -> None:
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -87,6 +94,9 @@ class TinyLLMConfig:
         require(self.lr > 0, f"TinyLLMConfig.lr: got {self.lr}, expected > 0")
         require(isinstance(self.max_length, int) and self.max_length >= 4,
                 f"TinyLLMConfig.max_length: got {self.max_length!r}, expected an integer >= 4")
+        from fusedit.data.shapes import LLM_CORPORA
+
+        require(self.corpus in LLM_CORPORA, f"TinyLLMConfig.corpus: got {self.corpus!r}, expected one of {LLM_CORPORA}")
 
 
 def _check_corpus(corpus: Sequence[str]) -> list[str]:
@@ -271,3 +281,11 @@ def ensure_tiny_llm(out_dir: Union[str, os.PathLike], corpus: Sequence[str],
             and marker.get("corpus_sha256") == corpus_hash(corpus)):
         return out
     return pretrain_tiny_llm(corpus, out, config)
+
+
+def ensure_shapes_world_llm(out_dir: Union[str, os.PathLike], world,
+                            config: TinyLLMConfig = TinyLLMConfig()) -> Path:
+    """:func:`ensure_tiny_llm` on the shapes world's ``config.corpus`` text (a
+    :class:`~fusedit.data.shapes.ShapesWorld`'s training prompts only)."""
+    config.validate()
+    return ensure_tiny_llm(out_dir, world.llm_corpus(config.corpus), config)
