@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 import torch
 
+from fusedit.config import ConfigError
 from fusedit.data.config import ShapesWorldConfig
+from fusedit.experiment import load_experiment
 from fusedit.data.shapes import (BACKGROUND, CATEGORIES, PALETTE, ShapesWorld, enumerate_prompts, object_side,
                                  restatement, shape_mask)
 
@@ -41,6 +43,27 @@ def test_prompt_texts_are_unique_and_readable():
     assert "three green triangles" in texts
     assert "a circle and a square" in texts
     assert "a red circle and a blue square" in texts
+
+
+def test_category_weights_set_the_training_mixture():
+    world = ShapesWorld(ShapesWorldConfig(category_weights={"position": 3, "color_attr": 2, "counting": 0}), 32)
+    drawn = [world.example(i)[1].category for i in range(3000)]
+    expected = {"single_object": 1 / 8, "two_object": 1 / 8, "counting": 0.0, "colors": 1 / 8, "position": 3 / 8,
+                "color_attr": 2 / 8}
+    for category, p in expected.items():
+        assert drawn.count(category) / len(drawn) == pytest.approx(p, abs=0.03), category
+    # no weights: the original uniform draw, unchanged example by example
+    plain, uniform = ShapesWorld(ShapesWorldConfig(), 32), ShapesWorld(ShapesWorldConfig(category_weights={}), 32)
+    assert all(plain.example(i)[1] == uniform.example(i)[1] for i in range(50))
+
+
+def test_category_weights_errors():
+    with pytest.raises(ConfigError, match="unknown category 'shapes'"):
+        load_experiment("demo", ["data.shapes.category_weights={shapes: 2}"])
+    with pytest.raises(ConfigError, match="category_weights.position: got -1"):
+        load_experiment("demo", ["data.shapes.category_weights={position: -1}"])
+    with pytest.raises(ValueError, match="weight 0"):
+        ShapesWorld(ShapesWorldConfig(max_objects=1, category_weights={"single_object": 0, "colors": 0}), 32)
 
 
 def test_max_objects_limits_prompts():

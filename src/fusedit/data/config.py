@@ -16,18 +16,29 @@ class ShapesWorldConfig:
         size: number of training examples (images are generated on the fly from their index).
         max_objects: at most this many objects per image (1..4).
         held_out_fraction: fraction of attribute combinations never shown in training (evaluation prompts).
+        category_weights: relative frequency of each GenEval category in training (``{}``: all equal; a category
+            left out of a non-empty mapping weighs 1), e.g. ``{position: 3, color_attr: 2}`` to show more of the
+            scenes where colors must be bound to objects and places.
     """
 
     seed: int = 0
     size: int = 50000
     max_objects: int = 4
     held_out_fraction: float = 0.1
+    category_weights: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
         require(self.size > 0, f"data.shapes.size: got {self.size}, expected a positive integer")
         require(1 <= self.max_objects <= 4, f"data.shapes.max_objects: got {self.max_objects}, expected 1..4")
         require(0.0 <= self.held_out_fraction < 1.0,
                 f"data.shapes.held_out_fraction: got {self.held_out_fraction}, expected in [0, 1)")
+        from fusedit.data.shapes import CATEGORIES
+
+        for category, weight in self.category_weights.items():
+            require(category in CATEGORIES,
+                    f"data.shapes.category_weights: unknown category {category!r}; expected some of {CATEGORIES}")
+            require(isinstance(weight, (int, float)) and weight >= 0,
+                    f"data.shapes.category_weights.{category}: got {weight!r}, expected a number >= 0")
 
 
 @dataclass

@@ -258,6 +258,12 @@ class ShapesWorld:
             self._held_out[category] = [s for i, s in enumerate(specs) if i in held]
             self._training[category] = [s for i, s in enumerate(specs) if i not in held]
         self._by_text = {s.text: s for specs in self._prompts.values() for s in specs}
+        weights = np.array([float(config.category_weights.get(c, 1.0)) for c in self.categories])
+        if weights.sum() <= 0:
+            raise ValueError(f"data.shapes.category_weights: {config.category_weights} gives every category of this "
+                             f"world ({self.categories}) weight 0; expected at least one positive weight")
+        #: probability of each category (in :attr:`categories` order) in the training data
+        self.category_probabilities = weights / weights.sum()
 
     def _num_held_out(self, n: int) -> int:
         """Held-out prompts of a category with ``n`` prompts: round(fraction·n), at least 1 when the fraction > 0."""
@@ -390,10 +396,14 @@ class ShapesWorld:
     def example(self, index: int) -> tuple[np.ndarray, PromptSpec]:
         """Training example ``index``: a deterministic function of ``(config.seed, index)`` only.
 
-        A category with training prompts is drawn uniformly, then one of its training prompts, then the image.
+        A category is drawn (uniformly, or by ``config.category_weights``), then one of its training prompts, then
+        the image.
         """
         rng = np.random.default_rng([self.config.seed, 104729, index])
-        category = self.categories[rng.integers(len(self.categories))]
+        if self.config.category_weights:
+            category = self.categories[rng.choice(len(self.categories), p=self.category_probabilities)]
+        else:  # the original draw, so that unweighted worlds keep their exact data
+            category = self.categories[rng.integers(len(self.categories))]
         prompts = self._training[category]
         if not prompts:  # every prompt of a one-prompt category cannot be held out, so this is defensive only
             prompts = self._prompts[category]
