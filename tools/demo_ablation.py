@@ -1,0 +1,127 @@
+"""Train one variant of the demo and probe how well it follows the prompts (the measurements of docs/results/demo.md).
+
+    python tools/demo_ablation.py OUT [--llm-corpus restated|captions] [--llm-steps 300] [key=value ...]
+
+1. pretrains (or reuses) the tiny LLM on the shapes world's ``--llm-corpus`` text into ``OUT/tiny-llm``;
+2. trains the demo config with the overrides into ``OUT/fusedit`` (one torch thread, so two variants can run side
+   by side on a 2-core machine);
+3. probes the run (``--probe-only`` skips 1–2): held-out prompts, 24 images per category (72 for ``position``),
+   GenEval-style accuracy per category, color recall/precision (:func:`fusedit.eval.shapes_eval.color_alignment`) and
+   a soft position check: the centroids of the two prompt colors' pixels lie in the prompt's relation (by more than
+   2 px), which credits a right arrangement before the detector accepts the shapes. Prints one ``PROBE`` JSON line
+   and writes ``OUT/fusedit/probe.png`` (rows of 8: the first 64 probe images).
+
+The probe is smaller and softer than ``fusedit eval RUN --suite shapes`` (all 149 held-out prompts × 4): it is
+meant to rank variants quickly (about a minute), not to report a model's score.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+POSITION_PROBE_IMAGES = 72
+CATEGORY_PROBE_IMAGES = 24
+#: RGB distance to the background above which the soft position check counts a pixel (looser than the detector's 80,
+#: to credit faint early objects)
+SOFT_FOREGROUND_THRESHOLD = 60.0
+
+
+def soft_position(image: np.ndarray, spec) -> bool | None:
+    """Whether the two prompt colors' pixel centroids are in the prompt's relation (None: both objects share a color)."""
+    from fusedit.data.shapes import BACKGROUND, COLORS, PALETTE
+
+    subject, reference = spec.objects
+    if subject.color == reference.color:
+        return None
+    pixels = image.astype(np.float32)
+    foreground = np.linalg.norm(pixels - np.array(BACKGROUND, np.float32), axis=-1) > SOFT_FOREGROUND_THRESHOLD
+    palette = np.array([PALETTE[c] for c in COLORS], np.float32)
+    nearest = np.linalg.norm(pixels[:, :, None, :] - palette, axis=-1).argmin(-1)
+    centroids = []
+    for color in (subject.color, reference.color):
+        mask = foreground & (nearest == COLORS.index(color))
+        if mask.sum() < 4:
+            return False
+        ys, xs = np.nonzero(mask)
+        centroids.append((xs.mean(), ys.mean()))
+    (ax, ay), (bx, by) = centroids
+    return bool({"left of": ax < bx - 2, "right of": ax > bx + 2, "above": ay < by - 2,
+                 "below": ay > by + 2}[spec.relation])
+
+
+def probe(run: Path, guidance_scale: float | None = None) -> dict:
+    from fusedit.eval.shapes_eval import color_alignment, world_from_config
+    from fusedit.eval.shapes_scorer import as_uint8_images, score_image
+    from fusedit.pipeline import load_pipeline
+    from fusedit.train.logging import save_image_grid
+
+    pipe = load_pipeline(run, device="cpu")
+    world = world_from_config(pipe.config)
+    rng = np.random.default_rng(0)
+    jobs = []
+    for category in world.categories:
+        specs = world.held_out_prompts(category)
+        want = POSITION_PROBE_IMAGES if category == "position" else CATEGORY_PROBE_IMAGES
+        if len(specs) > want:
+            specs = [specs[i] for i in rng.choice(len(specs), want, replace=False)]
+        jobs += [spec for spec in specs for _ in range(int(np.ceil(want / len(specs))))]
+    images = []
+    for start in range(0, len(jobs), 64):
+        batch = jobs[start:start + 64]
+        generators = [torch.Generator().manual_seed(1000 + start + k) for k in range(len(batch))]
+        out = pipe([s.text for s in batch], generator=generators, output_type="pt", guidance_scale=guidance_scale)
+        images += as_uint8_images(out.images * 2 - 1)
+    correct, recall, precision, position = {}, [], [], []
+    for image, spec in zip(images, jobs):
+        correct.setdefault(spec.category, []).append(score_image(image, spec))
+        alignment = color_alignment(image, spec)
+        if alignment is not None:
+            recall.append(alignment[0])
+            precision.append(alignment[1])
+        if spec.category == "position":
+            ok = soft_position(image, spec)
+            if ok is not None:
+                position.append(ok)
+    result = {c: round(float(np.mean(v)), 3) for c, v in correct.items()}
+    result.update(overall=round(float(np.mean([np.mean(v) for v in correct.values()])), 3),
+                  color_recall=round(float(np.mean(recall)), 3), color_precision=round(float(np.mean(precision)), 3),
+                  soft_position=round(float(np.mean(position)), 3), images=len(images))
+    grid = torch.from_numpy(np.stack(images[:64])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    save_image_grid(grid, run / "probe.png", nrow=8)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("overrides", nargs="*", help="demo config overrides, key=value")
+    parser.add_argument("--llm-corpus", default="restated", choices=["restated", "captions"])
+    parser.add_argument("--llm-steps", type=int, default=300)
+    parser.add_argument("--cfg", type=float, default=None, help="probe guidance scale (default: the run's)")
+    parser.add_argument("--probe-only", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    run = args.out / "fusedit"
+    if not args.probe_only:
+        from fusedit.data.shapes import ShapesWorld
+        from fusedit.experiment import load_experiment
+        from fusedit.run import train_run
+        from fusedit.text.tiny_llm import TinyLLMConfig, ensure_shapes_world_llm
+
+        base = load_experiment("demo", args.overrides)
+        world = ShapesWorld(base.data.shapes, base.data.resolution)
+        llm_config = TinyLLMConfig(corpus=args.llm_corpus, steps=args.llm_steps)
+        llm = ensure_shapes_world_llm(args.out / "tiny-llm", world, llm_config)
+        config = load_experiment("demo", args.overrides + [f"text.llm={llm}"])
+        shutil.rmtree(run, ignore_errors=True)
+        train_run(config, run, device="cpu", progress=False)
+    print("PROBE", json.dumps(probe(run, args.cfg)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
