@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 import fusedit
 from fusedit.cli import main as cli
+from fusedit.config import ConfigError
 from fusedit.experiment import load_experiment
 from fusedit.export import export_pipeline
 from fusedit.run import train_run
@@ -91,6 +92,48 @@ def test_cfg_scale_one_is_the_conditional_prediction(trained):
     torch.testing.assert_close(pipe.velocity(x, t, both, 1.0, cfg=True), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_guidance_interval_guides_only_inside_it(trained):
+    run, _, _ = trained
+    pipe = fusedit.load_pipeline(run, device="cpu")
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # the briefly trained model barely reads the text yet; perturb it so that guidance matters
+        for parameter in pipe.model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    latents = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    kwargs = dict(num_inference_steps=4, guidance_scale=3.0, latents=latents, output_type="latent")
+    interval = (0.0, 0.6)
+    guided = pipe(PROMPTS, guidance_interval=interval, **kwargs).images
+
+    # Independent loop: the full CFG batch everywhere, the guided velocity kept only where σ lies in the interval.
+    encoder, model, scheduler = pipe.text_encoder, pipe.model, pipe.scheduler
+    scheduler.set_timesteps(4)
+    sigmas = [float(t) / 1000 for t in scheduler.timesteps]
+    assert any(s > interval[1] for s in sigmas) and any(s <= interval[1] for s in sigmas), sigmas
+    x = latents.clone()
+    for t in scheduler.timesteps:
+        v_cond = model(x, t.expand(2), encoder.encode(PROMPTS))
+        v_uncond = model(x, t.expand(2), encoder.encode(["", ""]))
+        v = v_uncond + 3.0 * (v_cond - v_uncond) if float(t) / 1000 <= interval[1] else v_cond
+        x = scheduler.step(v, t, x, return_dict=False)[0]
+    torch.testing.assert_close(guided, x, atol=1e-5, rtol=1e-5)
+
+    everywhere = pipe(PROMPTS, **kwargs).images
+    torch.testing.assert_close(pipe(PROMPTS, guidance_interval=[0.0, 1.0], **kwargs).images, everywhere)
+    assert (guided - everywhere).abs().max() > 1e-4, "skipping guidance at high noise must change the samples"
+    nowhere = pipe(PROMPTS, guidance_interval=[0.0, 0.0], **kwargs).images
+    unguided = pipe(PROMPTS, **{**kwargs, "guidance_scale": 1.0}).images
+    torch.testing.assert_close(nowhere, unguided, atol=1e-5, rtol=1e-5)
+
+    # the model's sample config supplies the default; bad intervals are refused with the rule
+    pipe.defaults.guidance_interval = list(interval)
+    torch.testing.assert_close(pipe(PROMPTS, **kwargs).images, guided)
+    for bad in ([0.7, 0.2], [0.0, 1.5], [0.5]):
+        with pytest.raises(ValueError, match="guidance_interval"):
+            pipe(PROMPTS, guidance_interval=bad, **kwargs)
+    with pytest.raises(ConfigError, match=r"sample.guidance_interval: got \[0.9, 0.1\], expected 0 <= sigma_low"):
+        load_experiment("demo", ["sample.guidance_interval=[0.9, 0.1]"])
+
+
 def test_export_round_trip_is_exact(trained, tmp_path):
     run, _, _ = trained
     out = export_pipeline(run, tmp_path / "exported")
@@ -153,3 +196,18 @@ def test_negative_prompt_as_a_list(trained):
     assert (mixed[1] - same[1]).abs().max() > 0, "the second prompt's own negative prompt must be used"
     with pytest.raises(ValueError, match="one per prompt"):
         pipe(PROMPTS, negative_prompt=["only one"], **kwargs)
+
+
+def test_run_with_a_relative_llm_path_loads_from_any_directory(tmp_path, tiny_llm_dir, monkeypatch):
+    from tests_support import overrides_for
+
+    monkeypatch.chdir(tiny_llm_dir.parent)
+    config = load_experiment("demo", overrides_for(tiny_llm_dir.name) + ["train.max_steps=1"])
+    assert config.text.llm == tiny_llm_dir.name
+    run = tmp_path / "run"
+    train_run(config, run, device="cpu", progress=False)
+    monkeypatch.chdir(tmp_path)  # the LLM folder is not reachable by its relative name from here
+    saved = load_experiment(run / "config.yaml")
+    assert saved.text.llm == str(tiny_llm_dir.resolve())
+    pipe = fusedit.load_pipeline(run, device="cpu")
+    assert pipe("a red circle", num_inference_steps=1, output_type="pt").images.shape == (1, 3, 16, 16)

@@ -23,7 +23,8 @@ class Components:
 
 
 def resolve_relative_paths(config: ExperimentConfig, base: Optional[Path]) -> ExperimentConfig:
-    """Make ``text.llm``/``text.tokenizer``/``data.vae`` that are relative to ``base`` (an exported folder) absolute."""
+    """Make ``text.llm``/``text.tokenizer``/``data.vae`` that are relative to ``base`` (an exported folder, or the
+    working directory of a training run) and exist there absolute; hub ids and absolute paths are kept."""
     if base is None:
         return config
 

@@ -1,7 +1,8 @@
 """``fusedit demo``: the embedded default, end to end, on any laptop.
 
 1. builds the shapes world (procedural images + captions, with held-out prompts);
-2. pretrains (or reuses) a tiny Gemma 2 LLM on the caption language and saves it with ``save_pretrained``;
+2. pretrains (or reuses) a tiny Gemma 2 LLM on the training captions, each followed by a restatement of its
+   content, and saves it with ``save_pretrained``;
 3. trains a deep-fusion DiT on it, loading the LLM through the same loader real LLMs use;
 4. samples a grid for held-out prompts (never seen in training) and scores them with the shapes-world detector;
 5. prints the paths of the grid, the run and its logs.
@@ -44,7 +45,7 @@ def run_demo(out: Path, *, device: Optional[str] = None, steps: Optional[int] = 
     print(f"[1/4] shapes world: {len(world.training_prompts())} training prompts, "
           f"{len(world.held_out_prompts())} held out, {base.data.resolution}px")
 
-    print("[2/4] tiny LLM (Gemma 2 architecture) on the caption language")
+    print("[2/4] tiny LLM (Gemma 2 architecture) on the training captions and their restatements")
     # One thread: at this size (width 128, sequences of ~12 tokens) a second thread adds synchronisation, not speed,
     # and on a busy machine two spinning threads per process slow training down several-fold.
     threads = torch.get_num_threads()

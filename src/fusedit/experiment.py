@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 from fusedit.config import load_config, require
 from fusedit.data.config import DataConfig
@@ -21,17 +21,36 @@ class SampleConfig:
         guidance_scale: classifier-free guidance scale (1 = no guidance).
         negative_prompt: the unconditional prompt.
         shift: shift of the flow-match schedule.
+        guidance_interval: ``[σ_low, σ_high]``: guidance applies only at steps whose noise level σ (1 = pure
+            noise) lies in this closed interval; the other steps use the conditional prediction alone
+            (Kynkäänniemi et al., 2024, "Applying Guidance in a Limited Interval"). ``null``: every step (the
+            reference's sampler).
     """
 
     num_inference_steps: int = 25
     guidance_scale: float = 6.0
     negative_prompt: str = ""
     shift: float = 3.0
+    guidance_interval: Optional[list[float]] = None
 
     def validate(self) -> None:
         require(self.num_inference_steps > 0, f"sample.num_inference_steps: got {self.num_inference_steps}, expected > 0")
         require(self.guidance_scale >= 0, f"sample.guidance_scale: got {self.guidance_scale}, expected >= 0")
         require(self.shift > 0, f"sample.shift: got {self.shift}, expected > 0")
+        if self.guidance_interval is not None:
+            problem = guidance_interval_problem(self.guidance_interval)
+            require(problem is None, f"sample.guidance_interval: {problem}")
+
+
+def guidance_interval_problem(interval) -> Optional[str]:
+    """Why ``interval`` is not a valid ``[σ_low, σ_high]`` (``0 <= σ_low <= σ_high <= 1``), or None when it is."""
+    if (not isinstance(interval, (list, tuple)) or len(interval) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval)):
+        return f"got {interval!r}, expected [sigma_low, sigma_high], two numbers"
+    low, high = interval
+    if not 0.0 <= low <= high <= 1.0:
+        return f"got {list(interval)!r}, expected 0 <= sigma_low <= sigma_high <= 1"
+    return None
 
 
 @dataclass

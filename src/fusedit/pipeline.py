@@ -184,6 +184,7 @@ class FuseDiTPipeline:
         num_images_per_prompt: int = 1,
         use_text_cache: bool = True,
         progress: bool = False,
+        guidance_interval: Optional[Sequence[float]] = None,
     ) -> PipelineOutput:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = None
@@ -200,7 +201,14 @@ class FuseDiTPipeline:
         steps = num_inference_steps or self.defaults.num_inference_steps
         guidance = self.defaults.guidance_scale if guidance_scale is None else guidance_scale
         negative = self.defaults.negative_prompt if negative_prompt is None else negative_prompt
+        interval = self.defaults.guidance_interval if guidance_interval is None else guidance_interval
         self.check_inputs(prompts, height, width, output_type, latents, steps)
+        if interval is not None:
+            from fusedit.experiment import guidance_interval_problem
+
+            problem = guidance_interval_problem(interval)
+            if problem is not None:
+                raise ValueError(f"guidance_interval: {problem}")
         cfg = guidance > 1.0
 
         def contexts() -> TextContext:
@@ -229,7 +237,12 @@ class FuseDiTPipeline:
         for t in iterator:
             if not use_text_cache:
                 context = contexts()
-            v = self.velocity(x, t, context, guidance, cfg)
+            sigma = float(t) / 1000.0
+            if cfg and interval is not None and not interval[0] <= sigma <= interval[1]:
+                # outside the guidance interval: the conditional prediction alone (the second half of the context)
+                v = self.velocity(x, t, context.select(slice(len(prompts), None)), 1.0, cfg=False)
+            else:
+                v = self.velocity(x, t, context, guidance, cfg)
             x = self.scheduler.step(v, t, x, return_dict=False)[0]
         if output_type == "latent":
             return PipelineOutput(images=x, num_truncated=num_truncated)

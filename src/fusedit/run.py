@@ -53,7 +53,12 @@ def train_run(config: ExperimentConfig, run_dir: Union[str, Path], *, device=Non
     from fusedit.dist.env import destroy_distributed, init_distributed, is_initialized
     from fusedit.train.trainer import Trainer
 
+    from fusedit.builders import resolve_relative_paths
+
     run_dir = Path(run_dir)
+    # local LLM/tokenizer/VAE folders given relative to the working directory are recorded absolute, so that the
+    # run loads (fusedit sample/eval/export) from any directory
+    config = resolve_relative_paths(config, Path.cwd())
     created_group = False
     if config.train.distributed != "none":
         created_group = not is_initialized()

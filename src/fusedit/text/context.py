@@ -85,6 +85,17 @@ class TextContext:
         index = used.nonzero().squeeze(1)
         return self._map(lambda t, dim: t.index_select(dim, index))
 
+    def select(self, rows: slice) -> "TextContext":
+        """The prompts ``rows`` of the batch (e.g. the conditional half of a ``[uncond ; cond]`` context), with
+        columns that are padding in all of them dropped (:meth:`trimmed`)."""
+        def take(t, _dim):
+            return t[rows]
+
+        out = self._map(take)
+        if self.pooled is not None:
+            out = replace(out, pooled=take(self.pooled, 0))
+        return out.trimmed()
+
     def repeat(self, times: int) -> "TextContext":
         """Repeat every prompt ``times`` times along the batch (prompt-major: p0, p0, ..., p1, ...)."""
         def rep(t, _dim):
