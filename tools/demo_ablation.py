@@ -9,7 +9,9 @@
    GenEval-style accuracy per category, color recall/precision (:func:`fusedit.eval.shapes_eval.color_alignment`) and
    a soft position check: the centroids of the two prompt colors' pixels lie in the prompt's relation (by more than
    2 px), which credits a right arrangement before the detector accepts the shapes. Prints one ``PROBE`` JSON line
-   and writes ``OUT/fusedit/probe.png`` (rows of 8: the first 64 probe images).
+   and writes ``OUT/fusedit/probe.png`` (rows of 8: the first 64 probe images). ``--positions`` adds, for 64
+   random position prompts of the held-out and of the training split, how often both prompt colors are drawn and how
+   often the subject is then on the prompt's side (``POSITIONS`` lines).
 
 The probe is smaller and softer than ``fusedit eval RUN --suite shapes`` (all 149 held-out prompts × 4): it is
 meant to rank variants quickly (about a minute), not to report a model's score.
@@ -96,6 +98,35 @@ def probe(run: Path, guidance_scale: float | None = None) -> dict:
     return result
 
 
+def position_breakdown(run: Path, split: str = "held_out", prompts: int = 64) -> dict:
+    """Of ``prompts`` random position prompts with two different colors (one image each, seeds 0, 1, ...): how often
+    both prompt colors are drawn, and how often, when they are, the subject lies on the prompt's side."""
+    from fusedit.data.shapes import BACKGROUND, COLORS, PALETTE
+    from fusedit.eval.shapes_eval import world_from_config
+    from fusedit.eval.shapes_scorer import as_uint8_images
+    from fusedit.pipeline import load_pipeline
+
+    pipe = load_pipeline(run, device="cpu")
+    world = world_from_config(pipe.config)
+    specs = world.held_out_prompts("position") if split == "held_out" else world.training_prompts("position")
+    specs = [specs[i] for i in np.random.default_rng(0).choice(len(specs), prompts, replace=False)]
+    specs = [s for s in specs if s.objects[0].color != s.objects[1].color]
+    generators = [torch.Generator().manual_seed(i) for i in range(len(specs))]
+    images = as_uint8_images(pipe([s.text for s in specs], generator=generators, output_type="pt").images * 2 - 1)
+    palette = np.array([PALETTE[c] for c in COLORS], np.float32)
+
+    def drawn(image: np.ndarray, color: str) -> bool:
+        pixels = image.astype(np.float32)
+        foreground = np.linalg.norm(pixels - np.array(BACKGROUND, np.float32), axis=-1) > SOFT_FOREGROUND_THRESHOLD
+        nearest = np.linalg.norm(pixels[:, :, None] - palette, axis=-1).argmin(-1)
+        return int((foreground & (nearest == COLORS.index(color))).sum()) >= 4
+
+    both = [drawn(i, s.objects[0].color) and drawn(i, s.objects[1].color) for i, s in zip(images, specs)]
+    right = [bool(soft_position(i, s)) for i, s, b in zip(images, specs, both) if b]
+    return {"split": split, "images": len(specs), "both_colors_drawn": round(sum(both) / len(specs), 3),
+            "placed_as_prompted_when_both_drawn": round(sum(right) / max(len(right), 1), 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
@@ -104,6 +135,8 @@ def main() -> None:
     parser.add_argument("--llm-steps", type=int, default=300)
     parser.add_argument("--cfg", type=float, default=None, help="probe guidance scale (default: the run's)")
     parser.add_argument("--probe-only", action="store_true")
+    parser.add_argument("--positions", action="store_true",
+                        help="also break position prompts down: both colors drawn? placed as the prompt says?")
     args = parser.parse_args()
     torch.set_num_threads(1)
     run = args.out / "fusedit"
@@ -121,6 +154,9 @@ def main() -> None:
         shutil.rmtree(run, ignore_errors=True)
         train_run(config, run, device="cpu", progress=False)
     print("PROBE", json.dumps(probe(run, args.cfg)), flush=True)
+    if args.positions:
+        for split in ("held_out", "train"):
+            print("POSITIONS", json.dumps(position_breakdown(run, split)), flush=True)
 
 
 if __name__ == "__main__":
