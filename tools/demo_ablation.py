@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--probe-only", action="store_true")
     parser.add_argument("--positions", action="store_true",
                         help="also break position prompts down: both colors drawn? placed as the prompt says?")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     torch.set_num_threads(1)
     run = args.out / "fusedit"
     if not args.probe_only:
