@@ -8,7 +8,9 @@ cached across calls (keyed by negative prompt and length). ``use_text_cache=Fals
 the same numbers, slower (tested).
 
 The CFG batch is ``[unconditional ; conditional]`` (the reference's order) and the guided velocity is
-``v_u + s·(v_c - v_u)``; scale 1 (or less) skips the unconditional half.
+``v_u + s·(v_c - v_u)``; scale 1 (or less) skips the unconditional half. With a guidance interval ``[σ_low,
+σ_high]`` (``guidance_interval=``, default: the model's ``sample.guidance_interval``), steps whose σ lies outside it
+use the conditional velocity alone.
 """
 from __future__ import annotations
 
@@ -234,13 +236,15 @@ class FuseDiTPipeline:
             from tqdm.auto import tqdm
 
             iterator = tqdm(timesteps, desc="sampling", leave=False)
+        conditional = None  # the conditional half of the CFG context, for steps outside the guidance interval
         for t in iterator:
             if not use_text_cache:
-                context = contexts()
+                context, conditional = contexts(), None
             sigma = float(t) / 1000.0
             if cfg and interval is not None and not interval[0] <= sigma <= interval[1]:
-                # outside the guidance interval: the conditional prediction alone (the second half of the context)
-                v = self.velocity(x, t, context.select(slice(len(prompts), None)), 1.0, cfg=False)
+                if conditional is None:
+                    conditional = context.select(slice(len(prompts), None))
+                v = self.velocity(x, t, conditional, 1.0, cfg=False)
             else:
                 v = self.velocity(x, t, context, guidance, cfg)
             x = self.scheduler.step(v, t, x, return_dict=False)[0]

@@ -50,10 +50,9 @@ def train_run(config: ExperimentConfig, run_dir: Union[str, Path], *, device=Non
     process takes ``cuda:LOCAL_RANK``), and tears it down at the end. Only rank 0 writes ``config.yaml``, logs,
     samples and ``final/``.
     """
+    from fusedit.builders import resolve_relative_paths
     from fusedit.dist.env import destroy_distributed, init_distributed, is_initialized
     from fusedit.train.trainer import Trainer
-
-    from fusedit.builders import resolve_relative_paths
 
     run_dir = Path(run_dir)
     # local LLM/tokenizer/VAE folders given relative to the working directory are recorded absolute, so that the
