@@ -29,13 +29,52 @@ def held_out_examples(world, per_category: int = 2) -> list:
     return chosen
 
 
+def stale_run_reason(run_dir: Path, config, llm_retrained: bool) -> Optional[str]:
+    """Why the demo run already in ``run_dir`` must not be resumed with ``config`` (None: resume it, or none there).
+
+    Resuming is right after an interruption; it would silently be wrong after the demo's settings or its tiny LLM
+    changed (e.g. an upgrade of fusedit): the checkpoints were trained on other text features or data.
+    """
+    from fusedit.builders import resolve_relative_paths
+    from fusedit.config import ConfigError
+
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return None
+    if llm_retrained:
+        return "the tiny LLM it was trained with has been retrained"
+    try:
+        saved = load_experiment(saved_path)
+    except (ConfigError, OSError, ValueError):
+        return "its config.yaml cannot be read by this version of fusedit"
+    if saved != resolve_relative_paths(config, Path.cwd()):
+        return "it was trained with other settings"
+    return None
+
+
+def set_aside_stale_run(run_dir: Path, config, llm_retrained: bool) -> Optional[Path]:
+    """Move a stale demo run (:func:`stale_run_reason`) to ``<run_dir>.previous`` (replacing an older one) and say
+    so; returns the new location, or None when the run can be resumed."""
+    import shutil
+
+    reason = stale_run_reason(run_dir, config, llm_retrained)
+    if reason is None:
+        return None
+    previous = run_dir.with_name(run_dir.name + ".previous")
+    if previous.exists():
+        shutil.rmtree(previous)
+    run_dir.rename(previous)
+    print(f"      {run_dir} was not resumed: {reason}; it was moved to {previous} and training starts over")
+    return previous
+
+
 def run_demo(out: Path, *, device: Optional[str] = None, steps: Optional[int] = None,
              overrides: Sequence[str] = (), images_per_prompt: int = 4) -> dict:
     from fusedit.data.shapes import ShapesWorld
     from fusedit.eval.shapes_scorer import score_images
     from fusedit.pipeline import load_pipeline
     from fusedit.run import train_run
-    from fusedit.text.tiny_llm import TinyLLMConfig, ensure_shapes_world_llm
+    from fusedit.text.tiny_llm import TinyLLMConfig, ensure_shapes_world_llm, read_marker
     from fusedit.train.logging import save_image_grid
 
     started = time.perf_counter()
@@ -50,6 +89,7 @@ def run_demo(out: Path, *, device: Optional[str] = None, steps: Optional[int] = 
     # and on a busy machine two spinning threads per process slow training down several-fold.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    marker_before = read_marker(out / "tiny-llm")
     try:
         llm_dir = ensure_shapes_world_llm(out / "tiny-llm", world, TinyLLMConfig())
     finally:
@@ -58,6 +98,7 @@ def run_demo(out: Path, *, device: Optional[str] = None, steps: Optional[int] = 
     config = load_experiment("demo", list(overrides) + extra)
 
     run_dir = out / "fusedit"
+    set_aside_stale_run(run_dir, config, llm_retrained=read_marker(llm_dir) != marker_before)
     busy = os.getloadavg()[0] > 1.5 if hasattr(os, "getloadavg") else False
     if busy and torch.get_num_threads() > 1:
         # Several processes each spinning two threads on two cores slow every step down many-fold.
