@@ -70,17 +70,23 @@ def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, 
     return merged
 
 
+def read_yaml_mapping(path: Path, kind: str) -> dict[str, Any]:
+    """The YAML mapping in ``path`` (an empty file reads as ``{}``); ``kind`` names the file in errors ("config")."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{kind} {path} is not valid YAML: {error}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{kind} {path} must be a YAML mapping, got {type(data).__name__}")
+    return dict(data)
+
+
 def read_config_file(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML config with its ``base:`` chain resolved into one plain dict."""
     path = resolve_config_path(path)
     if path in _seen:
         raise ConfigError(f"config {path} includes itself through 'base' ({' -> '.join(map(str, _seen + (path,)))})")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config {path} is not valid YAML: {error}") from None
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"config {path} must be a YAML mapping of sections, got {type(data).__name__}")
+    data = read_yaml_mapping(path, "config")
     bases = data.pop("base", None)
     if bases is None:
         return dict(data)

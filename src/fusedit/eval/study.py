@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
-from fusedit.config import ConfigError, parse_override, resolve_config_path
+from fusedit.config import ConfigError, parse_override, read_yaml_mapping, resolve_config_path
 
 GRID_KEYS = ("name", "base", "tiny_llm", "overrides", "budget", "seeds", "variants", "eval", "description")
 EVAL_DIR = "eval-shapes"
@@ -107,12 +107,7 @@ def load_grid(path: str | Path) -> StudyGrid:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"grid file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"grid {path} is not valid YAML: {error}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"grid {path} must be a YAML mapping")
+    data = read_yaml_mapping(path, "grid")
     unknown = sorted(set(data) - set(GRID_KEYS))
     if unknown:
         raise ConfigError(f"grid {path}: unknown key(s) {unknown}; allowed: {', '.join(GRID_KEYS)}")
