@@ -33,20 +33,26 @@ CATEGORY_PROBE_IMAGES = 24
 SOFT_FOREGROUND_THRESHOLD = 60.0
 
 
-def soft_position(image: np.ndarray, spec) -> bool | None:
-    """Whether the two prompt colors' pixel centroids are in the prompt's relation (None: both objects share a color)."""
+def color_mask(image: np.ndarray, color: str) -> np.ndarray:
+    """``(H, W)`` bool: foreground pixels (farther than :data:`SOFT_FOREGROUND_THRESHOLD` from the background) whose
+    nearest palette color is ``color``."""
     from fusedit.data.shapes import BACKGROUND, COLORS, PALETTE
 
-    subject, reference = spec.objects
-    if subject.color == reference.color:
-        return None
     pixels = image.astype(np.float32)
     foreground = np.linalg.norm(pixels - np.array(BACKGROUND, np.float32), axis=-1) > SOFT_FOREGROUND_THRESHOLD
     palette = np.array([PALETTE[c] for c in COLORS], np.float32)
     nearest = np.linalg.norm(pixels[:, :, None, :] - palette, axis=-1).argmin(-1)
+    return foreground & (nearest == COLORS.index(color))
+
+
+def soft_position(image: np.ndarray, spec) -> bool | None:
+    """Whether the two prompt colors' pixel centroids are in the prompt's relation (None: both objects share a color)."""
+    subject, reference = spec.objects
+    if subject.color == reference.color:
+        return None
     centroids = []
     for color in (subject.color, reference.color):
-        mask = foreground & (nearest == COLORS.index(color))
+        mask = color_mask(image, color)
         if mask.sum() < 4:
             return False
         ys, xs = np.nonzero(mask)
@@ -101,7 +107,6 @@ def probe(run: Path, guidance_scale: float | None = None) -> dict:
 def position_breakdown(run: Path, split: str = "held_out", prompts: int = 64) -> dict:
     """Of ``prompts`` random position prompts with two different colors (one image each, seeds 0, 1, ...): how often
     both prompt colors are drawn, and how often, when they are, the subject lies on the prompt's side."""
-    from fusedit.data.shapes import BACKGROUND, COLORS, PALETTE
     from fusedit.eval.shapes_eval import world_from_config
     from fusedit.eval.shapes_scorer import as_uint8_images
     from fusedit.pipeline import load_pipeline
@@ -113,15 +118,7 @@ def position_breakdown(run: Path, split: str = "held_out", prompts: int = 64) ->
     specs = [s for s in specs if s.objects[0].color != s.objects[1].color]
     generators = [torch.Generator().manual_seed(i) for i in range(len(specs))]
     images = as_uint8_images(pipe([s.text for s in specs], generator=generators, output_type="pt").images * 2 - 1)
-    palette = np.array([PALETTE[c] for c in COLORS], np.float32)
-
-    def drawn(image: np.ndarray, color: str) -> bool:
-        pixels = image.astype(np.float32)
-        foreground = np.linalg.norm(pixels - np.array(BACKGROUND, np.float32), axis=-1) > SOFT_FOREGROUND_THRESHOLD
-        nearest = np.linalg.norm(pixels[:, :, None] - palette, axis=-1).argmin(-1)
-        return int((foreground & (nearest == COLORS.index(color))).sum()) >= 4
-
-    both = [drawn(i, s.objects[0].color) and drawn(i, s.objects[1].color) for i, s in zip(images, specs)]
+    both = [all(color_mask(i, o.color).sum() >= 4 for o in s.objects) for i, s in zip(images, specs)]
     right = [bool(soft_position(i, s)) for i, s, b in zip(images, specs, both) if b]
     return {"split": split, "images": len(specs), "both_colors_drawn": round(sum(both) / len(specs), 3),
             "placed_as_prompted_when_both_drawn": round(sum(right) / max(len(right), 1), 3)}
