@@ -167,6 +167,11 @@ def test_cli_sample_and_user_errors(trained, tmp_path, capsys):
     assert "1 prompt(s) were longer than the maximum text length and were truncated" in capsys.readouterr().out
     assert cli(["train", "demo", "model.pos_embd=ape"]) == 2
     assert "unknown key 'model.pos_embd'" in capsys.readouterr().err
+    interval = ["--guidance-interval", "0", "0.5", "--steps", "2", "--cfg", "3"]
+    assert cli(["sample", str(run), "--prompt", "a red circle", "--out", str(target)] + interval) == 0
+    assert cli(["sample", str(run), "--prompt", "a red circle", "--out", str(target), "--guidance-interval",
+                "0.5", "0.1"]) == 2
+    assert "guidance_interval: got [0.5, 0.1], expected 0 <= sigma_low <= sigma_high <= 1" in capsys.readouterr().err
 
 
 def test_missing_and_corrupt_checkpoints_are_reported(trained, tmp_path):
