@@ -6,8 +6,8 @@ import torch
 from fusedit.config import ConfigError
 from fusedit.data.config import ShapesWorldConfig
 from fusedit.experiment import load_experiment
-from fusedit.data.shapes import (BACKGROUND, CATEGORIES, PALETTE, ShapesWorld, enumerate_prompts, object_side,
-                                 restatement, shape_mask)
+from fusedit.data.shapes import (BACKGROUND, CATEGORIES, COLORS, NO_SCENE_TARGET, PALETTE, SCENE_FIELDS, SHAPES,
+                                 ShapesWorld, enumerate_prompts, object_side, restatement, scene_labels, shape_mask)
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +108,38 @@ def test_llm_corpus_restates_training_prompts_only(world):
     assert not {line.split(" . ")[0] for line in restated} & held
     with pytest.raises(ValueError, match="unknown tiny-LLM corpus 'poems'"):
         world.llm_corpus("poems")
+
+
+def test_scene_labels_put_position_objects_in_spatial_order():
+    spec = {s.text: s for c in CATEGORIES for s in enumerate_prompts(c)}
+    red, blue, green, white = (COLORS.index(c) for c in ("red", "blue", "green", "white"))
+    circle, square, triangle = (SHAPES.index(s) for s in ("circle", "square", "triangle"))
+    assert [name for name, _ in SCENE_FIELDS] == ["first_color", "first_shape", "second_color", "second_shape",
+                                                  "axis"]
+    assert scene_labels(spec["a red circle to the left of a blue square"]) == (red, circle, blue, square, 0)
+    assert scene_labels(spec["a red circle to the right of a blue square"]) == (blue, square, red, circle, 0)
+    assert scene_labels(spec["a white triangle below a green circle"]) == (green, circle, white, triangle, 1)
+    assert scene_labels(spec["a green circle above a white triangle"]) == (green, circle, white, triangle, 1)
+    # one scene, two wordings: the same labels; a mirrored scene: other labels
+    assert scene_labels(spec["a red circle to the left of a blue square"]) == scene_labels(
+        spec["a blue square to the right of a red circle"])
+    assert scene_labels(spec["a red circle to the left of a blue square"]) != scene_labels(
+        spec["a blue square to the left of a red circle"])
+    for s in spec.values():
+        labels = scene_labels(s)
+        assert len(labels) == len(SCENE_FIELDS)
+        if s.category == "position":  # every field has a target that fits its classes
+            assert all(0 <= v < n for v, (_, n) in zip(labels, SCENE_FIELDS)), s.text
+        else:  # captions that name no place have none
+            assert labels == (NO_SCENE_TARGET,) * len(SCENE_FIELDS), s.text
+
+
+def test_llm_scene_labels_follow_the_llm_corpus(world):
+    captions, labels = world.llm_scene_labels()
+    lines = world.llm_corpus()
+    assert len(captions) == len(labels) == len(lines)
+    assert all(line.startswith(caption + " . ") for line, caption in zip(lines, captions))
+    assert labels == [scene_labels(world.spec(c)) for c in captions]
 
 
 @pytest.mark.parametrize("resolution", [32, 64])

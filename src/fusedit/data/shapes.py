@@ -74,6 +74,19 @@ LLM_CORPORA: tuple[str, ...] = ("restated", "captions")
 #: Smallest supported image side in pixels.
 MIN_RESOLUTION = 16
 
+#: Fields of a ``position`` caption's scene read-out (:func:`scene_labels`) and their number of classes, in order: the
+#: object on the left (or on top), the object on the right (or at the bottom), and the axis of the relation.
+SCENE_FIELDS: tuple[tuple[str, int], ...] = (
+    ("first_color", len(COLORS)),
+    ("first_shape", len(SHAPES)),
+    ("second_color", len(COLORS)),
+    ("second_shape", len(SHAPES)),
+    ("axis", 2),  # 0: left/right, 1: above/below
+)
+
+#: :func:`scene_labels` of a caption that has no spatial relation: no target in any field.
+NO_SCENE_TARGET = -100
+
 
 @dataclass(frozen=True)
 class ObjectSpec:
@@ -177,6 +190,24 @@ def restatement(spec: PromptSpec) -> str:
         (obj,) = spec.objects
         return f"count {_NUMBER_WORDS[obj.count]} . color {obj.color} . shape {obj.shape} ."
     return " ".join(f"the {o.shape} is {o.color} ." if o.color else f"there is one {o.shape} ." for o in spec.objects)
+
+
+def scene_labels(spec: PromptSpec) -> tuple[int, ...]:
+    """Where the objects of a ``position`` caption go, as one class index per field of :data:`SCENE_FIELDS`.
+
+    The tiny LLM's scene objective (:class:`fusedit.text.tiny_llm.SceneObjective`) asks its values at a caption's
+    last token to predict these, so that the frozen LLM hands the DiT which object goes where. The objects are
+    taken in spatial order (left or top one first): ``a red circle to the right of a blue square`` →
+    ``(blue, square, red, circle, left/right)``, the same as ``a blue square to the left of a red circle``.
+    Captions of the other categories name no place and get :data:`NO_SCENE_TARGET` in every field.
+    """
+    if spec.category != "position":
+        return (NO_SCENE_TARGET,) * len(SCENE_FIELDS)
+    subject, reference = spec.objects
+    first, second = (subject, reference) if spec.relation in ("left of", "above") else (reference, subject)
+    axis = 0 if spec.relation in ("left of", "right of") else 1
+    return (COLORS.index(first.color), SHAPES.index(first.shape), COLORS.index(second.color),
+            SHAPES.index(second.shape), axis)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -320,6 +351,12 @@ class ShapesWorld:
         if kind == "captions":
             return self.caption_corpus()
         return [f"{s.text} . {restatement(s)}" for s in self.training_prompts()]
+
+    def llm_scene_labels(self) -> tuple[list[str], list[tuple[int, ...]]]:
+        """The training captions and their :func:`scene_labels`, in the order of :meth:`llm_corpus`'s lines (each
+        line starts with its caption)."""
+        specs = self.training_prompts()
+        return [s.text for s in specs], [scene_labels(s) for s in specs]
 
     def spec(self, text: str) -> PromptSpec:
         """The :class:`PromptSpec` of a prompt string of this world."""
