@@ -8,9 +8,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from fusedit.config import ConfigError
 from fusedit.data.config import ShapesWorldConfig
 from fusedit.data.shapes import ShapesWorld
-from fusedit.text.tiny_llm import (BOS_ID, EOS_ID, MARKER_NAME, PAD_ID, UNK_ID, TinyLLMConfig, build_tiny_llm,
-                                   corpus_hash, ensure_shapes_world_llm, ensure_tiny_llm, pretrain_tiny_llm,
-                                   read_marker, train_caption_tokenizer)
+from fusedit.text.tiny_llm import (BOS_ID, EOS_ID, MARKER_NAME, PAD_ID, UNK_ID, SceneObjective, TinyLLMConfig,
+                                   _encode_corpus, _scene_positions, build_tiny_llm, corpus_hash,
+                                   ensure_shapes_world_llm, ensure_tiny_llm, pretrain_tiny_llm, read_marker,
+                                   train_caption_tokenizer)
 
 CORPUS = [
     "a red circle", "a blue square", "two green triangles", "a red circle to the left of a blue square",
@@ -128,6 +129,7 @@ def test_shapes_world_llm_trains_on_the_chosen_corpus(tmp_path, capsys):
     marker = read_marker(folder)
     assert marker["config"]["corpus"] == "restated"
     assert marker["corpus_sha256"] == corpus_hash(world.llm_corpus("restated"))
+    assert marker["scene_sha256"] is not None and marker["final_scene_loss"] > 0  # the world's scene objective
     assert "truncated" not in capsys.readouterr().out  # the default max_length holds every restated caption
     tok = AutoTokenizer.from_pretrained(folder)
     assert tok.convert_tokens_to_ids("left") != UNK_ID and tok.convert_tokens_to_ids("is") != UNK_ID
@@ -145,3 +147,81 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         train_caption_tokenizer("a red circle")
     with pytest.raises(ValueError, match="num_key_value_heads"):
         pretrain_tiny_llm(CORPUS, tmp_path, TinyLLMConfig(num_attention_heads=3, num_key_value_heads=2))
+
+
+# -- the scene objective -----------------------------------------------------------------------------------------
+
+#: a toy scene task on CORPUS: field 0 = which relation word the caption has (none / left / above / below),
+#: field 1 = its first color (or 6 when it names none); the lines are the captions plus a suffix
+SCENE_LINES = [c + " . done" for c in CORPUS]
+
+
+def _toy_scene(lines=SCENE_LINES):
+    captions = [line.split(" . ")[0] for line in lines]
+    colors = ("red", "green", "blue", "yellow", "purple", "white")
+
+    def labels(caption):
+        relation = next((i for i, w in enumerate(("left", "above", "below"), start=1) if w in caption.split()), 0)
+        color = next((colors.index(w) for w in caption.split() if w in colors), len(colors))
+        return (relation, color)
+
+    return SceneObjective(captions, [labels(c) for c in captions], (4, len(colors) + 1))
+
+
+def test_scene_positions_point_at_each_captions_last_token():
+    tok = train_caption_tokenizer(SCENE_LINES, max_length=16)
+    data = _encode_corpus(tok, SCENE_LINES, 16)
+    positions = _scene_positions(tok, data, _toy_scene())
+    for row, caption in enumerate(_toy_scene().captions):
+        assert tok.convert_ids_to_tokens(int(data["input_ids"][row, positions[row]])) == caption.split()[-1]
+        assert tok.convert_ids_to_tokens(int(data["input_ids"][row, positions[row] + 1])) == "."
+    shifted = SceneObjective(_toy_scene().captions[1:] + _toy_scene().captions[:1], _toy_scene().labels, (4, 7))
+    with pytest.raises(ValueError, match="is not the beginning of corpus line 0"):
+        _scene_positions(tok, data, shifted)
+    with pytest.raises(ValueError, match="2 captions for a corpus of 10 lines"):
+        _scene_positions(tok, data, SceneObjective(shifted.captions[:2], shifted.labels[:2], (4, 7)))
+
+
+def test_scene_objective_is_learned_and_leaves_a_plain_llm(tmp_path):
+    scene = _toy_scene()
+    config = TinyLLMConfig(**{**TINY.__dict__, "steps": 60})
+    folder = pretrain_tiny_llm(SCENE_LINES, tmp_path / "scene", config, scene)
+    marker = read_marker(folder)
+    assert marker["scene_sha256"] == scene.fingerprint()
+    assert marker["final_scene_loss"] < 0.5 * marker["first_scene_loss"], marker
+    # the saved model is a plain Gemma 2 causal LM: the same tensors as one trained without the objective
+    plain = pretrain_tiny_llm(SCENE_LINES, tmp_path / "plain", config)
+    assert read_marker(plain)["scene_sha256"] is None and read_marker(plain)["final_scene_loss"] is None
+    a = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(plain).state_dict()
+    assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)
+    # weight 0 turns it off: the same weights as no objective at all
+    off = pretrain_tiny_llm(SCENE_LINES, tmp_path / "off", TinyLLMConfig(**{**config.__dict__,
+                                                                            "scene_loss_weight": 0.0}), scene)
+    c = AutoModelForCausalLM.from_pretrained(off).state_dict()
+    assert all(torch.equal(b[k], c[k]) for k in b) and read_marker(off)["scene_sha256"] is None
+
+
+def test_ensure_retrains_when_the_scene_objective_changes(tmp_path, capsys):
+    config = TinyLLMConfig(**{**TINY.__dict__, "steps": 2})
+    folder = ensure_tiny_llm(tmp_path, SCENE_LINES, config, _toy_scene())
+    capsys.readouterr()
+    assert ensure_tiny_llm(folder, SCENE_LINES, config, _toy_scene()) == folder
+    assert "tiny-llm step" not in capsys.readouterr().out
+    changed = SceneObjective(_toy_scene().captions, [(0, 0)] * len(SCENE_LINES), (4, 7))
+    ensure_tiny_llm(folder, SCENE_LINES, config, changed)
+    assert "tiny-llm step" in capsys.readouterr().out and read_marker(folder)["scene_sha256"] == changed.fingerprint()
+    ensure_tiny_llm(folder, SCENE_LINES, config)
+    assert "tiny-llm step" in capsys.readouterr().out and read_marker(folder)["scene_sha256"] is None
+
+
+def test_scene_objective_errors():
+    with pytest.raises(ValueError, match="2 captions but 1 label rows"):
+        SceneObjective(["a", "b"], [(0,)], (2,))
+    with pytest.raises(ValueError, match=r"labels \(0, 9\) of caption 'a red circle' do not fit the classes \(4, 7\)"):
+        SceneObjective(["a red circle"], [(0, 9)], (4, 7))
+    with pytest.raises(ValueError, match="at least one field of >= 2 classes"):
+        SceneObjective(["a"], [()], ())
+    assert SceneObjective(["a"], [(-100, 3)], (4, 7)).labels == ((-100, 3),)
+    with pytest.raises(ConfigError, match="TinyLLMConfig.scene_loss_weight: got -1"):
+        TinyLLMConfig(scene_loss_weight=-1).validate()
