@@ -1,6 +1,7 @@
 """Train one variant of the demo and probe how well it follows the prompts (the measurements of docs/results/demo.md).
 
-    python tools/demo_ablation.py OUT [--llm-corpus restated|captions] [--llm-steps 300] [key=value ...]
+    python tools/demo_ablation.py OUT [--llm-corpus restated|captions] [--llm-steps 300] [--llm-scene-weight 1]
+                                  [key=value ...]
 
 1. pretrains (or reuses) the tiny LLM on the shapes world's ``--llm-corpus`` text into ``OUT/tiny-llm``;
 2. trains the demo config with the overrides into ``OUT/fusedit`` (one torch thread, so two variants can run side
@@ -11,7 +12,9 @@
    2 px), which credits a right arrangement before the detector accepts the shapes. Prints one ``PROBE`` JSON line
    and writes ``OUT/fusedit/probe.png`` (rows of 8: the first 64 probe images). ``--positions`` adds, for 64
    random position prompts of the held-out and of the training split, how often both prompt colors are drawn and how
-   often the subject is then on the prompt's side (``POSITIONS`` lines).
+   often the subject is then on the prompt's side (``POSITIONS`` lines), and the layout signal at high noise
+   (``LAYOUT`` lines, :func:`layout_signal`: does the model's one-step prediction put the subject's color on the
+   prompt's side? It needs no sampling, so it shows a layout being learned before samples do).
 
 The probe is smaller and softer than ``fusedit eval RUN --suite shapes`` (all 149 held-out prompts × 4): it is
 meant to rank variants quickly (about a minute), not to report a model's score.
@@ -25,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from fusedit.text.tiny_llm import TinyLLMConfig
 
 POSITION_PROBE_IMAGES = 72
 CATEGORY_PROBE_IMAGES = 24
@@ -124,16 +129,68 @@ def position_breakdown(run: Path, split: str = "held_out", prompts: int = 64) ->
             "placed_as_prompted_when_both_drawn": round(sum(right) / max(len(right), 1), 3)}
 
 
+def layout_signal(run: Path, split: str = "held_out", prompts: int = 96, sigma: float = 0.95,
+                  noise_draws: int = 4) -> dict:
+    """Whether the model's layout at high noise follows position prompts, without sampling.
+
+    For ``prompts`` random position prompts with two different colors: the one-step prediction of the clean image
+    ``x0 = x_t - σ·v`` at ``σ`` from pure noise (conditional, no guidance), averaged over ``noise_draws`` draws;
+    its contrast between the subject's and the reference's palette colors; and the offset of that contrast's centroid
+    along the relation's axis (in pixels, positive = the subject is on the prompt's side). The training images'
+    own mean (200 renders per prompt) scores 1.0 with offsets of about 6 px; a model that ignores the relation
+    scores about 0.5. Returns the fraction of prompts on the right side (all, left/right and above/below
+    prompts) and the mean offset.
+    """
+    from fusedit.data.shapes import PALETTE
+    from fusedit.eval.shapes_eval import world_from_config
+    from fusedit.pipeline import load_pipeline
+
+    pipe = load_pipeline(run, device="cpu")
+    world = world_from_config(pipe.config)
+    specs = world.held_out_prompts("position") if split == "held_out" else world.training_prompts("position")
+    specs = [s for s in specs if s.objects[0].color != s.objects[1].color]
+    specs = [specs[i] for i in np.random.default_rng(0).choice(len(specs), min(prompts, len(specs)), replace=False)]
+    context = pipe.encode_prompt([s.text for s in specs])
+    size = pipe.config.model.sample_size
+    generator = torch.Generator().manual_seed(0)
+    x0 = 0
+    for _ in range(noise_draws):
+        noise = torch.randn(len(specs), pipe.codec.channels, size, size, generator=generator)
+        with torch.no_grad():
+            v = pipe.model(noise, torch.full((len(specs),), sigma * 1000.0), context).float()
+        x0 = x0 + (noise - sigma * v) / noise_draws
+    ys, xs = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
+    offsets = []
+    for image, spec in zip(x0, specs):
+        subject, reference = spec.objects
+        direction = (torch.tensor(PALETTE[subject.color]) - torch.tensor(PALETTE[reference.color])).float() / 127.5
+        contrast = torch.einsum("chw,c->hw", image, direction)
+        weight = contrast - contrast.mean()
+        cx = float((weight * xs).sum() / weight.abs().sum())
+        cy = float((weight * ys).sum() / weight.abs().sum())
+        offsets.append({"left of": -cx, "right of": cx, "above": -cy, "below": cy}[spec.relation])
+    offsets = np.array(offsets)
+    horizontal = np.array([s.relation in ("left of", "right of") for s in specs])
+    return {"split": split, "prompts": len(specs), "sigma": sigma,
+            "subject_on_prompted_side": round(float((offsets > 0).mean()), 3),
+            "left_right": round(float((offsets[horizontal] > 0).mean()), 3),
+            "above_below": round(float((offsets[~horizontal] > 0).mean()), 3),
+            "mean_offset_px": round(float(offsets.mean()), 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("overrides", nargs="*", help="demo config overrides, key=value")
     parser.add_argument("--llm-corpus", default="restated", choices=["restated", "captions"])
     parser.add_argument("--llm-steps", type=int, default=300)
+    parser.add_argument("--llm-scene-weight", type=float, default=TinyLLMConfig().scene_loss_weight,
+                        help="weight of the tiny LLM's scene objective (0: next-token loss only)")
     parser.add_argument("--cfg", type=float, default=None, help="probe guidance scale (default: the run's)")
     parser.add_argument("--probe-only", action="store_true")
     parser.add_argument("--positions", action="store_true",
-                        help="also break position prompts down: both colors drawn? placed as the prompt says?")
+                        help="also break position prompts down: both colors drawn? placed as the prompt says? and "
+                             "the layout signal at high noise (LAYOUT lines, see layout_signal)")
     args = parser.parse_intermixed_args()
     torch.set_num_threads(1)
     run = args.out / "fusedit"
@@ -141,11 +198,12 @@ def main() -> None:
         from fusedit.data.shapes import ShapesWorld
         from fusedit.experiment import load_experiment
         from fusedit.run import train_run
-        from fusedit.text.tiny_llm import TinyLLMConfig, ensure_shapes_world_llm
+        from fusedit.text.tiny_llm import ensure_shapes_world_llm
 
         base = load_experiment("demo", args.overrides)
         world = ShapesWorld(base.data.shapes, base.data.resolution)
-        llm_config = TinyLLMConfig(corpus=args.llm_corpus, steps=args.llm_steps)
+        llm_config = TinyLLMConfig(corpus=args.llm_corpus, steps=args.llm_steps,
+                                   scene_loss_weight=args.llm_scene_weight)
         llm = ensure_shapes_world_llm(args.out / "tiny-llm", world, llm_config)
         config = load_experiment("demo", args.overrides + [f"text.llm={llm}"])
         shutil.rmtree(run, ignore_errors=True)
@@ -154,6 +212,7 @@ def main() -> None:
     if args.positions:
         for split in ("held_out", "train"):
             print("POSITIONS", json.dumps(position_breakdown(run, split)), flush=True)
+            print("LAYOUT", json.dumps(layout_signal(run, split)), flush=True)
 
 
 if __name__ == "__main__":
