@@ -84,7 +84,8 @@ def run_demo(out: Path, *, device: Optional[str] = None, steps: Optional[int] = 
     print(f"[1/4] shapes world: {len(world.training_prompts())} training prompts, "
           f"{len(world.held_out_prompts())} held out, {base.data.resolution}px")
 
-    print("[2/4] tiny LLM (Gemma 2 architecture) on the training captions and their restatements")
+    print("[2/4] tiny LLM (Gemma 2 architecture) on the training captions and their restatements, with the scene "
+          "objective")
     # One thread: at this size (width 128, sequences of ~12 tokens) a second thread adds synchronisation, not speed,
     # and on a busy machine two spinning threads per process slow training down several-fold.
     threads = torch.get_num_threads()
