@@ -225,3 +225,11 @@ def test_scene_objective_errors():
     assert SceneObjective(["a"], [(-100, 3)], (4, 7)).labels == ((-100, 3),)
     with pytest.raises(ConfigError, match="TinyLLMConfig.scene_loss_weight: got -1"):
         TinyLLMConfig(scene_loss_weight=-1).validate()
+
+
+def test_scene_objective_needs_a_layer_past_the_first(tmp_path):
+    one_layer = TinyLLMConfig(**{**TINY.__dict__, "num_hidden_layers": 1, "steps": 1})
+    with pytest.raises(ValueError, match="a 1-layer tiny LLM has none"):
+        pretrain_tiny_llm(SCENE_LINES, tmp_path, one_layer, _toy_scene())
+    off = TinyLLMConfig(**{**one_layer.__dict__, "scene_loss_weight": 0.0})
+    assert read_marker(pretrain_tiny_llm(SCENE_LINES, tmp_path, off, _toy_scene()))["scene_sha256"] is None

@@ -275,6 +275,9 @@ class _SceneReadout(torch.nn.Module):
     def __init__(self, model: Gemma2ForCausalLM, classes: Sequence[int], seed: int):
         super().__init__()
         layers = model.model.layers
+        if len(layers) < 2:
+            raise ValueError("the scene objective reads the values of layers 1, 2, ... (layer 0 sees one token only); "
+                             "a 1-layer tiny LLM has none: use num_hidden_layers >= 2 or scene_loss_weight=0")
         width = model.config.num_key_value_heads * model.config.head_dim
         self.classes = list(classes)
         with torch.random.fork_rng(devices=[]):
