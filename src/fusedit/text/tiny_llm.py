@@ -251,6 +251,11 @@ def corpus_loss(model: Gemma2ForCausalLM, data: dict[str, torch.Tensor], batch_s
     return total / max(count, 1)
 
 
+def _scene_in_use(scene: Optional[SceneObjective], config: TinyLLMConfig) -> Optional[SceneObjective]:
+    """``scene`` when the pretraining uses it (given, and ``config.scene_loss_weight`` > 0), else None."""
+    return scene if scene is not None and config.scene_loss_weight > 0 else None
+
+
 def _scene_positions(tokenizer: PreTrainedTokenizerFast, data: dict[str, torch.Tensor],
                      scene: SceneObjective) -> torch.Tensor:
     """``(N,)`` column of each encoded corpus line's last caption token (lines are left-padded ``<bos> ... <eos>``)."""
@@ -259,8 +264,7 @@ def _scene_positions(tokenizer: PreTrainedTokenizerFast, data: dict[str, torch.T
         raise ValueError(f"SceneObjective has {len(scene.captions)} captions for a corpus of {input_ids.shape[0]} "
                          f"lines; expected one per line, in corpus order")
     positions = []
-    for row, caption in enumerate(scene.captions):
-        ids = tokenizer(caption)["input_ids"]
+    for row, (caption, ids) in enumerate(zip(scene.captions, tokenizer(list(scene.captions))["input_ids"])):
         start = input_ids.shape[1] - int(mask[row].sum())
         if input_ids[row, start:start + len(ids)].tolist() != ids:
             raise ValueError(f"SceneObjective: caption {caption!r} is not the beginning of corpus line {row}")
@@ -323,7 +327,7 @@ def pretrain_tiny_llm(corpus: Sequence[str], out_dir: Union[str, os.PathLike],
     """
     corpus = _check_corpus(corpus)
     config.validate()
-    use_scene = scene is not None and config.scene_loss_weight > 0
+    scene = _scene_in_use(scene, config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER_NAME).unlink(missing_ok=True)  # an interrupted run must not look complete
@@ -334,7 +338,7 @@ def pretrain_tiny_llm(corpus: Sequence[str], out_dir: Union[str, os.PathLike],
     model = build_tiny_llm(config, vocab_size=len(tokenizer))
     params = list(model.parameters())
     readout = positions = labels = None
-    if use_scene:
+    if scene is not None:
         positions = _scene_positions(tokenizer, data, scene)
         labels = torch.tensor(scene.labels, dtype=torch.long)
         readout = _SceneReadout(model, scene.classes, seed=config.seed + 1)
@@ -377,7 +381,7 @@ def pretrain_tiny_llm(corpus: Sequence[str], out_dir: Union[str, os.PathLike],
     marker = {
         "config": dataclasses.asdict(config),
         "corpus_sha256": corpus_hash(corpus),
-        "scene_sha256": scene.fingerprint() if use_scene else None,
+        "scene_sha256": scene.fingerprint() if scene is not None else None,
         "num_captions": len(corpus),
         "vocab_size": len(tokenizer),
         "first_loss": first_loss,
@@ -410,7 +414,8 @@ def ensure_tiny_llm(out_dir: Union[str, os.PathLike], corpus: Sequence[str],
     out = Path(out_dir)
     marker = read_marker(out)
     complete = all((out / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
-    scene_sha = scene.fingerprint() if scene is not None and config.scene_loss_weight > 0 else None
+    scene = _scene_in_use(scene, config)
+    scene_sha = scene.fingerprint() if scene is not None else None
     if (complete and marker is not None and marker.get("config") == dataclasses.asdict(config)
             and marker.get("corpus_sha256") == corpus_hash(corpus) and marker.get("scene_sha256") == scene_sha):
         return out
