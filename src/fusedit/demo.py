@@ -2,7 +2,8 @@
 
 1. builds the shapes world (procedural images + captions, with held-out prompts);
 2. pretrains (or reuses) a tiny Gemma 2 LLM on the training captions, each followed by a restatement of its
-   content, and saves it with ``save_pretrained``;
+   content, with the scene objective (its values at a position caption's last token must say which object goes
+   where), and saves it with ``save_pretrained``;
 3. trains a deep-fusion DiT on it, loading the LLM through the same loader real LLMs use;
 4. samples a grid for held-out prompts (never seen in training) and scores them with the shapes-world detector;
 5. prints the paths of the grid, the run and its logs.
