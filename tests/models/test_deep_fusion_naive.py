@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -287,6 +288,50 @@ def test_text_modulation_matches_naive(family, timestep):
     ours = model(x, t, context)
     naive = naive_forward(model, decoder, family, x, t, ids, mask, pooled=context.pooled)
     torch.testing.assert_close(ours, naive, atol=2e-5, rtol=1e-4)
+
+
+def sincos_table(model_config, gh, gw, dim):
+    """The reference's (SD3's) 2D sin-cos table for a ``gh × gw`` patch grid, written out: ``(gh·gw, dim)``.
+
+    A ``pos_embed_max_size``² table with positions ``index · base / max`` (``base`` = patches per side at
+    ``sample_size``) is centre-cropped; each token gets ``[sin(col·ω), cos(col·ω), sin(row·ω), cos(row·ω)]`` with
+    ``ω_k = 10000^(-k / (dim/4))``.
+    """
+    size, base = model_config.pos_embed_max_size, model_config.sample_size // model_config.patch_size
+    top, left = (size - gh) // 2, (size - gw) // 2
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows = []
+    for i in range(gh):
+        for j in range(gw):
+            row, col = (top + i) * base / size, (left + j) * base / size
+            rows.append(torch.cat([torch.sin(col * omega), torch.cos(col * omega),
+                                   torch.sin(row * omega), torch.cos(row * omega)]))
+    return torch.stack(rows).float()
+
+
+@pytest.mark.parametrize("pos_embed", ["1d-rope", "2d-rope", "m-rope"])
+def test_absolute_pos_embed_adds_the_sincos_table_on_top_of_rope(pos_embed):
+    decoder = copy.deepcopy(DECODERS["gemma2"])
+    config = ModelConfig(pos_embed=pos_embed, absolute_pos_embed=True, timestep_conditioning="adaln-zero",
+                         in_channels=3, sample_size=8, patch_size=2, dit_hidden_size=24, dit_intermediate_size=40)
+    model = build_model(config, LLMGeometry.from_hf_config(decoder.config)).eval()
+    randomize(model, 11)
+    # non-square input: the crop is centred on each axis separately
+    x = torch.randn(2, 3, 8, 12, generator=torch.Generator().manual_seed(12))
+    conv = F.conv2d(x, model.patch_embed.proj.weight, model.patch_embed.proj.bias, stride=2)
+    expected = conv.flatten(2).transpose(1, 2) + sincos_table(config, 4, 6, 24)
+    torch.testing.assert_close(model.patch_embed(x), expected, atol=1e-5, rtol=1e-5)
+    # the whole model, rotary embeddings included, still equals the naive joint attention
+    for padding_side in ("left", "right"):
+        xs, t, ids, mask = inputs(13, padding_side)
+        ours = model(xs, t, encode(decoder, model, ids, mask))
+        torch.testing.assert_close(ours, naive_forward(model, decoder, "gemma2", xs, t, ids, mask),
+                                   atol=2e-5, rtol=1e-4)
+    # and the table is the only difference from the same weights without it
+    plain = build_model(replace(config, absolute_pos_embed=False), LLMGeometry.from_hf_config(decoder.config)).eval()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    torch.testing.assert_close(model.patch_embed(x) - plain.patch_embed(x),
+                               sincos_table(config, 4, 6, 24).expand(2, -1, -1), atol=1e-5, rtol=1e-5)
 
 
 def test_trimming_padding_changes_nothing():

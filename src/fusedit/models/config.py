@@ -27,6 +27,10 @@ class ModelConfig:
         pos_embed: image positions: ``ape`` (2D sin-cos added to patches), ``1d-rope`` (1D RoPE continuing after
             the real text tokens), ``2d-rope`` (rows on one half of head_dim, columns on the other, offset by
             the number of real text tokens), ``m-rope`` (Qwen2-VL-style multimodal RoPE).
+        absolute_pos_embed: also add the 2D sin-cos table to the patches (as ``ape`` does) on top of a RoPE
+            ``pos_embed``. RoPE alone encodes only relative positions among image tokens, so from pure noise a
+            model can place things only through its attention to the text; the table gives each patch where it is
+            (measured on the demo in ``docs/results/demo.md``). ``ape`` has the table already.
         timestep_conditioning: ``adaln-zero``, ``adaln-single`` (PixArt), ``addition`` (timestep embedding added
             to patch tokens) or ``none`` (no timestep input at all).
         text_modulation: add a pooled text embedding (RMSNorm → MLP) to the timestep embedding (the paper's
@@ -46,7 +50,8 @@ class ModelConfig:
         patch_size, in_channels, out_channels: patchification; channels are 3 for pixels or the VAE's latent
             channels (``out_channels`` ``null``: same as ``in_channels``).
         sample_size: default latent (or pixel) side length used by the pipeline when no size is given.
-        pos_embed_max_size: side of the sin-cos table for ``ape`` (centre-cropped to the image grid).
+        pos_embed_max_size: side of the sin-cos table for ``ape`` and ``absolute_pos_embed`` (centre-cropped to
+            the image grid).
         text_hidden_states_index: (``dit`` only) which ``hidden_states`` entry of the LLM conditions the baseline.
         rms_norm_eps, rope_theta: ``null``: the LLM's.
     """
@@ -54,6 +59,7 @@ class ModelConfig:
     kind: Literal["fusedit", "dit"] = "fusedit"
     attention: Attention = "self"
     pos_embed: PosEmbed = "2d-rope"
+    absolute_pos_embed: bool = False
     timestep_conditioning: TimestepConditioning = "none"
     text_modulation: bool = False
     text_modulation_dim: Union[int, None] = None
@@ -97,6 +103,14 @@ class ModelConfig:
             require(self.timestep_conditioning != "none",
                     "model.text_modulation: true needs a timestep embedding to add to; set "
                     "model.timestep_conditioning to adaln-zero, adaln-single or addition")
+        require(not (self.absolute_pos_embed and self.pos_embed == "ape"),
+                "model.absolute_pos_embed: true adds the sin-cos table on top of a RoPE pos_embed, but pos_embed "
+                "'ape' has it already; use it with 1d-rope, 2d-rope or m-rope, or set it to false")
+        if self.pos_embed == "ape" or self.absolute_pos_embed:
+            patches = self.sample_size // self.patch_size
+            require(patches <= self.pos_embed_max_size,
+                    f"model.pos_embed_max_size: got {self.pos_embed_max_size}, but model.sample_size="
+                    f"{self.sample_size} is {patches} patches per side; the sin-cos table needs at least that many")
         if self.head_dim is not None and self.pos_embed in ("2d-rope", "m-rope"):
             require(self.head_dim % 4 == 0, f"model.head_dim: {self.pos_embed} needs head_dim divisible by 4, got {self.head_dim}")
 
