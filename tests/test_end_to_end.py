@@ -158,6 +158,9 @@ def test_cli_sample_and_user_errors(trained, tmp_path, capsys):
 
     assert cli(["sample", str(run), "--prompt", "a red circle", "--out", str(target), "--height", "18"]) == 2
     assert "height and width must be positive multiples of 4" in capsys.readouterr().err
+    # the demo config's sin-cos position table covers 16 patches of 4 px per side
+    assert cli(["sample", str(run), "--prompt", "a red circle", "--out", str(target), "--height", "68"]) == 2
+    assert "68x16 is larger than this model's sin-cos position table allows: at most 64x64" in capsys.readouterr().err
     assert cli(["sample", str(run), "--prompt", "   ", "--out", str(target)]) == 2
     assert "prompt 0 is empty" in capsys.readouterr().err
     assert cli(["sample", str(tmp_path / "nope"), "--prompt", "x", "--out", str(target)]) == 2
