@@ -1,7 +1,7 @@
 """Train one variant of the demo and probe how well it follows the prompts (the measurements of docs/results/demo.md).
 
     python tools/demo_ablation.py OUT [--llm-corpus restated|captions] [--llm-steps 300] [--llm-scene-weight 1]
-                                  [key=value ...]
+                                  [--probe-only] [--cfg CFG] [--positions] [--placement-cfg CFG ...] [key=value ...]
 
 1. pretrains (or reuses) the tiny LLM on the shapes world's ``--llm-corpus`` text into ``OUT/tiny-llm``;
 2. trains the demo config with the overrides into ``OUT/fusedit`` (one torch thread, so two variants can run side
@@ -15,6 +15,8 @@
    often the subject is then on the prompt's side (``POSITIONS`` lines), and the layout signal at high noise
    (``LAYOUT`` lines, :func:`layout_signal`: does the model's one-step prediction put the subject's color on the
    prompt's side? It needs no sampling, so it shows a layout being learned before samples do).
+   ``--placement-cfg 4 10`` adds the same breakdown over every held-out position prompt with two colors, two images
+   each, at each guidance scale given (``PLACEMENT`` lines; about a minute per scale).
 
 The probe is smaller and softer than ``fusedit eval RUN --suite shapes`` (all 149 held-out prompts × 4): it is
 meant to rank variants quickly (about a minute), not to report a model's score.
@@ -109,9 +111,11 @@ def probe(run: Path, guidance_scale: float | None = None) -> dict:
     return result
 
 
-def position_breakdown(run: Path, split: str = "held_out", prompts: int = 64) -> dict:
-    """Of ``prompts`` random position prompts with two different colors (one image each, seeds 0, 1, ...): how often
-    both prompt colors are drawn, and how often, when they are, the subject lies on the prompt's side."""
+def position_breakdown(run: Path, split: str = "held_out", prompts: int | None = 64, images_per_prompt: int = 1,
+                       guidance_scale: float | None = None) -> dict:
+    """Of ``prompts`` random position prompts with two different colors (None: every such prompt of the split;
+    ``images_per_prompt`` images each, seeds 0, 1, ... in order): how often both prompt colors are drawn, and how
+    often, when they are, the subject lies on the prompt's side (guidance: the run's, or ``guidance_scale``)."""
     from fusedit.eval.shapes_eval import world_from_config
     from fusedit.eval.shapes_scorer import as_uint8_images
     from fusedit.pipeline import load_pipeline
@@ -119,14 +123,22 @@ def position_breakdown(run: Path, split: str = "held_out", prompts: int = 64) ->
     pipe = load_pipeline(run, device="cpu")
     world = world_from_config(pipe.config)
     specs = world.held_out_prompts("position") if split == "held_out" else world.training_prompts("position")
-    specs = [specs[i] for i in np.random.default_rng(0).choice(len(specs), prompts, replace=False)]
-    specs = [s for s in specs if s.objects[0].color != s.objects[1].color]
-    generators = [torch.Generator().manual_seed(i) for i in range(len(specs))]
-    images = as_uint8_images(pipe([s.text for s in specs], generator=generators, output_type="pt").images * 2 - 1)
+    if prompts is not None:
+        specs = [specs[i] for i in np.random.default_rng(0).choice(len(specs), prompts, replace=False)]
+    specs = [s for s in specs if s.objects[0].color != s.objects[1].color] * images_per_prompt
+    images = []
+    for start in range(0, len(specs), 64):
+        batch = specs[start:start + 64]
+        generators = [torch.Generator().manual_seed(start + k) for k in range(len(batch))]
+        out = pipe([s.text for s in batch], generator=generators, output_type="pt", guidance_scale=guidance_scale)
+        images += as_uint8_images(out.images * 2 - 1)
     both = [all(color_mask(i, o.color).sum() >= 4 for o in s.objects) for i, s in zip(images, specs)]
     right = [bool(soft_position(i, s)) for i, s, b in zip(images, specs, both) if b]
-    return {"split": split, "images": len(specs), "both_colors_drawn": round(sum(both) / len(specs), 3),
-            "placed_as_prompted_when_both_drawn": round(sum(right) / max(len(right), 1), 3)}
+    result = {"split": split, "images": len(specs), "both_colors_drawn": round(sum(both) / len(specs), 3),
+              "placed_as_prompted_when_both_drawn": round(sum(right) / max(len(right), 1), 3)}
+    if guidance_scale is not None:
+        result["cfg"] = guidance_scale
+    return result
 
 
 def layout_signal(run: Path, split: str = "held_out", prompts: int = 96, sigma: float = 0.95,
@@ -191,6 +203,9 @@ def main() -> None:
     parser.add_argument("--positions", action="store_true",
                         help="also break position prompts down: both colors drawn? placed as the prompt says? and "
                              "the layout signal at high noise (LAYOUT lines, see layout_signal)")
+    parser.add_argument("--placement-cfg", type=float, nargs="+", default=None, metavar="CFG",
+                        help="also sample every held-out position prompt with two colors twice at each guidance "
+                             "scale and print the POSITIONS breakdown of those images (PLACEMENT lines)")
     args = parser.parse_intermixed_args()
     torch.set_num_threads(1)
     run = args.out / "fusedit"
@@ -213,6 +228,9 @@ def main() -> None:
         for split in ("held_out", "train"):
             print("POSITIONS", json.dumps(position_breakdown(run, split)), flush=True)
             print("LAYOUT", json.dumps(layout_signal(run, split)), flush=True)
+    for cfg in args.placement_cfg or ():
+        placement = position_breakdown(run, "held_out", prompts=None, images_per_prompt=2, guidance_scale=cfg)
+        print("PLACEMENT", json.dumps(placement), flush=True)
 
 
 if __name__ == "__main__":
