@@ -106,7 +106,8 @@ def run_demo(out: Path, *, device: Optional[str] = None, steps: Optional[int] = 
         # Several processes each spinning two threads on two cores slow every step down many-fold.
         print(f"      the machine is busy (load average {os.getloadavg()[0]:.1f}): training on 1 thread")
         torch.set_num_threads(1)
-    print(f"[3/4] training deep fusion ({config.model.pos_embed}, {config.model.timestep_conditioning} timestep "
+    positions = config.model.pos_embed + (" + sin-cos table" if config.model.absolute_pos_embed else "")
+    print(f"[3/4] training deep fusion ({positions}, {config.model.timestep_conditioning} timestep "
           f"conditioning) for {config.train.max_steps} steps -> {run_dir}")
     train_run(config, run_dir, device=device)
 
