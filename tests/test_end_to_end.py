@@ -177,6 +177,21 @@ def test_cli_sample_and_user_errors(trained, tmp_path, capsys):
     assert "guidance_interval: got [0.5, 0.1], expected 0 <= sigma_low <= sigma_high <= 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("resolution,message", [
+    (18, "data.resolution: got 18, expected a multiple of 4 (model.patch_size 4 × the codec's spatial factor 1)"),
+    (68, "data.resolution: got 68, which is 17 patches per side, but the sin-cos position table has "
+         "model.pos_embed_max_size=16"),
+])
+def test_training_size_is_checked_before_training(tmp_path, tiny_llm_dir, resolution, message):
+    from tests_support import overrides_for
+
+    config = load_experiment("demo", overrides_for(tiny_llm_dir) + [f"data.resolution={resolution}"])
+    with pytest.raises(ConfigError) as error:
+        train_run(config, tmp_path / "run", device="cpu", progress=False)
+    assert message in str(error.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_missing_and_corrupt_checkpoints_are_reported(trained, tmp_path):
     run, _, _ = trained
     broken = tmp_path / "broken"

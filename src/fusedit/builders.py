@@ -52,3 +52,23 @@ def build_components(config: ExperimentConfig, device: Union[str, torch.device] 
     model = model.to(device=device, dtype=dtype or torch.float32)
     codec = load_codec(config.data.vae, subfolder=config.data.vae_subfolder, device=device)
     return Components(model=model, text_encoder=text_encoder, codec=codec)
+
+
+def check_training_size(config: ExperimentConfig, codec) -> None:
+    """Raise :class:`~fusedit.config.ConfigError` unless ``data.resolution`` fits the model: a multiple of the patch
+    size × the codec's spatial factor and, with a sin-cos position table, at most ``model.pos_embed_max_size``
+    patches per side. Checked before training starts, so that a bad size is not found at the first step. A latent
+    cache (``data.source: latents``) has its own size and does not read ``data.resolution``."""
+    from fusedit.config import ConfigError
+
+    if config.data.source == "latents":
+        return
+    model, size = config.model, config.data.resolution
+    multiple = model.patch_size * codec.spatial_factor
+    if size % multiple:
+        raise ConfigError(f"data.resolution: got {size}, expected a multiple of {multiple} (model.patch_size "
+                          f"{model.patch_size} × the codec's spatial factor {codec.spatial_factor})")
+    if (model.pos_embed == "ape" or model.absolute_pos_embed) and size // multiple > model.pos_embed_max_size:
+        raise ConfigError(f"data.resolution: got {size}, which is {size // multiple} patches per side, but the sin-cos "
+                          f"position table has model.pos_embed_max_size={model.pos_embed_max_size}; raise it or lower "
+                          f"the resolution")

@@ -9,7 +9,7 @@ from typing import Union
 import torch
 import yaml
 
-from fusedit.builders import build_components
+from fusedit.builders import build_components, check_training_size
 from fusedit.data.factory import build_dataset
 from fusedit.experiment import ExperimentConfig
 from fusedit.loading import default_device
@@ -68,6 +68,7 @@ def train_run(config: ExperimentConfig, run_dir: Union[str, Path], *, device=Non
     try:
         torch.manual_seed(config.train.seed)  # the same initial weights in every process (and every run)
         parts = build_components(config, device=device)
+        check_training_size(config, parts.codec)
         dataset = build_dataset(config.data, seed=config.train.seed, codec=parts.codec)
         if is_main:
             save_run_config(config, run_dir)
