@@ -124,7 +124,7 @@ class FuseDiTPipeline:
             raise ValueError(f"height and width must be positive multiples of {multiple} (patch size "
                              f"{self.model.patch_size} × codec factor {self.codec.spatial_factor}); got {height}x{width}")
         config = self.model.resolved.config
-        if config.pos_embed == "ape" or config.absolute_pos_embed:
+        if config.uses_sincos_table:
             largest = config.pos_embed_max_size * multiple
             if height > largest or width > largest:
                 raise ValueError(f"{height}x{width} is larger than this model's sin-cos position table allows: at most "

@@ -82,6 +82,11 @@ class ModelConfig:
     rms_norm_eps: Union[float, None] = None
     rope_theta: Union[float, None] = None
 
+    @property
+    def uses_sincos_table(self) -> bool:
+        """Whether the patches get the 2D sin-cos table (``ape``, or ``absolute_pos_embed`` on top of a RoPE)."""
+        return self.pos_embed == "ape" or self.absolute_pos_embed
+
     def validate(self) -> None:
         for name in ("text_modulation_dim", "dit_hidden_size", "dit_num_hidden_layers", "dit_intermediate_size", "num_attention_heads",
                      "num_key_value_heads", "head_dim", "out_channels"):
@@ -106,7 +111,7 @@ class ModelConfig:
         require(not (self.absolute_pos_embed and self.pos_embed == "ape"),
                 "model.absolute_pos_embed: true adds the sin-cos table on top of a RoPE pos_embed, but pos_embed "
                 "'ape' has it already; use it with 1d-rope, 2d-rope or m-rope, or set it to false")
-        if self.pos_embed == "ape" or self.absolute_pos_embed:
+        if self.uses_sincos_table:
             patches = self.sample_size // self.patch_size
             require(patches <= self.pos_embed_max_size,
                     f"model.pos_embed_max_size: got {self.pos_embed_max_size}, but model.sample_size="

@@ -92,10 +92,9 @@ class DiffusionTransformer(nn.Module):
         self.resolved = r = resolved
         c = r.config
         self.patch_size = c.patch_size
-        sincos_table = c.pos_embed == "ape" or c.absolute_pos_embed
         self.patch_embed = PatchEmbed(
             height=c.sample_size, width=c.sample_size, patch_size=c.patch_size, in_channels=c.in_channels,
-            embed_dim=r.hidden_size, pos_embed_type="sincos" if sincos_table else None,
+            embed_dim=r.hidden_size, pos_embed_type="sincos" if c.uses_sincos_table else None,
             pos_embed_max_size=c.pos_embed_max_size,
         )
         pooled_dim = (c.text_modulation_dim or r.llm.hidden_size) if c.text_modulation else None
