@@ -68,7 +68,7 @@ def check_training_size(config: ExperimentConfig, codec) -> None:
     if size % multiple:
         raise ConfigError(f"data.resolution: got {size}, expected a multiple of {multiple} (model.patch_size "
                           f"{model.patch_size} × the codec's spatial factor {codec.spatial_factor})")
-    if model.uses_sincos_table and size // multiple > model.pos_embed_max_size:
+    if not model.sincos_table_covers(size // multiple):
         raise ConfigError(f"data.resolution: got {size}, which is {size // multiple} patches per side, but the sin-cos "
                           f"position table has model.pos_embed_max_size={model.pos_embed_max_size}; raise it or lower "
                           f"the resolution")

@@ -124,12 +124,11 @@ class FuseDiTPipeline:
             raise ValueError(f"height and width must be positive multiples of {multiple} (patch size "
                              f"{self.model.patch_size} × codec factor {self.codec.spatial_factor}); got {height}x{width}")
         config = self.model.resolved.config
-        if config.uses_sincos_table:
+        if not config.sincos_table_covers(max(height, width) // multiple):
             largest = config.pos_embed_max_size * multiple
-            if height > largest or width > largest:
-                raise ValueError(f"{height}x{width} is larger than this model's sin-cos position table allows: at most "
-                                 f"{largest}x{largest} (model.pos_embed_max_size={config.pos_embed_max_size} patches of "
-                                 f"{multiple} px)")
+            raise ValueError(f"{height}x{width} is larger than this model's sin-cos position table allows: at most "
+                             f"{largest}x{largest} (model.pos_embed_max_size={config.pos_embed_max_size} patches of "
+                             f"{multiple} px)")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
         if steps < 1:

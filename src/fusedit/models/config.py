@@ -87,6 +87,10 @@ class ModelConfig:
         """Whether the patches get the 2D sin-cos table (``ape``, or ``absolute_pos_embed`` on top of a RoPE)."""
         return self.pos_embed == "ape" or self.absolute_pos_embed
 
+    def sincos_table_covers(self, patches_per_side: int) -> bool:
+        """Whether a grid of ``patches_per_side`` patches fits the sin-cos table (always, without a table)."""
+        return not self.uses_sincos_table or patches_per_side <= self.pos_embed_max_size
+
     def validate(self) -> None:
         for name in ("text_modulation_dim", "dit_hidden_size", "dit_num_hidden_layers", "dit_intermediate_size", "num_attention_heads",
                      "num_key_value_heads", "head_dim", "out_channels"):
@@ -111,11 +115,10 @@ class ModelConfig:
         require(not (self.absolute_pos_embed and self.pos_embed == "ape"),
                 "model.absolute_pos_embed: true adds the sin-cos table on top of a RoPE pos_embed, but pos_embed "
                 "'ape' has it already; use it with 1d-rope, 2d-rope or m-rope, or set it to false")
-        if self.uses_sincos_table:
-            patches = self.sample_size // self.patch_size
-            require(patches <= self.pos_embed_max_size,
-                    f"model.pos_embed_max_size: got {self.pos_embed_max_size}, but model.sample_size="
-                    f"{self.sample_size} is {patches} patches per side; the sin-cos table needs at least that many")
+        patches = self.sample_size // self.patch_size
+        require(self.sincos_table_covers(patches),
+                f"model.pos_embed_max_size: got {self.pos_embed_max_size}, but model.sample_size="
+                f"{self.sample_size} is {patches} patches per side; the sin-cos table needs at least that many")
         if self.head_dim is not None and self.pos_embed in ("2d-rope", "m-rope"):
             require(self.head_dim % 4 == 0, f"model.head_dim: {self.pos_embed} needs head_dim divisible by 4, got {self.head_dim}")
 
