@@ -4,16 +4,9 @@ Images are ``R × R`` RGB pictures on a plain dark background (:data:`BACKGROUND
 objects. An object is a shape (:data:`SHAPES`) in one of the well-separated colors of :data:`PALETTE`, with a size
 (``small`` / ``big``) and a position. Every image contains exactly the objects its caption names, nothing else.
 
-Captions follow GenEval's six categories (:data:`CATEGORIES`)::
-
-    single_object   "a circle"                                   (any color)
-    two_object      "a circle and a square"                      (any colors)
-    counting        "three green triangles"                      (2–4, all of that color and shape)
-    colors          "a red circle"
-    position        "a red circle to the left of a blue square"  (left of / right of / above / below)
-    color_attr      "a red circle and a blue square"             (two shapes, each with its color)
-
-Each prompt string has a structured :class:`PromptSpec` that :mod:`fusedit.eval.shapes_scorer` checks. A seeded,
+Captions follow GenEval's six categories; their grammar (:class:`PromptSpec`, :func:`make_spec`,
+:func:`parse_prompt`...) lives in :mod:`fusedit.data.shapes_grammar` and is re-exported here. Each prompt string has
+a structured :class:`PromptSpec` that :mod:`fusedit.eval.shapes_scorer` checks. A seeded,
 deterministic fraction of the prompt strings of every category is held out: it never appears in training and serves
 as the evaluation prompt set.
 
@@ -31,9 +24,9 @@ import torch
 from torch.utils.data import Dataset
 
 from fusedit.data.config import ShapesWorldConfig
-
-#: The shapes, in a fixed order.
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+from fusedit.data.shapes_grammar import (  # noqa: F401  (re-exported: the world's grammar)
+    CATEGORIES, COLORS, LLM_CORPORA, NO_SCENE_TARGET, RELATIONS, SCENE_FIELDS, SHAPES, ObjectSpec, PromptSpec,
+    enumerate_prompts, make_spec, parse_prompt, restatement, scene_labels)
 
 #: Object colors (RGB), chosen far apart from each other and from the background.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -44,9 +37,8 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "purple": (170, 50, 210),
     "white": (240, 240, 240),
 }
-
-#: Colors in a fixed order.
-COLORS: tuple[str, ...] = tuple(PALETTE)
+if tuple(PALETTE) != COLORS:  # pragma: no cover - a guard for edits of either table
+    raise RuntimeError("PALETTE and COLORS list different colors")
 
 #: Background color (RGB).
 BACKGROUND: tuple[int, int, int] = (16, 16, 20)
@@ -55,160 +47,8 @@ BACKGROUND: tuple[int, int, int] = (16, 16, 20)
 SIZES: tuple[str, ...] = ("small", "big")
 SIZE_FRACTIONS: dict[str, float] = {"small": 0.22, "big": 0.34}
 
-#: Spatial relations of ``position`` prompts: "A <relation> B".
-RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
-_RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
-
-#: GenEval's categories, in a fixed order.
-CATEGORIES: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-
-_NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
-
-#: Where a restatement (:func:`restatement`) puts the subject and the reference object of a relation.
-_RELATION_SIDES = {"left of": ("on the left", "on the right"), "right of": ("on the right", "on the left"),
-                   "above": ("on top", "at the bottom"), "below": ("at the bottom", "on top")}
-
-#: Texts the tiny LLM can be pretrained on (:meth:`ShapesWorld.llm_corpus`).
-LLM_CORPORA: tuple[str, ...] = ("restated", "captions")
-
 #: Smallest supported image side in pixels.
 MIN_RESOLUTION = 16
-
-#: Fields of a ``position`` caption's scene read-out (:func:`scene_labels`) and their number of classes, in order: the
-#: object on the left (or on top), the object on the right (or at the bottom), and the axis of the relation.
-SCENE_FIELDS: tuple[tuple[str, int], ...] = (
-    ("first_color", len(COLORS)),
-    ("first_shape", len(SHAPES)),
-    ("second_color", len(COLORS)),
-    ("second_shape", len(SHAPES)),
-    ("axis", 2),  # 0: left/right, 1: above/below
-)
-
-#: :func:`scene_labels` of a caption that has no spatial relation: no target in any field.
-NO_SCENE_TARGET = -100
-
-
-@dataclass(frozen=True)
-class ObjectSpec:
-    """A required object of a prompt.
-
-    Attributes:
-        shape: one of :data:`SHAPES`.
-        color: one of :data:`COLORS`, or ``None`` when the prompt does not constrain the color.
-        count: how many such objects the prompt asks for (``counting``: exactly this many; others: 1).
-    """
-
-    shape: str
-    color: Optional[str] = None
-    count: int = 1
-
-
-@dataclass(frozen=True)
-class PromptSpec:
-    """A prompt and what an image must show to be correct for it.
-
-    Attributes:
-        text: the prompt string.
-        category: one of :data:`CATEGORIES`.
-        objects: the required objects; for ``position`` ``objects[0]`` is the subject and ``objects[1]`` the
-            reference ("objects[0] <relation> objects[1]").
-        relation: one of :data:`RELATIONS` for ``position`` prompts, else ``None``.
-    """
-
-    text: str
-    category: str
-    objects: tuple[ObjectSpec, ...]
-    relation: Optional[str] = None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Prompt universe
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _phrase(obj: ObjectSpec) -> str:
-    """``a red circle`` / ``a circle`` / ``three red circles``."""
-    noun = obj.shape if obj.count == 1 else obj.shape + "s"
-    words = [_NUMBER_WORDS[obj.count] if obj.count > 1 else "a"]
-    if obj.color is not None:
-        words.append(obj.color)
-    words.append(noun)
-    return " ".join(words)
-
-
-def make_spec(category: str, objects: Sequence[ObjectSpec], relation: Optional[str] = None) -> PromptSpec:
-    """Build the :class:`PromptSpec` (and its caption text) of ``objects`` in ``category``."""
-    objects = tuple(objects)
-    if category == "position":
-        if relation not in RELATIONS or len(objects) != 2:
-            raise ValueError(f"position prompts need two objects and a relation in {RELATIONS}, got "
-                             f"{len(objects)} objects and relation={relation!r}")
-        text = f"{_phrase(objects[0])} {_RELATION_PHRASES[relation]} {_phrase(objects[1])}"
-    else:
-        if relation is not None:
-            raise ValueError(f"only position prompts have a relation, got relation={relation!r} for {category}")
-        text = " and ".join(_phrase(o) for o in objects)
-    return PromptSpec(text=text, category=category, objects=objects, relation=relation)
-
-
-def enumerate_prompts(category: str, max_objects: int = 4) -> list[PromptSpec]:
-    """All prompts of ``category`` whose images need at most ``max_objects`` objects (a fixed, sorted order)."""
-    if category not in CATEGORIES:
-        raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
-    specs: list[PromptSpec] = []
-    colored = [(c, s) for c in COLORS for s in SHAPES]
-    if category == "single_object":
-        specs = [make_spec(category, [ObjectSpec(s)]) for s in SHAPES]
-    elif category == "colors":
-        specs = [make_spec(category, [ObjectSpec(s, c)]) for c, s in colored]
-    elif category == "two_object" and max_objects >= 2:
-        specs = [make_spec(category, [ObjectSpec(a), ObjectSpec(b)]) for a in SHAPES for b in SHAPES if a != b]
-    elif category == "counting":
-        specs = [make_spec(category, [ObjectSpec(s, c, n)])
-                 for n in range(2, max_objects + 1) for c, s in colored]
-    elif category == "position" and max_objects >= 2:
-        specs = [make_spec(category, [ObjectSpec(sa, ca), ObjectSpec(sb, cb)], rel)
-                 for rel in RELATIONS for ca, sa in colored for cb, sb in colored if (ca, sa) != (cb, sb)]
-    elif category == "color_attr" and max_objects >= 2:
-        specs = [make_spec(category, [ObjectSpec(sa, ca), ObjectSpec(sb, cb)])
-                 for ca, sa in colored for cb, sb in colored if ca != cb and sa != sb]
-    return sorted(specs, key=lambda p: p.text)
-
-
-def restatement(spec: PromptSpec) -> str:
-    """The content of ``spec`` said again, attribute by attribute (lower case, words and `` . `` separated).
-
-    ``a red circle to the left of a blue square`` → ``the red circle is on the left . the blue square is on the
-    right .``; ``a red circle and a blue square`` → ``the circle is red . the square is blue .``; ``three green
-    triangles`` → ``count three . color green . shape triangle .``; ``a circle`` → ``there is one circle .``.
-    """
-    if spec.category == "position":
-        (subject, reference), (subject_side, reference_side) = spec.objects, _RELATION_SIDES[spec.relation]
-        name = lambda o: f"{o.color} {o.shape}" if o.color else o.shape  # noqa: E731
-        return f"the {name(subject)} is {subject_side} . the {name(reference)} is {reference_side} ."
-    if spec.category == "counting":
-        (obj,) = spec.objects
-        return f"count {_NUMBER_WORDS[obj.count]} . color {obj.color} . shape {obj.shape} ."
-    return " ".join(f"the {o.shape} is {o.color} ." if o.color else f"there is one {o.shape} ." for o in spec.objects)
-
-
-def scene_labels(spec: PromptSpec) -> tuple[int, ...]:
-    """Where the objects of a ``position`` caption go, as one class index per field of :data:`SCENE_FIELDS`.
-
-    The tiny LLM's scene objective (:class:`fusedit.text.tiny_llm.SceneObjective`) asks its values at a caption's
-    last token to predict these, so that the frozen LLM hands the DiT which object goes where. The objects are
-    taken in spatial order (left or top one first): ``a red circle to the right of a blue square`` →
-    ``(blue, square, red, circle, left/right)``, the same as ``a blue square to the left of a red circle``.
-    Captions of the other categories name no place and get :data:`NO_SCENE_TARGET` in every field.
-    """
-    if spec.category != "position":
-        return (NO_SCENE_TARGET,) * len(SCENE_FIELDS)
-    subject, reference = spec.objects
-    first, second = (subject, reference) if spec.relation in ("left of", "above") else (reference, subject)
-    axis = 0 if spec.relation in ("left of", "right of") else 1
-    return (COLORS.index(first.color), SHAPES.index(first.shape), COLORS.index(second.color),
-            SHAPES.index(second.shape), axis)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Rasterisation
@@ -219,7 +59,7 @@ def shape_mask(shape: str, height: int, width: int) -> np.ndarray:
     """Boolean mask ``(height, width)`` of ``shape`` filling that box (pixel-centre sampling, no anti-aliasing).
 
     ``circle``: the inscribed ellipse; ``square``: the whole box; ``triangle``: apex at the top centre, base along the
-    bottom edge. The scorer uses the same masks as templates.
+    bottom edge. (The detector of :mod:`fusedit.eval.shapes_detector` does not use these masks.)
     """
     v = (np.arange(height, dtype=np.float64)[:, None] + 0.5) / height
     u = (np.arange(width, dtype=np.float64)[None, :] + 0.5) / width
@@ -234,18 +74,20 @@ def shape_mask(shape: str, height: int, width: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class PlacedObject:
-    """An object of a rendered scene: its shape, color, size and top-left corner ``(x, y)`` (pixels)."""
+    """An object of a rendered scene: its shape, color, size, top-left corner ``(x, y)`` and, when it was drawn at
+    another than its size's usual side (evaluation controls), that side (pixels)."""
 
     shape: str
     color: str
     size: str
     x: int
     y: int
+    side: Optional[int] = None
 
 
-def object_side(size: str, resolution: int) -> int:
-    """Side in pixels of an object of ``size`` in an image of ``resolution`` pixels."""
-    return max(3, int(round(SIZE_FRACTIONS[size] * resolution)))
+def object_side(size: str, resolution: int, scale: float = 1.0) -> int:
+    """Side in pixels of an object of ``size`` (times ``scale``) in an image of ``resolution`` pixels."""
+    return max(3, int(round(SIZE_FRACTIONS[size] * resolution * scale)))
 
 
 def _layout_margins(resolution: int) -> tuple[int, int]:
@@ -367,8 +209,12 @@ class ShapesWorld:
 
     # -- rendering -----------------------------------------------------------------------------------------------
 
-    def scene(self, spec: PromptSpec, rng: np.random.Generator) -> list[PlacedObject]:
-        """Sample the objects of an image faithful to ``spec``: colors left open are drawn, sizes and positions too."""
+    def scene(self, spec: PromptSpec, rng: np.random.Generator, size_scale: float = 1.0) -> list[PlacedObject]:
+        """Sample the objects of an image faithful to ``spec``: colors left open are drawn, sizes and positions too.
+
+        ``size_scale`` multiplies every object's side (evaluation controls draw objects 0.8–1.2 times the usual size);
+        training data always uses 1.
+        """
         items: list[tuple[str, str, str]] = []
         for obj in spec.objects:
             for _ in range(obj.count):
@@ -377,17 +223,27 @@ class ShapesWorld:
         if len(items) > self.config.max_objects:
             raise ValueError(f"prompt {spec.text!r} needs {len(items)} objects but max_objects is "
                              f"{self.config.max_objects}")
-        for attempt in range(3):
-            boxes = self._place(items, spec.relation, rng)
-            if boxes is not None:
-                return [PlacedObject(s, c, z, x, y) for (s, c, z), (x, y) in zip(items, boxes)]
-            items = [(s, c, "small") for s, c, _ in items]  # shrink and retry: always feasible at >= 16 px
-        raise RuntimeError(f"could not lay out {spec.text!r} at {self.resolution} px")  # pragma: no cover
+        placed = self.layout(items, spec.relation, rng, size_scale)
+        if placed is None:  # pragma: no cover - always feasible at >= 16 px with up to 4 objects
+            raise RuntimeError(f"could not lay out {spec.text!r} at {self.resolution} px")
+        return placed
 
-    def _place(self, items: list[tuple[str, str, str]], relation: Optional[str],
-               rng: np.random.Generator) -> Optional[list[tuple[int, int]]]:
-        """Top-left corners of non-overlapping boxes for ``items`` (a relation constrains items 0 and 1)."""
-        sides = [object_side(z, self.resolution) for _, _, z in items]
+    def layout(self, items: Sequence[tuple[str, str, str]], relation: Optional[str], rng: np.random.Generator,
+               size_scale: float = 1.0) -> Optional[list[PlacedObject]]:
+        """Place ``(shape, color, size)`` items without overlap (a relation constrains items 0 and 1), shrinking
+        every item to ``small`` when the sizes drawn do not fit; None when even that fails."""
+        items = list(items)
+        for _ in range(3):
+            boxes = self._place(items, relation, rng, size_scale)
+            if boxes is not None:
+                return [PlacedObject(s, c, z, x, y, side) for (s, c, z), (x, y, side) in zip(items, boxes)]
+            items = [(s, c, "small") for s, c, _ in items]
+        return None
+
+    def _place(self, items: list[tuple[str, str, str]], relation: Optional[str], rng: np.random.Generator,
+               size_scale: float = 1.0) -> Optional[list[tuple[int, int, int]]]:
+        """``(x, y, side)`` of non-overlapping boxes for ``items`` (a relation constrains items 0 and 1)."""
+        sides = [object_side(z, self.resolution, size_scale) for _, _, z in items]
         lo = self._border
         for _ in range(100):
             boxes: list[tuple[int, int, int]] = []
@@ -403,7 +259,7 @@ class ShapesWorld:
                 else:
                     break
             if len(boxes) == len(sides) and (relation is None or self._relation_ok(boxes[0], boxes[1], relation)):
-                return [(x, y) for x, y, _ in boxes]
+                return boxes
         return None
 
     def _relation_ok(self, a: tuple[int, int, int], b: tuple[int, int, int], relation: str) -> bool:
@@ -418,7 +274,7 @@ class ShapesWorld:
         image = np.empty((self.resolution, self.resolution, 3), dtype=np.uint8)
         image[:] = BACKGROUND
         for obj in objects:
-            side = object_side(obj.size, self.resolution)
+            side = obj.side or object_side(obj.size, self.resolution)
             mask = shape_mask(obj.shape, side, side)
             region = image[obj.y:obj.y + side, obj.x:obj.x + side]
             if region.shape[:2] != mask.shape:
