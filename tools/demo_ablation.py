@@ -7,7 +7,7 @@
 2. trains the demo config with the overrides into ``OUT/fusedit`` (one torch thread, so two variants can run side
    by side on a 2-core machine);
 3. probes the run (``--probe-only`` skips 1–2): held-out prompts, 24 images per category (72 for ``position``),
-   GenEval-style accuracy per category, color recall/precision (:func:`fusedit.eval.shapes_eval.color_alignment`) and
+   GenEval-style accuracy per category, color recall/precision (:func:`fusedit.eval.shapes_scorer.color_following`) and
    a soft position check: the centroids of the two prompt colors' pixels lie in the prompt's relation (by more than
    2 px), which credits a right arrangement before the detector accepts the shapes. Prints one ``PROBE`` JSON line
    and writes ``OUT/fusedit/probe.png`` (rows of 8: the first 64 probe images). ``--positions`` adds, for 64
@@ -70,8 +70,8 @@ def soft_position(image: np.ndarray, spec) -> bool | None:
 
 
 def probe(run: Path, guidance_scale: float | None = None) -> dict:
-    from fusedit.eval.shapes_eval import color_alignment, world_from_config
-    from fusedit.eval.shapes_scorer import as_uint8_images, score_image
+    from fusedit.eval.shapes_eval import world_from_config
+    from fusedit.eval.shapes_scorer import as_uint8_images, check_objects, color_following, detect
     from fusedit.pipeline import load_pipeline
     from fusedit.train.logging import save_image_grid
 
@@ -93,8 +93,9 @@ def probe(run: Path, guidance_scale: float | None = None) -> dict:
         images += as_uint8_images(out.images * 2 - 1)
     correct, recall, precision, position = {}, [], [], []
     for image, spec in zip(images, jobs):
-        correct.setdefault(spec.category, []).append(score_image(image, spec))
-        alignment = color_alignment(image, spec)
+        objects = detect(image)
+        correct.setdefault(spec.category, []).append(check_objects(objects, spec))
+        alignment = color_following(objects, spec)
         if alignment is not None:
             recall.append(alignment[0])
             precision.append(alignment[1])

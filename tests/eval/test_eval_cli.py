@@ -38,7 +38,7 @@ def run_dir(tmp_path_factory) -> Path:
 def test_shapes_suite_writes_scores_and_grids(run_dir, tmp_path, capsys):
     out = tmp_path / "eval"
     args = ["eval", str(run_dir), "--suite", "shapes", "--per-prompt", "2", "--seed", "5", "--steps", "2",
-            "--cfg", "3.0", "--out", str(out)]
+            "--cfg", "3.0", "--min-per-category", "0", "--allow-small", "--no-controls", "--out", str(out)]
     assert cli_main(args) == 0
     assert "overall" in capsys.readouterr().out
     scores = json.loads((out / "scores.json").read_text())
@@ -64,10 +64,33 @@ def test_shapes_suite_writes_scores_and_grids(run_dir, tmp_path, capsys):
         assert grid.is_file() and Image.open(grid).size[0] > 32
         assert (out / f"grid-{category}.txt").read_text().startswith("row 0: ")
 
+    manifest = scores["manifest"]
+    assert (manifest["steps"], manifest["cfg"], manifest["seed"], manifest["resolution"]) == (2, 3.0, 5, 32)
+    assert manifest["sampler"] == "FlowMatchEulerDiscreteScheduler" and manifest["shift"] == config.sample.shift
+    assert len(manifest["config_hash"]) == len(manifest["checkpoint_hash"]) == 64
+    assert manifest["images_per_category"] == scores["total"]
+
     # the recorded seeds reproduce the images: a second evaluation gives identical results
     again = tmp_path / "again"
     assert cli_main(args[:-1] + [str(again)]) == 0
-    assert json.loads((again / "scores.json").read_text())["per_prompt"] == scores["per_prompt"]
+    repeated = json.loads((again / "scores.json").read_text())
+    assert repeated["per_prompt"] == scores["per_prompt"]
+    assert repeated["manifest"]["checkpoint_hash"] == manifest["checkpoint_hash"]
+    # without --allow-small, the few images of this tiny world are refused with a clear message
+    refused = [a for a in args if a != "--allow-small"][:-1] + [str(tmp_path / "refused")]
+    assert cli_main(refused) == 2
+    assert "--allow-small" in capsys.readouterr().err
+
+
+def test_run_evaluation_carries_its_controls(run_dir, tmp_path, capsys):
+    summary = tmp_path / "summary.json"
+    assert cli_main(["eval", str(run_dir), "--suite", "shapes", "--per-prompt", "1", "--steps", "1",
+                     "--min-per-category", "0", "--allow-small", "--out", str(tmp_path / "e"),
+                     "--json", str(summary)]) == 0
+    document = json.loads(summary.read_text())
+    assert document["controls"]["ground_truth"] >= 0.97 and document["controls"]["one_more"] <= 0.03
+    assert document["overall"] <= document["controls"]["ground_truth"]
+    assert "best garbage" in capsys.readouterr().out
 
 
 def test_geneval_suite_samples_the_official_layout(run_dir, tmp_path):
@@ -150,9 +173,9 @@ def test_shapes_suite_scores_a_perfect_model_near_one(tmp_path):
     world = ShapesWorld(config.data.shapes, config.data.resolution)
     pipe = PerfectPipe(world)
     settings = ShapesEvalSettings(per_prompt=1, seed=3, num_inference_steps=1, guidance_scale=1.0, batch_size=16,
-                                  min_per_category=4)
+                                  min_per_category=4, allow_small=True, controls=False)
     scores = evaluate_shapes(pipe, world, tmp_path, settings)
-    assert scores["overall"] > 0.9
+    assert scores["overall"] == 1.0 and scores["background_error"] == 0.0
     assert scores["color_recall"] == 1.0 and scores["color_precision"] == 1.0
     saved = np.load(tmp_path / "images.npz")
     assert saved["images"].shape == (scores["num_images"], 32, 32, 3) and saved["prompts"][0] == scores["per_prompt"][0]["prompt"]

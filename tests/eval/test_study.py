@@ -61,7 +61,7 @@ class Fakes:
         save_image_grid(torch.zeros(2, 3, 8, 8), run.eval_dir / "grid-colors.png")
         overall = OVERALL[(run.variant, run.seed)]
         scores = {"suite": "shapes", "overall": overall,
-                  "settings": {"per_prompt": settings.per_prompt, "seed": settings.seed, "min_per_category": 0,
+                  "settings": {"per_prompt": settings.per_prompt, "seed": settings.seed, "min_per_category": settings.min_per_category,
                                "num_inference_steps": 2, "guidance_scale": 2.0, "negative_prompt": ""}, "accuracy": {"colors": overall},
                   "correct": {"colors": 1}, "total": {"colors": 2}, "num_images": 2, "fd_pixels": 1.0 - overall,
                   "grids": {"colors": "grid-colors.png"}}

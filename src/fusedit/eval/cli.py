@@ -1,7 +1,10 @@
 """``fusedit eval PATH --suite shapes|geneval|dpgbench|fid|clip``: evaluate a run, an exported pipeline or images.
 
 * ``shapes``: sample the shapes world's held-out prompts (the world comes from the model's ``config.yaml``), score
-  them with the detector, write ``scores.json`` and one grid per category (:mod:`fusedit.eval.shapes_eval`).
+  them with the geometric detector next to the controls, write ``scores.json`` and one grid per category
+  (:mod:`fusedit.eval.shapes_eval`); ``--images DIR`` scores a GenEval-layout folder of images instead, and
+  ``--controls`` computes the controls alone (:mod:`fusedit.eval.shapes_folder`). ``--json PATH`` writes the summary
+  document (overall, CIs, categories, controls, manifest).
 * ``geneval`` / ``dpgbench``: sample into the layouts the official scorers read (:mod:`fusedit.eval.benchmarks`);
   scoring itself is done by those scorers (see docs/evaluation.md).
 * ``fid``: FID between ``--real`` and ``--fake`` image folders (no model; PATH is not used and may be omitted).
@@ -26,8 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--suite", required=True, choices=SUITES)
     parser.add_argument("--out", help="output folder (default: <path>/eval-<suite>)")
     parser.add_argument("--per-prompt", type=int, default=4, help="images per prompt (shapes, geneval)")
-    parser.add_argument("--min-per-category", type=int, default=0,
+    parser.add_argument("--min-per-category", type=int, default=50,
                         help="shapes: at least this many images per category (more per prompt where needed)")
+    parser.add_argument("--images", help="shapes: score this folder of images in GenEval's sample layout "
+                        "(DIR/00000/metadata.jsonl + DIR/00000/samples/*.png) instead of sampling a model")
+    parser.add_argument("--controls", action="store_true",
+                        help="shapes: compute the controls alone (ground truth, perturbed renders, garbage) on the "
+                        "held-out prompts of PATH's world, or of the default world at --resolution (default 32)")
+    parser.add_argument("--no-controls", action="store_true", help="shapes: skip the controls (faster, less to go on)")
+    parser.add_argument("--no-pixel-fd", action="store_true",
+                        help="shapes: skip the pixel Frechet distance against renders of the same prompts")
+    parser.add_argument("--allow-small", action="store_true",
+                        help="shapes: score categories with fewer than 50 images anyway (wide CIs)")
+    parser.add_argument("--json", dest="json_path", help="shapes: also write the summary document to this file")
     parser.add_argument("--seed", type=int, default=0, help="base seed; image k of prompt i uses seed + i*n + k")
     parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's sample config)")
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's sample config)")
@@ -66,24 +80,75 @@ def _write_json(path: Path, data: dict) -> Path:
 
 
 def run_shapes(args) -> int:
-    from fusedit.eval.shapes_eval import ShapesEvalSettings, evaluate_shapes, format_scores, world_from_config
+    from fusedit.eval.shapes_eval import ShapesEvalSettings, format_scores, write_json_atomic
+    from fusedit.eval.shapes_report import summary_keys
+
+    if args.images and args.controls:
+        raise ValueError("--images and --controls are two different evaluations; give one of them")
+    if args.min_per_category < 0:
+        raise ValueError(f"--min-per-category must be >= 0, got {args.min_per_category}")
+    if args.images:
+        from fusedit.eval.shapes_folder import evaluate_image_folder
+
+        print(f"shapes benchmark: scoring the images of {args.images}")
+        scores = evaluate_image_folder(args.images, controls=not args.no_controls, allow_small=args.allow_small,
+                                       seed=args.seed)
+        out = Path(args.out or Path(args.images) / "shapes-scores")
+        write_json_atomic(out / "scores.json", scores)
+    elif args.controls:
+        scores, out = _shapes_controls(args)
+    else:
+        scores, out = _shapes_model(args, ShapesEvalSettings)
+    print(format_scores(scores))
+    print(f"scores: {out / 'scores.json'}")
+    if scores.get("grids"):
+        print("grids:  " + ", ".join(str(out / name) for name in scores["grids"].values()))
+    if args.json_path:
+        print(f"json:   {write_json_atomic(Path(args.json_path), {k: scores[k] for k in summary_keys(scores)})}")
+    return 0
+
+
+def _shapes_model(args, settings_type):
+    from fusedit.eval.shapes_eval import evaluate_shapes, world_from_config
     from fusedit.pipeline import load_pipeline
 
     path = _model_path(args)
-    settings = ShapesEvalSettings(per_prompt=args.per_prompt, seed=args.seed, num_inference_steps=args.steps,
-                                  guidance_scale=args.cfg, negative_prompt=args.negative_prompt,
-                                  min_per_category=args.min_per_category,
-                                  **({"batch_size": args.batch_size} if args.batch_size else {}))
+    settings = settings_type(per_prompt=args.per_prompt, seed=args.seed, num_inference_steps=args.steps,
+                             guidance_scale=args.cfg, negative_prompt=args.negative_prompt,
+                             min_per_category=args.min_per_category, allow_small=args.allow_small,
+                             controls=not args.no_controls, pixel_fd=not args.no_pixel_fd,
+                             **({"batch_size": args.batch_size} if args.batch_size else {}))
     settings.validate()
     pipe = load_pipeline(path, device=args.device, use_ema=not args.no_ema)
     world = world_from_config(pipe.config)
     out = Path(args.out or path / "eval-shapes")
-    print(f"shapes suite: {len(world.held_out_prompts())} held-out prompts × {settings.per_prompt} images -> {out}")
-    scores = evaluate_shapes(pipe, world, out, settings, model_path=str(path), progress=True)
-    print(format_scores(scores))
-    print(f"scores: {out / 'scores.json'}")
-    print("grids:  " + ", ".join(str(out / name) for name in scores["grids"].values()))
-    return 0
+    print(f"shapes suite: {len(world.held_out_prompts())} held-out prompts, at least {settings.per_prompt} images "
+          f"each and {settings.min_per_category} per category -> {out}")
+    return evaluate_shapes(pipe, world, out, settings, model_path=str(path), progress=True), out
+
+
+def _shapes_controls(args):
+    from fusedit.data.config import ShapesWorldConfig
+    from fusedit.data.shapes import ShapesWorld
+    from fusedit.eval.shapes_eval import world_from_config, write_json_atomic
+    from fusedit.eval.shapes_folder import evaluate_controls_only
+
+    if args.path:
+        from fusedit.experiment import load_experiment
+
+        config_path = Path(args.path) / "config.yaml"
+        if not config_path.is_file():
+            raise ValueError(f"--controls with PATH needs a run or exported pipeline with a config.yaml; "
+                             f"{config_path} is missing")
+        world = world_from_config(load_experiment(config_path))
+    else:
+        world = ShapesWorld(ShapesWorldConfig(), args.resolution or 32)
+    print(f"shapes controls: {len(world.held_out_prompts())} held-out prompts at {world.resolution} px")
+    scores = evaluate_controls_only(world, args.per_prompt, args.min_per_category, seed=args.seed,
+                                    allow_small=args.allow_small, source=args.path)
+    out = Path(args.out or (Path(args.path) / "eval-shapes-controls" if args.path else Path("shapes-controls")))
+    write_json_atomic(out / "scores.json", scores)
+    return scores, out
 
 
 def _sampling_kwargs(args, pipe) -> dict:

@@ -1,11 +1,14 @@
-"""The shapes-world evaluation suite: sample every held-out prompt, score it with the detector, save grids.
+"""The shapes-world evaluation suite: sample every held-out prompt, score it with the detector next to its controls,
+save grids.
 
 The held-out prompts of a shapes world (:meth:`fusedit.data.shapes.ShapesWorld.held_out_prompts`) never appear in
-training, so the suite measures compositional generalisation, GenEval style, per category.
+training, so the suite measures compositional generalisation, GenEval style, per category. Scoring, confidence
+intervals and controls are :mod:`fusedit.eval.shapes_report`'s.
 
-Images per prompt. Every prompt gets ``per_prompt`` images, or more in a category with few held-out prompts when
-``min_per_category`` is set: ``n_c = max(per_prompt, ceil(min_per_category / prompts in c))`` (GenEval's overall
-score weighs every category equally, so a category of one prompt would otherwise decide it with a few images).
+Images per prompt. Every prompt gets ``per_prompt`` images, or more in a category with few held-out prompts:
+``n_c = max(per_prompt, ceil(min_per_category / prompts in c))`` (GenEval's overall score weighs every category
+equally, so a category of one prompt would otherwise decide it with a few images). ``min_per_category`` defaults to
+50; a category left with fewer images is refused unless ``allow_small``.
 
 Seeds. Prompt ``i`` (in the world's held-out order) has stride ``s = max_c n_c`` (``per_prompt`` without minimum); its
 ``k``-th image starts from the noise of ``torch.Generator().manual_seed(seed + i * s + k)`` (the convention of
@@ -13,11 +16,11 @@ Seeds. Prompt ``i`` (in the world's held-out order) has stride ``s = max_c n_c``
 
 Outputs in ``out_dir``:
 
-* ``scores.json``: ``overall`` (mean of the per-category accuracies), ``accuracy``/``correct``/``total`` per
-  category, ``num_images``, ``settings`` (seed, images per prompt, steps, CFG, negative prompt, resolution, the
-  shapes world's settings, the model path) and ``per_prompt`` (prompt, category, seeds, per-image correctness);
-  ``color_recall``/``color_precision`` (:func:`color_alignment`, over images of prompts that name colors);
-  optionally ``fd_pixels`` (see :func:`pixel_frechet_distance`);
+* ``scores.json``: the :func:`~fusedit.eval.shapes_report.summary_json` document (overall with its 95 % CI, per
+  category accuracy / n / CI, the controls, color following, background error, the reproducibility manifest), plus
+  ``accuracy``/``correct``/``total`` per category, ``num_images``, ``color_recall``/``color_precision``, optionally
+  ``fd_pixels`` (:func:`pixel_frechet_distance`), ``settings`` and ``per_prompt`` (prompt, category, seeds,
+  per-image correctness);
 * ``images.npz``: every sample (``images`` ``uint8 (N, R, R, 3)``, prompt-major, and their ``prompts``), for
   re-scoring without re-sampling;
 * ``grid-<category>.png``: one row per example prompt (up to ``grid_prompts``), its first images (up to 8) side by
@@ -36,6 +39,9 @@ import numpy as np
 import torch
 
 from fusedit.data.shapes import PromptSpec, ShapesWorld
+from fusedit.eval.manifest import code_version, prompt_set_hash, sampling_manifest
+from fusedit.eval.shapes_report import format_report, run_controls, score_image_set, summary_json
+from fusedit.eval.shapes_stats import MIN_IMAGES_PER_CATEGORY, check_category_sizes
 
 SCORES_NAME = "scores.json"
 
@@ -54,6 +60,8 @@ class ShapesEvalSettings:
         grid_prompts: prompts shown per category grid.
         pixel_fd: also compute :func:`pixel_frechet_distance` against renders of the same prompts.
         min_per_category: at least this many images per category (more images per prompt where needed; 0: off).
+        allow_small: score categories with fewer than 50 images anyway (refused otherwise).
+        controls: also score every control (:mod:`fusedit.eval.shapes_controls`) on the same prompts.
     """
 
     per_prompt: int = 4
@@ -64,7 +72,9 @@ class ShapesEvalSettings:
     batch_size: int = 64
     grid_prompts: int = 8
     pixel_fd: bool = True
-    min_per_category: int = 0
+    min_per_category: int = MIN_IMAGES_PER_CATEGORY
+    allow_small: bool = False
+    controls: bool = True
 
     def validate(self) -> None:
         if self.per_prompt < 1:
@@ -153,35 +163,6 @@ def pixel_frechet_distance(fake: np.ndarray, real: np.ndarray) -> float:
     return fid_from_features(_pooled_pixels(fake), _pooled_pixels(real))
 
 
-def color_alignment(image: np.ndarray, spec: PromptSpec, min_pixels: Optional[int] = None) -> Optional[tuple[float, float]]:
-    """``(recall, precision)`` of the prompt's colors in ``image`` (``uint8 (H, W, 3)``); ``None`` for prompts
-    that name no color.
-
-    A softer text-alignment signal than the detector's all-or-nothing rules, useful early in training when shapes
-    are still blotchy: foreground pixels (as the detector defines them) are assigned their nearest palette color; a
-    color is *drawn* when it covers at least ``min_pixels`` pixels (default: the detector's minimum object area).
-    Recall: drawn prompt colors / prompt colors; precision: drawn prompt colors / drawn colors (0 when nothing is
-    drawn).
-    """
-    from fusedit.data.shapes import BACKGROUND, COLORS, PALETTE
-    from fusedit.eval.shapes_scorer import DEFAULT_SETTINGS
-
-    wanted = {obj.color for obj in spec.objects if obj.color is not None}
-    if not wanted:
-        return None
-    pixels = image.astype(np.float32)
-    height, width = image.shape[:2]
-    if min_pixels is None:
-        min_pixels = int(max(4.0, DEFAULT_SETTINGS.min_area_fraction * height * width))
-    foreground = np.linalg.norm(pixels - np.array(BACKGROUND, np.float32), axis=-1) > DEFAULT_SETTINGS.background_threshold
-    palette = np.array([PALETTE[c] for c in COLORS], np.float32)
-    nearest = np.linalg.norm(pixels[foreground][:, None, :] - palette, axis=-1).argmin(axis=-1)
-    counts = np.bincount(nearest, minlength=len(COLORS))
-    drawn = {COLORS[i] for i in range(len(COLORS)) if counts[i] >= min_pixels}
-    hit = len(wanted & drawn)
-    return hit / len(wanted), (hit / len(drawn) if drawn else 0.0)
-
-
 def save_category_grids(images: torch.Tensor, specs: Sequence[PromptSpec], counts: Sequence[int], out_dir: Path,
                         grid_prompts: int, max_columns: int = 8) -> dict[str, str]:
     """``grid-<category>.png`` (+ ``.txt`` with the row prompts) for every category; returns category → file name.
@@ -207,7 +188,8 @@ def save_category_grids(images: torch.Tensor, specs: Sequence[PromptSpec], count
 def evaluate_shapes(pipe, world: ShapesWorld, out_dir: Union[str, os.PathLike],
                     settings: ShapesEvalSettings = ShapesEvalSettings(), *, model_path: Optional[str] = None,
                     progress: bool = False) -> dict[str, Any]:
-    """Sample and score every held-out prompt of ``world``; write ``scores.json`` and grids into ``out_dir``.
+    """Sample and score every held-out prompt of ``world``, with the controls; write ``scores.json``, ``images.npz``
+    and grids into ``out_dir``.
 
     Args:
         pipe: a :class:`~fusedit.pipeline.FuseDiTPipeline` (or any callable with its conventions).
@@ -217,83 +199,114 @@ def evaluate_shapes(pipe, world: ShapesWorld, out_dir: Union[str, os.PathLike],
         model_path: recorded in ``scores.json``.
 
     Returns:
-        The contents of ``scores.json``.
+        The contents of ``scores.json``: the :func:`~fusedit.eval.shapes_report.summary_json` document plus the
+        per-prompt results, ``accuracy``/``correct``/``total`` per category, ``num_images``, ``settings``, ``grids``.
+
+    Raises:
+        ValueError: a category would get fewer than 50 images and ``settings.allow_small`` is off.
     """
-    from fusedit.eval.shapes_scorer import as_uint8_images, score_image, score_images
+    from fusedit.eval.shapes_scorer import as_uint8_images
 
     settings.validate()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     specs = world.held_out_prompts()
     if not specs:
         raise ValueError("this shapes world holds out no prompts (data.shapes.held_out_fraction is 0); "
                          "there is nothing to evaluate on")
-    defaults = getattr(pipe, "defaults", None)
-    steps = settings.num_inference_steps or getattr(defaults, "num_inference_steps", None)
-    cfg = settings.guidance_scale if settings.guidance_scale is not None else getattr(defaults, "guidance_scale", None)
-    negative = settings.negative_prompt if settings.negative_prompt is not None else getattr(defaults, "negative_prompt", "")
-    resolved = ShapesEvalSettings(**{**asdict(settings), "num_inference_steps": steps, "guidance_scale": cfg,
-                                     "negative_prompt": negative})
     counts = images_per_prompt(specs, settings.per_prompt, settings.min_per_category)
+    check_category_sizes(_category_counts(specs, counts), settings.allow_small)
+    resolved = _resolve_sampling(pipe, settings)
     stride = max(counts)
     seeds = [prompt_seeds(settings.seed, i, n, stride) for i, n in enumerate(counts)]
     jobs = [(spec.text, s) for spec, prompt_seeds_ in zip(specs, seeds) for s in prompt_seeds_]
     images = sample_jobs(pipe, jobs, world.resolution, resolved, progress=progress)
-    expanded = [spec for spec, n in zip(specs, counts) for _ in range(n)]
-    scores = score_images(images, expanded)
     uint8 = as_uint8_images(images)
-    per_prompt, start, recalls, precisions = [], 0, [], []
-    for spec, n, prompt_seeds_ in zip(specs, counts, seeds):
-        chunk = uint8[start:start + n]
-        start += n
-        entry = {"prompt": spec.text, "category": spec.category, "seeds": prompt_seeds_,
-                 "correct": [bool(score_image(im, spec)) for im in chunk]}
-        alignment = [color_alignment(im, spec) for im in chunk]
-        if alignment[0] is not None:
-            entry["color_recall"] = [a[0] for a in alignment]
-            entry["color_precision"] = [a[1] for a in alignment]
-            recalls += entry["color_recall"]
-            precisions += entry["color_precision"]
-        per_prompt.append(entry)
-    result: dict[str, Any] = {"suite": "shapes", **scores}
-    if recalls:
-        result["color_recall"] = float(np.mean(recalls))
-        result["color_precision"] = float(np.mean(precisions))
-    np.savez_compressed(out / "images.npz", images=np.stack(uint8),
-                        prompts=np.array([spec.text for spec, n in zip(specs, counts) for _ in range(n)]))
+    expanded = [spec for spec, n in zip(specs, counts) for _ in range(n)]
+    manifest = {**code_version(), **sampling_manifest(
+        pipe, steps=resolved.num_inference_steps, guidance_scale=resolved.guidance_scale,
+        negative_prompt=resolved.negative_prompt, seed_rule="seed + prompt_index * seed_stride + k",
+        base_seed=settings.seed, resolution=world.resolution),
+        "model": model_path, "seed_stride": stride, **_prompt_manifest(specs, counts, "held_out")}
+    extra: dict[str, Any] = {"suite": "shapes"}
     if settings.pixel_fd:
-        real = render_specs(world, specs, counts, settings.seed)
-        result["fd_pixels"] = pixel_frechet_distance(np.stack(uint8), real)
-    result["grids"] = save_category_grids(images, specs, counts, out, settings.grid_prompts)
-    result["settings"] = {
-        "model": model_path,
-        "prompts": "held_out",
-        "num_prompts": len(specs),
-        "per_prompt": settings.per_prompt,
-        "min_per_category": settings.min_per_category,
-        "seed": settings.seed,
-        "seed_stride": stride,
-        "seed_rule": "seed + prompt_index * seed_stride + k",
-        "num_inference_steps": steps,
-        "guidance_scale": cfg,
-        "negative_prompt": negative,
-        "resolution": world.resolution,
-        "shapes": asdict(world.config),
-    }
-    result["per_prompt"] = per_prompt
-    tmp = out / f".{SCORES_NAME}.tmp"
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, out / SCORES_NAME)
+        extra["fd_pixels"] = pixel_frechet_distance(np.stack(uint8), render_specs(world, specs, counts, settings.seed))
+    out.mkdir(parents=True, exist_ok=True)
+    extra["grids"] = save_category_grids(images, specs, counts, out, settings.grid_prompts)
+    result = score_and_report(world, uint8, expanded, manifest, settings.controls, extra)
+    result["settings"] = {"model": model_path, "prompts": "held_out", "num_prompts": len(specs),
+                          "per_prompt": settings.per_prompt, "min_per_category": settings.min_per_category,
+                          "seed": settings.seed, "seed_stride": stride,
+                          "seed_rule": "seed + prompt_index * seed_stride + k",
+                          "num_inference_steps": resolved.num_inference_steps,
+                          "guidance_scale": resolved.guidance_scale, "negative_prompt": resolved.negative_prompt,
+                          "resolution": world.resolution, "shapes": asdict(world.config)}
+    result["per_prompt"] = _per_prompt(specs, counts, seeds, result.pop("correct_per_image"))
+    np.savez_compressed(out / "images.npz", images=np.stack(uint8), prompts=np.array([s.text for s in expanded]))
+    write_json_atomic(out / SCORES_NAME, result)
     return result
 
 
+def score_and_report(world: ShapesWorld, images: Sequence[np.ndarray], specs: Sequence[PromptSpec],
+                     manifest: dict[str, Any], controls: bool, extra: Optional[dict[str, Any]] = None) -> dict:
+    """Score ``images`` against ``specs`` and, if ``controls``, every control on the same prompts; the
+    :func:`~fusedit.eval.shapes_report.summary_json` document plus the legacy per-category tables
+    (``accuracy``, ``correct``, ``total``, ``num_images``, ``color_recall``, ``color_precision``) and
+    ``correct_per_image``."""
+    scored = score_image_set(images, specs)
+    table = run_controls(world, specs, seed=manifest.get("seed") or 0) if controls else None
+    categories = scored["categories"]
+    legacy = {"accuracy": {c: v["accuracy"] for c, v in categories.items()},
+              "correct": {c: v["correct"] for c, v in categories.items()},
+              "total": {c: v["n"] for c, v in categories.items()}, "num_images": len(images)}
+    if scored["color_following"]:
+        legacy["color_recall"] = scored["color_following"]["recall"]
+        legacy["color_precision"] = scored["color_following"]["precision"]
+    document = summary_json(scored, table, manifest, {**(extra or {}), **legacy})
+    document["correct_per_image"] = scored["correct"]
+    return document
+
+
+def _resolve_sampling(pipe, settings: ShapesEvalSettings) -> ShapesEvalSettings:
+    """``settings`` with the pipeline's defaults filled in where they are None."""
+    defaults = getattr(pipe, "defaults", None)
+    steps = settings.num_inference_steps or getattr(defaults, "num_inference_steps", None)
+    cfg = settings.guidance_scale if settings.guidance_scale is not None else getattr(defaults, "guidance_scale", None)
+    negative = (settings.negative_prompt if settings.negative_prompt is not None
+                else getattr(defaults, "negative_prompt", ""))
+    return ShapesEvalSettings(**{**asdict(settings), "num_inference_steps": steps, "guidance_scale": cfg,
+                                 "negative_prompt": negative})
+
+
+def _category_counts(specs: Sequence[PromptSpec], counts: Sequence[int]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for spec, n in zip(specs, counts):
+        totals[spec.category] = totals.get(spec.category, 0) + n
+    return totals
+
+
+def _prompt_manifest(specs: Sequence[PromptSpec], counts: Sequence[int], prompts: str) -> dict[str, Any]:
+    return {"prompts": prompts, "num_prompts": len(specs), "prompt_set_hash": prompt_set_hash(
+        [s.text for s in specs], counts), "images_per_category": _category_counts(specs, counts)}
+
+
+def _per_prompt(specs, counts, seeds, correct: Sequence[bool]) -> list[dict[str, Any]]:
+    entries, start = [], 0
+    for spec, n, prompt_seeds_ in zip(specs, counts, seeds):
+        entries.append({"prompt": spec.text, "category": spec.category, "seeds": prompt_seeds_,
+                        "correct": list(correct[start:start + n])})
+        start += n
+    return entries
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> Path:
+    """Write ``data`` as indented JSON through a temporary file and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def format_scores(scores: dict[str, Any]) -> str:
-    """A few human-readable lines summarising ``scores.json``."""
-    lines = [f"overall {scores['overall']:.3f} on {scores['num_images']} images"]
-    for category, acc in scores["accuracy"].items():
-        lines.append(f"  {category:<14} {acc:.3f} ({scores['correct'][category]}/{scores['total'][category]})")
-    if "color_recall" in scores:
-        lines.append(f"  color recall   {scores['color_recall']:.3f}, precision {scores['color_precision']:.3f}")
-    if "fd_pixels" in scores and not math.isnan(scores["fd_pixels"]):
-        lines.append(f"  pixel FD       {scores['fd_pixels']:.4f} (lower is better; not Inception FID)")
-    return "\n".join(lines)
+    """A few human-readable lines summarising ``scores.json`` (the score, its CIs and its controls)."""
+    return format_report(scores)

@@ -1,179 +1,102 @@
-"""A deterministic object detector for shapes-world images and GenEval-style scoring against :class:`PromptSpec`.
+"""Scoring shapes-world images against their prompts (:class:`~fusedit.data.shapes.PromptSpec`).
 
-Detection (:func:`detect`):
-1. a pixel is foreground when its RGB distance to :data:`~fusedit.data.shapes.BACKGROUND` exceeds
-   ``background_threshold``;
-2. 8-connected components of the foreground are objects (holes filled, components smaller than ``min_area`` dropped
-   as noise);
-3. the object's color is the majority vote of its pixels' nearest palette colors;
-4. its shape is the template (:func:`~fusedit.data.shapes.shape_mask` stretched to the component's bounding box)
-   with the highest IoU with the component; below ``min_shape_iou`` the shape is ``"unknown"``.
+Objects are found by the geometric detector of :mod:`fusedit.eval.shapes_detector`. The shapes world draws exactly
+the objects a caption names and nothing else, so an image is correct when its objects are **exactly** the prompt's:
 
-Scoring (:func:`score_image`) follows GenEval's rules:
-``single_object`` / ``colors``: an object of that shape (and color) is present; ``two_object`` / ``color_attr``: both
-objects (with their colors) are present; ``counting``: exactly N objects of that shape (and color); ``position``: both
-objects present and the relation holds between the centroids of the largest detection of each, by more than
-``position_threshold`` times their mean bounding-box side (GenEval's rule, with ``x`` to the right, ``y`` down).
+* ``single_object`` ("a circle"): one object, that shape (any color of the world);
+* ``two_object`` ("a circle and a square"): two objects, those two shapes;
+* ``counting`` ("three green triangles"): that many objects, all of that shape and color;
+* ``colors`` ("a red circle"): one object of that shape and color;
+* ``color_attr`` ("a red circle and a blue square"): two objects, each shape in its color;
+* ``position`` ("a red circle to the left of a blue square"): the two objects, and the subject's centroid lies on
+  the named side of the reference's by more than :attr:`~fusedit.eval.shapes_detector.DetectorSettings.position_margin`
+  times their mean side, along the dominant axis.
+
+An object of no known shape or color, and any object the prompt does not name, makes the image wrong (GenEval checks
+what a prompt names; in a closed world we can also check that nothing else was drawn). Specks are ignored.
+
+Color following (:func:`color_following`) compares the set of colors of the detected objects with the prompt's
+colors: precision, recall and their F1, never recall alone (noise "draws" every color).
 """
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from scipy import ndimage
 
-from fusedit.data.shapes import BACKGROUND, CATEGORIES, COLORS, PALETTE, SHAPES, SIZE_FRACTIONS, ObjectSpec, \
-    PromptSpec, shape_mask
+from fusedit.data.shapes import CATEGORIES, ObjectSpec, PromptSpec
+from fusedit.eval.shapes_detector import DEFAULT_SETTINGS, DetectedObject, DetectorSettings, check_image, detect
 
-_PALETTE_RGB = np.array([PALETTE[c] for c in COLORS], dtype=np.float32)  # (K, 3)
-_BACKGROUND_RGB = np.array(BACKGROUND, dtype=np.float32)
-
-
-@dataclass(frozen=True)
-class DetectedObject:
-    """One detected object.
-
-    Attributes:
-        shape: one of :data:`~fusedit.data.shapes.SHAPES` or ``"unknown"``.
-        color: one of :data:`~fusedit.data.shapes.COLORS`.
-        size: ``small`` or ``big`` (bounding-box side compared with the midpoint of the two rendered sizes).
-        bbox: ``(x0, y0, x1, y1)`` in pixels, end-exclusive.
-        centroid: ``(x, y)`` mean pixel-centre position (``x`` right, ``y`` down).
-        area: number of pixels.
-        shape_iou: IoU of the component with the chosen shape template.
-    """
-
-    shape: str
-    color: str
-    size: str
-    bbox: tuple[int, int, int, int]
-    centroid: tuple[float, float]
-    area: int
-    shape_iou: float
-
-
-@dataclass(frozen=True)
-class DetectorSettings:
-    """Thresholds of :func:`detect` (defaults suit 32–64 px images from the shapes world or a model trained on it).
-
-    Attributes:
-        background_threshold: RGB distance to the background above which a pixel is foreground.
-        min_area_fraction: components smaller than this fraction of the image (and than 4 pixels) are noise.
-        min_shape_iou: below this best template IoU the shape is ``unknown``.
-        position_threshold: a relation holds when the centroid offset along its axis exceeds this times the mean
-            bounding-box side of the two objects.
-    """
-
-    background_threshold: float = 80.0
-    min_area_fraction: float = 0.0075
-    min_shape_iou: float = 0.55
-    position_threshold: float = 0.3
-
-
-DEFAULT_SETTINGS = DetectorSettings()
-
-
-def _check_image(image: np.ndarray) -> np.ndarray:
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        got = f"{type(image).__name__} {getattr(image, 'dtype', '')} {getattr(image, 'shape', '')}"
-        raise ValueError(f"expected an image as np.uint8 array (H, W, 3), got {got}; "
-                         "convert model outputs with as_uint8_images()")
-    return image
-
-
-def detect(image: np.ndarray, settings: DetectorSettings = DEFAULT_SETTINGS) -> list[DetectedObject]:
-    """Detect the objects of an ``np.uint8 (H, W, 3)`` image, ordered by position (top-to-bottom, left-to-right)."""
-    image = _check_image(image)
-    pixels = image.astype(np.float32)
-    foreground = np.linalg.norm(pixels - _BACKGROUND_RGB, axis=-1) > settings.background_threshold
-    distances = np.linalg.norm(pixels[:, :, None, :] - _PALETTE_RGB, axis=-1)  # (H, W, K)
-    nearest = distances.argmin(axis=-1)
-    labels, num = ndimage.label(foreground, structure=np.ones((3, 3), dtype=bool))
-    height, width = foreground.shape
-    min_area = max(4.0, settings.min_area_fraction * height * width)
-    size_split = 0.5 * (SIZE_FRACTIONS["small"] + SIZE_FRACTIONS["big"]) * max(height, width)
-    found: list[DetectedObject] = []
-    for index, slc in enumerate(ndimage.find_objects(labels), start=1):
-        if slc is None:
-            continue
-        component = labels[slc] == index
-        if component.sum() < min_area:
-            continue
-        color_votes = np.bincount(nearest[slc][component], minlength=len(COLORS))
-        mask = ndimage.binary_fill_holes(component)
-        h, w = mask.shape
-        shape, iou = _classify_shape(mask, settings.min_shape_iou)
-        ys, xs = np.nonzero(mask)
-        y0, x0 = slc[0].start, slc[1].start
-        found.append(DetectedObject(
-            shape=shape,
-            color=COLORS[int(color_votes.argmax())],
-            size="big" if max(h, w) > size_split else "small",
-            bbox=(x0, y0, x0 + w, y0 + h),
-            centroid=(float(x0 + xs.mean() + 0.5), float(y0 + ys.mean() + 0.5)),
-            area=int(mask.sum()),
-            shape_iou=iou,
-        ))
-    return found
-
-
-def _classify_shape(mask: np.ndarray, min_iou: float) -> tuple[str, float]:
-    """Best-IoU shape template for a component mask cropped to its bounding box."""
-    h, w = mask.shape
-    best, best_iou = "unknown", 0.0
-    for shape in SHAPES:
-        template = shape_mask(shape, h, w)
-        iou = float((template & mask).sum() / (template | mask).sum())
-        if iou > best_iou:
-            best, best_iou = shape, iou
-    return (best if best_iou >= min_iou else "unknown"), best_iou
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Scoring
-# ----------------------------------------------------------------------------------------------------------------
+__all__ = ["DEFAULT_SETTINGS", "DetectedObject", "DetectorSettings", "as_uint8_images", "check_objects",
+           "color_following", "detect", "score_image", "score_images"]
 
 
 def _matches(obj: DetectedObject, req: ObjectSpec) -> bool:
     return obj.shape == req.shape and (req.color is None or obj.color == req.color)
 
 
-def _relation_holds(a: DetectedObject, b: DetectedObject, relation: str, threshold: float) -> bool:
-    """``a <relation> b`` between centroids, by more than ``threshold`` × the mean bounding-box side."""
-    dx = b.centroid[0] - a.centroid[0]  # > 0: a is left of b
-    dy = b.centroid[1] - a.centroid[1]  # > 0: a is above b
-    sides = [a.bbox[2] - a.bbox[0], a.bbox[3] - a.bbox[1], b.bbox[2] - b.bbox[0], b.bbox[3] - b.bbox[1]]
-    margin = threshold * float(np.mean(sides))
-    offset = {"left of": dx, "right of": -dx, "above": dy, "below": -dy}[relation]
-    return offset > margin
+def _assign(objects: Sequence[DetectedObject], required: Sequence[ObjectSpec]) -> Optional[list[DetectedObject]]:
+    """A one-to-one assignment of ``objects`` to ``required`` (expanded by count), or None when there is none.
+
+    Requirements are few (at most 4), so a depth-first search is exact and cheap.
+    """
+    if len(objects) != len(required):
+        return None
+
+    def search(i: int, used: frozenset) -> Optional[list[DetectedObject]]:
+        if i == len(required):
+            return []
+        for j, obj in enumerate(objects):
+            if j not in used and _matches(obj, required[i]):
+                rest = search(i + 1, used | {j})
+                if rest is not None:
+                    return [obj] + rest
+        return None
+
+    return search(0, frozenset())
+
+
+def _relation_holds(subject: DetectedObject, reference: DetectedObject, relation: str, margin: float) -> bool:
+    """``subject <relation> reference``: the centroid offset along the relation's axis exceeds ``margin`` × the mean
+    side and is not smaller than the offset across it."""
+    dx = reference.centroid[0] - subject.centroid[0]  # > 0: subject is left of reference
+    dy = reference.centroid[1] - subject.centroid[1]  # > 0: subject is above reference
+    along, across = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[relation]
+    return along > margin * 0.5 * (subject.side + reference.side) and abs(across) <= along
 
 
 def check_objects(objects: Sequence[DetectedObject], spec: PromptSpec,
                   settings: DetectorSettings = DEFAULT_SETTINGS) -> bool:
-    """Whether detected ``objects`` satisfy ``spec`` under GenEval's rule for its category."""
+    """Whether detected ``objects`` are exactly what ``spec`` asks for (see the module docstring)."""
     if spec.category not in CATEGORIES:
         raise ValueError(f"unknown category {spec.category!r} in spec {spec.text!r}; expected one of {CATEGORIES}")
-    groups = [[o for o in objects if _matches(o, req)] for req in spec.objects]
-    if spec.category == "counting":
-        return all(len(g) == req.count for g, req in zip(groups, spec.objects))
-    if not all(len(g) >= req.count for g, req in zip(groups, spec.objects)):
+    required = [req for req in spec.objects for _ in range(req.count)]
+    assigned = _assign(objects, required)
+    if assigned is None:
         return False
     if spec.category == "position":
-        if spec.relation is None or len(groups) != 2:
+        if spec.relation is None or len(assigned) != 2:
             raise ValueError(f"position spec {spec.text!r} needs two objects and a relation")
-        subject = max(groups[0], key=lambda o: o.area)
-        reference = max((o for o in groups[1] if o is not subject), key=lambda o: o.area, default=None)
-        return reference is not None and _relation_holds(subject, reference, spec.relation,
-                                                         settings.position_threshold)
+        return _relation_holds(assigned[0], assigned[1], spec.relation, settings.position_margin)
     return True
 
 
 def score_image(image: np.ndarray, spec: PromptSpec, settings: DetectorSettings = DEFAULT_SETTINGS) -> bool:
-    """Whether ``image`` (``np.uint8 (H, W, 3)``) is correct for ``spec`` (GenEval rules, see the module doc)."""
+    """Whether ``image`` (``np.uint8 (R, R, 3)``) is correct for ``spec``."""
     return check_objects(detect(image, settings), spec, settings)
+
+
+def color_following(objects: Sequence[DetectedObject], spec: PromptSpec) -> Optional[tuple[float, float]]:
+    """``(recall, precision)`` of the prompt's colors among the colors of the detected objects (any shape); ``None``
+    for prompts that name no color. Precision is 0 when nothing of a world color is drawn."""
+    wanted = {obj.color for obj in spec.objects if obj.color is not None}
+    if not wanted:
+        return None
+    drawn = {obj.color for obj in objects if obj.color is not None}
+    hit = len(wanted & drawn)
+    return hit / len(wanted), (hit / len(drawn) if drawn else 0.0)
 
 
 def as_uint8_images(images: Union[torch.Tensor, np.ndarray, Iterable[np.ndarray]]) -> list[np.ndarray]:
@@ -189,12 +112,12 @@ def as_uint8_images(images: Union[torch.Tensor, np.ndarray, Iterable[np.ndarray]
             raise ValueError(f"float images must be (B, 3, H, W) in [-1, 1], got shape {images.shape}")
         scaled = np.clip((images.astype(np.float32) + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
         return list(scaled.transpose(0, 2, 3, 1))
-    return [_check_image(np.asarray(im)) for im in images]
+    return [check_image(np.asarray(im)) for im in images]
 
 
 def score_images(images: Union[torch.Tensor, np.ndarray, Sequence[np.ndarray]], specs: Sequence[PromptSpec],
                  settings: DetectorSettings = DEFAULT_SETTINGS) -> dict:
-    """Score images against their specs (image ``i`` ↔ ``specs[i]``), GenEval style.
+    """Score images against their specs (image ``i`` ↔ ``specs[i]``).
 
     Returns:
         ``{"overall": mean of the per-category accuracies, "accuracy": {category: float},

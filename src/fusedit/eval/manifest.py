@@ -1,0 +1,85 @@
+"""Reproducibility manifests of evaluations: which code, config, weights, sampler and prompts produced a score.
+
+Hashes are SHA-256 hex digests:
+
+* ``config_hash``: of the run's config as canonical JSON (sorted keys);
+* ``checkpoint_hash``: of the weights the model actually holds (every parameter and buffer, in name order, as raw
+  bytes with its name, dtype and shape), so it identifies the weights whatever file they came from;
+* ``prompt_set_hash``: of the JSON list of ``[prompt, images]`` pairs, in evaluation order.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+import fusedit
+
+
+def _sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def code_version() -> dict[str, Any]:
+    """``{"package_version", "commit", "dirty"}`` of the fusedit source in use (commit/dirty are None outside a git
+    checkout)."""
+    source = Path(fusedit.__file__).resolve().parent
+    info: dict[str, Any] = {"package_version": getattr(fusedit, "__version__", None), "commit": None, "dirty": None}
+    try:
+        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode == 0:
+            info["commit"] = commit.stdout.strip()
+            status = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10)
+            info["dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def config_hash(config) -> Optional[str]:
+    """Hash of a run's config dataclass (None when there is none, e.g. a reference folder)."""
+    if config is None:
+        return None
+    return _sha256_json(dataclasses.asdict(config))
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    """Hash of every parameter and buffer of ``module`` (see the module docstring)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(list(module.state_dict().items())):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def prompt_set_hash(prompts: Sequence[str], counts: Sequence[int]) -> str:
+    """Hash of the evaluated prompts and their numbers of images, in order."""
+    return _sha256_json([[p, int(n)] for p, n in zip(prompts, counts)])
+
+
+def sampling_manifest(pipe, *, steps, guidance_scale, negative_prompt, seed_rule: str, base_seed: int,
+                      resolution: int) -> dict[str, Any]:
+    """What a pipeline sampled with: scheduler, steps, CFG, shift, negative prompt, seeds, resolution, weights."""
+    scheduler = getattr(pipe, "scheduler", None)
+    shift = getattr(getattr(scheduler, "config", None), "shift", None)
+    model = getattr(pipe, "model", None)
+    return {
+        "sampler": type(scheduler).__name__ if scheduler is not None else None,
+        "steps": steps,
+        "cfg": guidance_scale,
+        "shift": shift,
+        "negative_prompt": negative_prompt,
+        "seed": base_seed,
+        "seed_rule": seed_rule,
+        "resolution": resolution,
+        "config_hash": config_hash(getattr(pipe, "config", None)),
+        "checkpoint_hash": weights_hash(model) if isinstance(model, torch.nn.Module) else None,
+    }
