@@ -117,3 +117,17 @@ def test_flow_matching_loss():
     with pytest.raises(ValueError, match="weights must have shape"):
         flow_matching_loss(pred, target, torch.ones(3))
     assert math.isnan(flow_matching_loss(pred * float("nan"), target).item())
+
+
+def test_uniform_fraction_mixes_in_unshifted_uniform_sigmas():
+    schedule = FlowMatchSchedule(shift=6.0)
+    plain = schedule.sample_sigmas(20000, torch.Generator().manual_seed(0))
+    # off: the same random stream as before the option existed
+    torch.testing.assert_close(schedule.sample_sigmas(20000, torch.Generator().manual_seed(0), uniform_fraction=0.0),
+                               plain)
+    mixed = schedule.sample_sigmas(20000, torch.Generator().manual_seed(0), uniform_fraction=0.25)
+    # shift 6 almost never visits σ < 0.2 (0.1 %); a quarter of uniform draws puts 0.25 · 0.2 = 5 % there
+    assert (plain < 0.2).float().mean() < 0.005
+    assert abs((mixed < 0.2).float().mean().item() - 0.05) < 0.01
+    with pytest.raises(ValueError, match="uniform_fraction"):
+        schedule.sample_sigmas(4, uniform_fraction=1.5)

@@ -66,6 +66,7 @@ class FlowMatchSchedule:
         logit_std: float = 1.0,
         mode_scale: float = 1.29,
         apply_shift: bool = True,
+        uniform_fraction: float = 0.0,
     ) -> torch.Tensor:
         """Draw training noise levels σ, shape ``(batch_size,)`` float32 on the generator's device (CPU if none).
 
@@ -79,6 +80,10 @@ class FlowMatchSchedule:
             ``mode``: SD3's mode sampling ``u = 1 - v - mode_scale·(cos²(π v / 2) - 1 + v)``, ``v ~ U[0, 1)``.
             For the three continuous methods σ = ``shift_sigmas(u, self.shift)`` if ``apply_shift`` else ``u``
             (``apply_shift`` is ignored by ``reference``, whose sigmas are the scheduler's shifted ones).
+
+        ``uniform_fraction``: each σ is replaced, with this probability, by an unshifted ``U[0, 1)`` draw (a mixture
+        that keeps training the low noise levels a strong shift almost never visits; those decide the last sampling
+        steps, e.g. whether a flat background comes out clean). With 0 no extra random numbers are drawn.
 
         The random numbers are drawn exactly as diffusers' ``compute_density_for_timestep_sampling`` draws them.
         """
@@ -100,9 +105,17 @@ class FlowMatchSchedule:
 
         if method == "reference":
             indices = (u * self.num_train_timesteps).long().clamp_(max=self.num_train_timesteps - 1)
-            return self.sigmas.to(device)[indices]
-        u = u.to(torch.float32)
-        return shift_sigmas(u, self.shift) if apply_shift else u
+            sigmas = self.sigmas.to(device)[indices]
+        else:
+            u = u.to(torch.float32)
+            sigmas = shift_sigmas(u, self.shift) if apply_shift else u
+        if not 0.0 <= uniform_fraction <= 1.0:
+            raise ValueError(f"sample_sigmas: uniform_fraction must be in [0, 1], got {uniform_fraction}")
+        if uniform_fraction > 0:
+            pick = torch.rand((batch_size,), device=device, generator=generator) < uniform_fraction
+            uniform = torch.rand((batch_size,), device=device, generator=generator)
+            sigmas = torch.where(pick, uniform, sigmas)
+        return sigmas
 
 
 def _expand_like(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,8 @@ class TrainConfig:
             ``logit_normal`` or ``mode`` (SD3).
         shift: shift of the flow-match schedule (SD3-medium: 3.0).
         logit_mean, logit_std, mode_scale: parameters of the time densities.
+        uniform_time_fraction: probability of replacing a drawn σ by an unshifted uniform one (0: off; see
+            :meth:`fusedit.flow.FlowMatchSchedule.sample_sigmas`).
         loss_weighting: SD3 weighting: ``none`` (uniform), ``sigma_sqrt`` or ``cosmap``.
         caption_dropout: probability of replacing a caption by the empty string (for CFG).
         ema_decay, ema_every: EMA of the trained weights, updated every ``ema_every`` steps (``ema_every: 0``
@@ -57,6 +59,7 @@ class TrainConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
+    uniform_time_fraction: float = 0.0
     loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
     caption_dropout: float = 0.1
     ema_decay: float = 0.99
@@ -97,6 +100,8 @@ class TrainConfig:
         require(self.grad_clip is None or self.grad_clip > 0, f"train.grad_clip: got {self.grad_clip}, expected > 0 or null")
         require(self.shift > 0, f"train.shift: got {self.shift}, expected > 0")
         require(self.logit_std > 0, f"train.logit_std: got {self.logit_std}, expected > 0")
+        require(0.0 <= self.uniform_time_fraction <= 1.0,
+                f"train.uniform_time_fraction: got {self.uniform_time_fraction}, expected in [0, 1]")
         require(self.checkpoint_every > 0, f"train.checkpoint_every: got {self.checkpoint_every}, expected > 0")
         require(self.keep_checkpoints >= 1, f"train.keep_checkpoints: got {self.keep_checkpoints}, expected >= 1")
         require(self.warmup_steps >= 0, f"train.warmup_steps: got {self.warmup_steps}, expected >= 0")

@@ -462,7 +462,8 @@ class Trainer:
         total, mine = self._rank_slice(x0.shape[0])
         sigmas = self.schedule.sample_sigmas(total, self.generators["sigma"], method=cfg.time_sampling,
                                              logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
-                                             mode_scale=cfg.mode_scale)[mine].to(self.device)
+                                             mode_scale=cfg.mode_scale,
+                                             uniform_fraction=cfg.uniform_time_fraction)[mine].to(self.device)
         noise = torch.randn((total, *x0.shape[1:]), generator=self.generators["noise"], device=self.device,
                             dtype=x0.dtype)[mine]
         captions = self.drop_captions(captions)
