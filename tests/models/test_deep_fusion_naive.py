@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import get_timestep_embedding
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from fusedit.config import ConfigError
 from fusedit.models import LLMGeometry, ModelConfig, build_model
 from fusedit.text.config import TextConfig
 from fusedit.text.encoder import TextEncoder
@@ -345,3 +346,29 @@ def test_trimming_padding_changes_nothing():
     trimmed = context.trimmed()
     assert trimmed.length == context.length - 2
     torch.testing.assert_close(model(x, t, trimmed), model(x, t, context), atol=2e-5, rtol=1e-4)
+
+
+def test_sample_prediction_turns_the_network_output_into_the_velocity():
+    # the same weights predicting the clean sample: the velocity is (x - output) / max(σ, 0.05), and a network that
+    # outputs the true x_0 yields the true velocity ε - x_0
+    decoder = copy.deepcopy(DECODERS["gemma2"])
+    config = ModelConfig(pos_embed="2d-rope", in_channels=3, sample_size=8, timestep_conditioning="adaln-zero")
+    geometry = LLMGeometry.from_hf_config(decoder.config)
+    velocity = build_model(config, geometry).eval()
+    randomize(velocity, 21)
+    sample = build_model(replace(config, prediction="sample"), geometry).eval()
+    sample.load_state_dict(velocity.state_dict())
+    x, _, ids, mask = inputs(22, "left")
+    t = torch.tensor([700.0, 10.0])  # σ = 0.7, and 0.01 below the floor
+    context = encode(decoder, velocity, ids, mask)
+    raw = velocity(x, t, context)
+    expected = (x - raw) / torch.tensor([0.7, 0.05]).view(2, 1, 1, 1)
+    torch.testing.assert_close(sample(x, t, context), expected, atol=1e-5, rtol=1e-5)
+    from fusedit.models.prediction import SamplePrediction
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise, sigma = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g), torch.tensor([0.3, 0.9])
+    x_t = (1 - sigma.view(2, 1, 1, 1)) * x0 + sigma.view(2, 1, 1, 1) * noise
+    torch.testing.assert_close(SamplePrediction()(x0, x_t, sigma * 1000), noise - x0, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="prediction"):
+        replace(config, prediction="sample", out_channels=6).validate()

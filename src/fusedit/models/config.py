@@ -52,6 +52,8 @@ class ModelConfig:
         sample_size: default latent (or pixel) side length used by the pipeline when no size is given.
         pos_embed_max_size: side of the sin-cos table for ``ape`` and ``absolute_pos_embed`` (centre-cropped to
             the image grid).
+        prediction: what the network outputs: ``velocity`` (the reference's) or the clean ``sample``, from which
+            the velocity follows (:mod:`fusedit.models.prediction`); ``forward`` returns the velocity either way.
         text_hidden_states_index: (``dit`` only) which ``hidden_states`` entry of the LLM conditions the baseline.
         rms_norm_eps, rope_theta: ``null``: the LLM's.
     """
@@ -78,6 +80,7 @@ class ModelConfig:
     out_channels: Union[int, None] = None
     sample_size: int = 64
     pos_embed_max_size: int = 64
+    prediction: Literal["velocity", "sample"] = "velocity"
     text_hidden_states_index: int = -1
     rms_norm_eps: Union[float, None] = None
     rope_theta: Union[float, None] = None
@@ -121,6 +124,11 @@ class ModelConfig:
                 f"{self.sample_size} is {patches} patches per side; the sin-cos table needs at least that many")
         if self.head_dim is not None and self.pos_embed in ("2d-rope", "m-rope"):
             require(self.head_dim % 4 == 0, f"model.head_dim: {self.pos_embed} needs head_dim divisible by 4, got {self.head_dim}")
+        require(self.prediction in ("velocity", "sample"),
+                f"model.prediction: got {self.prediction!r}, expected 'velocity' or 'sample'")
+        require(self.prediction == "velocity" or self.out_channels in (None, self.in_channels),
+                f"model.prediction: 'sample' predicts the input itself, so model.out_channels ({self.out_channels}) "
+                f"must equal model.in_channels ({self.in_channels}) or be null")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from fusedit.models.attention import CrossAttention, LLMLayerKV, ProjectedKV, Se
 from fusedit.models.config import ResolvedModelConfig
 from fusedit.models.layers import GeGLU, RMSNorm, Rope
 from fusedit.models.positions import build_positions
+from fusedit.models.prediction import build_prediction
 from fusedit.models.timestep import Conditioning, build_timestep_variant, modulate
 from fusedit.text.context import TextContext
 from fusedit.text.encoder import TextRequirements
@@ -102,6 +103,7 @@ class DiffusionTransformer(nn.Module):
         self.timestep = variant.embedder
         self.adds_timestep_to_tokens = getattr(variant.embedder, "adds_to_tokens", False)
         self.positions = build_positions(c.pos_embed, r.head_dim, r.rope_theta)
+        self.prediction = build_prediction(c.prediction)
         shallow = c.kind == "dit"
         # Deep fusion places the image after the prompt's real tokens (their keys carry RoPE); the baselines' text
         # keys carry no RoPE, so their image positions start at 0 like the reference's DiT.
@@ -233,4 +235,4 @@ class DiffusionTransformer(nn.Module):
                 tokens = checkpoint(block, tokens, cond.layer, rope, text, use_reentrant=False)
             else:
                 tokens = block(tokens, cond.layer, rope, text)
-        return unpatchify(self.head(tokens, cond), h, w, p)
+        return self.prediction(unpatchify(self.head(tokens, cond), h, w, p), x, timestep)
