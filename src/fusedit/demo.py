@@ -5,8 +5,10 @@
    content, with the scene objective (its values at a position caption's last token must say which object goes
    where), and saves it with ``save_pretrained``;
 3. trains a deep-fusion DiT on it, loading the LLM through the same loader real LLMs use;
-4. samples a grid for held-out prompts (never seen in training) and scores them with the shapes-world detector;
-5. prints the paths of the grid, the run and its logs.
+4. samples a grid for held-out prompts (never seen in training), then evaluates the full held-out suite with the
+   shapes-world detector next to its controls (:mod:`fusedit.eval.shapes_eval`), writing the summary to
+   ``<run>/eval/shapes.json``;
+5. prints the score with its confidence interval and controls, and the paths of the grid, the run and its logs.
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ def set_aside_stale_run(run_dir: Path, config, llm_retrained: bool) -> Optional[
 def run_demo(out: Path, *, device: Optional[str] = None, steps: Optional[int] = None,
              overrides: Sequence[str] = (), images_per_prompt: int = 4) -> dict:
     from fusedit.data.shapes import ShapesWorld
-    from fusedit.eval.shapes_scorer import score_images
+    from fusedit.eval.shapes_eval import format_scores
     from fusedit.pipeline import load_pipeline
     from fusedit.run import train_run
     from fusedit.text.tiny_llm import TinyLLMConfig, ensure_shapes_world_llm, read_marker
@@ -111,7 +113,7 @@ def run_demo(out: Path, *, device: Optional[str] = None, steps: Optional[int] = 
           f"conditioning) for {config.train.max_steps} steps -> {run_dir}")
     train_run(config, run_dir, device=device)
 
-    print("[4/4] sampling held-out prompts")
+    print("[4/4] sampling held-out prompts, and the full held-out suite next to its controls")
     pipe = load_pipeline(run_dir, device=device)
     specs = held_out_examples(world)
     prompts = [spec.text for spec in specs]
@@ -119,14 +121,25 @@ def run_demo(out: Path, *, device: Optional[str] = None, steps: Optional[int] = 
     images = pipe(prompts, num_images_per_prompt=images_per_prompt, generator=generator, output_type="pt").images
     grid = save_image_grid(images * 2 - 1, run_dir / "demo_grid.png", nrow=images_per_prompt)
     (run_dir / "demo_grid.txt").write_text("\n".join(f"row {i}: {p}" for i, p in enumerate(prompts)) + "\n")
-    scores = score_images(images * 2 - 1, [s for s in specs for _ in range(images_per_prompt)])
-    (run_dir / "demo_scores.json").write_text(json.dumps(scores, indent=2))
+    summary, summary_path = evaluate_demo(pipe, world, run_dir)
     minutes = (time.perf_counter() - started) / 60
     print()
-    print(f"grid:    {grid}  (rows: {run_dir / 'demo_grid.txt'})")
+    print(format_scores(summary))
+    print()
+    print(f"grid:    {grid}  (rows: {run_dir / 'demo_grid.txt'}; every category: {run_dir / 'eval'}/grid-*.png)")
+    print(f"scores:  {summary_path}")
     print(f"run:     {run_dir}")
     print(f"logs:    {run_dir / 'logs'}  (tensorboard --logdir {run_dir / 'logs'}); metrics {run_dir / 'metrics.jsonl'}")
-    print(f"scores:  overall {scores['overall']:.2f} on {len(prompts) * images_per_prompt} held-out samples "
-          f"(quick look; `fusedit eval {run_dir} --suite shapes` for the full suite)")
     print(f"took {minutes:.1f} min")
-    return scores
+    return summary
+
+
+def evaluate_demo(pipe, world, run_dir: Path) -> tuple[dict, Path]:
+    """The full held-out suite with its controls (default :class:`~fusedit.eval.shapes_eval.ShapesEvalSettings`):
+    ``scores.json``, grids and images in ``<run>/eval``, the summary document in ``<run>/eval/shapes.json``."""
+    from fusedit.eval.shapes_eval import ShapesEvalSettings, evaluate_shapes, write_json_atomic
+    from fusedit.eval.shapes_report import summary_keys
+
+    scores = evaluate_shapes(pipe, world, run_dir / "eval", ShapesEvalSettings(), model_path=str(run_dir))
+    summary = {key: scores[key] for key in summary_keys(scores)}
+    return summary, write_json_atomic(run_dir / "eval" / "shapes.json", summary)
