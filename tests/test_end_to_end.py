@@ -13,7 +13,7 @@ from fusedit.config import ConfigError
 from fusedit.experiment import load_experiment
 from fusedit.export import export_pipeline
 from fusedit.run import train_run
-from fusedit.train.errors import CheckpointError
+from fusedit.checkpoint.errors import CheckpointError
 
 PROMPTS = ["a red circle", "two blue squares"]
 

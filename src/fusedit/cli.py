@@ -14,7 +14,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, F
 def _user_errors() -> tuple[type[BaseException], ...]:
     from fusedit.config import ConfigError
     from fusedit.text.llm import LLMLoadError
-    from fusedit.train.errors import CheckpointError, NonFiniteLossError
+    from fusedit.checkpoint.errors import CheckpointError
+    from fusedit.train.errors import NonFiniteLossError
 
     return (ConfigError, CheckpointError, NonFiniteLossError, LLMLoadError) + USER_ERRORS
 

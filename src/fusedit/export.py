@@ -22,8 +22,9 @@ from typing import Union
 import yaml
 
 from fusedit import __version__
-from fusedit.loading import run_weights_path
-from fusedit.train.checkpoint import write_text_atomic
+from fusedit.atomic import write_text_atomic
+from fusedit.checkpoint.weights import find_run_weights
+from safetensors.torch import save_file
 
 
 def _copy_folder(source: str, target: Path) -> None:
@@ -43,12 +44,12 @@ def export_pipeline(run_dir: Union[str, Path], out_dir: Union[str, Path], *, use
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose a new folder")
     config = load_experiment(config_path)
-    weights = run_weights_path(run_dir, use_ema)
+    weights = find_run_weights(run_dir, use_ema)
     tmp = out_dir.with_name(out_dir.name + ".tmp-export")
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / "transformer").mkdir(parents=True)
-    shutil.copyfile(weights, tmp / "transformer" / "model.safetensors")
+    save_file(weights.read(), str(tmp / "transformer" / "model.safetensors"))
     text, data = config.text, config.data
     if copy_local and Path(text.llm).is_dir():
         _copy_folder(text.llm, tmp / "llm")
@@ -69,8 +70,7 @@ def export_pipeline(run_dir: Union[str, Path], out_dir: Union[str, Path], *, use
                           "fusedit_version": __version__}
     write_text_atomic(tmp / "transformer" / "config.json", json.dumps(transformer_config, indent=2))
     make_scheduler(config.sample.shift).save_pretrained(str(tmp / "scheduler"))
-    index = {"_class_name": "FuseDiTPipeline", "fusedit": __version__, "weights": "ema" if weights.name ==
-             "ema.safetensors" else "model", "source_run": str(run_dir.resolve())}
+    index = {"_class_name": "FuseDiTPipeline", "fusedit": __version__, "weights": "ema" if weights.ema else "model", "source_run": str(run_dir.resolve())}
     write_text_atomic(tmp / "model_index.json", json.dumps(index, indent=2))
     if out_dir.exists():
         out_dir.rmdir()

@@ -26,6 +26,11 @@ TIME_SAMPLING_METHODS = ("reference", "uniform", "logit_normal", "mode")
 LOSS_WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "cosmap")
 
 
+def timestep_input(sigmas: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The model's ``timestep`` input for noise levels ``sigmas`` (any shape): ``σ · num_train_timesteps``."""
+    return sigmas * num_train_timesteps
+
+
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     """SD3's time shift ``shift·σ / (1 + (shift - 1)·σ)`` (``shift > 1`` moves mass towards noise). Any shape."""
     if shift <= 0:
@@ -55,7 +60,7 @@ class FlowMatchSchedule:
 
     def timesteps_for(self, sigmas: torch.Tensor) -> torch.Tensor:
         """The model's timestep input for ``sigmas`` (any shape): ``σ · num_train_timesteps``."""
-        return sigmas * self.num_train_timesteps
+        return timestep_input(sigmas, self.num_train_timesteps)
 
     def sample_sigmas(
         self,

@@ -7,7 +7,8 @@ from typing import Optional
 
 import torch
 
-from fusedit.train.errors import CheckpointError
+from fusedit.checkpoint.errors import CheckpointError
+from fusedit.checkpoint.weights import RunWeights, find_run_weights, load_model_weights
 
 EXPORT_MARKER = "fusedit"
 
@@ -16,55 +17,6 @@ def default_device(device=None) -> torch.device:
     if device is not None:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing")
-    try:
-        return load_file(str(path))
-    except Exception as error:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({error}); the checkpoint is corrupt") from None
-
-
-def run_weights_path(run_dir: Path, use_ema: bool) -> Path:
-    """The weights file of a training run: ``final/`` if the run finished, else its latest checkpoint."""
-    from fusedit.train.checkpoint import find_latest
-
-    candidates = []
-    final = run_dir / "final"
-    if final.is_dir():
-        candidates.append(final)
-    else:
-        latest = find_latest(run_dir)
-        if latest is not None:
-            candidates.append(latest)
-    if not candidates:
-        raise CheckpointError(f"{run_dir} has no final/ weights and no checkpoint under checkpoints/; "
-                              f"train first (fusedit train CONFIG) or give the path of an exported pipeline")
-    folder = candidates[0]
-    from fusedit.dist.checkpoint import is_sharded_checkpoint
-
-    if folder != final and is_sharded_checkpoint(folder):
-        raise CheckpointError(f"{folder} is a sharded (torch.distributed.checkpoint) checkpoint of an unfinished "
-                              f"ddp/fsdp run; sample from a finished run (its final/ holds full weights) or resume "
-                              f"training to the end (fusedit train CONFIG --run-dir {run_dir})")
-    if use_ema and (folder / "ema.safetensors").is_file():
-        return folder / "ema.safetensors"
-    return folder / "model.safetensors"
-
-
-def load_model_weights(model: torch.nn.Module, text_encoder, weights: dict[str, torch.Tensor], source: str) -> None:
-    """Load trained weights (the model's trainable parameters, plus ``llm.*`` when the LLM was trained)."""
-    from fusedit.train.trainer import LLM_PREFIX, load_trainable_weights
-
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if any(k.startswith(LLM_PREFIX) for k in weights):
-        params.update({LLM_PREFIX + n: p for n, p in text_encoder.named_parameters()
-                       if LLM_PREFIX + n in weights})
-    load_trainable_weights(params, weights, source=source)
 
 
 def _is_export(path: Path) -> bool:
@@ -91,18 +43,18 @@ def load_pipeline_from_path(path, *, device=None, dtype: Optional[torch.dtype] =
     if is_reference_folder(root):
         return _load_reference(root, device, dtype)
     if _is_export(root):
-        return _load_ours(root, root / "config.yaml", root / "transformer" / "model.safetensors", device, dtype,
-                          relative_to=root)
+        weights = RunWeights(root / "transformer", ema=False, sharded=False)
+        return _load_ours(root, root / "config.yaml", weights, device, dtype, relative_to=root)
     if (root / "config.yaml").is_file() or (root / "final").is_dir() or (root / "checkpoints").is_dir():
         config_path = root / "config.yaml"
         if not config_path.is_file():
             config_path = root / "final" / "config.yaml"
-        return _load_ours(root, config_path, run_weights_path(root, use_ema), device, dtype, relative_to=None)
+        return _load_ours(root, config_path, find_run_weights(root, use_ema), device, dtype, relative_to=None)
     raise ValueError(f"{root} is neither a training run (config.yaml, final/, checkpoints/), nor an exported pipeline "
                      f"(model_index.json with a '{EXPORT_MARKER}' entry), nor a reference pipeline folder")
 
 
-def _load_ours(root: Path, config_path: Path, weights_path: Path, device, dtype, relative_to: Optional[Path]):
+def _load_ours(root: Path, config_path: Path, weights: RunWeights, device, dtype, relative_to: Optional[Path]):
     from fusedit.builders import build_components, resolve_relative_paths
     from fusedit.experiment import load_experiment
     from fusedit.pipeline import FuseDiTPipeline, make_scheduler
@@ -111,7 +63,7 @@ def _load_ours(root: Path, config_path: Path, weights_path: Path, device, dtype,
         raise CheckpointError(f"{config_path} is missing; cannot rebuild the model of {root}")
     config = resolve_relative_paths(load_experiment(config_path), relative_to)
     parts = build_components(config, device=device)
-    load_model_weights(parts.model, parts.text_encoder, _read_weights(weights_path), str(weights_path))
+    load_model_weights(parts.model, parts.text_encoder, weights.read(), weights.source)
     parts.model.to(dtype=dtype)
     return FuseDiTPipeline(parts.model, parts.text_encoder, make_scheduler(config.sample.shift), parts.codec,
                            defaults=config.sample, config=config)

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 def save_run_config(config: ExperimentConfig, run_dir: Path) -> Path:
     """Write ``run_dir/config.yaml`` (what ``fusedit sample``/``export``/``eval`` rebuild the model from)."""
-    from fusedit.train.checkpoint import write_text_atomic
+    from fusedit.atomic import write_text_atomic
 
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"

@@ -1,12 +1,14 @@
 """A 2-process gloo run (micro-batch b per process) computes the losses of a 1-process run with micro-batch 2b."""
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from fusedit.dist.checkpoint import is_sharded_checkpoint, rank_file
-from fusedit.train.checkpoint import find_latest
+from fusedit.checkpoint.layout import find_latest
+from fusedit.checkpoint.sharded import is_sharded_checkpoint, rank_file
+from fusedit.checkpoint.weights import RunWeights, find_run_weights
 from fusedit.train.logging import read_metrics
 
 from .common import BASE, losses_of, single_process
@@ -35,3 +37,11 @@ def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path, mode
     assert (latest / rank_file(0)).is_file() and (latest / rank_file(1)).is_file()
     assert json.loads((latest / "trainer_state.json").read_text())["world_size"] == 2
     assert not list((run / "checkpoints").glob(".*"))  # no temporaries left
+    # sampling and export read the weights of a sharded checkpoint in one process, without a model
+    for name, ema in (("model.safetensors", False), ("ema.safetensors", True)):
+        sharded = RunWeights(latest, ema=ema, sharded=True).read()
+        final = load_file(run / "final" / name)
+        assert sharded.keys() == final.keys()
+        assert all(torch.equal(sharded[k], final[k]) for k in final)
+    shutil.rmtree(run / "final")
+    assert find_run_weights(run, use_ema=True) == RunWeights(latest, ema=True, sharded=True)

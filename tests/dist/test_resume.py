@@ -3,10 +3,9 @@ import warnings
 
 import pytest
 
-from fusedit.dist.checkpoint import is_sharded_checkpoint
-from fusedit.train.checkpoint import find_latest
+from fusedit.checkpoint.layout import find_latest
+from fusedit.checkpoint.sharded import is_sharded_checkpoint
 from fusedit.train.config import TrainConfig
-from fusedit.train.errors import CheckpointError
 
 from .common import BASE, losses_of, single_process
 from .workers import fit_losses, make_trainer, spawn
@@ -42,12 +41,18 @@ def test_one_process_fsdp_checkpoint_resumes_on_two_ddp_processes(tmp_path, grou
         assert got[step] == pytest.approx(full.losses[step], abs=1e-5)
 
 
-def test_distributed_run_refuses_a_single_process_checkpoint(tmp_path, group):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_single_process_checkpoint_resumes_on_two_processes(tmp_path, mode):
+    _, full = single_process(tmp_path / "single")
     run = tmp_path / "run"
-    make_trainer(TrainConfig(**{**BASE, "max_steps": 3}), run).fit()
-    trainer = make_trainer(TrainConfig(**{**BASE, "max_steps": 6, "distributed": "ddp"}), run)
-    with pytest.raises(CheckpointError, match="single-process checkpoint"):
-        trainer.fit()
+    first = make_trainer(TrainConfig(**{**BASE, "max_steps": 3}), run).fit()
+    assert not is_sharded_checkpoint(first.last_checkpoint)
+    results = spawn(2, fit_losses, {**BASE, "max_steps": 6, "distributed": mode}, str(run), tmp=tmp_path)
+    assert results[0]["start"] == 3
+    got = losses_of(results[0])
+    for step in (4, 5, 6):
+        assert got[step] == pytest.approx(full.losses[step], abs=1e-5)
+    assert is_sharded_checkpoint(find_latest(run))  # the distributed continuation writes sharded checkpoints
 
 
 def test_batch_must_split_over_processes(tmp_path, group):

@@ -3,17 +3,12 @@ import json
 import pytest
 import torch
 
-import fusedit.train.checkpoint as ckpt
-from fusedit.train.checkpoint import (
-    capture_rng_state,
-    find_latest,
-    list_checkpoints,
-    load_checkpoint,
-    remove_stale_temporaries,
-    restore_rng_state,
-    save_checkpoint,
-)
-from fusedit.train.errors import CheckpointError
+import fusedit.checkpoint.layout as layout
+import fusedit.checkpoint.single as ckpt
+from fusedit.checkpoint.errors import CheckpointError
+from fusedit.checkpoint.layout import find_latest, list_checkpoints, remove_stale_temporaries
+from fusedit.checkpoint.rng import capture_rng_state, restore_rng_state
+from fusedit.checkpoint.single import load_checkpoint, save_checkpoint
 
 
 def save(run_dir, step, value=1.0, keep=None):
@@ -91,7 +86,7 @@ def test_crash_before_pointer_update_keeps_previous_latest(tmp_path, monkeypatch
     def crash(*args, **kwargs):
         raise OSError("power loss (simulated)")
 
-    monkeypatch.setattr(ckpt, "write_text_atomic", crash)
+    monkeypatch.setattr(layout, "write_text_atomic", crash)
     with pytest.raises(OSError):
         save(tmp_path, 2)
     assert find_latest(tmp_path).name == "step-000001"

@@ -9,7 +9,8 @@ from fusedit.data.latents import LatentShardDataset, cache_latents
 from fusedit.data.webdataset import WebShardDataset
 from fusedit.train.config import TrainConfig
 from fusedit.train.logging import read_metrics
-from fusedit.train.trainer import ResumableBatchSampler, Trainer, epoch_permutation
+from fusedit.train.data_order import ResumableBatchSampler, epoch_permutation
+from fusedit.train.trainer import Trainer
 
 from .fakes import EpochRecordingDataset, FrozenTextEncoder, TinyVelocityModel, write_image_shards
 

@@ -5,11 +5,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fusedit.train.checkpoint import find_latest, list_checkpoints
+from fusedit.checkpoint.layout import find_latest, list_checkpoints
 from fusedit.train.config import TrainConfig
 from fusedit.train.errors import NonFiniteLossError
 from fusedit.train.logging import read_metrics
-from fusedit.train.trainer import ResumableBatchSampler, Trainer, epoch_permutation
+from fusedit.train.data_order import ResumableBatchSampler, epoch_permutation
+from fusedit.train.trainer import Trainer
 
 from .fakes import FrozenTextEncoder, ImageCaptionDataset, TinyVelocityModel, TrainableTextEncoder
 
@@ -158,7 +159,7 @@ def test_data_order_is_a_seeded_permutation_per_epoch_and_resumable():
 
 def test_caption_dropout_rate_and_cpu_bf16_note(tmp_path, caplog):
     trainer = make_trainer(tmp_path, config(caption_dropout=0.5))
-    assert not trainer.use_bf16 and any("float32" in n for n in trainer._notes)
+    assert not trainer.use_bf16 and any("float32" in n for n in trainer.notes)
     dropped = trainer.drop_captions(["x"] * 4000)
     assert 0.45 < dropped.count("") / 4000 < 0.55
     none = make_trainer(tmp_path, config(caption_dropout=0.0)).drop_captions(["x"] * 100)

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fusedit.train.checkpoint import write_text_atomic
+from fusedit.atomic import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 logger = logging.getLogger("fusedit.train")
@@ -170,3 +170,22 @@ class TrainLogger:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class SilentLog:
+    """The logger of ranks other than 0: records nothing."""
+
+    def info(self, message: str) -> None:
+        pass
+
+    def advance(self, steps: int = 1) -> None:
+        pass
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        pass
+
+    def log_image(self, step: int, tag: str, images: torch.Tensor) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
