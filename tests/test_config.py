@@ -88,7 +88,7 @@ def test_bad_yaml_and_missing_file(tmp_path):
     (ModelConfig(shared_attention_layers=[2, 6]), "layer 6 is past the LLM's depth (6 layers, indices 0..5)"),
     (ModelConfig(initial_layers=6), "model.initial_layers: got 6, but the LLM has only 6 layers"),
     (ModelConfig(shared_attention_layers=[0, 1, 2], dit_num_hidden_layers=2), "expected at least 3"),
-    (ModelConfig(kind="dit", text_hidden_states_index=9), "model.text_hidden_states_index: got 9"),
+    (ModelConfig(fusion="shallow", text_hidden_states_index=9), "model.text_hidden_states_index: got 9"),
 ])
 def test_invalid_combinations_with_the_llm(config, message):
     with pytest.raises(ConfigError) as error:
@@ -101,5 +101,15 @@ def test_layer_map_resolution():
                                                 dit_num_hidden_layers=4), GEOMETRY)
     assert resolved.layer_map == (1, 3, None, None)
     assert resolve_model_config(ModelConfig(initial_layers=2), GEOMETRY).layer_map == (2, 3, 4, 5)
-    baseline = resolve_model_config(ModelConfig(kind="dit", num_attention_heads=8, head_dim=8), GEOMETRY)
+    baseline = resolve_model_config(ModelConfig(fusion="shallow", num_attention_heads=8, head_dim=8), GEOMETRY)
     assert baseline.num_attention_heads == 8 and baseline.layer_map == (None,) * 6
+
+
+def test_the_old_model_kind_key_is_read_with_a_message():
+    with pytest.warns(FutureWarning, match="model.kind is renamed model.fusion: read kind: dit as fusion: shallow"):
+        config = load_experiment(None, ["model.kind=dit", "model.in_channels=3"])
+    assert config.model.fusion == "shallow"
+    with pytest.raises(ConfigError, match="model: kind='fusedit' and fusion='shallow' disagree"):
+        load_experiment("tiny/baseline-dit-self", ["model.kind=fusedit"])
+    with pytest.raises(ConfigError, match="model.kind: got 'big', expected fusedit or dit"):
+        load_experiment("demo", ["model.kind=big"])

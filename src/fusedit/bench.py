@@ -104,7 +104,7 @@ class BenchPreset:
 
     def model_config(self) -> ModelConfig:
         """The paper's scaled recipe: deep fusion, self-attention, 2D RoPE, no timestep, sandwich norm, QK-norm."""
-        base = ModelConfig(kind="fusedit", attention="self", pos_embed="2d-rope", timestep_conditioning="none",
+        base = ModelConfig(fusion="deep", attention="self", pos_embed="2d-rope", timestep_conditioning="none",
                            qk_norm=True, sandwich_norm=True, patch_size=self.patch_size,
                            in_channels=self.latent_channels, sample_size=self.latent_size,
                            pos_embed_max_size=max(64, self.latent_size // self.patch_size))

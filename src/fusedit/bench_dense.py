@@ -8,7 +8,7 @@ per-layer text keys/values precomputed once (DESIGN.md §2). The two are mathema
 :class:`~fusedit.models.DiffusionTransformer` for the image stream, a Hugging Face Gemma / Gemma 2 decoder for the text
 stream), so tests can compare outputs and ``fusedit bench --vs-dense`` can compare speed.
 
-Written from the reference's description (DESIGN.md §5), not copied. Supported: deep fusion (``kind: fusedit``) with
+Written from the reference's description (DESIGN.md §5), not copied. Supported: deep fusion (``fusion: deep``) with
 ``attention: self``, any position encoding, any timestep conditioning, any layer map.
 """
 from __future__ import annotations
@@ -127,8 +127,8 @@ def _joint_layer(block: nn.Module, layer: nn.Module, x: torch.Tensor, txt: torch
 def check_dense_supported(model: DiffusionTransformer, llm: nn.Module) -> None:
     """Raise ``ValueError`` for combinations the dense formulation does not cover."""
     c = model.resolved.config
-    if c.kind != "fusedit" or c.attention != "self":
-        raise ValueError(f"the dense formulation covers deep fusion with self-attention only; got kind={c.kind!r}, "
+    if c.fusion != "deep" or c.attention != "self":
+        raise ValueError(f"the dense formulation covers deep fusion with self-attention only; got fusion={c.fusion!r}, "
                          f"attention={c.attention!r}")
     model_type = getattr(getattr(llm, "config", None), "model_type", "")
     if model_type not in ("gemma", "gemma2"):

@@ -223,10 +223,14 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrongly typed values.
 
-    After construction the instance's ``validate()`` (if any) runs; it should raise :class:`ConfigError`.
+    A dataclass may define ``upgrade_keys(data, prefix) -> data`` (a classmethod) to read keys it renamed; after
+    construction the instance's ``validate()`` (if any) runs; it should raise :class:`ConfigError`.
     """
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, got {data!r}")
+    upgrade = getattr(cls, "upgrade_keys", None)
+    if callable(upgrade):  # a section that renamed keys reads the old names (with a message)
+        data = upgrade(dict(data), prefix or cls.__name__)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(map(str, data)) - set(fields))

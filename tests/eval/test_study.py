@@ -25,8 +25,8 @@ overrides: [text.llm=/nonexistent/llm]
 budget: {train.max_steps: 3, train.batch_size: 4}
 seeds: [0, 1]
 variants:
-  deep: [model.kind=fusedit]
-  shallow: [model.kind=dit, model.attention=cross]
+  deep: [model.fusion=deep]
+  shallow: [model.fusion=shallow, model.attention=cross]
 eval: {per_prompt: 1, seed: 7, steps: 2, cfg: 2.0}
 """
 
@@ -92,7 +92,7 @@ def test_study_trains_evaluates_and_reports(tmp_path):
     # mean ± sample std over the two seeds: deep 0.6 ± 0.141, shallow 0.25 ± 0.071
     assert "| deep | 0.600 ± 0.141 |" in report
     assert "| shallow | 0.250 ± 0.071 |" in report
-    assert "Welch" in report and "fusedit study" in report and "model.kind=dit model.attention=cross" in report
+    assert "Welch" in report and "fusedit study" in report and "model.fusion=shallow model.attention=cross" in report
     for png in ("plots/loss.png", "plots/scores.png", "grids/deep-colors.png", "grids/shallow-colors.png"):
         assert (out / png).is_file() and (out / png).stat().st_size > 0, png
     summary = json.loads((out / "results.json").read_text())["summary"]
@@ -137,16 +137,16 @@ def test_run_trained_with_another_config_is_not_reused(tmp_path):
 
 
 def test_unknown_variant_key_fails_before_training(tmp_path):
-    bad = write_grid(tmp_path, GRID.replace("[model.kind=fusedit]", "[model.knd=fusedit]"))
+    bad = write_grid(tmp_path, GRID.replace("[model.fusion=deep]", "[model.fusn=deep]"))
     fakes = Fakes()
-    with pytest.raises(ConfigError, match="variant 'deep'.*model.knd"):
+    with pytest.raises(ConfigError, match="variant 'deep'.*model.fusn"):
         run(bad, tmp_path / "study", fakes)
     assert fakes.trained == []
 
 
 @pytest.mark.parametrize("text, message", [
-    (GRID.replace("[model.kind=fusedit]", "[model.kind=fusedit, train.max_steps=9]"), "budget and the seed"),
-    (GRID.replace("[model.kind=fusedit]", "[train.seed=3]"), "budget and the seed"),
+    (GRID.replace("[model.fusion=deep]", "[model.fusion=deep, train.max_steps=9]"), "budget and the seed"),
+    (GRID.replace("[model.fusion=deep]", "[train.seed=3]"), "budget and the seed"),
     (GRID.replace("seeds: [0, 1]", "seeds: []"), "seeds must be"),
     (GRID.replace("eval: {", "eval: {cfgg: 1, "), "unknown eval key"),
     (GRID + "extra: 1\n", "unknown key"),

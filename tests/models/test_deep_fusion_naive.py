@@ -262,7 +262,7 @@ COMBOS = list(itertools.product(["self", "cross"], ["ape", "1d-rope", "2d-rope",
 def test_matches_naive_joint_attention(attention, pos_embed, timestep, sandwich, layer_map):
     family = "gemma2" if COMBOS.index((attention, pos_embed, timestep, sandwich, layer_map)) % 2 else "llama"
     decoder = copy.deepcopy(DECODERS[family])  # the encoder may drop unused layers of its decoder
-    config = ModelConfig(kind="fusedit", attention=attention, pos_embed=pos_embed, timestep_conditioning=timestep,
+    config = ModelConfig(fusion="deep", attention=attention, pos_embed=pos_embed, timestep_conditioning=timestep,
                          sandwich_norm=sandwich, qk_norm=True, in_channels=3, sample_size=8, patch_size=2,
                          dit_hidden_size=24, dit_intermediate_size=40, **LAYER_MAPS[layer_map])
     model = build_model(config, LLMGeometry.from_hf_config(decoder.config)).eval()
@@ -278,7 +278,7 @@ def test_matches_naive_joint_attention(attention, pos_embed, timestep, sandwich,
 @pytest.mark.parametrize("timestep", ["adaln-zero", "adaln-single", "addition"])
 def test_text_modulation_matches_naive(family, timestep):
     decoder = copy.deepcopy(DECODERS[family])
-    config = ModelConfig(kind="fusedit", pos_embed="2d-rope", timestep_conditioning=timestep, text_modulation=True,
+    config = ModelConfig(fusion="deep", pos_embed="2d-rope", timestep_conditioning=timestep, text_modulation=True,
                          text_modulation_dim=12, in_channels=3, sample_size=8, dit_hidden_size=24)
     model = build_model(config, LLMGeometry.from_hf_config(decoder.config)).eval()
     randomize(model, 5)

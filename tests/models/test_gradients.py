@@ -10,13 +10,13 @@ from fusedit.text.config import TextConfig
 from fusedit.text.encoder import TextEncoder
 
 VARIANTS = [
-    dict(kind="fusedit", attention="self", pos_embed="2d-rope", timestep_conditioning="none"),
-    dict(kind="fusedit", attention="cross", pos_embed="ape", timestep_conditioning="adaln-zero"),
-    dict(kind="fusedit", attention="self", pos_embed="m-rope", timestep_conditioning="adaln-single",
+    dict(fusion="deep", attention="self", pos_embed="2d-rope", timestep_conditioning="none"),
+    dict(fusion="deep", attention="cross", pos_embed="ape", timestep_conditioning="adaln-zero"),
+    dict(fusion="deep", attention="self", pos_embed="m-rope", timestep_conditioning="adaln-single",
          text_modulation=True, shared_attention_layers=[1, 2], initial_layers=1, dit_num_hidden_layers=3),
-    dict(kind="fusedit", attention="self", pos_embed="1d-rope", timestep_conditioning="addition", sandwich_norm=False),
-    dict(kind="dit", attention="self", pos_embed="2d-rope", timestep_conditioning="adaln-zero"),
-    dict(kind="dit", attention="cross", pos_embed="ape", timestep_conditioning="adaln-single"),
+    dict(fusion="deep", attention="self", pos_embed="1d-rope", timestep_conditioning="addition", sandwich_norm=False),
+    dict(fusion="shallow", attention="self", pos_embed="2d-rope", timestep_conditioning="adaln-zero"),
+    dict(fusion="shallow", attention="cross", pos_embed="ape", timestep_conditioning="adaln-single"),
 ]
 
 

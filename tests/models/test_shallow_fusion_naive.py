@@ -115,7 +115,7 @@ COMBOS = list(itertools.product(["self", "cross"], ["ape", "1d-rope", "2d-rope",
 @pytest.mark.parametrize("attention,pos_embed,timestep,sandwich", COMBOS)
 def test_baseline_matches_naive(attention, pos_embed, timestep, sandwich):
     llm = decoder()
-    config = ModelConfig(kind="dit", attention=attention, pos_embed=pos_embed, timestep_conditioning=timestep,
+    config = ModelConfig(fusion="shallow", attention=attention, pos_embed=pos_embed, timestep_conditioning=timestep,
                          sandwich_norm=sandwich, in_channels=3, sample_size=8, dit_hidden_size=24,
                          dit_num_hidden_layers=2, text_hidden_states_index=2)
     model = build_model(config, LLMGeometry.from_hf_config(llm.config)).eval()

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fusedit.text.config import TextConfig
-from fusedit.text.encoder import PromptFormatter, TextEncoder, TextRequirements, trim_padding_columns
+from fusedit.text.context import TextRequirements
+from fusedit.text.encoder import PromptFormatter, TextEncoder, trim_padding_columns
 from fusedit.text.llm import LLMLoadError, load_llm, load_tokenizer
 
 

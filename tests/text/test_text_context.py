@@ -10,7 +10,8 @@ import torch
 import transformers as tf
 
 from fusedit.text.config import TextConfig
-from fusedit.text.encoder import TextEncoder, TextRequirements
+from fusedit.text.context import TextRequirements
+from fusedit.text.encoder import TextEncoder
 
 
 

@@ -11,8 +11,8 @@ A grid file (YAML)::
       train.batch_size: 32
     seeds: [0, 1, 2]              # each becomes train.seed=<seed>
     variants:                     # name -> list of key=value overrides
-      deep: [model.kind=fusedit]
-      shallow-self: [model.kind=dit, model.attention=self]
+      deep: [model.fusion=deep]
+      shallow-self: [model.fusion=shallow, model.attention=self]
     eval: {per_prompt: 2, seed: 1234, steps: 20, cfg: 4.0}   # the shapes suite (ShapesEvalSettings)
 
 Every (variant, seed) trains with :func:`fusedit.run.train_run` in ``OUT/runs/<variant>/seed-<seed>`` and is

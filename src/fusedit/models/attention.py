@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from fusedit.models.layers import RMSNorm, Rope, apply_rope, attend, merge_heads, split_heads
-from fusedit.text.context import TextContext
 
 
 @dataclass
@@ -36,16 +35,13 @@ class TextInputs:
 class LLMLayerKV(nn.Module):
     """Deep fusion: the keys/values of LLM layer ``layer`` (post-RoPE, or pre-RoPE with ``raw=True``).
 
-    The model selects them (:meth:`select`) into the block's :class:`TextInputs`; ``forward`` hands them over.
+    :class:`~fusedit.models.fusion.DeepFusion` puts them into the block's :class:`TextInputs`; ``forward`` hands them
+    over (no parameters: the LLM computed them).
     """
 
     def __init__(self, layer: int, raw: bool = False):
         super().__init__()
         self.layer, self.raw = layer, raw
-
-    def select(self, context: TextContext) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = context.raw_keys if self.raw else context.keys
-        return keys[self.layer], context.values[self.layer]
 
     def forward(self, text: TextInputs, k_norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return text.keys, text.values
@@ -73,7 +69,8 @@ class SelfAttention(nn.Module):
     """Image self-attention, optionally over ``[text keys/values ; image keys/values]`` (``text_source``).
 
     ``x``: ``(B, N, H)`` normalised image tokens; ``rope``: image rotary tables or None. Queries are image tokens
-    only: the text rows of the reference's joint attention are the LLM's business (DESIGN.md §2).
+    only: the text rows of the reference's joint attention are the LLM's business (``docs/design.md``, "The LLM
+    as a key/value provider").
     """
 
     def __init__(self, hidden_size: int, heads: int, kv_heads: int, head_dim: int, qk_norm: bool, eps: float,

@@ -5,11 +5,13 @@ heads, head_dim, depth of the layer map) is resolved against the LLM's config by
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from fusedit.config import ConfigError, require
 
+Fusion = Literal["deep", "shallow"]
 Attention = Literal["self", "cross"]
 PosEmbed = Literal["ape", "1d-rope", "2d-rope", "m-rope"]
 TimestepConditioning = Literal["adaln-zero", "adaln-single", "addition", "none"]
@@ -20,8 +22,9 @@ class ModelConfig:
     """The trainable DiT.
 
     Attributes:
-        kind: ``fusedit`` (deep fusion: every mapped DiT layer attends to its LLM layer's keys/values) or ``dit``
-            (shallow fusion: one hidden-state layer of the LLM, through an RMSNorm+Linear context embedder).
+        fusion: ``deep`` (FuseDiT: every mapped DiT layer attends to its LLM layer's keys/values) or ``shallow``
+            (one hidden-state layer of the LLM, through an RMSNorm+Linear context embedder). Older configs name
+            this key ``kind`` (``fusedit`` / ``dit``); it is still read, with a message.
         attention: ``self`` (text keys/values joined to the image self-attention) or ``cross`` (image
             self-attention followed by cross-attention to the text).
         pos_embed: image positions: ``ape`` (2D sin-cos added to patches), ``1d-rope`` (1D RoPE continuing after
@@ -40,7 +43,8 @@ class ModelConfig:
         qk_norm: per-head RMSNorm on the DiT's queries and keys.
         sandwich_norm: Gemma-2-style norms after attention and after the MLP.
         dit_hidden_size: DiT width (``null``: the LLM's hidden size).
-        dit_num_hidden_layers: DiT depth (``null``: the number of fused LLM layers, or the LLM depth for ``dit``).
+        dit_num_hidden_layers: DiT depth (``null``: the number of fused LLM layers, or the LLM depth for
+            ``shallow``).
         dit_intermediate_size: GeGLU MLP width (``null``: the LLM's intermediate size).
         num_attention_heads, num_key_value_heads, head_dim: the DiT's head geometry (``null``: the LLM's). Deep
             fusion requires it to equal the LLM's.
@@ -52,11 +56,11 @@ class ModelConfig:
         sample_size: default latent (or pixel) side length used by the pipeline when no size is given.
         pos_embed_max_size: side of the sin-cos table for ``ape`` and ``absolute_pos_embed`` (centre-cropped to
             the image grid).
-        text_hidden_states_index: (``dit`` only) which ``hidden_states`` entry of the LLM conditions the baseline.
+        text_hidden_states_index: (``shallow`` only) which ``hidden_states`` entry of the LLM conditions the baseline.
         rms_norm_eps, rope_theta: ``null``: the LLM's.
     """
 
-    kind: Literal["fusedit", "dit"] = "fusedit"
+    fusion: Fusion = "deep"
     attention: Attention = "self"
     pos_embed: PosEmbed = "2d-rope"
     absolute_pos_embed: bool = False
@@ -81,6 +85,24 @@ class ModelConfig:
     text_hidden_states_index: int = -1
     rms_norm_eps: Union[float, None] = None
     rope_theta: Union[float, None] = None
+
+    @classmethod
+    def upgrade_keys(cls, data: dict[str, Any], prefix: str) -> dict[str, Any]:
+        """Read the old key ``kind: fusedit | dit`` as ``fusion: deep | shallow`` (with a message)."""
+        if "kind" not in data:
+            return data
+        old = data.pop("kind")
+        renamed = {"fusedit": "deep", "dit": "shallow"}
+        if not isinstance(old, str) or old not in renamed:
+            raise ConfigError(f"{prefix}.kind: got {old!r}, expected fusedit or dit (the key is now {prefix}.fusion: "
+                              f"deep or shallow)")
+        if "fusion" in data and data["fusion"] != renamed[old]:
+            raise ConfigError(f"{prefix}: kind={old!r} and fusion={data['fusion']!r} disagree; keep only "
+                              f"{prefix}.fusion")
+        warnings.warn(f"{prefix}.kind is renamed {prefix}.fusion: read kind: {old} as fusion: {renamed[old]}; "
+                      f"update the config", FutureWarning, stacklevel=3)
+        data["fusion"] = renamed[old]
+        return data
 
     @property
     def uses_sincos_table(self) -> bool:
@@ -192,7 +214,7 @@ def resolve_model_config(config: ModelConfig, llm: LLMGeometry) -> ResolvedModel
     heads = config.num_attention_heads or llm.num_attention_heads
     kv_heads = config.num_key_value_heads or llm.num_key_value_heads
     head_dim = config.head_dim or llm.head_dim
-    if config.kind == "fusedit":
+    if config.fusion == "deep":
         for name, ours, theirs in (("num_attention_heads", heads, llm.num_attention_heads),
                                    ("num_key_value_heads", kv_heads, llm.num_key_value_heads),
                                    ("head_dim", head_dim, llm.head_dim)):
@@ -206,7 +228,7 @@ def resolve_model_config(config: ModelConfig, llm: LLMGeometry) -> ResolvedModel
     if config.pos_embed == "1d-rope" or config.pos_embed == "ape":
         require(head_dim % 2 == 0, f"model.pos_embed={config.pos_embed} needs an even head_dim, got {head_dim}")
 
-    if config.kind == "fusedit":
+    if config.fusion == "deep":
         require(config.initial_layers < llm.num_hidden_layers,
                 f"model.initial_layers: got {config.initial_layers}, but the LLM has only {llm.num_hidden_layers} "
                 f"layers; expected 0..{llm.num_hidden_layers - 1}")
@@ -246,4 +268,4 @@ def resolve_model_config(config: ModelConfig, llm: LLMGeometry) -> ResolvedModel
     )
 
 
-__all__ = ["ModelConfig", "LLMGeometry", "ResolvedModelConfig", "resolve_model_config", "ConfigError", "replace"]
+__all__ = ["ConfigError", "LLMGeometry", "ModelConfig", "ResolvedModelConfig", "replace", "resolve_model_config"]

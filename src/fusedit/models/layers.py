@@ -11,6 +11,30 @@ Rope = Optional[tuple[torch.Tensor, torch.Tensor]]
 """``(cos, sin)``, each ``(B, N, D)`` for ``N`` tokens and head_dim ``D``; None: no rotary embedding."""
 
 
+class SelfInitializing:
+    """Mixin of the modules whose :meth:`reset_parameters` sets the reference's initialisation of their own weights.
+
+    The model first gives every ``nn.Linear`` Xavier-uniform weights and zero biases (the reference's default), then
+    calls ``reset_parameters()`` of each such module, in module order (see
+    :meth:`fusedit.models.dit.DiffusionTransformer.reset_parameters`).
+    """
+
+    def reset_parameters(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def xavier_linears(module: nn.Module) -> None:
+    """Xavier-uniform weights and zero biases for every ``nn.Linear`` under ``module`` (children first)."""
+
+    def init(child: nn.Module) -> None:
+        if isinstance(child, nn.Linear):
+            nn.init.xavier_uniform_(child.weight)
+            if child.bias is not None:
+                nn.init.zeros_(child.bias)
+
+    module.apply(init)
+
+
 class RMSNorm(nn.Module):
     """Gemma's RMSNorm: computed in float32 as ``x · rsqrt(mean(x²) + eps) · (1 + w)``; ``w`` starts at zero."""
 

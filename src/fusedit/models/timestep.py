@@ -18,7 +18,7 @@ import torch
 from diffusers.models.embeddings import Timesteps
 from torch import nn
 
-from fusedit.models.layers import RMSNorm
+from fusedit.models.layers import RMSNorm, SelfInitializing
 
 
 @dataclass
@@ -55,7 +55,7 @@ class NoTimestep(nn.Module):
         return Conditioning()
 
 
-class TimestepEmbedder(nn.Module):
+class TimestepEmbedder(SelfInitializing, nn.Module):
     """``timestep (B,)`` -> sinusoidal features (256, cos first) -> Linear -> SiLU -> Linear ``(B, H)``.
 
     Optionally adds a pooled text embedding through RMSNorm -> Linear -> SiLU -> Linear (text modulation), and
@@ -78,6 +78,15 @@ class TimestepEmbedder(nn.Module):
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size)) if single else None
         self.adds_to_tokens = adds_to_tokens
 
+    def reset_parameters(self) -> None:
+        """The reference's initialisation: every linear layer's weight ~ N(0, 0.02) (biases stay zero)."""
+        linears = [m for m in self.timestep_embedder if isinstance(m, nn.Linear)]
+        for extra in (self.condition_embedder, self.t_block):
+            if extra is not None:
+                linears += [m for m in extra if isinstance(m, nn.Linear)]
+        for linear in linears:
+            nn.init.normal_(linear.weight, std=0.02)
+
     def forward(self, timestep: torch.Tensor, pooled: Optional[torch.Tensor], dtype: torch.dtype) -> Conditioning:
         emb = self.timestep_embedder(self.time_proj(timestep).to(dtype))
         if self.condition_embedder is not None:
@@ -89,12 +98,17 @@ class TimestepEmbedder(nn.Module):
         return Conditioning(layer=layer, final=emb)
 
 
-class AdaLNZeroModulation(nn.Module):
+class AdaLNZeroModulation(SelfInitializing, nn.Module):
     """Per-layer AdaLN-Zero: ``Linear(SiLU(temb)) (B, 6H)`` -> shift/scale/gate for attention and MLP."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
         self.linear = nn.Linear(hidden_size, 6 * hidden_size)
+
+    def reset_parameters(self) -> None:
+        """Zero (the "Zero" of AdaLN-Zero): every block starts as the identity."""
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
 
     def forward(self, emb: torch.Tensor) -> Modulation:
         return Modulation(*self.linear(nn.functional.silu(emb)).chunk(6, dim=1))
@@ -111,12 +125,17 @@ class AdaLNSingleModulation(nn.Module):
         return Modulation(*(self.scale_shift_table + emb).chunk(6, dim=1))
 
 
-class AdaLNZeroOutput(nn.Module):
+class AdaLNZeroOutput(SelfInitializing, nn.Module):
     """Final AdaLN: ``Linear(SiLU(temb))`` -> chunks **scale, shift** (the reference's order)."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
         self.linear = nn.Linear(hidden_size, 2 * hidden_size)
+
+    def reset_parameters(self) -> None:
+        """Zero, like the per-layer modulation."""
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         scale, shift = self.linear(nn.functional.silu(emb)).chunk(2, dim=1)

@@ -53,14 +53,14 @@ def _read_json(path: Path) -> dict:
 
 def model_config_from_reference(config: dict) -> ModelConfig:
     """Translate the reference's ``transformer/config.json`` into our :class:`ModelConfig`."""
-    kind = {"FuseDiT": "fusedit", "DiT": "dit"}.get(config.get("model_type"))
-    if kind is None:
+    fusion = {"FuseDiT": "deep", "DiT": "shallow"}.get(config.get("model_type"))
+    if fusion is None:
         raise ReferenceFormatError(f"transformer/config.json: model_type {config.get('model_type')!r} is not "
                                    f"FuseDiT or DiT")
     shared = config.get("shared_attention_layers", "all")
     modulation_dim = config.get("text_modulation_embeds_dim")
     return ModelConfig(
-        kind=kind,
+        fusion=fusion,
         attention=config.get("attention", "self"),
         pos_embed=config["pos_embed"],
         timestep_conditioning=config.get("timestep_conditioning") or "none",
@@ -140,7 +140,7 @@ def convert_dit_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) 
     FuseDiT checkpoints hold them under ``dit.*`` (next to ``llm.*``); a shallow-fusion ``DiT`` checkpoint *is* the
     DiT, so its keys have no prefix.
     """
-    prefix = "dit." if config.kind == "fusedit" else ""
+    prefix = "dit." if config.fusion == "deep" else ""
     converted = {}
     for key, value in state.items():
         if not key.startswith(prefix) or (not prefix and key.startswith("llm.")):
@@ -251,7 +251,7 @@ def load_reference_folder(path: str | Path, dtype: torch.dtype = torch.float32) 
         raise ReferenceFormatError(f"{weights_path} is missing")
     state = load_file(str(weights_path))
     hf_config = _hf_config(config["base_config"])
-    if model_config.kind == "fusedit":
+    if model_config.fusion == "deep":
         decoder = build_reference_llm(hf_config, state, dtype)
         attention = "reference"
     else:
@@ -268,8 +268,8 @@ def load_reference_folder(path: str | Path, dtype: torch.dtype = torch.float32) 
     pooled, clip_model = "none", None
     if model_config.text_modulation:
         # FuseDiT's "CLIP-mod" pools a CLIP text model (its folder's clip/); the DiT baseline mean-pools the LLM.
-        pooled, clip_model = ("clip", str(root / "clip")) if model_config.kind == "fusedit" else ("llm-mean", None)
-    text_config = TextConfig(llm=str(root / ("transformer" if model_config.kind == "fusedit" else "llm")),
+        pooled, clip_model = ("clip", str(root / "clip")) if model_config.fusion == "deep" else ("llm-mean", None)
+    text_config = TextConfig(llm=str(root / ("transformer" if model_config.fusion == "deep" else "llm")),
                              tokenizer=str(root / "tokenizer"), padding="max_length", padding_side="left",
                              attention=attention, pooled=pooled, clip_model=clip_model)
     vae = root / "vae"

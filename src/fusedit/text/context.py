@@ -154,3 +154,25 @@ class TextContext:
             pooled=None if first.pooled is None else torch.cat([c.pooled for c in contexts], 0),
             num_truncated=sum(c.num_truncated for c in contexts),
         )
+
+
+@dataclass(frozen=True)
+class TextRequirements:
+    """What a model reads from the text context (see ``model.text_requirements()``).
+
+    Attributes:
+        kv_layers: LLM layers whose keys/values are needed (deep fusion, self-attention).
+        raw_key_layers: LLM layers whose pre-RoPE keys and values are needed (deep fusion, cross-attention).
+        hidden_states_index: ``hidden_states`` entry for the shallow baselines (None: not needed).
+        pooled: whether a pooled embedding is needed (text modulation).
+    """
+
+    kv_layers: tuple[int, ...] = ()
+    raw_key_layers: tuple[int, ...] = ()
+    hidden_states_index: Optional[int] = None
+    pooled: bool = False
+
+    @property
+    def last_layer(self) -> int:
+        """Index of the deepest LLM layer that must run (-1: none)."""
+        return max(self.kv_layers + self.raw_key_layers, default=-1)
