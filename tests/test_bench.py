@@ -12,9 +12,12 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from fusedit import bench
-from fusedit.bench import PRESETS, BenchError, build_setup, dit_forward_flops, llm_forward_flops, run_bench
-from fusedit.bench_dense import dense_joint_mask, dense_velocity
+from fusedit.bench import flops, inputs, runs, timing
+from fusedit.bench.flops import dit_forward_flops, llm_forward_flops
+from fusedit.bench.presets import PRESETS, BenchError
+from fusedit.bench.runs import build_setup, run_bench
+from fusedit.cli import main as cli_main
+from fusedit.reference.joint import dense_joint_mask, joint_velocity as dense_velocity
 from fusedit.models.config import resolve_model_config
 
 CPU = torch.device("cpu")
@@ -25,6 +28,11 @@ VARIANTS = {
     # LLM layers 0 and 2 run text-only, DiT layer 2 runs past the map without text; APE + AdaLN-single
     "layer-map": {"shared_attention_layers": [1, 3], "dit_num_hidden_layers": 3, "pos_embed": "ape",
                   "timestep_conditioning": "adaln-single", "qk_norm": False},
+    # cross-attention deep fusion: the text stream advanced in the loop, each block reading its layer's pre-RoPE K/V
+    "cross": {"attention": "cross", "shared_attention_layers": [0, 2], "pos_embed": "m-rope"},
+    # shallow fusion: the LLM's hidden states recomputed by a plain forward (no trimming, no recorded cache)
+    "shallow-self": {"fusion": "shallow", "attention": "self", "timestep_conditioning": "adaln-zero"},
+    "shallow-cross": {"fusion": "shallow", "attention": "cross", "pos_embed": "1d-rope"},
 }
 
 
@@ -39,9 +47,9 @@ def _setup(variant: dict, batch: int = 3, seed: int = 0):
     ids, mask = setup.input_ids.clone(), setup.mask.clone()
     for row, real in enumerate((12, 22, 32)[:batch]):
         mask[row] = torch.arange(mask.shape[1]) >= mask.shape[1] - real
-        ids[row, mask.shape[1] - real] = bench.BOS_ID
+        ids[row, mask.shape[1] - real] = inputs.BOS_ID
         ids[row, mask.shape[1] - real + 1:] = ids[row, mask.shape[1] - real + 1:].clamp_min(4)
-    ids = ids.masked_fill(~mask, bench.PAD_ID)
+    ids = ids.masked_fill(~mask, inputs.PAD_ID)
     x = torch.randn(batch, 3, 32, 32, generator=generator)
     t = torch.rand(batch, generator=generator) * 1000
     return setup, ids, mask, x, t
@@ -87,9 +95,11 @@ def test_dense_joint_mask_structure():
     assert torch.equal(mask, expected)
 
 
-def test_dense_rejects_unsupported_models():
-    setup, ids, mask, x, t = _setup({"attention": "cross"}, batch=1)
-    with pytest.raises(ValueError, match="self-attention only"):
+def test_dense_rejects_unsupported_llm_families():
+    setup, ids, mask, x, t = _setup({}, batch=1)
+    setup.llm.config.model_type = "gemma3_text"  # per-layer RoPE bases: not computed by the joint formulation
+    with pytest.raises(ValueError, match="covers the decoder families gemma, gemma2, llama, qwen2, qwen3; got "
+                                         "'gemma3_text'"):
         dense_velocity(setup.model, setup.llm, x, t, ids, mask)
 
 
@@ -117,7 +127,7 @@ def _last_json(capsys) -> dict:
 
 
 def test_train_cli_prints_json_with_dense_comparison(capsys):
-    assert bench.main(["train", "--preset", "tiny", "--batch-size", "2", "--iters", "1", "--warmup", "1",
+    assert cli_main(["bench", "train", "--preset", "tiny", "--batch-size", "2", "--iters", "1", "--warmup", "1",
                        "--vs-dense", "--threads", "1"]) == 0
     result = _last_json(capsys)
     for key in ("preset", "mode", "device", "dtype", "batch_size", "img_per_s", "mfu", "peak_memory_gib",
@@ -134,15 +144,15 @@ def test_sample_without_llm_reports_seconds_per_image():
     result = run_bench("sample", "tiny", batch_size=1, iters=1, warmup=0, llm=False)
     assert result["mode"] == "sample" and result["steps"] == 25 and result["s_per_image"] > 0
     assert result["llm"] is False and result["llm_params_m"] is None and "dense" not in result
-    flops = bench.model_flops_per_iteration(build_setup(PRESETS["tiny"], CPU, torch.float32, 1, "sample", llm=False,
+    expected = flops.model_flops_per_iteration(build_setup(PRESETS["tiny"], CPU, torch.float32, 1, "sample", llm=False,
                                                         need_llm=False).model.resolved,
                                             PRESETS["tiny"], "sample", 1, llm=False)
-    assert result["model_tflop_per_iter"] == pytest.approx(flops / 1e12)
+    assert result["model_tflop_per_iter"] == pytest.approx(expected / 1e12)
 
 
 def test_unknown_preset_lists_the_presets(capsys):
     with pytest.raises(SystemExit):
-        bench.main(["train", "--preset", "huge"])
+        cli_main(["bench", "train", "--preset", "huge"])
     err = capsys.readouterr().err
     assert "unknown preset 'huge'" in err and all(name in err for name in PRESETS)
     with pytest.raises(BenchError, match="available presets: tiny, small, base, fusedit-2b"):
@@ -160,9 +170,9 @@ def test_presets_and_peaks():
     assert (big.image_tokens, big.text_tokens, big.real_tokens) == (1024, 256, 96)
     resolved = resolve_model_config(big.model_config(), big.geometry())
     assert resolved.num_layers == 26 and resolved.hidden_size == 2304 and resolved.head_dim == 256
-    assert bench.gpu_peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
-    assert bench.gpu_peak_flops("NVIDIA H200", "bfloat16") == 989e12
-    assert bench.gpu_peak_flops("Some GPU", "bfloat16") is None
+    assert flops.gpu_peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+    assert flops.gpu_peak_flops("NVIDIA H200", "bfloat16") == 989e12
+    assert flops.gpu_peak_flops("Some GPU", "bfloat16") is None
 
 
 def test_out_of_memory_is_reported_not_raised():
@@ -170,10 +180,10 @@ def test_out_of_memory_is_reported_not_raised():
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     calls = []
-    out = bench.time_interleaved({"ours": lambda: calls.append(1), "dense": boom}, CPU, warmup=1, iters=2)
+    out = timing.time_interleaved({"ours": lambda: calls.append(1), "dense": boom}, CPU, warmup=1, iters=2)
     assert out["dense"]["error"] == "out of memory" and out["dense"]["times_s"] == []
     assert out["ours"]["error"] is None and len(out["ours"]["times_s"]) == 2 and len(calls) == 3
-    line = bench.summary_line({"preset": "tiny", "mode": "train", "device_name": "cpu", "dtype": "float32",
+    line = runs.summary_line({"preset": "tiny", "mode": "train", "device_name": "cpu", "dtype": "float32",
                                "batch_size": 1, "img_per_s": 1.0, "mfu": None, "peak_memory_gib": None,
                                "dense": {"error": "out of memory"}, "speedup_vs_dense": None})
     assert "dense formulation out of memory" in line
@@ -181,5 +191,5 @@ def test_out_of_memory_is_reported_not_raised():
 
 def test_paired_speedup_is_robust_to_load_changes():
     # the machine got twice as slow half-way: per-pair ratios stay 1.5
-    assert bench.paired_speedup([1.0, 1.0, 2.0, 2.0], [1.5, 1.5, 3.0, 3.0]) == pytest.approx(1.5)
-    assert bench.paired_speedup([], [1.0]) is None
+    assert timing.paired_speedup([1.0, 1.0, 2.0, 2.0], [1.5, 1.5, 3.0, 3.0]) == pytest.approx(1.5)
+    assert timing.paired_speedup([], [1.0]) is None

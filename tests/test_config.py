@@ -5,7 +5,7 @@ import pytest
 
 from fusedit.config import ConfigError, list_shipped_configs
 from fusedit.experiment import load_experiment
-from fusedit.models import LLMGeometry, ModelConfig, resolve_model_config
+from fusedit.models.config import LLMGeometry, ModelConfig, resolve_model_config
 
 GEOMETRY = LLMGeometry(model_type="gemma2", hidden_size=64, num_hidden_layers=6, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=16, intermediate_size=128, rms_norm_eps=1e-6,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from fusedit.demo import set_aside_stale_run, stale_run_reason
 from fusedit.experiment import load_experiment
-from fusedit.run import train_run
+from fusedit.train.launch import train_run
 
 
 def test_stale_demo_runs_are_set_aside(tmp_path, tiny_llm_dir, monkeypatch):

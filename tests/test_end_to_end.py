@@ -11,8 +11,11 @@ import fusedit
 from fusedit.cli import main as cli
 from fusedit.config import ConfigError
 from fusedit.experiment import load_experiment
-from fusedit.export import export_pipeline
-from fusedit.run import train_run
+from fusedit.sampling.denoise import conditional_velocity, guided_velocity
+from fusedit.sampling.text import CachedText
+from fusedit.text.context import TextContext
+from fusedit.sampling.export import export_pipeline
+from fusedit.train.launch import train_run
 from fusedit.checkpoint.errors import CheckpointError
 
 PROMPTS = ["a red circle", "two blue squares"]
@@ -87,9 +90,10 @@ def test_cfg_scale_one_is_the_conditional_prediction(trained):
     t = torch.tensor(500.0)
     cond = pipe.encode_prompt(PROMPTS)
     expected = pipe.model(x, t.expand(2), cond)
-    torch.testing.assert_close(pipe.velocity(x, t, cond, 1.0, cfg=False), expected)
-    both = fusedit.text.context.TextContext.cat([pipe.unconditional_context("", 2), cond])
-    torch.testing.assert_close(pipe.velocity(x, t, both, 1.0, cfg=True), expected, atol=1e-5, rtol=1e-5)
+    both = TextContext.cat([pipe.unconditional_context("", 2), cond])
+    velocity = CachedText(pipe.model, cond, both)
+    torch.testing.assert_close(conditional_velocity(velocity, x, t), expected)
+    torch.testing.assert_close(guided_velocity(velocity, x, t, 1.0), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_guidance_interval_guides_only_inside_it(trained):

@@ -72,7 +72,7 @@ def soft_position(image: np.ndarray, spec) -> bool | None:
 def probe(run: Path, guidance_scale: float | None = None) -> dict:
     from fusedit.eval.shapes_eval import color_alignment, world_from_config
     from fusedit.eval.shapes_scorer import as_uint8_images, score_image
-    from fusedit.pipeline import load_pipeline
+    from fusedit.sampling.loading import load_pipeline
     from fusedit.train.logging import save_image_grid
 
     pipe = load_pipeline(run, device="cpu")
@@ -118,7 +118,7 @@ def position_breakdown(run: Path, split: str = "held_out", prompts: int | None =
     often, when they are, the subject lies on the prompt's side (guidance: the run's, or ``guidance_scale``)."""
     from fusedit.eval.shapes_eval import world_from_config
     from fusedit.eval.shapes_scorer import as_uint8_images
-    from fusedit.pipeline import load_pipeline
+    from fusedit.sampling.loading import load_pipeline
 
     pipe = load_pipeline(run, device="cpu")
     world = world_from_config(pipe.config)
@@ -155,7 +155,7 @@ def layout_signal(run: Path, split: str = "held_out", prompts: int = 96, sigma: 
     """
     from fusedit.data.shapes import PALETTE
     from fusedit.eval.shapes_eval import world_from_config
-    from fusedit.pipeline import load_pipeline
+    from fusedit.sampling.loading import load_pipeline
 
     pipe = load_pipeline(run, device="cpu")
     world = world_from_config(pipe.config)
@@ -212,7 +212,7 @@ def main() -> None:
     if not args.probe_only:
         from fusedit.data.shapes import ShapesWorld
         from fusedit.experiment import load_experiment
-        from fusedit.run import train_run
+        from fusedit.train.launch import train_run
         from fusedit.text.tiny_llm import ensure_shapes_world_llm
 
         base = load_experiment("demo", args.overrides)

@@ -8,9 +8,17 @@ from typing import Optional, Union
 import torch
 
 from fusedit.experiment import ExperimentConfig
-from fusedit.models import DiffusionTransformer, LLMGeometry, build_model
+from fusedit.models.config import LLMGeometry
+from fusedit.models.dit import DiffusionTransformer, build_model
 from fusedit.text.encoder import TextEncoder
 from fusedit.text.llm import load_llm_config
+
+
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """``device``, else CUDA when available, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass

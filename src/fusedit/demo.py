@@ -73,8 +73,8 @@ def run_demo(out: Path, *, device: Optional[str] = None, steps: Optional[int] = 
              overrides: Sequence[str] = (), images_per_prompt: int = 4) -> dict:
     from fusedit.data.shapes import ShapesWorld
     from fusedit.eval.shapes_scorer import score_images
-    from fusedit.pipeline import load_pipeline
-    from fusedit.run import train_run
+    from fusedit.sampling.loading import load_pipeline
+    from fusedit.train.launch import train_run
     from fusedit.text.tiny_llm import TinyLLMConfig, ensure_shapes_world_llm, read_marker
     from fusedit.train.logging import save_image_grid
 

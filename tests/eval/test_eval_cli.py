@@ -10,7 +10,7 @@ from PIL import Image
 
 from fusedit.cli import main as cli_main
 from fusedit.data.shapes import ShapesWorld
-from fusedit.eval.cli import sampled_pairs
+from fusedit.eval.images import sampled_pairs
 from fusedit.experiment import load_experiment
 from fusedit.text.tiny_llm import TinyLLMConfig, ensure_tiny_llm
 
@@ -24,7 +24,7 @@ TINY_LLM = TinyLLMConfig(hidden_size=32, num_hidden_layers=2, num_attention_head
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    from fusedit.run import train_run
+    from fusedit.train.launch import train_run
 
     root = tmp_path_factory.mktemp("eval_cli")
     base = load_experiment("demo", WORLD)
@@ -134,7 +134,7 @@ class PerfectPipe:
         import numpy as np
         import torch
 
-        from fusedit.pipeline import PipelineOutput
+        from fusedit.sampling.pipeline import PipelineOutput
 
         assert output_type == "pt" and height == width == self.world.resolution and len(generator) == len(prompts)
         self.calls.append(list(prompts))

@@ -14,8 +14,8 @@ import torch
 
 from fusedit.cli import main as cli_main
 from fusedit.config import ConfigError
-from fusedit.eval import study
-from fusedit.run import save_run_config
+from fusedit.study import grid as study_grid, report as study_report, runner as study_runner
+from fusedit.train.launch import save_run_config
 from fusedit.train.logging import save_image_grid
 
 GRID = """
@@ -47,14 +47,14 @@ class Fakes:
         self.trained: list[tuple[str, int]] = []
         self.evaluated: list[tuple[str, int]] = []
 
-    def train(self, run: study.PlannedRun, *, progress: bool) -> None:
+    def train(self, run: study_grid.PlannedRun, *, progress: bool) -> None:
         self.trained.append((run.variant, run.seed))
         save_run_config(run.config, run.run_dir)
         (run.run_dir / "final").mkdir(parents=True, exist_ok=True)
         lines = [json.dumps({"step": s, "loss": 1.0 / s + run.seed * 0.01, "img_per_s": 10.0}) for s in (1, 2, 3)]
         (run.run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
-    def evaluate(self, run: study.PlannedRun, settings) -> dict:
+    def evaluate(self, run: study_grid.PlannedRun, settings) -> dict:
         self.evaluated.append((run.variant, run.seed))
         assert settings.per_prompt == 1 and settings.num_inference_steps == 2 and settings.guidance_scale == 2.0
         run.eval_dir.mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,7 @@ class Fakes:
 
 def run(grid_path: Path, out: Path, fakes: Fakes, logs: list[str] | None = None):
     logs = [] if logs is None else logs
-    return study.run_study(study.load_grid(grid_path), out, train_fn=fakes.train, eval_fn=fakes.evaluate,
+    return study_runner.run_study(study_grid.load_grid(grid_path), out, train_fn=fakes.train, eval_fn=fakes.evaluate,
                            log=logs.append)
 
 
@@ -84,7 +84,7 @@ def test_study_trains_evaluates_and_reports(tmp_path):
     assert any(line.startswith("run 1/4: deep seed 0") for line in logs)
     assert any(line.startswith("run 4/4: shallow seed 1") for line in logs)
     # every run got the same budget and its own seed
-    configs = {(r.variant, r.seed): r.config for r in study.plan_study(study.load_grid(write_grid(tmp_path)), out)}
+    configs = {(r.variant, r.seed): r.config for r in study_grid.plan_study(study_grid.load_grid(write_grid(tmp_path)), out)}
     assert {c.train.max_steps for c in configs.values()} == {3}
     assert configs[("shallow", 1)].train.seed == 1 and configs[("shallow", 1)].model.attention == "cross"
 
@@ -109,7 +109,7 @@ def test_finished_runs_are_reused_and_partial_ones_completed(tmp_path):
     assert sum("reusing" in line for line in logs) == 4
 
     # a trained run without scores is only evaluated; a run without final/ is trained (train_run resumes it)
-    planned = {(r.variant, r.seed): r for r in study.plan_study(study.load_grid(grid), out)}
+    planned = {(r.variant, r.seed): r for r in study_grid.plan_study(study_grid.load_grid(grid), out)}
     planned[("deep", 1)].scores_path.unlink()
     (planned[("shallow", 0)].run_dir / "final").rmdir()
     third = Fakes()
@@ -154,7 +154,7 @@ def test_unknown_variant_key_fails_before_training(tmp_path):
 ])
 def test_grid_errors(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
-        study.plan_study(study.load_grid(write_grid(tmp_path, text)), tmp_path / "study")
+        study_grid.plan_study(study_grid.load_grid(write_grid(tmp_path, text)), tmp_path / "study")
 
 
 def test_cli_dry_run_and_report_only(tmp_path, capsys):
@@ -173,12 +173,12 @@ def test_cli_dry_run_and_report_only(tmp_path, capsys):
 
 
 def test_mean_std_and_welch():
-    mean, std = study.mean_std([1.0, 2.0, 3.0])
+    mean, std = study_report.mean_std([1.0, 2.0, 3.0])
     assert mean == 2.0 and math.isclose(std, 1.0)
-    assert study.mean_std([4.0]) == (4.0, 0.0)
-    t, p = study.welch_t([1.0, 1.1, 0.9], [2.0, 2.1, 1.9])
+    assert study_report.mean_std([4.0]) == (4.0, 0.0)
+    t, p = study_report.welch_t([1.0, 1.1, 0.9], [2.0, 2.1, 1.9])
     assert t < 0 and p < 0.001
-    assert all(math.isnan(x) for x in study.welch_t([1.0], [2.0, 3.0]))
+    assert all(math.isnan(x) for x in study_report.welch_t([1.0], [2.0, 3.0]))
 
 
 def test_shipped_grids_plan(tmp_path):
@@ -188,6 +188,6 @@ def test_shipped_grids_plan(tmp_path):
     grids = sorted((SHIPPED_CONFIGS / "studies").glob("*.yaml"))
     assert grids, "no shipped study grids"
     for path in grids:
-        grid = study.load_grid(path)
-        runs = study.plan_study(grid, tmp_path / grid.name)
+        grid = study_grid.load_grid(path)
+        runs = study_grid.plan_study(grid, tmp_path / grid.name)
         assert len(runs) == len(grid.variants) * len(grid.seeds)

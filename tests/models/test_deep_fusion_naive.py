@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import get_timestep_embedding
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from fusedit.models import LLMGeometry, ModelConfig, build_model
+from fusedit.models.config import LLMGeometry, ModelConfig
+from fusedit.models.dit import build_model
 from fusedit.text.config import TextConfig
 from fusedit.text.encoder import TextEncoder
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
-from fusedit.models import LLMGeometry, ModelConfig, build_model
+from fusedit.models.config import LLMGeometry, ModelConfig
+from fusedit.models.dit import build_model
 from fusedit.text.config import TextConfig
 from fusedit.text.encoder import TextEncoder
 

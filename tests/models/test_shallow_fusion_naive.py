@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import get_timestep_embedding
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
-from fusedit.models import LLMGeometry, ModelConfig, build_model
+from fusedit.models.config import LLMGeometry, ModelConfig
+from fusedit.models.dit import build_model
 from fusedit.text.config import TextConfig
 from fusedit.text.encoder import TextEncoder
 from naive_reference import gemma_rms, heads, image_rope, softmax_attention  # noqa: E402

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import fusedit
 
 FIXTURE = Path(__file__).parents[2].parent / "shared" / "fixtures" / "reference-tiny"
-TOLERANCE = 1e-4
+TOLERANCE = 1e-5  # the README's claim: every variant reproduces the reference within 1e-5
 
 pytestmark = pytest.mark.skipif(
     not (FIXTURE / "expected.json").is_file(),
@@ -57,4 +57,5 @@ def test_cached_equals_uncached(setup):
     cached = sample(output_type="latent", use_text_cache=True)
     uncached = sample(output_type="latent", use_text_cache=False)
     diff = (cached - uncached).abs().max().item()
-    assert diff < 1e-6, f"cached and uncached sampling differ by {diff:.3g}"
+    # two different computations (text context cached vs the LLM run inside every step), equal to float precision
+    assert diff < TOLERANCE, f"cached and uncached sampling differ by {diff:.3g}"

@@ -7,7 +7,12 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from fusedit.data.latents import main, read_manifest
+from fusedit.cli import main as cli_main
+from fusedit.data.latents import read_manifest
+
+
+def main(argv):
+    return cli_main(["cache-latents", *argv])
 
 
 def tiny_vae(path):

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fusedit.models.attention import CrossAttention, SelfAttention, TextInputs
-from fusedit.models.config import ResolvedModelConfig
+from fusedit.models.config import LLMGeometry, ModelConfig, ResolvedModelConfig, resolve_model_config
 from fusedit.models.fusion import build_text_path
 from fusedit.models.layers import GeGLU, RMSNorm, Rope, SelfInitializing, xavier_linears
 from fusedit.models.positions import build_positions
@@ -174,3 +174,8 @@ class DiffusionTransformer(nn.Module):
             else:
                 tokens = block(tokens, cond.layer, rope, text)
         return unpatchify(self.head(tokens, cond), h, w, p)
+
+
+def build_model(config: ModelConfig, llm: LLMGeometry) -> DiffusionTransformer:
+    """Resolve ``config`` against the LLM's geometry (raising ``ConfigError`` on invalid combinations) and build."""
+    return DiffusionTransformer(resolve_model_config(config, llm))

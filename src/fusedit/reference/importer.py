@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from fusedit.models import DiffusionTransformer, LLMGeometry, ModelConfig, build_model
+from fusedit.models.config import LLMGeometry, ModelConfig
+from fusedit.models.dit import DiffusionTransformer, build_model
 from fusedit.text.config import TextConfig
 
 
@@ -238,7 +239,7 @@ class ReferenceModel:
 
 
 def load_reference_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> ReferenceModel:
-    """Load a reference pipeline folder into fusedit objects (no sampling here; see :mod:`fusedit.pipeline`)."""
+    """Load a reference pipeline folder into fusedit objects (no sampling here; see :mod:`fusedit.sampling.pipeline`)."""
     from fusedit.text.llm import load_tokenizer
 
     root = Path(path)

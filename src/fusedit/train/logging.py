@@ -1,4 +1,4 @@
-"""Training logs: console progress bar, TensorBoard scalars, ``metrics.jsonl`` and PNG sample grids.
+"""Training logs: console progress (a bar on a terminal, a line every few percent when piped), TensorBoard scalars, ``metrics.jsonl`` and PNG sample grids.
 
 Files in a run directory:
 
@@ -20,9 +20,9 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from fusedit.atomic import write_text_atomic
+from fusedit.progress import progress_bar
 
 METRICS_FILE = "metrics.jsonl"
 logger = logging.getLogger("fusedit.train")
@@ -108,7 +108,7 @@ class TrainLogger:
         run_dir: the run directory.
         max_steps: total optimiser steps (for the bar and its ETA).
         initial_step: steps already done (on resume).
-        progress: show the tqdm bar (loss and img/s in its postfix; tqdm estimates the ETA).
+        progress: show progress (loss and img/s in its postfix, with an ETA; see :func:`fusedit.progress.progress_bar`).
         tensorboard: write TensorBoard scalars to ``run_dir/logs``.
     """
 
@@ -120,7 +120,7 @@ class TrainLogger:
         if dropped:
             self.info(f"dropped {dropped} metrics.jsonl record(s) after step {initial_step} (from an interrupted run)")
         self._metrics = open(self.run_dir / METRICS_FILE, "a")
-        self._bar = tqdm(total=max_steps, initial=initial_step, unit="step", dynamic_ncols=True) if progress else None
+        self._bar = progress_bar(max_steps, initial=initial_step, desc="train", unit="step") if progress else None
         self._writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -21,10 +21,13 @@ from typing import Union
 
 import yaml
 
+from safetensors.torch import save_file
+
 from fusedit import __version__
 from fusedit.atomic import write_text_atomic
 from fusedit.checkpoint.weights import find_run_weights
-from safetensors.torch import save_file
+from fusedit.experiment import load_experiment
+from fusedit.sampling.pipeline import make_scheduler
 
 
 def _copy_folder(source: str, target: Path) -> None:
@@ -33,9 +36,8 @@ def _copy_folder(source: str, target: Path) -> None:
 
 def export_pipeline(run_dir: Union[str, Path], out_dir: Union[str, Path], *, use_ema: bool = True,
                     copy_local: bool = True) -> Path:
-    """Write the pipeline folder of ``run_dir`` into ``out_dir`` (which must not exist or be empty)."""
-    from fusedit.experiment import load_experiment
-    from fusedit.pipeline import make_scheduler
+    """Write the pipeline folder of ``run_dir`` into ``out_dir`` (which must not exist or be empty); the weights come
+    from ``final/``, else from the run's latest checkpoint (single-process or sharded)."""
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     config_path = run_dir / "config.yaml"

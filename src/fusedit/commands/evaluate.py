@@ -13,14 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any
 
+NAME = "eval"
+HELP = "evaluate a model (shapes, geneval, dpgbench, fid)"
+DESCRIPTION = (__doc__ or "").split("\n\n")[0]
 SUITES = ("shapes", "geneval", "dpgbench", "fid", "clip")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fusedit eval", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", nargs="?", help="training run, exported pipeline folder or reference folder "
                         "(for --suite clip: the folder of sampled images; unused by --suite fid)")
     parser.add_argument("--suite", required=True, choices=SUITES)
@@ -44,7 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--inception-weights", help="fid: local weights-inception-2015-12-05-6726825d.pth")
     parser.add_argument("--image-size", type=int, default=299, help="fid: feature extractor input size")
     parser.add_argument("--clip-model", help="clip: local Hugging Face CLIP folder")
-    return parser
 
 
 def _require(args, *names: str) -> None:
@@ -67,7 +67,7 @@ def _write_json(path: Path, data: dict) -> Path:
 
 def run_shapes(args) -> int:
     from fusedit.eval.shapes_eval import ShapesEvalSettings, evaluate_shapes, format_scores, world_from_config
-    from fusedit.pipeline import load_pipeline
+    from fusedit.sampling.loading import load_pipeline
 
     path = _model_path(args)
     settings = ShapesEvalSettings(per_prompt=args.per_prompt, seed=args.seed, num_inference_steps=args.steps,
@@ -86,7 +86,7 @@ def run_shapes(args) -> int:
     return 0
 
 
-def _sampling_kwargs(args, pipe) -> dict:
+def _sampling_kwargs(args: argparse.Namespace, pipe: Any) -> dict:
     size = args.resolution or pipe.default_size
     kwargs = dict(seed=args.seed, height=size, width=size,
                   num_inference_steps=args.steps or pipe.defaults.num_inference_steps,
@@ -100,7 +100,7 @@ def _sampling_kwargs(args, pipe) -> dict:
 
 def run_geneval(args) -> int:
     from fusedit.eval.benchmarks import sample_geneval
-    from fusedit.pipeline import load_pipeline
+    from fusedit.sampling.loading import load_pipeline
 
     _require(args, "metadata")
     path = _model_path(args)
@@ -116,7 +116,7 @@ def run_geneval(args) -> int:
 
 def run_dpgbench(args) -> int:
     from fusedit.eval.benchmarks import sample_dpgbench
-    from fusedit.pipeline import load_pipeline
+    from fusedit.sampling.loading import load_pipeline
 
     _require(args, "prompts")
     path = _model_path(args)
@@ -145,30 +145,9 @@ def run_fid(args) -> int:
     return 0
 
 
-def sampled_pairs(folder: Path) -> list[tuple[Path, str]]:
-    """(image, prompt) pairs of a folder written by a benchmark sampler (GenEval layout or a prompt list with a
-    ``prompts.jsonl``), or a folder of ``NAME.png`` + ``NAME.txt`` pairs."""
-    from fusedit.eval.images import list_images
-
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {str(folder)!r} does not exist")
-    pairs: list[tuple[Path, str]] = []
-    geneval = sorted(p for p in folder.iterdir() if (p / "metadata.jsonl").is_file())
-    if geneval:
-        for sub in geneval:
-            prompt = json.loads((sub / "metadata.jsonl").read_text().splitlines()[0])["prompt"]
-            pairs += [(image, prompt) for image in list_images(sub / "samples")]
-        return pairs
-    for image in list_images(folder):
-        text = image.with_suffix(".txt")
-        if not text.is_file():
-            raise ValueError(f"{image} has no prompt: expected {text} next to it (or a GenEval-layout folder)")
-        pairs.append((image, text.read_text(encoding="utf-8").strip()))
-    return pairs
-
-
 def run_clip(args) -> int:
     from fusedit.eval.clip_score import clip_score
+    from fusedit.eval.images import sampled_pairs
 
     _require(args, "clip_model")
     if not args.path:
@@ -186,7 +165,6 @@ def run_clip(args) -> int:
 RUNNERS = {"shapes": run_shapes, "geneval": run_geneval, "dpgbench": run_dpgbench, "fid": run_fid, "clip": run_clip}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``fusedit eval`` (errors are reported by :func:`fusedit.cli.main`)."""
-    args = build_parser().parse_args(list(argv or []))
+def run(args: argparse.Namespace) -> int:
+    """Run the suite ``--suite`` names (errors are reported by :func:`fusedit.commands.main`)."""
     return RUNNERS[args.suite](args)

@@ -1,27 +1,29 @@
-"""Train a run from an :class:`ExperimentConfig`: build components and data, hand them to the Trainer."""
+"""Launch a training run from an :class:`~fusedit.experiment.ExperimentConfig`: build the model, text encoder, codec
+and data, then hand them to the :class:`~fusedit.train.trainer.Trainer` (what ``fusedit train`` does)."""
+
 from __future__ import annotations
 
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import torch
 import yaml
 
-from fusedit.builders import build_components, check_training_size
+from fusedit.atomic import write_text_atomic
+from fusedit.builders import build_components, check_training_size, default_device, resolve_relative_paths
 from fusedit.data.factory import build_dataset
+from fusedit.dist.env import destroy_distributed, init_distributed, is_initialized
 from fusedit.experiment import ExperimentConfig
-from fusedit.loading import default_device
-from fusedit.pipeline import FuseDiTPipeline, make_scheduler
+from fusedit.sampling.pipeline import FuseDiTPipeline, make_scheduler
+from fusedit.train.trainer import Trainer, TrainSummary
 
 logger = logging.getLogger(__name__)
 
 
 def save_run_config(config: ExperimentConfig, run_dir: Path) -> Path:
     """Write ``run_dir/config.yaml`` (what ``fusedit sample``/``export``/``eval`` rebuild the model from)."""
-    from fusedit.atomic import write_text_atomic
-
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
     write_text_atomic(path, yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
@@ -41,8 +43,8 @@ def make_sample_fn(pipeline: FuseDiTPipeline, config: ExperimentConfig, seed: in
     return sample
 
 
-def train_run(config: ExperimentConfig, run_dir: Union[str, Path], *, device=None, resume: bool = True,
-              progress: bool = True):
+def train_run(config: ExperimentConfig, run_dir: Union[str, Path], *, device: Any = None, resume: bool = True,
+              progress: bool = True) -> TrainSummary:
     """Train ``config`` in ``run_dir`` (resuming from its latest checkpoint) and return the ``TrainSummary``.
 
     With ``train.distributed`` ``ddp``/``fsdp`` this runs in every process started by torchrun: it initialises the
@@ -50,10 +52,6 @@ def train_run(config: ExperimentConfig, run_dir: Union[str, Path], *, device=Non
     process takes ``cuda:LOCAL_RANK``), and tears it down at the end. Only rank 0 writes ``config.yaml``, logs,
     samples and ``final/``.
     """
-    from fusedit.builders import resolve_relative_paths
-    from fusedit.dist.env import destroy_distributed, init_distributed, is_initialized
-    from fusedit.train.trainer import Trainer
-
     run_dir = Path(run_dir)
     # local LLM/tokenizer/VAE folders given relative to the working directory are recorded absolute, so that the
     # run loads (fusedit sample/eval/export) from any directory
