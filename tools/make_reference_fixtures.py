@@ -12,7 +12,7 @@ the reference's sampling (16×16 images, 2× VAE → 16-channel 8×8 latents, 3 
 from fixed initial latents:
 
 * FuseDiT (deep fusion): the reference's ``FuseDiTPipeline`` with ``use_cache=False`` (its training-time
-  computation; its cached path differs for 2d-rope and crashes for 1d-rope, DESIGN.md §5).
+  computation; its cached path differs for 2d-rope and crashes for 1d-rope: docs/design.md, "Reference checkpoints").
 * DiT (shallow baselines): the reference's ``DiTPipeline`` cannot sample (it passes ``text_modulation_embeds``, an
   argument ``DiT.forward`` does not take, and indexes ``[0]`` into the returned tensor). The script records that
   crash, then runs the same computation as its training step / its pipeline: the LLM's hidden states

@@ -7,6 +7,8 @@ from typing import Optional, Union
 
 import torch
 
+from fusedit.config import ConfigError
+from fusedit.data.codec import load_codec
 from fusedit.experiment import ExperimentConfig
 from fusedit.models.config import LLMGeometry
 from fusedit.models.dit import DiffusionTransformer, build_model
@@ -52,8 +54,6 @@ def build_components(config: ExperimentConfig, device: Union[str, torch.device] 
 
     ``dtype``: the DiT's parameter dtype (default float32; training uses autocast for bf16).
     """
-    from fusedit.data.codec import load_codec
-
     geometry = LLMGeometry.from_hf_config(load_llm_config(config.text.llm))
     model = build_model(config.model, geometry)
     text_encoder = TextEncoder.from_config(config.text, model.text_requirements(), device=device)
@@ -67,8 +67,6 @@ def check_training_size(config: ExperimentConfig, codec) -> None:
     size × the codec's spatial factor and, with a sin-cos position table, at most ``model.pos_embed_max_size``
     patches per side. Checked before training starts, so that a bad size is not found at the first step. A latent
     cache (``data.source: latents``) has its own size and does not read ``data.resolution``."""
-    from fusedit.config import ConfigError
-
     if config.data.source == "latents":
         return
     model, size = config.model, config.data.resolution

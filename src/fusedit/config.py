@@ -194,6 +194,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         args = get_args(tp)
         value_type = args[1] if len(args) == 2 else Any
         return {str(k): _convert(v, value_type, f"{key}.{k}") for k, v in value.items()}
+    return _convert_scalar(value, tp, key)
+
+
+def _convert_scalar(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as a bool, int, float, str or instance of the class ``tp`` (YAML's "1e-4" string read as a float)."""
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -273,3 +278,4 @@ def require(condition: bool, message: str) -> None:
     """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds (for ``validate()`` methods)."""
     if not condition:
         raise ConfigError(message)
+

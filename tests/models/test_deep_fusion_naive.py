@@ -63,7 +63,7 @@ def llama_decoder():
 DECODERS = {"gemma2": gemma2_decoder(), "llama": llama_decoder()}
 
 
-from naive_reference import gemma_rms, heads, image_rope, rope_tables, rotate, softmax_attention  # noqa: E402
+from .naive_reference import gemma_rms, heads, image_rope, rope_tables, rotate, softmax_attention  # noqa: E402
 
 class NaiveText:
     """The LLM stream, advanced by hand with the HF layer's weights."""

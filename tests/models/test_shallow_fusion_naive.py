@@ -13,7 +13,7 @@ from fusedit.models.config import LLMGeometry, ModelConfig
 from fusedit.models.dit import build_model
 from fusedit.text.config import TextConfig
 from fusedit.text.encoder import TextEncoder
-from naive_reference import gemma_rms, heads, image_rope, softmax_attention  # noqa: E402
+from .naive_reference import gemma_rms, heads, image_rope, softmax_attention  # noqa: E402
 
 
 
@@ -55,7 +55,7 @@ def naive(model, hidden, mask, x, t):
     rope = image_rope(c.pos_embed, gh, gw, torch.zeros(b, dtype=torch.long), HEAD_DIM, r.rope_theta)
 
     def rot(v):
-        from naive_reference import rotate
+        from .naive_reference import rotate
         return v if rope is None else rotate(v, *rope)
 
     for block in model.layers:

@@ -141,3 +141,30 @@ def test_frozen_encoder_keeps_no_graph_and_trainable_one_does():
         context = trainable.encode_tokens(ids, mask)
         sum(k.sum() for k in context.keys.values()).backward()
     assert decoder.layers[2].self_attn.k_proj.weight.grad is not None
+
+
+def test_paligemma_language_model_loads_as_the_text_stream(tmp_path):
+    """PaliGemma (transformers' ``PaliGemmaForConditionalGeneration``): ``load_llm`` keeps its language model, the
+    geometry is read from its text config, and the text context matches the language model's own computation."""
+    from fusedit.models.config import LLMGeometry
+    from fusedit.text.llm import load_llm, load_llm_config
+
+    text = tf.GemmaConfig(**COMMON)
+    vision = tf.SiglipVisionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=16, patch_size=8)
+    torch.manual_seed(0)
+    tf.PaliGemmaForConditionalGeneration(tf.PaliGemmaConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                                            projection_dim=32)).save_pretrained(tmp_path)
+    geometry = LLMGeometry.from_hf_config(load_llm_config(str(tmp_path)))
+    assert (geometry.model_type, geometry.hidden_size, geometry.num_hidden_layers, geometry.head_dim) == ("gemma", 32, 3, 8)
+    decoder = load_llm(str(tmp_path))
+    assert type(decoder).__name__ == "GemmaModel" and len(decoder.layers) == 3
+    ids, mask = make_batch("left")
+    reference = decoder(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
+    encoder = TextEncoder(decoder, None, TextConfig(llm=str(tmp_path)), TextRequirements(kv_layers=(0, 1, 2)))
+    context = encoder.encode_tokens(ids, mask)
+    real = mask[:, None, :, None].expand(-1, 2, -1, 8)
+    for layer in range(3):
+        keys, _, values = independent_kv(decoder, reference.hidden_states[layer], layer)
+        torch.testing.assert_close(context.keys[layer][real], keys[real], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(context.values[layer][real], values[real], atol=1e-5, rtol=1e-5)

@@ -6,6 +6,9 @@ from typing import Literal, Union
 
 from fusedit.config import require
 
+#: GenEval's categories, in a fixed order: the caption kinds of the shapes world (:mod:`fusedit.data.shapes`).
+CATEGORIES: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
 
 @dataclass
 class ShapesWorldConfig:
@@ -32,8 +35,6 @@ class ShapesWorldConfig:
         require(1 <= self.max_objects <= 4, f"data.shapes.max_objects: got {self.max_objects}, expected 1..4")
         require(0.0 <= self.held_out_fraction < 1.0,
                 f"data.shapes.held_out_fraction: got {self.held_out_fraction}, expected in [0, 1)")
-        from fusedit.data.shapes import CATEGORIES
-
         for category, weight in self.category_weights.items():
             require(category in CATEGORIES,
                     f"data.shapes.category_weights: unknown category {category!r}; expected some of {CATEGORIES}")

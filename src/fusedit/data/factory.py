@@ -5,12 +5,15 @@ from typing import Any, Optional
 
 from fusedit.config import ConfigError
 from fusedit.data.config import DataConfig
+from fusedit.data.folder import ImageFolderDataset
+from fusedit.data.latents import LatentShardDataset
+from fusedit.data.shapes import ShapesWorld
+from fusedit.data.webdataset import WebShardDataset
+from fusedit.dist.env import current_env
 
 
 def _data_parallel_split(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
     """``(rank, world_size)``: the given values, else the process group's, else ``(0, 1)``."""
-    from fusedit.dist.env import current_env
-
     env = current_env()
     return (env.rank if rank is None else rank), (env.world_size if world_size is None else world_size)
 
@@ -30,8 +33,6 @@ def build_dataset(config: DataConfig, *, seed: int = 0, codec: Any = None, rank:
     without one). ``seed`` drives the shard/sample order and per-sample randomness of streams.
     """
     if config.source == "shapes":
-        from fusedit.data.shapes import ShapesWorld
-
         world = ShapesWorld(config.shapes, config.resolution)
         dataset = world.train_dataset()
         held_out = world.held_out_prompts()
@@ -39,18 +40,12 @@ def build_dataset(config: DataConfig, *, seed: int = 0, codec: Any = None, rank:
         dataset.sample_prompts = [spec.text for spec in held_out[::step][:8]]
         return dataset
     if config.source == "folder":
-        from fusedit.data.folder import ImageFolderDataset
-
         return ImageFolderDataset(config.path, resolution=config.resolution, center_crop=config.center_crop,
                                   interpolation=config.interpolation, seed=seed)
     if config.source == "webdataset":
-        from fusedit.data.webdataset import WebShardDataset
-
         rank, world_size = _data_parallel_split(rank, world_size)
         return WebShardDataset.from_config(config, seed=seed, rank=rank, world_size=world_size, epochs=None)
     if config.source == "latents":
-        from fusedit.data.latents import LatentShardDataset
-
         rank, world_size = _data_parallel_split(rank, world_size)
         return LatentShardDataset.from_config(config, codec=codec, seed=seed, rank=rank, world_size=world_size,
                                               epochs=None)

@@ -159,78 +159,99 @@ def cache_latents(data, codec, out_dir: Union[str, os.PathLike], shard_size: int
         raise ValueError(f"cache_latents: shard_size ({shard_size}) and batch_size ({batch_size}) must be >= 1")
     if dtype not in _DTYPES:
         raise ValueError(f"cache_latents: dtype got {dtype!r}, expected one of {sorted(_DTYPES)}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    existing = sorted(out.glob(f"{prefix}-*.tar")) + ([out / MANIFEST] if (out / MANIFEST).exists() else [])
-    if existing and not overwrite:
-        raise FileExistsError(f"{out} already holds a latent cache ({existing[0].name}...); pass overwrite=True")
-    for path in existing:
-        path.unlink()
-
+    out = _empty_cache_dir(Path(out_dir), prefix, overwrite)
     writer = _TarShardWriter(out, prefix, shard_size)
-    count, latent_shape, image_size = 0, None, None
-    pending: list[tuple[torch.Tensor, str, str | None]] = []
+    encoder = _LatentEncoder(codec, writer, dtype, tokenizer, max_length, generator)
     started = time.time()
     bad: list[str] = []
-
-    def flush() -> None:
-        nonlocal count, latent_shape, image_size
-        if not pending:
-            return
-        images = torch.stack([p[0] for p in pending])
-        latents = codec.encode(images, generator=generator)
-        latents = latents.detach().float().cpu().numpy().astype(_DTYPES[dtype])
-        shape = list(latents.shape[1:])
-        latent_shape = shape if latent_shape in (None, shape) else "mixed"
-        size = list(images.shape[-2:])
-        image_size = size if image_size in (None, size) else "mixed"
-        for latent, (_, caption, original) in zip(latents, pending):
-            members = {"latent.npy": _npy_bytes(np.ascontiguousarray(latent)), "caption.txt": caption.encode("utf-8")}
-            if original is not None:
-                members["original_caption.txt"] = str(original).encode("utf-8")
-            if tokenizer is not None:
-                ids = tokenizer(caption, truncation=max_length is not None, max_length=max_length)["input_ids"]
-                members["input_ids.npy"] = _npy_bytes(np.asarray(ids, dtype=np.int32))
-            writer.write(f"{count:09d}", members)
-            count += 1
-        pending.clear()
-
     try:
         for item in _items(data, bad):
             for image, caption, original in _unbatch(item):
                 if not isinstance(caption, str):
                     raise ValueError(f"cache_latents: caption must be a str, got {type(caption).__name__}")
-                if pending and pending[0][0].shape != image.shape:
-                    flush()
-                pending.append((image, caption, original))
-                if len(pending) >= batch_size:
-                    flush()
-        flush()
+                if encoder.pending and encoder.pending[0][0].shape != image.shape:
+                    encoder.flush()
+                encoder.pending.append((image, caption, original))
+                if len(encoder.pending) >= batch_size:
+                    encoder.flush()
+        encoder.flush()
     finally:
         writer.close()
-    if count == 0:
+    if encoder.count == 0:
         raise ValueError("cache_latents: the data set yielded no images")
+    manifest = _manifest(codec, dtype, encoder, writer, bad, data, tokenizer, max_length, time.time() - started)
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / MANIFEST)
+    return manifest
 
+
+def _manifest(codec: Any, dtype: str, encoder: _LatentEncoder, writer: _TarShardWriter, bad: list[str], data: Any,
+              tokenizer: Any, max_length: int | None, seconds: float) -> dict[str, Any]:
+    """The cache's ``manifest.json``: the codec and its normalisation, shapes, counts, shards, tokenizer."""
     describe = codec.describe()
-    manifest = {
+    return {
         "format": _FORMAT, "version": 1,
         "codec": describe,
         "channels": codec.channels, "spatial_factor": codec.spatial_factor,
         "normalization": {"scaling_factor": describe.get("scaling_factor", 1.0),
                           "shift_factor": describe.get("shift_factor", 0.0),
                           "formula": "(z - shift_factor) * scaling_factor"},
-        "dtype": dtype, "latent_shape": latent_shape, "image_size": image_size,
-        "count": count, "skipped": len(bad), "bad_items": bad[:100],
+        "dtype": dtype, "latent_shape": encoder.latent_shape, "image_size": encoder.image_size,
+        "count": encoder.count, "skipped": len(bad), "bad_items": bad[:100],
         "source_skipped": int(getattr(data, "skipped", 0) or 0),
         "shards": writer.shards,
         "tokenizer": None if tokenizer is None else {
             "name": getattr(tokenizer, "name_or_path", type(tokenizer).__name__), "max_length": max_length},
-        "seconds": round(time.time() - started, 3),
+        "seconds": round(seconds, 3),
     }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / MANIFEST)
-    return manifest
+
+
+def _empty_cache_dir(out: Path, prefix: str, overwrite: bool) -> Path:
+    """``out``, created; an existing cache in it is an error unless ``overwrite`` (then it is removed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    existing = sorted(out.glob(f"{prefix}-*.tar")) + ([out / MANIFEST] if (out / MANIFEST).exists() else [])
+    if existing and not overwrite:
+        raise FileExistsError(f"{out} already holds a latent cache ({existing[0].name}...); pass overwrite=True")
+    for path in existing:
+        path.unlink()
+    return out
+
+
+class _LatentEncoder:
+    """Encodes pending ``(image (3, H, W), caption, original caption)`` items in one codec call and writes one sample
+    per item; tracks the count and whether latent/image shapes stayed the same (else ``"mixed"``)."""
+
+    def __init__(self, codec: Any, writer: _TarShardWriter, dtype: str, tokenizer: Any, max_length: int | None,
+                 generator: torch.Generator | None) -> None:
+        self.codec, self.writer, self.dtype = codec, writer, dtype
+        self.tokenizer, self.max_length, self.generator = tokenizer, max_length, generator
+        self.pending: list[tuple[torch.Tensor, str, str | None]] = []
+        self.count = 0
+        self.latent_shape: Any = None
+        self.image_size: Any = None
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        images = torch.stack([p[0] for p in self.pending])
+        latents = self.codec.encode(images, generator=self.generator)
+        latents = latents.detach().float().cpu().numpy().astype(_DTYPES[self.dtype])
+        shape = list(latents.shape[1:])
+        self.latent_shape = shape if self.latent_shape in (None, shape) else "mixed"
+        size = list(images.shape[-2:])
+        self.image_size = size if self.image_size in (None, size) else "mixed"
+        for latent, (_, caption, original) in zip(latents, self.pending, strict=True):
+            members = {"latent.npy": _npy_bytes(np.ascontiguousarray(latent)), "caption.txt": caption.encode("utf-8")}
+            if original is not None:
+                members["original_caption.txt"] = str(original).encode("utf-8")
+            if self.tokenizer is not None:
+                ids = self.tokenizer(caption, truncation=self.max_length is not None,
+                                     max_length=self.max_length)["input_ids"]
+                members["input_ids.npy"] = _npy_bytes(np.asarray(ids, dtype=np.int32))
+            self.writer.write(f"{self.count:09d}", members)
+            self.count += 1
+        self.pending.clear()
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fusedit.data.config import ShapesWorldConfig
+from fusedit.data.config import CATEGORIES, ShapesWorldConfig
 
 #: The shapes, in a fixed order.
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
@@ -58,9 +58,6 @@ SIZE_FRACTIONS: dict[str, float] = {"small": 0.22, "big": 0.34}
 #: Spatial relations of ``position`` prompts: "A <relation> B".
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 _RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
-
-#: GenEval's categories, in a fixed order.
-CATEGORIES: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 _NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 

@@ -215,6 +215,23 @@ def sample_geneval(
     }
     _write_or_check_record(out, record)
 
+    jobs, skipped = _geneval_jobs(out, entries, seeds, n_samples)
+    generated = 0
+    for job, image in _generate(pipe, jobs, settings, batch_size=batch_size, generator_device=generator_device):
+        save_image_atomic(image, _geneval_sample(out, job.key, job.slot))
+        generated += 1
+    if save_grid:
+        for key in seeds:
+            if not (out / key / "grid.png").is_file():
+                samples = [load_rgb(_geneval_sample(out, key, k)) for k in range(n_samples)]
+                save_image_atomic(_padded_grid(samples), out / key / "grid.png")
+    return SamplingSummary(out, generated, skipped)
+
+
+def _geneval_jobs(out: Path, entries: list[dict], seeds: dict[str, list[int]],
+                  n_samples: int) -> tuple[list[_Job], int]:
+    """The images still to generate (one job each) and the number of prompts already complete; writes each prompt's
+    ``metadata.jsonl``."""
     jobs, skipped = [], 0
     for i, entry in enumerate(entries):
         key = f"{i:05d}"
@@ -228,17 +245,7 @@ def sample_geneval(
         if not missing:
             skipped += 1
         jobs += [_Job(key, k, entry["prompt"], seeds[key][k]) for k in missing]
-
-    generated = 0
-    for job, image in _generate(pipe, jobs, settings, batch_size=batch_size, generator_device=generator_device):
-        save_image_atomic(image, _geneval_sample(out, job.key, job.slot))
-        generated += 1
-    if save_grid:
-        for key in seeds:
-            if not (out / key / "grid.png").is_file():
-                samples = [load_rgb(_geneval_sample(out, key, k)) for k in range(n_samples)]
-                save_image_atomic(_padded_grid(samples), out / key / "grid.png")
-    return SamplingSummary(out, generated, skipped)
+    return jobs, skipped
 
 
 def _geneval_sample(out: Path, key: str, k: int) -> Path:

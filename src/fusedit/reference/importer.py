@@ -1,13 +1,13 @@
 """Import of pipeline folders saved by the reference implementation (tang-bd/fuse-dit).
 
-Folder layout (DESIGN.md §5): ``model_index.json``, ``transformer/config.json`` (transformers-style, with a nested
+Folder layout (``docs/design.md``, "Reference checkpoints"): ``model_index.json``, ``transformer/config.json`` (transformers-style, with a nested
 ``base_config`` — the LLM's config) + ``transformer/model.safetensors`` (``llm.*``: the Gemma decoder of FuseDiT;
 ``dit.*``: the DiT), ``scheduler/``, ``tokenizer/``, ``vae/``, and for the shallow baselines ``llm/`` (a full
 ``save_pretrained`` causal LM).
 
 The reference's fused layers compute the LLM stream's attention without Gemma 2's logit soft-capping and sliding
 window; the imported text encoder does the same (``text.attention: reference``). Its training-time computation is
-followed where its cached sampling differs (DESIGN.md §5).
+followed where its cached sampling differs (same section).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from torch import nn
 from fusedit.models.config import LLMGeometry, ModelConfig
 from fusedit.models.dit import DiffusionTransformer, build_model
 from fusedit.text.config import TextConfig
+from fusedit.text.llm import LLMLoadError, extract_decoder, load_llm_config, load_tokenizer, reference_attention_config
 
 
 class ReferenceFormatError(ValueError):
@@ -186,7 +187,6 @@ def build_reference_llm(hf_config, state: dict[str, torch.Tensor], dtype: torch.
     """
     from transformers import AutoModel
 
-    from fusedit.text.llm import reference_attention_config
 
     config = reference_attention_config(hf_config)
     decoder = AutoModel.from_config(config)
@@ -212,7 +212,6 @@ def load_baseline_llm(llm_dir: Path, dtype: torch.dtype) -> nn.Module:
     """
     from transformers import AutoModelForCausalLM
 
-    from fusedit.text.llm import LLMLoadError, extract_decoder, load_llm_config
 
     config = load_llm_config(str(llm_dir))
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -240,7 +239,6 @@ class ReferenceModel:
 
 def load_reference_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> ReferenceModel:
     """Load a reference pipeline folder into fusedit objects (no sampling here; see :mod:`fusedit.sampling.pipeline`)."""
-    from fusedit.text.llm import load_tokenizer
 
     root = Path(path)
     config = _read_json(root / "transformer" / "config.json")

@@ -1,7 +1,7 @@
 """The text context: everything a DiT needs from the LLM for one prompt batch.
 
 Because text rows of FuseDiT's joint attention never see image tokens, the text stream does not depend on the image,
-the timestep or the noise (DESIGN.md §2). The LLM therefore runs once per prompt batch and leaves, for every fused
+the timestep or the noise (``docs/design.md``, "The LLM as a key/value provider"). The LLM therefore runs once per prompt batch and leaves, for every fused
 layer, the keys and values its attention used. Deep fusion reads those; the shallow baselines read one hidden-state
 layer.
 """

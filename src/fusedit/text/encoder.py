@@ -17,6 +17,7 @@ from torch import nn
 from fusedit.text.config import TextConfig
 from fusedit.text.context import TextContext, TextRequirements
 from fusedit.text.llm import decoder_forward_kwargs, load_llm, load_tokenizer, resolve_dtype
+from fusedit.text.pooled import load_clip_pooler
 
 
 @dataclass
@@ -180,8 +181,6 @@ class TextEncoder(nn.Module):
         tokenizer = load_tokenizer(config.tokenizer or config.llm, padding_side=config.padding_side)
         pooled = None
         if requirements.pooled and config.pooled == "clip":
-            from fusedit.text.pooled import load_clip_pooler
-
             pooled = load_clip_pooler(config.clip_model, device=device)
         return cls(decoder, tokenizer, config, requirements, pooled_encoder=pooled)
 

@@ -40,6 +40,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
 
 from fusedit.config import require
+from fusedit.data.shapes import LLM_CORPORA, SCENE_FIELDS
 
 #: Special tokens in id order: ``<pad>``=0, ``<eos>``=1, ``<bos>``=2, ``<unk>``=3.
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<eos>", "<bos>", "<unk>")
@@ -105,8 +106,6 @@ class TinyLLMConfig:
         require(self.lr > 0, f"TinyLLMConfig.lr: got {self.lr}, expected > 0")
         require(isinstance(self.max_length, int) and self.max_length >= 4,
                 f"TinyLLMConfig.max_length: got {self.max_length!r}, expected an integer >= 4")
-        from fusedit.data.shapes import LLM_CORPORA
-
         require(self.corpus in LLM_CORPORA, f"TinyLLMConfig.corpus: got {self.corpus!r}, expected one of {LLM_CORPORA}")
         require(isinstance(self.scene_loss_weight, (int, float)) and math.isfinite(self.scene_loss_weight)
                 and self.scene_loss_weight >= 0,
@@ -315,27 +314,18 @@ class _SceneReadout(torch.nn.Module):
         self._values.clear()
 
 
-def pretrain_tiny_llm(corpus: Sequence[str], out_dir: Union[str, os.PathLike],
-                      config: TinyLLMConfig = TinyLLMConfig(), scene: Optional[SceneObjective] = None) -> Path:
-    """Train the tokenizer and the tiny LLM on ``corpus`` and save both (plus the marker) into ``out_dir``.
+@dataclass
+class _TrainingLog:
+    """First and last losses of a tiny-LLM pretraining (the marker records them)."""
+    first_loss: Optional[float] = None
+    first_scene: Optional[float] = None
+    last_scene: Optional[float] = None
 
-    ``scene``: the optional auxiliary objective (one entry per corpus line), weighted by
-    ``config.scene_loss_weight`` (0: not used).
 
-    Returns:
-        ``out_dir`` as a :class:`Path`.
-    """
-    corpus = _check_corpus(corpus)
-    config.validate()
-    scene = _scene_in_use(scene, config)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER_NAME).unlink(missing_ok=True)  # an interrupted run must not look complete
-    started = time.perf_counter()
-
-    tokenizer = train_caption_tokenizer(corpus, config.max_length)
-    data = _encode_corpus(tokenizer, corpus, config.max_length)
-    model = build_tiny_llm(config, vocab_size=len(tokenizer))
+def _train_tiny_llm(model: Gemma2ForCausalLM, tokenizer: PreTrainedTokenizerFast, data: dict[str, torch.Tensor],
+                    config: TinyLLMConfig, scene: Optional[SceneObjective], started: float) -> _TrainingLog:
+    """``config.steps`` AdamW steps of next-token prediction (plus the scene objective, when given) on random
+    batches of ``data``."""
     params = list(model.parameters())
     readout = positions = labels = None
     if scene is not None:
@@ -349,7 +339,7 @@ def pretrain_tiny_llm(corpus: Sequence[str], out_dir: Union[str, os.PathLike],
     n = data["input_ids"].shape[0]
     report_every = max(1, config.steps // 4)
     model.train()
-    first_loss = first_scene = scene_value = None
+    log = _TrainingLog()
     for step in range(config.steps):
         index = torch.randint(n, (config.batch_size,), generator=generator)
         batch = {k: v[index] for k, v in data.items()}
@@ -357,11 +347,11 @@ def pretrain_tiny_llm(corpus: Sequence[str], out_dir: Union[str, os.PathLike],
         batch = {k: v[:, keep] for k, v in batch.items()}
         loss = model(**batch).loss
         lm_value = loss.item()
-        first_loss = lm_value if first_loss is None else first_loss
+        log.first_loss = lm_value if log.first_loss is None else log.first_loss
         if readout is not None:
             scene_loss = readout.loss(positions[index] - int((~keep).sum()), labels[index])
-            scene_value = scene_loss.item()
-            first_scene = scene_value if first_scene is None else first_scene
+            log.last_scene = scene_loss.item()
+            log.first_scene = log.last_scene if log.first_scene is None else log.first_scene
             loss = loss + config.scene_loss_weight * scene_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -369,12 +359,37 @@ def pretrain_tiny_llm(corpus: Sequence[str], out_dir: Union[str, os.PathLike],
         optimizer.step()
         scheduler.step()
         if (step + 1) % report_every == 0 or step + 1 == config.steps:
-            scene_note = "" if scene_value is None else f" scene {scene_value:.3f}"
+            scene_note = "" if log.last_scene is None else f" scene {log.last_scene:.3f}"
             print(f"tiny-llm step {step + 1}/{config.steps} loss {lm_value:.3f}{scene_note} "
                   f"({time.perf_counter() - started:.1f} s)", flush=True)
     if readout is not None:
         readout.remove()
+    return log
 
+
+def pretrain_tiny_llm(corpus: Sequence[str], out_dir: Union[str, os.PathLike],
+                      config: Optional[TinyLLMConfig] = None, scene: Optional[SceneObjective] = None) -> Path:
+    """Train the tokenizer and the tiny LLM on ``corpus`` and save both (plus the marker) into ``out_dir``.
+
+    ``config``: the LLM's size and training (default :class:`TinyLLMConfig`). ``scene``: the optional auxiliary
+    objective (one entry per corpus line), weighted by ``config.scene_loss_weight`` (0: not used).
+
+    Returns:
+        ``out_dir`` as a :class:`Path`.
+    """
+    config = config if config is not None else TinyLLMConfig()
+    corpus = _check_corpus(corpus)
+    config.validate()
+    scene = _scene_in_use(scene, config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER_NAME).unlink(missing_ok=True)  # an interrupted run must not look complete
+    started = time.perf_counter()
+
+    tokenizer = train_caption_tokenizer(corpus, config.max_length)
+    data = _encode_corpus(tokenizer, corpus, config.max_length)
+    model = build_tiny_llm(config, vocab_size=len(tokenizer))
+    log = _train_tiny_llm(model, tokenizer, data, config, scene, started)
     final_loss = corpus_loss(model, data)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -384,10 +399,10 @@ def pretrain_tiny_llm(corpus: Sequence[str], out_dir: Union[str, os.PathLike],
         "scene_sha256": scene.fingerprint() if scene is not None else None,
         "num_captions": len(corpus),
         "vocab_size": len(tokenizer),
-        "first_loss": first_loss,
+        "first_loss": log.first_loss,
         "final_loss": final_loss,
-        "first_scene_loss": first_scene,
-        "final_scene_loss": scene_value,
+        "first_scene_loss": log.first_scene,
+        "final_scene_loss": log.last_scene,
         "train_seconds": round(time.perf_counter() - started, 2),
     }
     tmp = out / (MARKER_NAME + ".tmp")
@@ -407,9 +422,10 @@ def read_marker(out_dir: Union[str, os.PathLike]) -> Union[dict, None]:
 
 
 def ensure_tiny_llm(out_dir: Union[str, os.PathLike], corpus: Sequence[str],
-                    config: TinyLLMConfig = TinyLLMConfig(), scene: Optional[SceneObjective] = None) -> Path:
-    """Return ``out_dir`` if it holds a tiny LLM trained with ``config`` on ``corpus`` (and ``scene``), else train one
-    there."""
+                    config: Optional[TinyLLMConfig] = None, scene: Optional[SceneObjective] = None) -> Path:
+    """Return ``out_dir`` if it holds a tiny LLM trained with ``config`` (default :class:`TinyLLMConfig`) on
+    ``corpus`` (and ``scene``), else train one there."""
+    config = config if config is not None else TinyLLMConfig()
     corpus = _check_corpus(corpus)
     out = Path(out_dir)
     marker = read_marker(out)
@@ -423,12 +439,11 @@ def ensure_tiny_llm(out_dir: Union[str, os.PathLike], corpus: Sequence[str],
 
 
 def ensure_shapes_world_llm(out_dir: Union[str, os.PathLike], world,
-                            config: TinyLLMConfig = TinyLLMConfig()) -> Path:
+                            config: Optional[TinyLLMConfig] = None) -> Path:
     """:func:`ensure_tiny_llm` on the shapes world's ``config.corpus`` text (a
     :class:`~fusedit.data.shapes.ShapesWorld`'s training prompts only), with the world's
     :class:`SceneObjective` (:func:`~fusedit.data.shapes.scene_labels` of every caption)."""
-    from fusedit.data.shapes import SCENE_FIELDS
-
+    config = config if config is not None else TinyLLMConfig()
     config.validate()
     captions, labels = world.llm_scene_labels()
     scene = SceneObjective(captions, labels, tuple(n for _, n in SCENE_FIELDS))

@@ -9,7 +9,7 @@ from fusedit.config import require
 
 @dataclass
 class TrainConfig:
-    """Defaults reproduce the reference recipe (DESIGN.md §4) except the step count.
+    """Defaults reproduce the reference recipe (``docs/design.md``, "The reference recipe") except the step count.
 
     Attributes:
         max_steps: optimiser steps to train.

@@ -1,4 +1,4 @@
-"""``fusedit bench``: the dense (reference) formulation equals our model, FLOP counts, JSON output, user errors.
+"""``fusedit bench``: FLOP counts, JSON output, user errors (the dense formulation it times: tests/reference/test_joint.py).
 
 Timings are never asserted: only structure and numerics.
 """
@@ -12,96 +12,14 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from fusedit.bench import flops, inputs, runs, timing
+from fusedit.bench import flops, runs, timing
 from fusedit.bench.flops import dit_forward_flops, llm_forward_flops
 from fusedit.bench.presets import PRESETS, BenchError
 from fusedit.bench.runs import build_setup, run_bench
 from fusedit.cli import main as cli_main
-from fusedit.reference.joint import dense_joint_mask, joint_velocity as dense_velocity
 from fusedit.models.config import resolve_model_config
 
 CPU = torch.device("cpu")
-
-VARIANTS = {
-    "recipe": {},  # the paper's scaled recipe: 2d-rope, no timestep, sandwich norm, qk-norm
-    "adaln-1d-rope": {"timestep_conditioning": "adaln-zero", "pos_embed": "1d-rope", "sandwich_norm": False},
-    # LLM layers 0 and 2 run text-only, DiT layer 2 runs past the map without text; APE + AdaLN-single
-    "layer-map": {"shared_attention_layers": [1, 3], "dit_num_hidden_layers": 3, "pos_embed": "ape",
-                  "timestep_conditioning": "adaln-single", "qk_norm": False},
-    # cross-attention deep fusion: the text stream advanced in the loop, each block reading its layer's pre-RoPE K/V
-    "cross": {"attention": "cross", "shared_attention_layers": [0, 2], "pos_embed": "m-rope"},
-    # shallow fusion: the LLM's hidden states recomputed by a plain forward (no trimming, no recorded cache)
-    "shallow-self": {"fusion": "shallow", "attention": "self", "timestep_conditioning": "adaln-zero"},
-    "shallow-cross": {"fusion": "shallow", "attention": "cross", "pos_embed": "1d-rope"},
-}
-
-
-def _setup(variant: dict, batch: int = 3, seed: int = 0):
-    preset = replace(PRESETS["tiny"], model=variant)
-    setup = build_setup(preset, CPU, torch.float32, batch, "train", llm=True, need_llm=True, seed=seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # random weights everywhere (the model zero-initialises its output and AdaLN layers)
-        for param in setup.model.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    # prompts of different lengths: 12, 22 and 32 (no padding) real tokens
-    ids, mask = setup.input_ids.clone(), setup.mask.clone()
-    for row, real in enumerate((12, 22, 32)[:batch]):
-        mask[row] = torch.arange(mask.shape[1]) >= mask.shape[1] - real
-        ids[row, mask.shape[1] - real] = inputs.BOS_ID
-        ids[row, mask.shape[1] - real + 1:] = ids[row, mask.shape[1] - real + 1:].clamp_min(4)
-    ids = ids.masked_fill(~mask, inputs.PAD_ID)
-    x = torch.randn(batch, 3, 32, 32, generator=generator)
-    t = torch.rand(batch, generator=generator) * 1000
-    return setup, ids, mask, x, t
-
-
-@pytest.mark.parametrize("name", list(VARIANTS))
-def test_dense_formulation_equals_model(name):
-    setup, ids, mask, x, t = _setup(VARIANTS[name])
-    with torch.no_grad():
-        context = setup.encoder.encode_tokens(ids, mask)
-        ours = setup.model(x, t, context)
-        ours_trimmed = setup.model(x, t, context.trimmed())
-        dense = dense_velocity(setup.model, setup.llm, x, t, ids, mask)
-    assert ours.abs().max() > 0.1  # a non-trivial velocity
-    torch.testing.assert_close(dense, ours, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(dense, ours_trimmed, atol=1e-5, rtol=1e-5)
-
-
-def test_dense_formulation_gives_the_same_gradients():
-    setup, ids, mask, x, t = _setup(VARIANTS["recipe"], batch=2)
-    model = setup.model
-    with torch.no_grad():
-        context = setup.encoder.encode_tokens(ids, mask).trimmed()
-    model(x, t, context).square().mean().backward()
-    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    dense_velocity(model, setup.llm, x, t, ids, mask).square().mean().backward()
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(param.grad, ours[name], atol=1e-5, rtol=1e-4, msg=name)
-    assert not any(p.requires_grad for p in setup.llm.parameters())
-
-
-def test_dense_joint_mask_structure():
-    text = torch.tensor([[False, True, True]])
-    mask = dense_joint_mask(text, 2, torch.float32)[0, 0] == 0  # True = attend
-    expected = torch.tensor([
-        [False, False, False, False, False],  # padded text row: nothing (uniform in the reference)
-        [False, True, False, False, False],   # causal text rows, no image keys, padded key masked
-        [False, True, True, False, False],
-        [False, True, True, True, True],      # image rows: every real text key and every image key
-        [False, True, True, True, True],
-    ])
-    assert torch.equal(mask, expected)
-
-
-def test_dense_rejects_unsupported_llm_families():
-    setup, ids, mask, x, t = _setup({}, batch=1)
-    setup.llm.config.model_type = "gemma3_text"  # per-layer RoPE bases: not computed by the joint formulation
-    with pytest.raises(ValueError, match="covers the decoder families gemma, gemma2, llama, qwen2, qwen3; got "
-                                         "'gemma3_text'"):
-        dense_velocity(setup.model, setup.llm, x, t, ids, mask)
-
 
 def test_analytic_flops_match_the_flop_counter():
     preset = replace(PRESETS["tiny"], real_tokens=PRESETS["tiny"].text_tokens)  # no padding: all keys are useful

@@ -14,6 +14,8 @@ from fusedit.eval.images import sampled_pairs
 from fusedit.experiment import load_experiment
 from fusedit.text.tiny_llm import TinyLLMConfig, ensure_tiny_llm
 
+pytestmark = pytest.mark.slow
+
 #: A shapes world with few held-out prompts (every category still present) and a tiny model.
 WORLD = ["data.shapes.max_objects=2", "data.shapes.held_out_fraction=0.01", "data.shapes.size=64"]
 TRAIN = ["train.max_steps=2", "train.batch_size=4", "train.warmup_steps=0", "train.sample_every=0",

@@ -1,4 +1,7 @@
-"""Train -> checkpoint -> resume -> export -> load -> sample, with a real (tiny) LLM and model, on CPU."""
+"""Train -> checkpoint -> resume -> export -> load -> sample, with a real (tiny) LLM and model, on CPU.
+
+(Cached = uncached = training-time sampling is tested on a text-dependent model in ``test_text_paths.py``.)
+"""
 from __future__ import annotations
 
 import shutil
@@ -18,30 +21,28 @@ from fusedit.sampling.export import export_pipeline
 from fusedit.train.launch import train_run
 from fusedit.checkpoint.errors import CheckpointError
 
+pytestmark = pytest.mark.slow
+
 PROMPTS = ["a red circle", "two blue squares"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_llm_dir):
-    from tests_support import overrides_for
-
+def trained(tmp_path_factory, tiny_llm_dir, demo_overrides):
     run = tmp_path_factory.mktemp("run")
-    config = load_experiment("demo", overrides_for(tiny_llm_dir))
+    config = load_experiment("demo", demo_overrides(tiny_llm_dir))
     summary = train_run(config, run, device="cpu", progress=False)
     return run, config, summary
 
 
-def test_resume_continues_exactly(tmp_path, tiny_llm_dir, trained):
+def test_resume_continues_exactly(tmp_path, tiny_llm_dir, demo_overrides, trained):
     """Crash after the step-2 checkpoint (later checkpoints, final weights and metrics lost), resume to step 4."""
-    from tests_support import overrides_for
-
     run, _, summary = trained
     crashed = tmp_path / "crashed"
     shutil.copytree(run, crashed)
     shutil.rmtree(crashed / "final")
     shutil.rmtree(crashed / "checkpoints" / "step-000004")
     (crashed / "checkpoints" / "latest").write_text("step-000002")
-    resumed = train_run(load_experiment("demo", overrides_for(tiny_llm_dir)), crashed, device="cpu", progress=False)
+    resumed = train_run(load_experiment("demo", demo_overrides(tiny_llm_dir)), crashed, device="cpu", progress=False)
     assert resumed.start_step == 2 and resumed.step == 4
     assert set(resumed.losses) == {3, 4}
     for step in (3, 4):
@@ -56,31 +57,6 @@ def test_frozen_llm_is_not_in_checkpoints(trained):
     run, _, summary = trained
     weights = load_file(str(summary.last_checkpoint / "model.safetensors"))
     assert weights and not any(k.startswith("llm.") for k in weights)
-
-
-def test_cached_uncached_and_training_forward_agree(trained):
-    run, config, _ = trained
-    pipe = fusedit.load_pipeline(run, device="cpu")
-    latents = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    kwargs = dict(height=16, width=16, num_inference_steps=3, guidance_scale=3.0, latents=latents, output_type="latent")
-    cached = pipe(PROMPTS, use_text_cache=True, **kwargs).images
-    pipe(PROMPTS, **kwargs)  # fills the unconditional cache, reused below
-    cached_again = pipe(PROMPTS, **kwargs).images
-    uncached = pipe(PROMPTS, use_text_cache=False, **kwargs).images
-    torch.testing.assert_close(cached, uncached, atol=1e-6, rtol=0)
-    torch.testing.assert_close(cached, cached_again, atol=0, rtol=0)
-
-    # The training-time computation: encode the captions as the trainer does, one model forward per branch.
-    encoder, model = pipe.text_encoder, pipe.model
-    scheduler = pipe.scheduler
-    scheduler.set_timesteps(3)
-    x = latents.clone()
-    for t in scheduler.timesteps:
-        timestep = t.expand(2)
-        v_cond = model(x, timestep, encoder.encode(PROMPTS))
-        v_uncond = model(x, timestep, encoder.encode(["", ""]))
-        x = scheduler.step(v_uncond + 3.0 * (v_cond - v_uncond), t, x, return_dict=False)[0]
-    torch.testing.assert_close(cached, x, atol=1e-5, rtol=1e-5)
 
 
 def test_cfg_scale_one_is_the_conditional_prediction(trained):
@@ -186,10 +162,8 @@ def test_cli_sample_and_user_errors(trained, tmp_path, capsys):
     (68, "data.resolution: got 68, which is 17 patches per side, but the sin-cos position table has "
          "model.pos_embed_max_size=16"),
 ])
-def test_training_size_is_checked_before_training(tmp_path, tiny_llm_dir, resolution, message):
-    from tests_support import overrides_for
-
-    config = load_experiment("demo", overrides_for(tiny_llm_dir) + [f"data.resolution={resolution}"])
+def test_training_size_is_checked_before_training(tmp_path, tiny_llm_dir, demo_overrides, resolution, message):
+    config = load_experiment("demo", demo_overrides(tiny_llm_dir) + [f"data.resolution={resolution}"])
     with pytest.raises(ConfigError) as error:
         train_run(config, tmp_path / "run", device="cpu", progress=False)
     assert message in str(error.value)
@@ -225,11 +199,9 @@ def test_negative_prompt_as_a_list(trained):
         pipe(PROMPTS, negative_prompt=["only one"], **kwargs)
 
 
-def test_run_with_a_relative_llm_path_loads_from_any_directory(tmp_path, tiny_llm_dir, monkeypatch):
-    from tests_support import overrides_for
-
+def test_run_with_a_relative_llm_path_loads_from_any_directory(tmp_path, tiny_llm_dir, demo_overrides, monkeypatch):
     monkeypatch.chdir(tiny_llm_dir.parent)
-    config = load_experiment("demo", overrides_for(tiny_llm_dir.name) + ["train.max_steps=1"])
+    config = load_experiment("demo", demo_overrides(tiny_llm_dir.name) + ["train.max_steps=1"])
     assert config.text.llm == tiny_llm_dir.name
     run = tmp_path / "run"
     train_run(config, run, device="cpu", progress=False)
