@@ -1,4 +1,5 @@
 """The demo resumes an interrupted run of its own settings, and never resumes a run of other settings or LLM."""
+
 from __future__ import annotations
 
 import pytest

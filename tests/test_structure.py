@@ -62,8 +62,10 @@ def runtime_imports(tree: ast.Module, name: str, is_package: bool) -> list[tuple
     return found
 
 
-GRAPH = {name: runtime_imports(ast.parse(path.read_text()), name, path.name == "__init__.py")
-         for name, path in MODULES.items()}
+GRAPH = {
+    name: runtime_imports(ast.parse(path.read_text()), name, path.name == "__init__.py")
+    for name, path in MODULES.items()
+}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -76,7 +78,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for target in sorted(graph.get(node, ())):
             if state.get(target) == 1:
-                return stack[stack.index(target):] + [target]
+                return stack[stack.index(target) :] + [target]
             if target not in state and (cycle := visit(target)):
                 return cycle
         state[node] = 2
@@ -101,8 +103,11 @@ def test_the_cycle_finder_finds_a_planted_cycle():
 
 
 def test_library_modules_import_fusedit_at_the_top():
-    lazy = {name: sorted({t for t, nested in imports if nested}) for name, imports in GRAPH.items()
-            if name not in LAZY_IMPORTERS and not any(name == p or name.startswith(p + ".") for p in LAZY_PACKAGES)}
+    lazy = {
+        name: sorted({t for t, nested in imports if nested})
+        for name, imports in GRAPH.items()
+        if name not in LAZY_IMPORTERS and not any(name == p or name.startswith(p + ".") for p in LAZY_PACKAGES)
+    }
     assert {name: targets for name, targets in lazy.items() if targets} == {}
 
 
@@ -125,8 +130,9 @@ def function_lengths() -> dict[str, int]:
 
 
 def test_functions_are_short():
-    too_long = {name: n for name, n in function_lengths().items()
-                if n > MAX_FUNCTION_LINES and name not in LONG_FUNCTIONS}
+    too_long = {
+        name: n for name, n in function_lengths().items() if n > MAX_FUNCTION_LINES and name not in LONG_FUNCTIONS
+    }
     assert too_long == {}
 
 

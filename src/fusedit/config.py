@@ -9,6 +9,7 @@ Every key must be a field of its dataclass, every value must have the field's ty
 define ``validate()`` for value ranges and combinations. Violations raise :class:`ConfigError` whose message names the
 dotted key, the offending value and what is allowed.
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,8 +17,9 @@ import dataclasses
 import os
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, TypeVar, Union, get_args, get_origin
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
@@ -151,7 +153,7 @@ def _type_name(tp: Any) -> str:
         return "mapping"
     if tp is type(None):
         return "null"
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return f"mapping ({tp.__name__})"
     return getattr(tp, "__name__", str(tp))
 
@@ -176,7 +178,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if value in get_args(tp) and type(value) in {type(a) for a in get_args(tp)}:
             return value
         raise ConfigError(f"{key}: got {value!r}, expected one of {', '.join(repr(a) for a in get_args(tp))}")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, Mapping):
@@ -237,12 +239,13 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     if callable(upgrade):  # a section that renamed keys reads the old names (with a message)
         data = upgrade(dict(data), prefix or cls.__name__)
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     unknown = sorted(set(map(str, data)) - set(fields))
     if unknown:
         where = f"section {prefix!r}" if prefix else cls.__name__
         raise ConfigError(
-            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(repr(f'{prefix}.{k}' if prefix else k) for k in unknown)}"
+            f"unknown key{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(repr(f'{prefix}.{k}' if prefix else k) for k in unknown)}"
             f" in {where}; allowed keys: {', '.join(sorted(fields))}"
         )
     kwargs = {}
@@ -278,4 +281,3 @@ def require(condition: bool, message: str) -> None:
     """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds (for ``validate()`` methods)."""
     if not condition:
         raise ConfigError(message)
-

@@ -38,8 +38,9 @@ class LineProgress:
         stream: where the lines go (default stderr, like tqdm).
     """
 
-    def __init__(self, total: int, initial: int = 0, desc: str = "", unit: str = "it",
-                 stream: TextIO | None = None) -> None:
+    def __init__(
+        self, total: int, initial: int = 0, desc: str = "", unit: str = "it", stream: TextIO | None = None
+    ) -> None:
         self.total, self.n, self.initial = max(int(total), 1), int(initial), int(initial)
         self.desc, self.unit = desc, unit
         self.stream = stream if stream is not None else sys.stderr
@@ -86,13 +87,15 @@ class LineProgress:
             self._emit()
 
 
-def progress_bar(total: int, *, initial: int = 0, desc: str = "", unit: str = "it", leave: bool = True,
-                 stream: TextIO | None = None) -> Any:
+def progress_bar(
+    total: int, *, initial: int = 0, desc: str = "", unit: str = "it", leave: bool = True, stream: TextIO | None = None
+) -> Any:
     """A tqdm bar when ``stream`` (default stderr) is a terminal, else a :class:`LineProgress`."""
     stream = stream if stream is not None else sys.stderr
     if stream.isatty():
-        return tqdm(total=total, initial=initial, desc=desc or None, unit=unit, leave=leave, dynamic_ncols=True,
-                    file=stream)
+        return tqdm(
+            total=total, initial=initial, desc=desc or None, unit=unit, leave=leave, dynamic_ncols=True, file=stream
+        )
     return LineProgress(total, initial=initial, desc=desc, unit=unit, stream=stream)
 
 

@@ -1,7 +1,9 @@
-"""``fusedit bench``: FLOP counts, JSON output, user errors (the dense formulation it times: tests/reference/test_joint.py).
+"""``fusedit bench``: FLOP counts, JSON output, user errors (the dense formulation it times is tested in
+tests/reference/test_joint.py).
 
 Timings are never asserted: only structure and numerics.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,6 +22,7 @@ from fusedit.cli import main as cli_main
 from fusedit.models.config import resolve_model_config
 
 CPU = torch.device("cpu")
+
 
 def test_analytic_flops_match_the_flop_counter():
     preset = replace(PRESETS["tiny"], real_tokens=PRESETS["tiny"].text_tokens)  # no padding: all keys are useful
@@ -45,14 +48,49 @@ def _last_json(capsys) -> dict:
 
 
 def test_train_cli_prints_json_with_dense_comparison(capsys):
-    assert cli_main(["bench", "train", "--preset", "tiny", "--batch-size", "2", "--iters", "1", "--warmup", "1",
-                       "--vs-dense", "--threads", "1"]) == 0
+    assert (
+        cli_main(
+            [
+                "bench",
+                "train",
+                "--preset",
+                "tiny",
+                "--batch-size",
+                "2",
+                "--iters",
+                "1",
+                "--warmup",
+                "1",
+                "--vs-dense",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     result = _last_json(capsys)
-    for key in ("preset", "mode", "device", "dtype", "batch_size", "img_per_s", "mfu", "peak_memory_gib",
-                "model_tflop_per_iter", "peak_tflops", "time_per_iter_s", "speedup_vs_dense"):
+    for key in (
+        "preset",
+        "mode",
+        "device",
+        "dtype",
+        "batch_size",
+        "img_per_s",
+        "mfu",
+        "peak_memory_gib",
+        "model_tflop_per_iter",
+        "peak_tflops",
+        "time_per_iter_s",
+        "speedup_vs_dense",
+    ):
         assert key in result, key
     assert (result["preset"], result["mode"], result["device"], result["dtype"], result["batch_size"]) == (
-        "tiny", "train", "cpu", "float32", 2)
+        "tiny",
+        "train",
+        "cpu",
+        "float32",
+        2,
+    )
     assert result["img_per_s"] > 0 and result["peak_memory_gib"] > 0 and 0 < result["mfu"]
     assert result["dense"]["img_per_s"] > 0 and result["speedup_vs_dense"] > 0
     assert result["llm"] is True and len(result["times_s"]) == 1
@@ -62,9 +100,13 @@ def test_sample_without_llm_reports_seconds_per_image():
     result = run_bench("sample", "tiny", batch_size=1, iters=1, warmup=0, llm=False)
     assert result["mode"] == "sample" and result["steps"] == 25 and result["s_per_image"] > 0
     assert result["llm"] is False and result["llm_params_m"] is None and "dense" not in result
-    expected = flops.model_flops_per_iteration(build_setup(PRESETS["tiny"], CPU, torch.float32, 1, "sample", llm=False,
-                                                        need_llm=False).model.resolved,
-                                            PRESETS["tiny"], "sample", 1, llm=False)
+    expected = flops.model_flops_per_iteration(
+        build_setup(PRESETS["tiny"], CPU, torch.float32, 1, "sample", llm=False, need_llm=False).model.resolved,
+        PRESETS["tiny"],
+        "sample",
+        1,
+        llm=False,
+    )
     assert result["model_tflop_per_iter"] == pytest.approx(expected / 1e12)
 
 
@@ -101,9 +143,20 @@ def test_out_of_memory_is_reported_not_raised():
     out = timing.time_interleaved({"ours": lambda: calls.append(1), "dense": boom}, CPU, warmup=1, iters=2)
     assert out["dense"]["error"] == "out of memory" and out["dense"]["times_s"] == []
     assert out["ours"]["error"] is None and len(out["ours"]["times_s"]) == 2 and len(calls) == 3
-    line = runs.summary_line({"preset": "tiny", "mode": "train", "device_name": "cpu", "dtype": "float32",
-                               "batch_size": 1, "img_per_s": 1.0, "mfu": None, "peak_memory_gib": None,
-                               "dense": {"error": "out of memory"}, "speedup_vs_dense": None})
+    line = runs.summary_line(
+        {
+            "preset": "tiny",
+            "mode": "train",
+            "device_name": "cpu",
+            "dtype": "float32",
+            "batch_size": 1,
+            "img_per_s": 1.0,
+            "mfu": None,
+            "peak_memory_gib": None,
+            "dense": {"error": "out of memory"},
+            "speedup_vs_dense": None,
+        }
+    )
     assert "dense formulation out of memory" in line
 
 

@@ -14,10 +14,16 @@ from fusedit.checkpoint.single import load_checkpoint, save_checkpoint
 def save(run_dir, step, value=1.0, keep=None):
     model = {"w": torch.full((3, 2), value), "b": torch.arange(4.0)}
     generators = {"noise": torch.Generator().manual_seed(step)}
-    return save_checkpoint(run_dir, step, model=model, ema={k: v * 0.5 for k, v in model.items()},
-                           optimizer={"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]},
-                           state={"data": {"samples_seen": step * 4}, "metrics": {"loss": 0.5}},
-                           rng=capture_rng_state(generators), keep=keep)
+    return save_checkpoint(
+        run_dir,
+        step,
+        model=model,
+        ema={k: v * 0.5 for k, v in model.items()},
+        optimizer={"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]},
+        state={"data": {"samples_seen": step * 4}, "metrics": {"loss": 0.5}},
+        rng=capture_rng_state(generators),
+        keep=keep,
+    )
 
 
 def test_round_trip_and_latest(tmp_path):

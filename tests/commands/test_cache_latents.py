@@ -1,4 +1,5 @@
 """``fusedit cache-latents`` (fusedit.data.latents.main): folder mode and config mode."""
+
 import json
 
 import numpy as np
@@ -17,9 +18,17 @@ def main(argv):
 
 def tiny_vae(path):
     torch.manual_seed(0)
-    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                  norm_num_groups=4, sample_size=16).save_pretrained(path / "vae")
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=16,
+    ).save_pretrained(path / "vae")
     return path
 
 
@@ -39,8 +48,27 @@ def image_folder(root, n=5, bad=(1,)):
 def test_folder_mode_prints_manifest_and_counts(tmp_path, capsys):
     vae = tiny_vae(tmp_path / "pipe")
     folder = image_folder(tmp_path / "images")
-    assert main(["--folder", str(folder), "--vae", str(vae), "--subfolder", "vae", "--resolution", "16",
-                 "--out", str(tmp_path / "cache"), "--shard-size", "3", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "--folder",
+                str(folder),
+                "--vae",
+                str(vae),
+                "--subfolder",
+                "vae",
+                "--resolution",
+                "16",
+                "--out",
+                str(tmp_path / "cache"),
+                "--shard-size",
+                "3",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out.splitlines()
     assert out[0] == str(tmp_path / "cache" / "manifest.json")
     assert "4 latents in 2 shard(s); skipped 1 unreadable" in out[1]
@@ -52,10 +80,26 @@ def test_config_mode_with_overrides(tmp_path, capsys):
     vae = tiny_vae(tmp_path / "pipe")
     folder = image_folder(tmp_path / "images", bad=())
     config = tmp_path / "exp.yaml"
-    config.write_text(f"data:\n  source: folder\n  path: {folder}\n  vae: {vae}\n  vae_subfolder: vae\n"
-                      f"  resolution: 32\nmodel:\n  in_channels: 4\n")
-    assert main(["--config", str(config), "data.resolution=16", "--out", str(tmp_path / "cache"),
-                 "--dtype", "float32", "--device", "cpu"]) == 0
+    config.write_text(
+        f"data:\n  source: folder\n  path: {folder}\n  vae: {vae}\n  vae_subfolder: vae\n"
+        f"  resolution: 32\nmodel:\n  in_channels: 4\n"
+    )
+    assert (
+        main(
+            [
+                "--config",
+                str(config),
+                "data.resolution=16",
+                "--out",
+                str(tmp_path / "cache"),
+                "--dtype",
+                "float32",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert "5 latents in 1 shard(s)" in capsys.readouterr().out
     assert read_manifest(tmp_path / "cache")["dtype"] == "float32"
 

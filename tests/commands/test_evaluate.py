@@ -1,4 +1,5 @@
 """`fusedit eval`: the shapes suite end to end on a 2-step run of a tiny world, and the other suites' wiring/errors."""
+
 from __future__ import annotations
 
 import json
@@ -18,10 +19,25 @@ pytestmark = pytest.mark.slow
 
 #: A shapes world with few held-out prompts (every category still present) and a tiny model.
 WORLD = ["data.shapes.max_objects=2", "data.shapes.held_out_fraction=0.01", "data.shapes.size=64"]
-TRAIN = ["train.max_steps=2", "train.batch_size=4", "train.warmup_steps=0", "train.sample_every=0",
-         "train.checkpoint_every=2", "train.log_every=1"]
-TINY_LLM = TinyLLMConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                         head_dim=16, intermediate_size=64, steps=5, batch_size=8, max_length=16)
+TRAIN = [
+    "train.max_steps=2",
+    "train.batch_size=4",
+    "train.warmup_steps=0",
+    "train.sample_every=0",
+    "train.checkpoint_every=2",
+    "train.log_every=1",
+]
+TINY_LLM = TinyLLMConfig(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    intermediate_size=64,
+    steps=5,
+    batch_size=8,
+    max_length=16,
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +55,22 @@ def run_dir(tmp_path_factory) -> Path:
 
 def test_shapes_suite_writes_scores_and_grids(run_dir, tmp_path, capsys):
     out = tmp_path / "eval"
-    args = ["eval", str(run_dir), "--suite", "shapes", "--per-prompt", "2", "--seed", "5", "--steps", "2",
-            "--cfg", "3.0", "--out", str(out)]
+    args = [
+        "eval",
+        str(run_dir),
+        "--suite",
+        "shapes",
+        "--per-prompt",
+        "2",
+        "--seed",
+        "5",
+        "--steps",
+        "2",
+        "--cfg",
+        "3.0",
+        "--out",
+        str(out),
+    ]
     assert cli_main(args) == 0
     assert "overall" in capsys.readouterr().out
     scores = json.loads((out / "scores.json").read_text())
@@ -51,8 +81,12 @@ def test_shapes_suite_writes_scores_and_grids(run_dir, tmp_path, capsys):
     assert scores["num_images"] == 2 * len(held_out)
     assert 0.0 <= scores["overall"] <= 1.0 and scores["fd_pixels"] >= 0.0
     settings = scores["settings"]
-    assert (settings["seed"], settings["per_prompt"], settings["num_inference_steps"], settings["guidance_scale"]) \
-        == (5, 2, 2, 3.0)
+    assert (settings["seed"], settings["per_prompt"], settings["num_inference_steps"], settings["guidance_scale"]) == (
+        5,
+        2,
+        2,
+        3.0,
+    )
     assert settings["resolution"] == 32 and settings["shapes"]["held_out_fraction"] == 0.01
     # per-prompt results: the held-out prompts only (never training prompts), with their recorded seeds
     prompts = [p["prompt"] for p in scores["per_prompt"]]
@@ -60,8 +94,9 @@ def test_shapes_suite_writes_scores_and_grids(run_dir, tmp_path, capsys):
     assert not set(prompts) & {s.text for s in world.training_prompts()}
     assert scores["per_prompt"][1]["seeds"] == [7, 8]
     for category in world.categories:
-        assert scores["correct"][category] == sum(sum(p["correct"]) for p in scores["per_prompt"]
-                                                  if p["category"] == category)
+        assert scores["correct"][category] == sum(
+            sum(p["correct"]) for p in scores["per_prompt"] if p["category"] == category
+        )
         grid = out / f"grid-{category}.png"
         assert grid.is_file() and Image.open(grid).size[0] > 32
         assert (out / f"grid-{category}.txt").read_text().startswith("row 0: ")
@@ -74,11 +109,32 @@ def test_shapes_suite_writes_scores_and_grids(run_dir, tmp_path, capsys):
 
 def test_geneval_suite_samples_the_official_layout(run_dir, tmp_path):
     metadata = tmp_path / "evaluation_metadata.jsonl"
-    metadata.write_text(json.dumps({"tag": "single_object", "prompt": "a circle"}) + "\n"
-                        + json.dumps({"tag": "colors", "prompt": "a red square"}) + "\n")
+    metadata.write_text(
+        json.dumps({"tag": "single_object", "prompt": "a circle"})
+        + "\n"
+        + json.dumps({"tag": "colors", "prompt": "a red square"})
+        + "\n"
+    )
     out = tmp_path / "geneval"
-    assert cli_main(["eval", str(run_dir), "--suite", "geneval", "--metadata", str(metadata), "--per-prompt", "2",
-                     "--steps", "2", "--out", str(out)]) == 0
+    assert (
+        cli_main(
+            [
+                "eval",
+                str(run_dir),
+                "--suite",
+                "geneval",
+                "--metadata",
+                str(metadata),
+                "--per-prompt",
+                "2",
+                "--steps",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in (out / "00001" / "samples").iterdir()) == ["0000.png", "0001.png"]
     assert json.loads((out / "sampling.json").read_text())["settings"]["num_inference_steps"] == 2
     pairs = sampled_pairs(out)  # what --suite clip scores
@@ -90,13 +146,16 @@ def test_shapes_suite_needs_a_shapes_run(tmp_path, capsys):
     assert "neither a training run" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--suite", "geneval", "PATH"], "needs --metadata"),
-    (["--suite", "dpgbench", "PATH"], "needs --prompts"),
-    (["--suite", "fid", "--real", "r"], "needs --fake and --inception-weights"),
-    (["--suite", "clip", "PATH"], "needs --clip-model"),
-    (["--suite", "shapes"], "needs PATH"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--suite", "geneval", "PATH"], "needs --metadata"),
+        (["--suite", "dpgbench", "PATH"], "needs --prompts"),
+        (["--suite", "fid", "--real", "r"], "needs --fake and --inception-weights"),
+        (["--suite", "clip", "PATH"], "needs --clip-model"),
+        (["--suite", "shapes"], "needs PATH"),
+    ],
+)
 def test_missing_arguments_are_reported(args, message, tmp_path, capsys):
     args = [str(tmp_path) if a == "PATH" else a for a in args]
     assert cli_main(["eval"] + args) == 2
@@ -108,8 +167,22 @@ def test_fid_suite_with_missing_weights(tmp_path, capsys):
         (tmp_path / name).mkdir()
         for i in range(2):
             Image.new("RGB", (8, 8), (i * 50, 0, 0)).save(tmp_path / name / f"{i}.png")
-    assert cli_main(["eval", "--suite", "fid", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"),
-                     "--inception-weights", str(tmp_path / "missing.pth")]) == 2
+    assert (
+        cli_main(
+            [
+                "eval",
+                "--suite",
+                "fid",
+                "--real",
+                str(tmp_path / "real"),
+                "--fake",
+                str(tmp_path / "fake"),
+                "--inception-weights",
+                str(tmp_path / "missing.pth"),
+            ]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -140,8 +213,10 @@ class PerfectPipe:
 
         assert output_type == "pt" and height == width == self.world.resolution and len(generator) == len(prompts)
         self.calls.append(list(prompts))
-        images = [self.world.render(self.world.spec(p), np.random.default_rng(g.initial_seed()))
-                  for p, g in zip(prompts, generator)]
+        images = [
+            self.world.render(self.world.spec(p), np.random.default_rng(g.initial_seed()))
+            for p, g in zip(prompts, generator, strict=True)
+        ]
         return PipelineOutput(images=torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255)
 
 
@@ -151,13 +226,17 @@ def test_shapes_suite_scores_a_perfect_model_near_one(tmp_path):
     config = load_experiment("demo", WORLD)
     world = ShapesWorld(config.data.shapes, config.data.resolution)
     pipe = PerfectPipe(world)
-    settings = ShapesEvalSettings(per_prompt=1, seed=3, num_inference_steps=1, guidance_scale=1.0, batch_size=16,
-                                  min_per_category=4)
+    settings = ShapesEvalSettings(
+        per_prompt=1, seed=3, num_inference_steps=1, guidance_scale=1.0, batch_size=16, min_per_category=4
+    )
     scores = evaluate_shapes(pipe, world, tmp_path, settings)
     assert scores["overall"] > 0.9
     assert scores["color_recall"] == 1.0 and scores["color_precision"] == 1.0
     saved = np.load(tmp_path / "images.npz")
-    assert saved["images"].shape == (scores["num_images"], 32, 32, 3) and saved["prompts"][0] == scores["per_prompt"][0]["prompt"]
+    assert (
+        saved["images"].shape == (scores["num_images"], 32, 32, 3)
+        and saved["prompts"][0] == scores["per_prompt"][0]["prompt"]
+    )
     # a model drawing the right objects in wrong colors fails the color-bound categories
     recolor = PerfectPipe(world)
     recolor.world = _Recolored(world)
@@ -193,7 +272,10 @@ class _Recolored:
         if self.blank:
             image[:] = (16, 16, 20)
             return image
-        red, green, blue = (image == (230, 40, 40)).all(-1), (image == (40, 200, 60)).all(-1), \
-            (image == (40, 90, 240)).all(-1)
+        red, green, blue = (
+            (image == (230, 40, 40)).all(-1),
+            (image == (40, 200, 60)).all(-1),
+            (image == (40, 90, 240)).all(-1),
+        )
         image[red], image[green], image[blue] = (40, 200, 60), (230, 40, 40), (240, 220, 40)
         return image

@@ -26,8 +26,13 @@ VARIANTS = {
     "recipe": {},  # the paper's scaled recipe: 2d-rope, no timestep, sandwich norm, qk-norm
     "adaln-1d-rope": {"timestep_conditioning": "adaln-zero", "pos_embed": "1d-rope", "sandwich_norm": False},
     # LLM layers 0 and 2 run text-only, DiT layer 2 runs past the map without text; APE + AdaLN-single
-    "layer-map": {"shared_attention_layers": [1, 3], "dit_num_hidden_layers": 3, "pos_embed": "ape",
-                  "timestep_conditioning": "adaln-single", "qk_norm": False},
+    "layer-map": {
+        "shared_attention_layers": [1, 3],
+        "dit_num_hidden_layers": 3,
+        "pos_embed": "ape",
+        "timestep_conditioning": "adaln-single",
+        "qk_norm": False,
+    },
     # cross-attention deep fusion: the text stream advanced in the loop, each block reading its layer's pre-RoPE K/V
     "cross": {"attention": "cross", "shared_attention_layers": [0, 2], "pos_embed": "m-rope"},
     # shallow fusion: the LLM's hidden states recomputed by a plain forward (no trimming, no recorded cache)
@@ -48,7 +53,7 @@ def _setup(variant: dict, batch: int = 3, seed: int = 0):
     for row, real in enumerate((12, 22, 32)[:batch]):
         mask[row] = torch.arange(mask.shape[1]) >= mask.shape[1] - real
         ids[row, mask.shape[1] - real] = inputs.BOS_ID
-        ids[row, mask.shape[1] - real + 1:] = ids[row, mask.shape[1] - real + 1:].clamp_min(4)
+        ids[row, mask.shape[1] - real + 1 :] = ids[row, mask.shape[1] - real + 1 :].clamp_min(4)
     ids = ids.masked_fill(~mask, inputs.PAD_ID)
     x = torch.randn(batch, 3, 32, 32, generator=generator)
     t = torch.rand(batch, generator=generator) * 1000
@@ -85,26 +90,37 @@ def test_dense_formulation_gives_the_same_gradients():
 def test_dense_joint_mask_structure():
     text = torch.tensor([[False, True, True]])
     mask = dense_joint_mask(text, 2, torch.float32)[0, 0] == 0  # True = attend
-    expected = torch.tensor([
-        [False, False, False, False, False],  # padded text row: nothing (uniform in the reference)
-        [False, True, False, False, False],   # causal text rows, no image keys, padded key masked
-        [False, True, True, False, False],
-        [False, True, True, True, True],      # image rows: every real text key and every image key
-        [False, True, True, True, True],
-    ])
+    expected = torch.tensor(
+        [
+            [False, False, False, False, False],  # padded text row: nothing (uniform in the reference)
+            [False, True, False, False, False],  # causal text rows, no image keys, padded key masked
+            [False, True, True, False, False],
+            [False, True, True, True, True],  # image rows: every real text key and every image key
+            [False, True, True, True, True],
+        ]
+    )
     assert torch.equal(mask, expected)
 
 
 def test_dense_rejects_unsupported_llm_families():
     setup, ids, mask, x, t = _setup({}, batch=1)
     setup.llm.config.model_type = "gemma3_text"  # per-layer RoPE bases: not computed by the joint formulation
-    with pytest.raises(ValueError, match="covers the decoder families gemma, gemma2, llama, qwen2, qwen3; got "
-                                         "'gemma3_text'"):
+    with pytest.raises(
+        ValueError, match="covers the decoder families gemma, gemma2, llama, qwen2, qwen3; got 'gemma3_text'"
+    ):
         joint_velocity(setup.model, setup.llm, x, t, ids, mask)
 
 
-COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=8, pad_token_id=0)
+COMMON = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    pad_token_id=0,
+)
 
 # Gemma 2 as Hugging Face runs it (text.attention: hf): logit soft-capping, query_pre_attn_scalar 256 (a text-row
 # scale other than head_dim^-0.5), and a sliding window shorter than the prompts.
@@ -126,8 +142,17 @@ def test_joint_formulation_follows_each_decoder_family(family, attention):
         for param in decoder.parameters():
             param.mul_(8.0)
     geometry = LLMGeometry.from_hf_config(decoder.config)
-    model = build_model(ModelConfig(attention=attention, pos_embed="2d-rope", in_channels=3, patch_size=2,
-                                    sample_size=4, dit_num_hidden_layers=4), geometry)
+    model = build_model(
+        ModelConfig(
+            attention=attention,
+            pos_embed="2d-rope",
+            in_channels=3,
+            patch_size=2,
+            sample_size=4,
+            dit_num_hidden_layers=4,
+        ),
+        geometry,
+    )
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for param in model.parameters():

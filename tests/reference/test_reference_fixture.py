@@ -3,6 +3,7 @@ implementation, Gemma 2 layout, self-attention, 2d-rope, no timestep conditionin
 :func:`fusedit.load_pipeline` and reproduces the reference's uncached latents and decoded images; our cached and
 uncached sampling agree (the reference's own cached 2d-rope sampling does not: ``docs/design.md``, "Reference
 checkpoints")."""
+
 from __future__ import annotations
 
 import json
@@ -18,6 +19,7 @@ import fusedit
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "reference-tiny"
 TOLERANCE = 1e-5  # the README's claim: every variant reproduces the reference within 1e-5
 
+
 @pytest.fixture(scope="module")
 def setup():
     expected = json.loads((FIXTURE / "expected.json").read_text())
@@ -25,10 +27,17 @@ def setup():
     pipe = fusedit.load_pipeline(FIXTURE / "pipeline", device="cpu", dtype=torch.float32)
 
     def sample(**kwargs):
-        return pipe(expected["prompts"], negative_prompt=expected["negative_prompt"], height=expected["height"],
-                    width=expected["width"], num_inference_steps=expected["num_inference_steps"],
-                    guidance_scale=expected["guidance_scale"], latents=tensors["initial_latents"].clone(),
-                    max_sequence_length=expected["max_sequence_length"], **kwargs).images
+        return pipe(
+            expected["prompts"],
+            negative_prompt=expected["negative_prompt"],
+            height=expected["height"],
+            width=expected["width"],
+            num_inference_steps=expected["num_inference_steps"],
+            guidance_scale=expected["guidance_scale"],
+            latents=tensors["initial_latents"].clone(),
+            max_sequence_length=expected["max_sequence_length"],
+            **kwargs,
+        ).images
 
     return tensors, sample
 

@@ -2,6 +2,7 @@
 
 (Cached = uncached = training-time sampling is tested on a text-dependent model in ``test_text_paths.py``.)
 """
+
 from __future__ import annotations
 
 import shutil
@@ -11,15 +12,15 @@ import torch
 from safetensors.torch import load_file
 
 import fusedit
+from fusedit.checkpoint.errors import CheckpointError
 from fusedit.cli import main as cli
 from fusedit.config import ConfigError
 from fusedit.experiment import load_experiment
 from fusedit.sampling.denoise import conditional_velocity, guided_velocity
+from fusedit.sampling.export import export_pipeline
 from fusedit.sampling.text import CachedText
 from fusedit.text.context import TextContext
-from fusedit.sampling.export import export_pipeline
 from fusedit.train.launch import train_run
-from fusedit.checkpoint.errors import CheckpointError
 
 pytestmark = pytest.mark.slow
 
@@ -152,16 +153,24 @@ def test_cli_sample_and_user_errors(trained, tmp_path, capsys):
     assert "unknown key 'model.pos_embd'" in capsys.readouterr().err
     interval = ["--guidance-interval", "0", "0.5", "--steps", "2", "--cfg", "3"]
     assert cli(["sample", str(run), "--prompt", "a red circle", "--out", str(target)] + interval) == 0
-    assert cli(["sample", str(run), "--prompt", "a red circle", "--out", str(target), "--guidance-interval",
-                "0.5", "0.1"]) == 2
+    assert (
+        cli(["sample", str(run), "--prompt", "a red circle", "--out", str(target), "--guidance-interval", "0.5", "0.1"])
+        == 2
+    )
     assert "guidance_interval: got [0.5, 0.1], expected 0 <= sigma_low <= sigma_high <= 1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("resolution,message", [
-    (18, "data.resolution: got 18, expected a multiple of 4 (model.patch_size 4 × the codec's spatial factor 1)"),
-    (68, "data.resolution: got 68, which is 17 patches per side, but the sin-cos position table has "
-         "model.pos_embed_max_size=16"),
-])
+@pytest.mark.parametrize(
+    "resolution,message",
+    [
+        (18, "data.resolution: got 18, expected a multiple of 4 (model.patch_size 4 × the codec's spatial factor 1)"),
+        (
+            68,
+            "data.resolution: got 68, which is 17 patches per side, but the sin-cos position table has "
+            "model.pos_embed_max_size=16",
+        ),
+    ],
+)
 def test_training_size_is_checked_before_training(tmp_path, tiny_llm_dir, demo_overrides, resolution, message):
     config = load_experiment("demo", demo_overrides(tiny_llm_dir) + [f"data.resolution={resolution}"])
     with pytest.raises(ConfigError) as error:

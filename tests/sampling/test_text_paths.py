@@ -38,8 +38,14 @@ def pipe(tiny_llm_dir, demo_overrides) -> FuseDiTPipeline:
     with torch.no_grad():  # the initialisation zeroes the output and AdaLN layers: the model would ignore the text
         for param in parts.model.parameters():
             param.add_(0.1 * torch.randn(param.shape, generator=generator))
-    return FuseDiTPipeline(parts.model, parts.text_encoder, make_scheduler(config.sample.shift), parts.codec,
-                           defaults=config.sample, config=config)
+    return FuseDiTPipeline(
+        parts.model,
+        parts.text_encoder,
+        make_scheduler(config.sample.shift),
+        parts.codec,
+        defaults=config.sample,
+        config=config,
+    )
 
 
 def latents() -> torch.Tensor:
@@ -47,8 +53,16 @@ def latents() -> torch.Tensor:
 
 
 def pipeline_sampling(pipe: FuseDiTPipeline, prompts: list[str], cached: bool) -> torch.Tensor:
-    return pipe(prompts, height=16, width=16, num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=latents(),
-                output_type="latent", use_text_cache=cached).images
+    return pipe(
+        prompts,
+        height=16,
+        width=16,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        latents=latents(),
+        output_type="latent",
+        use_text_cache=cached,
+    ).images
 
 
 @torch.no_grad()
@@ -93,8 +107,9 @@ def test_the_uncached_path_keeps_no_text_context(pipe, monkeypatch):
 
 def test_planted_error_the_pipeline_encodes_the_wrong_prompts(pipe, monkeypatch):
     encode = FuseDiTPipeline.encode_prompt
-    monkeypatch.setattr(FuseDiTPipeline, "encode_prompt",
-                        lambda self, prompts, n=None: encode(self, list(reversed(prompts)), n))
+    monkeypatch.setattr(
+        FuseDiTPipeline, "encode_prompt", lambda self, prompts, n=None: encode(self, list(reversed(prompts)), n)
+    )
     with pytest.raises(AssertionError):
         assert_sampling_paths_agree(pipe, PROMPTS)
 
@@ -104,8 +119,11 @@ def test_planted_error_the_text_keys_and_values_are_zeroed(pipe, monkeypatch):
 
     def zeroed(self, prompts, n=None):
         context = encode(self, prompts, n)
-        return replace(context, keys={i: torch.zeros_like(k) for i, k in context.keys.items()},
-                       values={i: torch.zeros_like(v) for i, v in context.values.items()})
+        return replace(
+            context,
+            keys={i: torch.zeros_like(k) for i, k in context.keys.items()},
+            values={i: torch.zeros_like(v) for i, v in context.values.items()},
+        )
 
     monkeypatch.setattr(FuseDiTPipeline, "encode_prompt", zeroed)
     with pytest.raises(AssertionError):

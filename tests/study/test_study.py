@@ -3,6 +3,7 @@
 Training and evaluation are replaced by fakes that write what the real ones write (final/, config.yaml,
 metrics.jsonl, scores.json, grid PNGs), so these tests take seconds.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,9 @@ import torch
 
 from fusedit.cli import main as cli_main
 from fusedit.config import ConfigError
-from fusedit.study import grid as study_grid, report as study_report, runner as study_runner
+from fusedit.study import grid as study_grid
+from fusedit.study import report as study_report
+from fusedit.study import runner as study_runner
 from fusedit.train.launch import save_run_config
 from fusedit.train.logging import save_image_grid
 
@@ -60,19 +63,33 @@ class Fakes:
         run.eval_dir.mkdir(parents=True, exist_ok=True)
         save_image_grid(torch.zeros(2, 3, 8, 8), run.eval_dir / "grid-colors.png")
         overall = OVERALL[(run.variant, run.seed)]
-        scores = {"suite": "shapes", "overall": overall,
-                  "settings": {"per_prompt": settings.per_prompt, "seed": settings.seed, "min_per_category": 0,
-                               "num_inference_steps": 2, "guidance_scale": 2.0, "negative_prompt": ""}, "accuracy": {"colors": overall},
-                  "correct": {"colors": 1}, "total": {"colors": 2}, "num_images": 2, "fd_pixels": 1.0 - overall,
-                  "grids": {"colors": "grid-colors.png"}}
+        scores = {
+            "suite": "shapes",
+            "overall": overall,
+            "settings": {
+                "per_prompt": settings.per_prompt,
+                "seed": settings.seed,
+                "min_per_category": 0,
+                "num_inference_steps": 2,
+                "guidance_scale": 2.0,
+                "negative_prompt": "",
+            },
+            "accuracy": {"colors": overall},
+            "correct": {"colors": 1},
+            "total": {"colors": 2},
+            "num_images": 2,
+            "fd_pixels": 1.0 - overall,
+            "grids": {"colors": "grid-colors.png"},
+        }
         run.scores_path.write_text(json.dumps(scores))
         return scores
 
 
 def run(grid_path: Path, out: Path, fakes: Fakes, logs: list[str] | None = None):
     logs = [] if logs is None else logs
-    return study_runner.run_study(study_grid.load_grid(grid_path), out, train_fn=fakes.train, eval_fn=fakes.evaluate,
-                           log=logs.append)
+    return study_runner.run_study(
+        study_grid.load_grid(grid_path), out, train_fn=fakes.train, eval_fn=fakes.evaluate, log=logs.append
+    )
 
 
 def test_study_trains_evaluates_and_reports(tmp_path):
@@ -84,7 +101,9 @@ def test_study_trains_evaluates_and_reports(tmp_path):
     assert any(line.startswith("run 1/4: deep seed 0") for line in logs)
     assert any(line.startswith("run 4/4: shallow seed 1") for line in logs)
     # every run got the same budget and its own seed
-    configs = {(r.variant, r.seed): r.config for r in study_grid.plan_study(study_grid.load_grid(write_grid(tmp_path)), out)}
+    configs = {
+        (r.variant, r.seed): r.config for r in study_grid.plan_study(study_grid.load_grid(write_grid(tmp_path)), out)
+    }
     assert {c.train.max_steps for c in configs.values()} == {3}
     assert configs[("shallow", 1)].train.seed == 1 and configs[("shallow", 1)].model.attention == "cross"
 
@@ -144,14 +163,17 @@ def test_unknown_variant_key_fails_before_training(tmp_path):
     assert fakes.trained == []
 
 
-@pytest.mark.parametrize("text, message", [
-    (GRID.replace("[model.fusion=deep]", "[model.fusion=deep, train.max_steps=9]"), "budget and the seed"),
-    (GRID.replace("[model.fusion=deep]", "[train.seed=3]"), "budget and the seed"),
-    (GRID.replace("seeds: [0, 1]", "seeds: []"), "seeds must be"),
-    (GRID.replace("eval: {", "eval: {cfgg: 1, "), "unknown eval key"),
-    (GRID + "extra: 1\n", "unknown key"),
-    (GRID.replace("base: demo", "base: no-such-config"), "not found"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (GRID.replace("[model.fusion=deep]", "[model.fusion=deep, train.max_steps=9]"), "budget and the seed"),
+        (GRID.replace("[model.fusion=deep]", "[train.seed=3]"), "budget and the seed"),
+        (GRID.replace("seeds: [0, 1]", "seeds: []"), "seeds must be"),
+        (GRID.replace("eval: {", "eval: {cfgg: 1, "), "unknown eval key"),
+        (GRID + "extra: 1\n", "unknown key"),
+        (GRID.replace("base: demo", "base: no-such-config"), "not found"),
+    ],
+)
 def test_grid_errors(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         study_grid.plan_study(study_grid.load_grid(write_grid(tmp_path, text)), tmp_path / "study")

@@ -3,6 +3,7 @@
 Keys/values are recomputed here independently from HF's own hidden states: input norm -> k/v projection (-> key norm)
 -> rotary embedding written out with the config's rope theta at positions 0..L-1.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -14,21 +15,31 @@ from fusedit.text.context import TextRequirements
 from fusedit.text.encoder import TextEncoder
 
 
-
 @pytest.fixture(autouse=True)
 def _no_grad():
     with torch.no_grad():
         yield
 
-COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=8, pad_token_id=0)
+
+COMMON = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    pad_token_id=0,
+)
 
 FAMILIES = {
     "gemma": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**COMMON)),
     "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**COMMON, sliding_window=4)),
-    "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**COMMON, sliding_window=4,
-                                                               layer_types=["sliding_attention", "full_attention",
-                                                                            "sliding_attention"])),
+    "gemma3": lambda: tf.Gemma3ForCausalLM(
+        tf.Gemma3TextConfig(
+            **COMMON, sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"]
+        )
+    ),
     "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**COMMON)),
     "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**COMMON)),
     "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**COMMON)),
@@ -135,8 +146,9 @@ def test_frozen_encoder_keeps_no_graph_and_trainable_one_does():
     assert all(not k.requires_grad and k.grad_fn is None for k in context.keys.values())
 
     decoder = FAMILIES["gemma2"]().model
-    trainable = TextEncoder(decoder, None, TextConfig(llm="unused", trainable=True),
-                            TextRequirements(kv_layers=(0, 1, 2)))
+    trainable = TextEncoder(
+        decoder, None, TextConfig(llm="unused", trainable=True), TextRequirements(kv_layers=(0, 1, 2))
+    )
     with torch.enable_grad():
         context = trainable.encode_tokens(ids, mask)
         sum(k.sum() for k in context.keys.values()).backward()
@@ -150,13 +162,20 @@ def test_paligemma_language_model_loads_as_the_text_stream(tmp_path):
     from fusedit.text.llm import load_llm, load_llm_config
 
     text = tf.GemmaConfig(**COMMON)
-    vision = tf.SiglipVisionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
-                                   image_size=16, patch_size=8)
+    vision = tf.SiglipVisionConfig(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8
+    )
     torch.manual_seed(0)
-    tf.PaliGemmaForConditionalGeneration(tf.PaliGemmaConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
-                                                            projection_dim=32)).save_pretrained(tmp_path)
+    tf.PaliGemmaForConditionalGeneration(
+        tf.PaliGemmaConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=32)
+    ).save_pretrained(tmp_path)
     geometry = LLMGeometry.from_hf_config(load_llm_config(str(tmp_path)))
-    assert (geometry.model_type, geometry.hidden_size, geometry.num_hidden_layers, geometry.head_dim) == ("gemma", 32, 3, 8)
+    assert (geometry.model_type, geometry.hidden_size, geometry.num_hidden_layers, geometry.head_dim) == (
+        "gemma",
+        32,
+        3,
+        8,
+    )
     decoder = load_llm(str(tmp_path))
     assert type(decoder).__name__ == "GemmaModel" and len(decoder.layers) == 3
     ids, mask = make_batch("left")

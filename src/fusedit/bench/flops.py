@@ -32,7 +32,7 @@ def dit_forward_flops(r: ResolvedModelConfig, image_tokens: int, text_keys: int)
     for llm_layer in r.layer_map:
         keys = n + (text_keys if llm_layer is not None else 0)
         total += per_layer + 4 * n * keys * heads * d
-    patch = r.config.patch_size ** 2
+    patch = r.config.patch_size**2
     total += 2 * n * patch * r.config.in_channels * r.hidden_size + 2 * n * r.hidden_size * patch * r.out_channels
     return total
 
@@ -41,14 +41,20 @@ def llm_forward_flops(r: ResolvedModelConfig, tokens: int) -> int:
     """Matmul FLOPs of the LLM forward (up to its deepest fused layer) on one prompt of ``tokens`` real tokens."""
     g = r.llm
     layers = max(r.fused_llm_layers) + 1
-    linear = 2 * tokens * _layer_linear_params(g.hidden_size, g.num_attention_heads, g.num_key_value_heads,
-                                               g.head_dim, g.intermediate_size)
+    linear = (
+        2
+        * tokens
+        * _layer_linear_params(
+            g.hidden_size, g.num_attention_heads, g.num_key_value_heads, g.head_dim, g.intermediate_size
+        )
+    )
     causal_pairs = tokens * (tokens + 1) // 2
     return layers * (linear + 4 * causal_pairs * g.num_attention_heads * g.head_dim)
 
 
-def model_flops_per_iteration(r: ResolvedModelConfig, preset: BenchPreset, mode: str, batch: int,
-                              llm: bool = True) -> int:
+def model_flops_per_iteration(
+    r: ResolvedModelConfig, preset: BenchPreset, mode: str, batch: int, llm: bool = True
+) -> int:
     """Useful FLOPs of one benchmark iteration (see the module docstring)."""
     real, n = preset.real_tokens, preset.image_tokens
     text = llm_forward_flops(r, real) if llm else 0
@@ -86,4 +92,4 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 10
         a @ b
         sync(device)
         best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best
+    return 2 * size**3 / best

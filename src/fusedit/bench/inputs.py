@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
 
 import torch
 from torch import nn
@@ -23,12 +22,13 @@ def synthetic_tokens(preset: BenchPreset, batch: int, generator: torch.Generator
     ids = torch.randint(4, preset.vocab_size, (batch, length), generator=generator)
     ids[:, length - real] = BOS_ID
     mask = torch.zeros(batch, length, dtype=torch.bool)
-    mask[:, length - real:] = True
+    mask[:, length - real :] = True
     return ids.masked_fill(~mask, PAD_ID), mask
 
 
-def random_text_context(model: DiffusionTransformer, mask: torch.Tensor, generator: torch.Generator,
-                        dtype: torch.dtype) -> TextContext:
+def random_text_context(
+    model: DiffusionTransformer, mask: torch.Tensor, generator: torch.Generator, dtype: torch.dtype
+) -> TextContext:
     """A context of random keys/values ``(B, H_kv, L, D)`` for every fused layer (no LLM), padded slots zeroed."""
     r = model.resolved
     b, length = mask.shape
@@ -55,12 +55,19 @@ def build_llm(preset: BenchPreset, device: torch.device, dtype: torch.dtype, att
     """A randomly initialised Hugging Face ``Gemma2Model`` of the preset's geometry (``attention: reference``: plain
     softmax attention, as in the reference's fused layers)."""
     config = Gemma2Config(
-        vocab_size=preset.vocab_size, hidden_size=preset.llm_hidden_size,
-        intermediate_size=preset.llm_intermediate_size, num_hidden_layers=preset.llm_num_layers,
-        num_attention_heads=preset.llm_num_heads, num_key_value_heads=preset.llm_num_kv_heads,
-        head_dim=preset.llm_head_dim, query_pre_attn_scalar=preset.llm_head_dim,
-        max_position_embeddings=max(8192, preset.text_tokens), sliding_window=max(4096, preset.text_tokens),
-        pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=1,
+        vocab_size=preset.vocab_size,
+        hidden_size=preset.llm_hidden_size,
+        intermediate_size=preset.llm_intermediate_size,
+        num_hidden_layers=preset.llm_num_layers,
+        num_attention_heads=preset.llm_num_heads,
+        num_key_value_heads=preset.llm_num_kv_heads,
+        head_dim=preset.llm_head_dim,
+        query_pre_attn_scalar=preset.llm_head_dim,
+        max_position_embeddings=max(8192, preset.text_tokens),
+        sliding_window=max(4096, preset.text_tokens),
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=1,
     )
     if attention == "reference":
         config = reference_attention_config(config)

@@ -55,40 +55,110 @@ class BenchPreset:
         return (self.latent_size // self.patch_size) ** 2
 
     def geometry(self) -> LLMGeometry:
-        return LLMGeometry(model_type="gemma2", hidden_size=self.llm_hidden_size, num_hidden_layers=self.llm_num_layers,
-                           num_attention_heads=self.llm_num_heads, num_key_value_heads=self.llm_num_kv_heads,
-                           head_dim=self.llm_head_dim, intermediate_size=self.llm_intermediate_size,
-                           rms_norm_eps=1e-6, rope_theta=10000.0)
+        return LLMGeometry(
+            model_type="gemma2",
+            hidden_size=self.llm_hidden_size,
+            num_hidden_layers=self.llm_num_layers,
+            num_attention_heads=self.llm_num_heads,
+            num_key_value_heads=self.llm_num_kv_heads,
+            head_dim=self.llm_head_dim,
+            intermediate_size=self.llm_intermediate_size,
+            rms_norm_eps=1e-6,
+            rope_theta=10000.0,
+        )
 
     def model_config(self) -> ModelConfig:
         """The paper's scaled recipe: deep fusion, self-attention, 2D RoPE, no timestep, sandwich norm, QK-norm."""
-        base = ModelConfig(fusion="deep", attention="self", pos_embed="2d-rope", timestep_conditioning="none",
-                           qk_norm=True, sandwich_norm=True, patch_size=self.patch_size,
-                           in_channels=self.latent_channels, sample_size=self.latent_size,
-                           pos_embed_max_size=max(64, self.latent_size // self.patch_size))
+        base = ModelConfig(
+            fusion="deep",
+            attention="self",
+            pos_embed="2d-rope",
+            timestep_conditioning="none",
+            qk_norm=True,
+            sandwich_norm=True,
+            patch_size=self.patch_size,
+            in_channels=self.latent_channels,
+            sample_size=self.latent_size,
+            pos_embed_max_size=max(64, self.latent_size // self.patch_size),
+        )
         return replace(base, **self.model)
 
 
-PRESETS: dict[str, BenchPreset] = {p.name: p for p in (
-    BenchPreset("tiny", "CPU-sized: 4-layer LLM of width 128, 32 px pixel space (256 image tokens), prompts of 12 "
-                "tokens padded to the reference's 256",
-                llm_hidden_size=128, llm_num_layers=4, llm_num_heads=4, llm_num_kv_heads=2, llm_head_dim=32,
-                llm_intermediate_size=256, vocab_size=256, image_size=32, latent_factor=1, latent_channels=3,
-                patch_size=2, text_tokens=256, real_tokens=12),
-    BenchPreset("small", "8 layers of width 512, 256 px with an SD3-like VAE (256 image tokens), 128 text tokens",
-                llm_hidden_size=512, llm_num_layers=8, llm_num_heads=8, llm_num_kv_heads=4, llm_head_dim=64,
-                llm_intermediate_size=2048, vocab_size=32000, image_size=256, latent_factor=8, latent_channels=16,
-                patch_size=2, text_tokens=128, real_tokens=48),
-    BenchPreset("base", "16 layers of width 1024, 512 px with an SD3-like VAE (1024 image tokens), 256 text tokens",
-                llm_hidden_size=1024, llm_num_layers=16, llm_num_heads=8, llm_num_kv_heads=4, llm_head_dim=128,
-                llm_intermediate_size=4096, vocab_size=256000, image_size=512, latent_factor=8, latent_channels=16,
-                patch_size=2, text_tokens=256, real_tokens=96),
-    BenchPreset("fusedit-2b", "FuseDiT-2B: Gemma-2-2B geometry (26 layers, width 2304), 512 px SD3 VAE latents "
-                "(1024 image tokens), 256 text tokens of which 96 real",
-                llm_hidden_size=2304, llm_num_layers=26, llm_num_heads=8, llm_num_kv_heads=4, llm_head_dim=256,
-                llm_intermediate_size=9216, vocab_size=256000, image_size=512, latent_factor=8, latent_channels=16,
-                patch_size=2, text_tokens=256, real_tokens=96),
-)}
+PRESETS: dict[str, BenchPreset] = {
+    p.name: p
+    for p in (
+        BenchPreset(
+            "tiny",
+            "CPU-sized: 4-layer LLM of width 128, 32 px pixel space (256 image tokens), prompts of 12 "
+            "tokens padded to the reference's 256",
+            llm_hidden_size=128,
+            llm_num_layers=4,
+            llm_num_heads=4,
+            llm_num_kv_heads=2,
+            llm_head_dim=32,
+            llm_intermediate_size=256,
+            vocab_size=256,
+            image_size=32,
+            latent_factor=1,
+            latent_channels=3,
+            patch_size=2,
+            text_tokens=256,
+            real_tokens=12,
+        ),
+        BenchPreset(
+            "small",
+            "8 layers of width 512, 256 px with an SD3-like VAE (256 image tokens), 128 text tokens",
+            llm_hidden_size=512,
+            llm_num_layers=8,
+            llm_num_heads=8,
+            llm_num_kv_heads=4,
+            llm_head_dim=64,
+            llm_intermediate_size=2048,
+            vocab_size=32000,
+            image_size=256,
+            latent_factor=8,
+            latent_channels=16,
+            patch_size=2,
+            text_tokens=128,
+            real_tokens=48,
+        ),
+        BenchPreset(
+            "base",
+            "16 layers of width 1024, 512 px with an SD3-like VAE (1024 image tokens), 256 text tokens",
+            llm_hidden_size=1024,
+            llm_num_layers=16,
+            llm_num_heads=8,
+            llm_num_kv_heads=4,
+            llm_head_dim=128,
+            llm_intermediate_size=4096,
+            vocab_size=256000,
+            image_size=512,
+            latent_factor=8,
+            latent_channels=16,
+            patch_size=2,
+            text_tokens=256,
+            real_tokens=96,
+        ),
+        BenchPreset(
+            "fusedit-2b",
+            "FuseDiT-2B: Gemma-2-2B geometry (26 layers, width 2304), 512 px SD3 VAE latents "
+            "(1024 image tokens), 256 text tokens of which 96 real",
+            llm_hidden_size=2304,
+            llm_num_layers=26,
+            llm_num_heads=8,
+            llm_num_kv_heads=4,
+            llm_head_dim=256,
+            llm_intermediate_size=9216,
+            vocab_size=256000,
+            image_size=512,
+            latent_factor=8,
+            latent_channels=16,
+            patch_size=2,
+            text_tokens=256,
+            real_tokens=96,
+        ),
+    )
+}
 
 
 def get_preset(name: str) -> BenchPreset:

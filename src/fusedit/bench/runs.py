@@ -32,8 +32,7 @@ from fusedit.bench.flops import SAMPLE_STEPS, gpu_peak_flops, measure_matmul_pea
 from fusedit.bench.inputs import NoTokenizer, build_llm, random_text_context, synthetic_tokens
 from fusedit.bench.presets import BenchError, BenchPreset, get_preset
 from fusedit.bench.timing import paired_speedup, peak_memory_gib, time_interleaved
-from fusedit.models.dit import build_model
-from fusedit.models.dit import DiffusionTransformer
+from fusedit.models.dit import DiffusionTransformer, build_model
 from fusedit.reference.joint import joint_velocity
 from fusedit.sampling.denoise import denoise
 from fusedit.sampling.pipeline import make_scheduler
@@ -68,15 +67,26 @@ def resolve_device(device: str) -> torch.device:
     """``cpu`` or ``cuda`` as a device; :class:`BenchError` when CUDA is asked for and missing."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda was requested but CUDA is not available on this machine "
-                         f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); use --device cpu")
+        raise BenchError(
+            "--device cuda was requested but CUDA is not available on this machine "
+            f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); use --device cpu"
+        )
     if dev.type not in ("cpu", "cuda"):
         raise BenchError(f"unsupported device {device!r}; expected cpu or cuda")
     return dev
 
 
-def build_setup(preset: BenchPreset, device: torch.device, dtype: torch.dtype, batch: int, mode: str,
-                llm: bool, need_llm: bool, seed: int = 0, llm_attention: str = "reference") -> BenchSetup:
+def build_setup(
+    preset: BenchPreset,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch: int,
+    mode: str,
+    llm: bool,
+    need_llm: bool,
+    seed: int = 0,
+    llm_attention: str = "reference",
+) -> BenchSetup:
     """Random-weight model (and LLM + text encoder when ``llm`` or ``need_llm``) and synthetic prompts."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -90,12 +100,13 @@ def build_setup(preset: BenchPreset, device: torch.device, dtype: torch.dtype, b
     decoder = encoder = context = None
     if llm or need_llm:
         decoder = build_llm(preset, device, dtype, attention=llm_attention)
-        config = TextConfig(llm="<random weights>", max_length=preset.text_tokens, attention=llm_attention)
+        config = TextConfig(llm="<random weights>", max_length=preset.text_tokens, attention=llm_attention)  # type: ignore[arg-type]
         encoder = TextEncoder(decoder, NoTokenizer(), config, model.text_requirements())
     if not llm:
         context = random_text_context(model, mask, generator, dtype).trimmed().to(device)
-    return BenchSetup(preset, device, dtype, batch, model, encoder if llm else None, decoder,
-                      ids.to(device), mask.to(device), context)
+    return BenchSetup(
+        preset, device, dtype, batch, model, encoder if llm else None, decoder, ids.to(device), mask.to(device), context
+    )
 
 
 def text_context(setup: BenchSetup, ids: torch.Tensor, mask: torch.Tensor) -> TextContext:
@@ -144,12 +155,29 @@ def train_step_fns(setup: BenchSetup, compile_blocks: bool = False) -> tuple[Cal
         return joint_velocity(model, setup.llm, x_t, timestep, setup.input_ids, setup.mask)
 
     def ours() -> None:
-        train_step(optimizer, params, [lambda: flow_loss(model, x0, noise, sigmas, lambda: text_context(
-            setup, setup.input_ids, setup.mask), autocast_dtype=autocast)], grad_clip=1.0)
+        train_step(
+            optimizer,
+            params,
+            [
+                lambda: flow_loss(
+                    model,
+                    x0,
+                    noise,
+                    sigmas,
+                    lambda: text_context(setup, setup.input_ids, setup.mask),
+                    autocast_dtype=autocast,
+                )
+            ],
+            grad_clip=1.0,
+        )
 
     def dense() -> None:
-        train_step(optimizer, params, [lambda: flow_loss(dense_forward, x0, noise, sigmas, lambda: None,
-                                                         autocast_dtype=autocast)], grad_clip=1.0)
+        train_step(
+            optimizer,
+            params,
+            [lambda: flow_loss(dense_forward, x0, noise, sigmas, lambda: None, autocast_dtype=autocast)],
+            grad_clip=1.0,
+        )
 
     return ours, dense
 
@@ -181,8 +209,9 @@ def sample_fns(setup: BenchSetup, compile_blocks: bool = False) -> tuple[Callabl
     @torch.no_grad()
     def dense() -> None:
         assert setup.llm is not None
-        both = TokenizedPrompts(torch.cat([uncond_ids.expand(b, -1), setup.input_ids]),
-                                torch.cat([uncond_mask.expand(b, -1), setup.mask]))
+        both = TokenizedPrompts(
+            torch.cat([uncond_ids.expand(b, -1), setup.input_ids]), torch.cat([uncond_mask.expand(b, -1), setup.mask])
+        )
         velocity = JointText(model, setup.llm, TokenizedPrompts(setup.input_ids, setup.mask), both)
         denoise(velocity, noise.clone(), scheduler, SAMPLE_STEPS, GUIDANCE_SCALE)
 
@@ -193,8 +222,16 @@ def _params_m(module: nn.Module | None) -> float | None:
     return None if module is None else round(sum(p.numel() for p in module.parameters()) / 1e6, 3)
 
 
-def _check_arguments(mode: str, device: str, dtype: str | None, llm_attention: str, iters: int, warmup: int,
-                     batch: int, threads: int | None) -> tuple[torch.device, str]:
+def _check_arguments(
+    mode: str,
+    device: str,
+    dtype: str | None,
+    llm_attention: str,
+    iters: int,
+    warmup: int,
+    batch: int,
+    threads: int | None,
+) -> tuple[torch.device, str]:
     if mode not in MODES:
         raise BenchError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     dev = resolve_device(device)
@@ -225,8 +262,12 @@ def _peak(dev: torch.device, dtype_name: str) -> tuple[str, float | None, str]:
 def _summarise(measured: dict, mode: str, batch: int, flops: int, peak: float | None) -> dict:
     times = measured["times_s"]
     if not times:
-        return {"time_per_iter_s": None, "times_s": [], "error": measured["error"],
-                "peak_memory_gib": measured["peak_memory_gib"]}
+        return {
+            "time_per_iter_s": None,
+            "times_s": [],
+            "error": measured["error"],
+            "peak_memory_gib": measured["peak_memory_gib"],
+        }
     seconds = statistics.median(times)
     out = {"time_per_iter_s": seconds, "min_time_s": min(times), "times_s": times}
     if mode == "train":
@@ -239,9 +280,40 @@ def _summarise(measured: dict, mode: str, batch: int, flops: int, peak: float | 
     return out
 
 
-def run_bench(mode: str, preset: str, device: str = "cpu", batch_size: int | None = None, vs_dense: bool = False,
-              iters: int = 5, warmup: int = 2, compile: bool = False, dtype: str | None = None, llm: bool = True,
-              llm_attention: str = "reference", seed: int = 0, threads: int | None = None) -> dict:
+def _measure(
+    setup: BenchSetup, mode: str, vs_dense: bool, compile: bool, warmup: int, iters: int, llm: bool
+) -> tuple[dict[str, dict], int, tuple[str, float | None, str]]:
+    """Time our formulation (and the dense one) and summarise: ``(measured per formulation, model FLOPs per
+    iteration, (device name, peak FLOP/s, where the peak comes from))``."""
+    p, dev, batch = setup.preset, setup.device, setup.batch
+    dtype_name = next(name for name, dtype in DTYPES.items() if dtype == setup.dtype)
+    ours, dense = (train_step_fns if mode == "train" else sample_fns)(setup, compile_blocks=compile)
+    flops = model_flops_per_iteration(setup.model.resolved, p, mode, batch, llm=llm)
+    device_name, peak, peak_source = _peak(dev, dtype_name)
+    timed = time_interleaved({"ours": ours, "dense": dense} if vs_dense else {"ours": ours}, dev, warmup, iters)
+    if dev.type == "cpu" and peak is not None:  # a shared CPU's speed varies: keep the best before and after
+        peak = max(peak, measure_matmul_peak(dev, setup.dtype))
+    measured = {name: _summarise(m, mode, batch, flops, peak) for name, m in timed.items()}
+    if dev.type != "cuda":
+        measured["ours"]["peak_memory_gib"] = peak_memory_gib(dev)
+    return measured, flops, (device_name, peak, peak_source)
+
+
+def run_bench(
+    mode: str,
+    preset: str,
+    device: str = "cpu",
+    batch_size: int | None = None,
+    vs_dense: bool = False,
+    iters: int = 5,
+    warmup: int = 2,
+    compile: bool = False,
+    dtype: str | None = None,
+    llm: bool = True,
+    llm_attention: str = "reference",
+    seed: int = 0,
+    threads: int | None = None,
+) -> dict:
     """Benchmark one mode of one preset and return the results as a JSON-able dict.
 
     Args:
@@ -258,39 +330,28 @@ def run_bench(mode: str, preset: str, device: str = "cpu", batch_size: int | Non
         llm_attention: ``reference`` (plain softmax in the LLM, as the reference's fused layers) or ``hf``.
         threads: CPU threads for PyTorch (``torch.set_num_threads``; default: unchanged).
     Returns:
-        dict with keys ``preset, mode, device, device_name, dtype, batch_size, iters, warmup, llm, compile,
-        image_tokens, text_tokens, real_text_tokens, dit_params_m, llm_params_m, time_per_iter_s, times_s,
-        img_per_s | s_per_image, model_tflop_per_iter, achieved_tflops, peak_tflops, peak_source, mfu,
-        peak_memory_gib, memory_source`` and, with ``vs_dense``, ``dense`` (same timing keys) and
-        ``speedup_vs_dense`` (median over the interleaved pairs of dense time / our time). On CPU the memory is the
-        process's RSS peak (with ``vs_dense`` it covers both formulations; the dense entry is None).
+        a dict: the run's settings and sizes, ``time_per_iter_s``, ``times_s``, ``img_per_s`` | ``s_per_image``,
+        ``model_tflop_per_iter``, ``achieved_tflops``, ``peak_tflops``, ``mfu``, ``peak_memory_gib`` (CPU: the
+        process's RSS peak) and, with ``vs_dense``, ``dense`` and ``speedup_vs_dense`` (median of paired ratios).
     """
     p = get_preset(preset)
     batch = batch_size or p.batch_size
     dev, dtype_name = _check_arguments(mode, device, dtype, llm_attention, iters, warmup, batch, threads)
     if threads is not None:
         torch.set_num_threads(threads)
-    setup = build_setup(p, dev, DTYPES[dtype_name], batch, mode, llm=llm, need_llm=vs_dense, seed=seed,
-                        llm_attention=llm_attention)
-    ours, dense = (train_step_fns if mode == "train" else sample_fns)(setup, compile_blocks=compile)
-    flops = model_flops_per_iteration(setup.model.resolved, p, mode, batch, llm=llm)
-    device_name, peak, peak_source = _peak(dev, dtype_name)
-    timed = time_interleaved({"ours": ours, "dense": dense} if vs_dense else {"ours": ours}, dev, warmup, iters)
-    if dev.type == "cpu" and peak is not None:  # a shared CPU's speed varies: keep the best before and after
-        peak = max(peak, measure_matmul_peak(dev, DTYPES[dtype_name]))
-    measured = {name: _summarise(m, mode, batch, flops, peak) for name, m in timed.items()}
-    if dev.type != "cuda":
-        measured["ours"]["peak_memory_gib"] = peak_memory_gib(dev)
+    setup = build_setup(
+        p, dev, DTYPES[dtype_name], batch, mode, llm=llm, need_llm=vs_dense, seed=seed, llm_attention=llm_attention
+    )
+    measured, flops, (device_name, peak, peak_source) = _measure(setup, mode, vs_dense, compile, warmup, iters, llm)
     result = {
         "preset": p.name, "mode": mode, "device": dev.type, "device_name": device_name, "dtype": dtype_name,
         "batch_size": batch, "iters": iters, "warmup": warmup, "llm": llm, "llm_attention": llm_attention,
         "compile": compile, "image_tokens": p.image_tokens, "text_tokens": p.text_tokens,
         "real_text_tokens": p.real_tokens, "dit_params_m": _params_m(setup.model), "llm_params_m": _params_m(setup.llm),
-    }
+    }  # fmt: skip
     if mode == "sample":
         result.update(steps=SAMPLE_STEPS, guidance_scale=GUIDANCE_SCALE)
-    result.update(model_tflop_per_iter=flops / 1e12, peak_tflops=peak / 1e12 if peak else None,
-                  peak_source=peak_source)
+    result.update(model_tflop_per_iter=flops / 1e12, peak_tflops=peak / 1e12 if peak else None, peak_source=peak_source)
     result.update(measured["ours"])
     result["memory_source"] = "cuda max_memory_allocated" if dev.type == "cuda" else "process peak RSS (ru_maxrss)"
     if vs_dense:
@@ -310,8 +371,10 @@ def summary_line(result: dict) -> str:
     mfu = f", MFU {result['mfu']:.1%}" if result.get("mfu") is not None else ""
     memory = result.get("peak_memory_gib")
     memory = f", peak memory {memory:.2f} GiB" if memory is not None else ""
-    line = (f"{result['preset']} {result['mode']} on {result['device_name']} ({result['dtype']}, batch "
-            f"{result['batch_size']}): {speed(result)}{mfu}{memory}")
+    line = (
+        f"{result['preset']} {result['mode']} on {result['device_name']} ({result['dtype']}, batch "
+        f"{result['batch_size']}): {speed(result)}{mfu}{memory}"
+    )
     if "dense" in result:
         ratio = result["speedup_vs_dense"]
         line += f"; dense formulation {speed(result['dense'])}" + (f" -> {ratio:.2f}x" if ratio else "")

@@ -6,6 +6,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -29,8 +30,9 @@ def _time_call(fn: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - start_s
 
 
-def time_interleaved(fns: dict[str, Callable[[], None]], device: torch.device, warmup: int,
-                     iters: int) -> dict[str, dict]:
+def time_interleaved(
+    fns: dict[str, Callable[[], None]], device: torch.device, warmup: int, iters: int
+) -> dict[str, dict]:
     """Time several closures in alternation (``a b a b ...``) so that a change of machine load affects all alike.
 
     Each closure gets ``warmup`` untimed calls, then ``iters`` timed calls. Returns, per name, ``times_s``,
@@ -38,7 +40,7 @@ def time_interleaved(fns: dict[str, Callable[[], None]], device: torch.device, w
     call; CPU: None, the process RSS peak cannot be attributed to one closure) and ``error`` (``"out of memory"``
     when a call ran out of memory: that closure is dropped, the others go on; else None).
     """
-    out = {name: {"times_s": [], "peak_memory_gib": None, "error": None} for name in fns}
+    out: dict[str, dict[str, Any]] = {name: {"times_s": [], "peak_memory_gib": None, "error": None} for name in fns}
 
     def call(name: str, timed: bool) -> None:
         if out[name]["error"] is not None:
@@ -71,7 +73,7 @@ def paired_speedup(ours: Sequence[float], dense: Sequence[float]) -> float | Non
     the run (each pair ran back to back). None when either side has no timings."""
     if not ours or not dense:
         return None
-    return statistics.median(d / o for o, d in zip(ours, dense))
+    return statistics.median(d / o for o, d in zip(ours, dense, strict=False))
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -82,5 +84,5 @@ def reset_peak_memory(device: torch.device) -> None:
 def peak_memory_gib(device: torch.device) -> float:
     """CUDA: ``max_memory_allocated`` since the last reset; CPU: the process's peak resident set size (Linux KiB)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -101,15 +101,31 @@ class Checkpointer:
         objects, rank = self.objects, state.ranks[0]
         ema = objects.ema.state_dict() if objects.ema is not None else None
         if self.sharded:
-            path = save_sharded_checkpoint(self.run_dir, step, model=objects.model, optimizer=objects.optimizer,
-                                           state=state.run, rank_state=rank, env=self.env, ema=ema, keep=self.keep)
+            path = save_sharded_checkpoint(
+                self.run_dir,
+                step,
+                model=objects.model,
+                optimizer=objects.optimizer,
+                state=state.run,
+                rank_state=rank,
+                env=self.env,
+                ema=ema,
+                keep=self.keep,
+            )
         else:
             run = dict(state.run)
             if rank.get("data") is not None:  # the stream position lives in trainer_state.json in this format
                 run["data"] = {**run.get("data", {}), "stream": rank["data"]}
-            path = save_checkpoint(self.run_dir, step, model={n: p.detach() for n, p in objects.params.items()},
-                                   ema=ema, optimizer=objects.optimizer.state_dict(), state=run, rng=rank["rng"],
-                                   keep=self.keep)
+            path = save_checkpoint(
+                self.run_dir,
+                step,
+                model={n: p.detach() for n, p in objects.params.items()},
+                ema=ema,
+                optimizer=objects.optimizer.state_dict(),
+                state=run,
+                rng=rank["rng"],
+                keep=self.keep,
+            )
         state.path = path
         return path
 
@@ -150,7 +166,9 @@ def _optimizer_like(state: Mapping[str, Any], params: list[nn.Parameter]) -> dic
             raise ValueError(f"state for parameter {index}, but this run trains {len(params)}")
         param = params[int(index)]
         laid_out[index] = {
-            key: like_parameter(value, param) if key != "step" and torch.is_tensor(value) and value.shape == param.shape else value
+            key: like_parameter(value, param)
+            if key != "step" and torch.is_tensor(value) and value.shape == param.shape
+            else value
             for key, value in entry.items()
         }
     return {"state": laid_out, "param_groups": state["param_groups"]}

@@ -19,7 +19,7 @@ import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ STATE_FILE = "trainer_state.json"
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 def checkpoint_dir(run_dir: PathLike) -> Path:

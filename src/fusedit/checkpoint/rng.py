@@ -20,7 +20,7 @@ def capture_rng_state(
     ``cuda_devices``: ``all`` (every visible device, a single-process run) or ``current`` (only the current device:
     under torchrun each process owns one GPU and must not touch the others).
     """
-    cuda = None
+    cuda: Any = None
     if cuda_devices == "all" and torch.cuda.is_available():
         cuda = torch.cuda.get_rng_state_all()
     elif cuda_devices == "current" and torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from fusedit.atomic import fsync_tree
@@ -130,8 +131,17 @@ def save_sharded_checkpoint(
     torch.save(dict(rank_state), tmp / rank_file(env.rank))
     barrier()
     if env.is_main:
-        write_state(tmp, {**state, "format": FORMAT, "step": step, "world_size": env.world_size,
-                          "has_ema": ema is not None, "files": file_sizes(tmp)})
+        write_state(
+            tmp,
+            {
+                **state,
+                "format": FORMAT,
+                "step": step,
+                "world_size": env.world_size,
+                "has_ema": ema is not None,
+                "files": file_sizes(tmp),
+            },
+        )
         fsync_tree(tmp)
         publish_checkpoint(tmp, final, keep)
     barrier()
@@ -148,8 +158,11 @@ def _verified_state(path: Path) -> dict[str, Any]:
     state = read_state(path)
     if state is None:
         raise CheckpointError(f"{path / STATE_FILE} is missing; {path} is not a complete checkpoint")
-    well_formed = (isinstance(state.get("step"), int) and isinstance(state.get("world_size"), int)
-                   and isinstance(state.get("files"), dict))
+    well_formed = (
+        isinstance(state.get("step"), int)
+        and isinstance(state.get("world_size"), int)
+        and isinstance(state.get("files"), dict)
+    )
     if state.get("format") != FORMAT or not well_formed:
         raise CheckpointError(
             f"{path / STATE_FILE}: not a sharded fusedit checkpoint (format {FORMAT!r} with step, world_size and files)"
@@ -183,11 +196,17 @@ def load_sharded_checkpoint(
     payload = _payload(model, optimizer, ema)
     try:
         _dcp_load(payload, path)
-        set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optimizer"],
-                       options=_state_dict_options(strict=False))
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=payload["model"],
+            optim_state_dict=payload["optimizer"],
+            options=_state_dict_options(strict=False),
+        )
     except (RuntimeError, KeyError, ValueError) as error:
-        raise CheckpointError(f"{path / DCP_DIR}: cannot be loaded into this model/optimizer ({type(error).__name__}: "
-                              f"{str(error)[:500]})") from None
+        raise CheckpointError(
+            f"{path / DCP_DIR}: cannot be loaded into this model/optimizer ({type(error).__name__}: {str(error)[:500]})"
+        ) from None
     if ema is not None:
         with torch.no_grad():
             for name, tensor in ema.items():
@@ -201,8 +220,7 @@ def load_sharded_checkpoint(
         except Exception as error:  # truncated/garbled pickles raise many types
             raise CheckpointError(f"{file}: cannot be loaded ({type(error).__name__}: {error})") from None
     step = state.pop("step")
-    return ShardedCheckpoint(path=path, step=step, world_size=state["world_size"], state=state,
-                             rank_states=rank_states)
+    return ShardedCheckpoint(path=path, step=step, world_size=state["world_size"], state=state, rank_states=rank_states)
 
 
 def read_sharded_weights(path: PathLike, which: str = "model") -> dict[str, torch.Tensor]:
@@ -218,9 +236,9 @@ def read_sharded_weights(path: PathLike, which: str = "model") -> dict[str, torc
         raise CheckpointError(f"{path / DCP_DIR}: cannot read the checkpoint's metadata ({error})") from None
     prefix = which + "."
     wanted = {
-        key[len(prefix):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+        key[len(prefix) :]: torch.empty(meta.size, dtype=meta.properties.dtype)
         for key, meta in metadata.items()
-        if key.startswith(prefix) and hasattr(meta, "size")
+        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
     }
     if not wanted:
         raise CheckpointError(f"{path / DCP_DIR}: holds no {which!r} weights")
@@ -228,5 +246,7 @@ def read_sharded_weights(path: PathLike, which: str = "model") -> dict[str, torc
     try:
         _dcp_load(payload, path)
     except (RuntimeError, KeyError, ValueError) as error:
-        raise CheckpointError(f"{path / DCP_DIR}: cannot be read ({type(error).__name__}: {str(error)[:500]})") from None
+        raise CheckpointError(
+            f"{path / DCP_DIR}: cannot be read ({type(error).__name__}: {str(error)[:500]})"
+        ) from None
     return {name: tensor.float() for name, tensor in payload[which].items()}

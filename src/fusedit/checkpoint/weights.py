@@ -127,4 +127,3 @@ def find_run_weights(run_dir: Path, use_ema: bool) -> RunWeights:
         has_ema = bool((read_state(latest) or {}).get("has_ema"))
         return RunWeights(latest, ema=use_ema and has_ema, sharded=True)
     return RunWeights(latest, ema=use_ema and (latest / EMA_FILE).is_file(), sharded=False)
-

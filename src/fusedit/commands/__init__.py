@@ -39,8 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
-        p = sub.add_parser(command.NAME, help=command.HELP, description=getattr(command, "DESCRIPTION", None),
-                           epilog=getattr(command, "EPILOG", None), formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            command.NAME,
+            help=command.HELP,
+            description=getattr(command, "DESCRIPTION", None),
+            epilog=getattr(command, "EPILOG", None),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         command.add_arguments(p)
         p.set_defaults(run=command.run, parser=p)
     return parser

@@ -8,15 +8,20 @@ from pathlib import Path
 
 NAME = "cache-latents"
 HELP = "precompute VAE latents into shards"
-DESCRIPTION = ("Encode training images with a VAE once and write latent shards + manifest.json (train from them with "
-               "data.source=latents, data.path=OUT).")
+DESCRIPTION = (
+    "Encode training images with a VAE once and write latent shards + manifest.json (train from them with "
+    "data.source=latents, data.path=OUT)."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides of --config (e.g. data.resolution=512)")
-    parser.add_argument("--config", help="experiment config: its data section names the images (folder or "
-                                         "webdataset shards), the VAE (data.vae, data.vae_subfolder, "
-                                         "data.vae_sample_mode) and the transform")
+    parser.add_argument(
+        "--config",
+        help="experiment config: its data section names the images (folder or "
+        "webdataset shards), the VAE (data.vae, data.vae_subfolder, "
+        "data.vae_sample_mode) and the transform",
+    )
     parser.add_argument("--folder", help="image folder with captions.jsonl/csv (instead of --config)")
     parser.add_argument("--vae", help="diffusers VAE folder or hub id (with --folder)")
     parser.add_argument("--subfolder", default=None, help="VAE subfolder, e.g. 'vae' inside a pipeline folder")
@@ -24,8 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder of the cache")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per VAE call (default 16)")
-    parser.add_argument("--dtype", default="float16", choices=("float16", "float32"),
-                        help="storage dtype of latents")
+    parser.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="storage dtype of latents")
     parser.add_argument("--tokenizer", help="also store token ids of the captions (tokenizer folder or hub id)")
     parser.add_argument("--max-length", type=int, default=None, help="truncate stored token ids to this length")
     parser.add_argument("--device", default=None, help="where the VAE runs (default: cuda if available)")
@@ -39,14 +43,23 @@ def _source_from_config(args: argparse.Namespace) -> tuple:
 
     config = load_experiment(args.config, args.overrides)
     data = config.data
+    dataset: ImageFolderDataset | WebShardDataset
     if data.source == "folder":
-        dataset = ImageFolderDataset(data.path, resolution=data.resolution, center_crop=data.center_crop,
-                                     interpolation=data.interpolation, seed=config.train.seed, on_bad="raise")
+        assert data.path is not None  # the config's validation requires it
+        dataset = ImageFolderDataset(
+            data.path,
+            resolution=data.resolution,
+            center_crop=data.center_crop,
+            interpolation=data.interpolation,
+            seed=config.train.seed,
+            on_bad="raise",
+        )
     elif data.source == "webdataset":
         dataset = WebShardDataset.from_config(data, seed=config.train.seed, rank=0, world_size=1, epochs=1)
     else:
-        raise ValueError(f"cache-latents: data.source={data.source!r}; the images must come from a 'folder' or "
-                         f"'webdataset' source")
+        raise ValueError(
+            f"cache-latents: data.source={data.source!r}; the images must come from a 'folder' or 'webdataset' source"
+        )
     if data.vae is None:
         raise ValueError("cache-latents: data.vae is null (pixel space); name a VAE in the config or with --vae")
     return dataset, data.vae, data.vae_subfolder, data.vae_sample_mode
@@ -69,8 +82,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.overrides:
             parser.error(f"key=value overrides ({' '.join(args.overrides)}) need --config")
-        missing = [flag for flag, value in (("--folder", args.folder), ("--vae", args.vae),
-                                            ("--resolution", args.resolution)) if not value]
+        missing = [
+            flag
+            for flag, value in (("--folder", args.folder), ("--vae", args.vae), ("--resolution", args.resolution))
+            if not value
+        ]
         if missing:
             parser.error(f"give --config CONFIG, or --folder, --vae and --resolution (missing: {', '.join(missing)})")
         dataset = ImageFolderDataset(args.folder, resolution=args.resolution, on_bad="raise")
@@ -79,10 +95,20 @@ def run(args: argparse.Namespace) -> int:
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
     codec = load_codec(vae, subfolder=subfolder, device=default_device(args.device), sample_mode=sample_mode)
-    manifest = cache_latents(dataset, codec, args.out, shard_size=args.shard_size, batch_size=args.batch_size,
-                             tokenizer=tokenizer, max_length=args.max_length, dtype=args.dtype,
-                             overwrite=args.overwrite)
+    manifest = cache_latents(
+        dataset,
+        codec,
+        args.out,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        tokenizer=tokenizer,
+        max_length=args.max_length,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+    )
     print(Path(args.out) / MANIFEST)
-    print(f"{manifest['count']} latents in {len(manifest['shards'])} shard(s); skipped {manifest['skipped']} "
-          f"unreadable item(s), {manifest['source_skipped']} corrupt sample(s) skipped by the source")
+    print(
+        f"{manifest['count']} latents in {len(manifest['shards'])} shard(s); skipped {manifest['skipped']} "
+        f"unreadable item(s), {manifest['source_skipped']} corrupt sample(s) skipped by the source"
+    )
     return 0

@@ -8,6 +8,7 @@
 * ``clip``: CLIP score of the images of a folder sampled by this tool (``sampling.json`` + images) — or of a
   GenEval/prompt-folder output — against their prompts, with a local CLIP model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,20 +23,32 @@ SUITES = ("shapes", "geneval", "dpgbench", "fid", "clip")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", nargs="?", help="training run, exported pipeline folder or reference folder "
-                        "(for --suite clip: the folder of sampled images; unused by --suite fid)")
+    parser.add_argument(
+        "path",
+        nargs="?",
+        help="training run, exported pipeline folder or reference folder "
+        "(for --suite clip: the folder of sampled images; unused by --suite fid)",
+    )
     parser.add_argument("--suite", required=True, choices=SUITES)
     parser.add_argument("--out", help="output folder (default: <path>/eval-<suite>)")
     parser.add_argument("--per-prompt", type=int, default=4, help="images per prompt (shapes, geneval)")
-    parser.add_argument("--min-per-category", type=int, default=0,
-                        help="shapes: at least this many images per category (more per prompt where needed)")
+    parser.add_argument(
+        "--min-per-category",
+        type=int,
+        default=0,
+        help="shapes: at least this many images per category (more per prompt where needed)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="base seed; image k of prompt i uses seed + i*n + k")
     parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's sample config)")
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's sample config)")
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--batch-size", type=int, default=None, help="images per pipeline call")
-    parser.add_argument("--resolution", type=int, default=None,
-                        help="image side for geneval/dpgbench (default: the model's default size)")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="image side for geneval/dpgbench (default: the model's default size)",
+    )
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     parser.add_argument("--metadata", help="geneval: evaluation_metadata.jsonl")
@@ -70,10 +83,15 @@ def run_shapes(args) -> int:
     from fusedit.sampling.loading import load_pipeline
 
     path = _model_path(args)
-    settings = ShapesEvalSettings(per_prompt=args.per_prompt, seed=args.seed, num_inference_steps=args.steps,
-                                  guidance_scale=args.cfg, negative_prompt=args.negative_prompt,
-                                  min_per_category=args.min_per_category,
-                                  **({"batch_size": args.batch_size} if args.batch_size else {}))
+    settings = ShapesEvalSettings(
+        per_prompt=args.per_prompt,
+        seed=args.seed,
+        num_inference_steps=args.steps,
+        guidance_scale=args.cfg,
+        negative_prompt=args.negative_prompt,
+        min_per_category=args.min_per_category,
+        **({"batch_size": args.batch_size} if args.batch_size else {}),
+    )
     settings.validate()
     pipe = load_pipeline(path, device=args.device, use_ema=not args.no_ema)
     world = world_from_config(pipe.config)
@@ -88,11 +106,15 @@ def run_shapes(args) -> int:
 
 def _sampling_kwargs(args: argparse.Namespace, pipe: Any) -> dict:
     size = args.resolution or pipe.default_size
-    kwargs = dict(seed=args.seed, height=size, width=size,
-                  num_inference_steps=args.steps or pipe.defaults.num_inference_steps,
-                  guidance_scale=pipe.defaults.guidance_scale if args.cfg is None else args.cfg,
-                  negative_prompt=pipe.defaults.negative_prompt if args.negative_prompt is None else args.negative_prompt,
-                  generator_device=str(pipe.device))
+    kwargs = dict(
+        seed=args.seed,
+        height=size,
+        width=size,
+        num_inference_steps=args.steps or pipe.defaults.num_inference_steps,
+        guidance_scale=pipe.defaults.guidance_scale if args.cfg is None else args.cfg,
+        negative_prompt=pipe.defaults.negative_prompt if args.negative_prompt is None else args.negative_prompt,
+        generator_device=str(pipe.device),
+    )
     if args.batch_size:
         kwargs["batch_size"] = args.batch_size
     return kwargs
@@ -106,11 +128,14 @@ def run_geneval(args) -> int:
     path = _model_path(args)
     pipe = load_pipeline(path, device=args.device, use_ema=not args.no_ema)
     out = Path(args.out or path / "eval-geneval")
-    summary = sample_geneval(pipe, args.metadata, out, n_samples=args.per_prompt, save_grid=True,
-                             **_sampling_kwargs(args, pipe))
+    summary = sample_geneval(
+        pipe, args.metadata, out, n_samples=args.per_prompt, save_grid=True, **_sampling_kwargs(args, pipe)
+    )
     print(f"geneval: {summary.generated} images generated, {summary.skipped} prompts already complete -> {out}")
-    print(f"score with GenEval: python evaluation/evaluate_images.py {out} --outfile {out}/results.jsonl "
-          f"--model-path <detector folder>; then python evaluation/summary_scores.py {out}/results.jsonl")
+    print(
+        f"score with GenEval: python evaluation/evaluate_images.py {out} --outfile {out}/results.jsonl "
+        f"--model-path <detector folder>; then python evaluation/summary_scores.py {out}/results.jsonl"
+    )
     return 0
 
 
@@ -125,8 +150,10 @@ def run_dpgbench(args) -> int:
     kwargs = _sampling_kwargs(args, pipe)
     summary = sample_dpgbench(pipe, args.prompts, out, **kwargs)
     print(f"dpgbench: {summary.generated} images generated, {summary.skipped} prompts already complete -> {out}")
-    print(f"score with DPG-Bench: python dpg_bench/compute_dpg_bench.py --image-root-path {out} "
-          f"--resolution {kwargs['height']} --pic-num 4")
+    print(
+        f"score with DPG-Bench: python dpg_bench/compute_dpg_bench.py --image-root-path {out} "
+        f"--resolution {kwargs['height']} --pic-num 4"
+    )
     return 0
 
 
@@ -134,14 +161,29 @@ def run_fid(args) -> int:
     from fusedit.eval.fid import compute_fid
 
     _require(args, "real", "fake", "inception_weights")
-    fid = compute_fid(args.real, args.fake, inception_weights=args.inception_weights,
-                      device=args.device or "cpu", image_size=args.image_size,
-                      **({"batch_size": args.batch_size} if args.batch_size else {}))
+    fid = compute_fid(
+        args.real,
+        args.fake,
+        inception_weights=args.inception_weights,
+        device=args.device or "cpu",
+        image_size=args.image_size,
+        **({"batch_size": args.batch_size} if args.batch_size else {}),
+    )
     print(f"FID {fid:.4f}")
     if args.out:
-        print(_write_json(Path(args.out) / "fid.json", {"suite": "fid", "fid": fid, "real": args.real,
-                                                        "fake": args.fake, "inception_weights": args.inception_weights,
-                                                        "image_size": args.image_size}))
+        print(
+            _write_json(
+                Path(args.out) / "fid.json",
+                {
+                    "suite": "fid",
+                    "fid": fid,
+                    "real": args.real,
+                    "fake": args.fake,
+                    "inception_weights": args.inception_weights,
+                    "image_size": args.image_size,
+                },
+            )
+        )
     return 0
 
 
@@ -153,12 +195,21 @@ def run_clip(args) -> int:
     if not args.path:
         raise ValueError("--suite clip needs PATH: a folder of sampled images (GenEval layout, or NAME.png + NAME.txt)")
     pairs = sampled_pairs(Path(args.path))
-    score = clip_score([p for p, _ in pairs], [t for _, t in pairs], args.clip_model, device=args.device or "cpu",
-                       **({"batch_size": args.batch_size} if args.batch_size else {}))
+    score = clip_score(
+        [p for p, _ in pairs],
+        [t for _, t in pairs],
+        args.clip_model,
+        device=args.device or "cpu",
+        **({"batch_size": args.batch_size} if args.batch_size else {}),
+    )
     print(f"CLIP score {score:.3f} over {len(pairs)} images")
     out = Path(args.out) if args.out else Path(args.path)
-    print(_write_json(out / "clip_score.json", {"suite": "clip", "clip_score": score, "num_images": len(pairs),
-                                                "clip_model": args.clip_model}))
+    print(
+        _write_json(
+            out / "clip_score.json",
+            {"suite": "clip", "clip_score": score, "num_images": len(pairs), "clip_model": args.clip_model},
+        )
+    )
     return 0
 
 

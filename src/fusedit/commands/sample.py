@@ -17,8 +17,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--cfg", type=float, default=None)
-    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("SIGMA_LOW", "SIGMA_HIGH"),
-                   help="apply CFG only at noise levels in [SIGMA_LOW, SIGMA_HIGH] (default: the model's sample config)")
+    p.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("SIGMA_LOW", "SIGMA_HIGH"),
+        help="apply CFG only at noise levels in [SIGMA_LOW, SIGMA_HIGH] (default: the model's sample config)",
+    )
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
@@ -34,10 +40,18 @@ def run(args: argparse.Namespace) -> int:
 
     pipe = load_pipeline(args.path, device=args.device, use_ema=not args.no_ema)
     generator = torch.Generator(device=pipe.device).manual_seed(args.seed)
-    out = pipe(args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-               num_inference_steps=args.steps, guidance_scale=args.cfg, generator=generator,
-               num_images_per_prompt=args.num_images, max_sequence_length=args.max_length,
-               guidance_interval=args.guidance_interval)
+    out = pipe(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.cfg,
+        generator=generator,
+        num_images_per_prompt=args.num_images,
+        max_sequence_length=args.max_length,
+        guidance_interval=args.guidance_interval,
+    )
     target = Path(args.out)
     target.parent.mkdir(parents=True, exist_ok=True)
     images = out.images

@@ -8,8 +8,10 @@ from pathlib import Path
 
 NAME = "study"
 HELP = "train and evaluate a grid of variants × seeds"
-DESCRIPTION = ("Train and evaluate a grid of variants × seeds with one budget; write report.md, plots and sample "
-               "grids (resumable).")
+DESCRIPTION = (
+    "Train and evaluate a grid of variants × seeds with one budget; write report.md, plots and sample "
+    "grids (resumable)."
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,8 +19,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="study folder (default: runs/studies/<grid name>)")
     p.add_argument("--dry-run", action="store_true", help="check every config and list the runs, train nothing")
     p.add_argument("--report-only", action="store_true", help="rewrite report.md from finished runs only")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (1 on a CPU shared with other work; default: torch's choice)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (1 on a CPU shared with other work; default: torch's choice)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,12 +42,16 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / "studies" / grid.name)
     if args.dry_run:
         runs = plan_study(grid, out, build_llm=False)
-        print(f"study {grid.name}: {len(grid.variants)} variant(s) × {len(grid.seeds)} seed(s) = {len(runs)} runs "
-              f"in {out}")
+        print(
+            f"study {grid.name}: {len(grid.variants)} variant(s) × {len(grid.seeds)} seed(s) = {len(runs)} runs "
+            f"in {out}"
+        )
         for number, planned in enumerate(runs, 1):
             state = "done" if planned.trained and planned.evaluated else "trained" if planned.trained else "to train"
-            print(f"run {number}/{len(runs)}: {planned.variant} seed {planned.seed} [{state}] "
-                  + " ".join(o for o in planned.overrides if not o.startswith("name=")))
+            print(
+                f"run {number}/{len(runs)}: {planned.variant} seed {planned.seed} [{state}] "
+                + " ".join(o for o in planned.overrides if not o.startswith("name="))
+            )
         return 0
     if args.report_only:
         runs = plan_study(grid, out, build_llm=False)

@@ -19,6 +19,7 @@ freezes one posterior draw per image.
 "is_latent": True, "stream_pos": ...}`` (``"input_ids"`` too when asked for; they vary in length, so the
 trainer then needs its own collate).
 """
+
 from __future__ import annotations
 
 import io
@@ -27,14 +28,15 @@ import logging
 import os
 import tarfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any
 
 import numpy as np
 import torch
 
+from fusedit.data.shards import CorruptSampleError, ShardStream, TarRecord
 from fusedit.data.transforms import CorruptImageError
-from fusedit.data.webdataset import CorruptSampleError, ShardStream, TarRecord
 
 __all__ = ["LatentShardDataset", "MANIFEST", "cache_latents", "read_manifest"]
 
@@ -60,20 +62,20 @@ class _TarShardWriter:
         self._tmp: Path | None = None
         self._count = 0
 
-    def _open(self) -> None:
+    def _open(self) -> tarfile.TarFile:
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
         self._tmp = self.out_dir / (name + ".tmp")
         self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
         self.shards.append({"file": name, "count": 0})
         self._count = 0
+        return self._tar
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
-        if self._tar is None:
-            self._open()
+        tar = self._tar if self._tar is not None else self._open()
         for ext, data in members.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o644
-            self._tar.addfile(info, io.BytesIO(data))
+            tar.addfile(info, io.BytesIO(data))
         self._count += 1
         self.shards[-1]["count"] = self._count
         if self._count >= self.shard_size:
@@ -82,6 +84,7 @@ class _TarShardWriter:
     def _finish(self) -> None:
         if self._tar is not None:
             self._tar.close()
+            assert self._tmp is not None
             os.replace(self._tmp, self.out_dir / self.shards[-1]["file"])
             self._tar = None
 
@@ -100,8 +103,12 @@ def _items(data, bad: list[str]) -> Iterable[dict]:
     ``bad``), anything else as an iterable."""
     if getattr(data, "epochs", 1) is None:
         raise ValueError("cache_latents: the data set repeats forever (epochs=None); build it with epochs=1")
-    is_map = (hasattr(data, "__getitem__") and hasattr(data, "__len__")
-              and not isinstance(data, torch.utils.data.IterableDataset) and not isinstance(data, (list, tuple)))
+    is_map = (
+        hasattr(data, "__getitem__")
+        and hasattr(data, "__len__")
+        and not isinstance(data, torch.utils.data.IterableDataset)
+        and not isinstance(data, (list, tuple))
+    )
     if not is_map:
         yield from data
         return
@@ -117,8 +124,10 @@ def _items(data, bad: list[str]) -> Iterable[dict]:
 
 def _unbatch(item: dict) -> Iterable[tuple[torch.Tensor, str, str | None]]:
     if not isinstance(item, dict) or "image" not in item or "caption" not in item:
-        raise ValueError(f"cache_latents: items must be dicts with 'image' and 'caption', got "
-                         f"{sorted(item) if isinstance(item, dict) else type(item).__name__}")
+        raise ValueError(
+            f"cache_latents: items must be dicts with 'image' and 'caption', got "
+            f"{sorted(item) if isinstance(item, dict) else type(item).__name__}"
+        )
     image, caption, original = item["image"], item["caption"], item.get("original_caption")
     if image.dim() == 3:
         yield image, caption, original
@@ -130,9 +139,20 @@ def _unbatch(item: dict) -> Iterable[tuple[torch.Tensor, str, str | None]]:
         raise ValueError(f"cache_latents: 'image' must be (3, H, W) or (B, 3, H, W), got {tuple(image.shape)}")
 
 
-def cache_latents(data, codec, out_dir: Union[str, os.PathLike], shard_size: int = 1000, *, batch_size: int = 16,
-                  tokenizer=None, max_length: int | None = None, dtype: str = "float16", prefix: str = "latents",
-                  generator: torch.Generator | None = None, overwrite: bool = False) -> dict[str, Any]:
+def cache_latents(
+    data,
+    codec,
+    out_dir: str | os.PathLike,
+    shard_size: int = 1000,
+    *,
+    batch_size: int = 16,
+    tokenizer=None,
+    max_length: int | None = None,
+    dtype: str = "float16",
+    prefix: str = "latents",
+    generator: torch.Generator | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Encode every image of ``data`` with ``codec`` and write latent shards + ``manifest.json`` into ``out_dir``.
 
     Args:
@@ -167,13 +187,7 @@ def cache_latents(data, codec, out_dir: Union[str, os.PathLike], shard_size: int
     try:
         for item in _items(data, bad):
             for image, caption, original in _unbatch(item):
-                if not isinstance(caption, str):
-                    raise ValueError(f"cache_latents: caption must be a str, got {type(caption).__name__}")
-                if encoder.pending and encoder.pending[0][0].shape != image.shape:
-                    encoder.flush()
-                encoder.pending.append((image, caption, original))
-                if len(encoder.pending) >= batch_size:
-                    encoder.flush()
+                encoder.add(image, caption, original, batch_size)
         encoder.flush()
     finally:
         writer.close()
@@ -186,23 +200,41 @@ def cache_latents(data, codec, out_dir: Union[str, os.PathLike], shard_size: int
     return manifest
 
 
-def _manifest(codec: Any, dtype: str, encoder: _LatentEncoder, writer: _TarShardWriter, bad: list[str], data: Any,
-              tokenizer: Any, max_length: int | None, seconds: float) -> dict[str, Any]:
+def _manifest(
+    codec: Any,
+    dtype: str,
+    encoder: _LatentEncoder,
+    writer: _TarShardWriter,
+    bad: list[str],
+    data: Any,
+    tokenizer: Any,
+    max_length: int | None,
+    seconds: float,
+) -> dict[str, Any]:
     """The cache's ``manifest.json``: the codec and its normalisation, shapes, counts, shards, tokenizer."""
     describe = codec.describe()
     return {
-        "format": _FORMAT, "version": 1,
+        "format": _FORMAT,
+        "version": 1,
         "codec": describe,
-        "channels": codec.channels, "spatial_factor": codec.spatial_factor,
-        "normalization": {"scaling_factor": describe.get("scaling_factor", 1.0),
-                          "shift_factor": describe.get("shift_factor", 0.0),
-                          "formula": "(z - shift_factor) * scaling_factor"},
-        "dtype": dtype, "latent_shape": encoder.latent_shape, "image_size": encoder.image_size,
-        "count": encoder.count, "skipped": len(bad), "bad_items": bad[:100],
+        "channels": codec.channels,
+        "spatial_factor": codec.spatial_factor,
+        "normalization": {
+            "scaling_factor": describe.get("scaling_factor", 1.0),
+            "shift_factor": describe.get("shift_factor", 0.0),
+            "formula": "(z - shift_factor) * scaling_factor",
+        },
+        "dtype": dtype,
+        "latent_shape": encoder.latent_shape,
+        "image_size": encoder.image_size,
+        "count": encoder.count,
+        "skipped": len(bad),
+        "bad_items": bad[:100],
         "source_skipped": int(getattr(data, "skipped", 0) or 0),
         "shards": writer.shards,
-        "tokenizer": None if tokenizer is None else {
-            "name": getattr(tokenizer, "name_or_path", type(tokenizer).__name__), "max_length": max_length},
+        "tokenizer": None
+        if tokenizer is None
+        else {"name": getattr(tokenizer, "name_or_path", type(tokenizer).__name__), "max_length": max_length},
         "seconds": round(seconds, 3),
     }
 
@@ -222,14 +254,31 @@ class _LatentEncoder:
     """Encodes pending ``(image (3, H, W), caption, original caption)`` items in one codec call and writes one sample
     per item; tracks the count and whether latent/image shapes stayed the same (else ``"mixed"``)."""
 
-    def __init__(self, codec: Any, writer: _TarShardWriter, dtype: str, tokenizer: Any, max_length: int | None,
-                 generator: torch.Generator | None) -> None:
+    def __init__(
+        self,
+        codec: Any,
+        writer: _TarShardWriter,
+        dtype: str,
+        tokenizer: Any,
+        max_length: int | None,
+        generator: torch.Generator | None,
+    ) -> None:
         self.codec, self.writer, self.dtype = codec, writer, dtype
         self.tokenizer, self.max_length, self.generator = tokenizer, max_length, generator
         self.pending: list[tuple[torch.Tensor, str, str | None]] = []
         self.count = 0
         self.latent_shape: Any = None
         self.image_size: Any = None
+
+    def add(self, image: torch.Tensor, caption: Any, original: str | None, batch_size: int) -> None:
+        """Queue one image; encode the queue when it holds ``batch_size`` images or the image size changes."""
+        if not isinstance(caption, str):
+            raise ValueError(f"cache_latents: caption must be a str, got {type(caption).__name__}")
+        if self.pending and self.pending[0][0].shape != image.shape:
+            self.flush()
+        self.pending.append((image, caption, original))
+        if len(self.pending) >= batch_size:
+            self.flush()
 
     def flush(self) -> None:
         if not self.pending:
@@ -246,8 +295,9 @@ class _LatentEncoder:
             if original is not None:
                 members["original_caption.txt"] = str(original).encode("utf-8")
             if self.tokenizer is not None:
-                ids = self.tokenizer(caption, truncation=self.max_length is not None,
-                                     max_length=self.max_length)["input_ids"]
+                ids = self.tokenizer(caption, truncation=self.max_length is not None, max_length=self.max_length)[
+                    "input_ids"
+                ]
                 members["input_ids.npy"] = _npy_bytes(np.asarray(ids, dtype=np.int32))
             self.writer.write(f"{self.count:09d}", members)
             self.count += 1
@@ -259,7 +309,7 @@ class _LatentEncoder:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def read_manifest(path: Union[str, os.PathLike]) -> dict[str, Any]:
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """Read a cache's ``manifest.json`` (``path`` is the cache folder or the file).
 
     Raises:
@@ -278,15 +328,24 @@ def read_manifest(path: Union[str, os.PathLike]) -> dict[str, Any]:
 
 def _check_codec(manifest: dict, codec, where: str) -> None:
     norm = manifest["normalization"]
-    mine = {"channels": codec.channels, "spatial_factor": codec.spatial_factor,
-            "scaling_factor": codec.describe().get("scaling_factor", 1.0),
-            "shift_factor": codec.describe().get("shift_factor", 0.0)}
-    theirs = {"channels": manifest["channels"], "spatial_factor": manifest["spatial_factor"],
-              "scaling_factor": norm["scaling_factor"], "shift_factor": norm["shift_factor"]}
+    mine = {
+        "channels": codec.channels,
+        "spatial_factor": codec.spatial_factor,
+        "scaling_factor": codec.describe().get("scaling_factor", 1.0),
+        "shift_factor": codec.describe().get("shift_factor", 0.0),
+    }
+    theirs = {
+        "channels": manifest["channels"],
+        "spatial_factor": manifest["spatial_factor"],
+        "scaling_factor": norm["scaling_factor"],
+        "shift_factor": norm["shift_factor"],
+    }
     diff = [k for k in mine if not np.isclose(float(mine[k]), float(theirs[k]))]
     if diff:
-        raise ValueError(f"latent cache {where} was written with a different codec: "
-                         + ", ".join(f"{k} {theirs[k]} (cache) vs {mine[k]} (codec)" for k in diff))
+        raise ValueError(
+            f"latent cache {where} was written with a different codec: "
+            + ", ".join(f"{k} {theirs[k]} (cache) vs {mine[k]} (codec)" for k in diff)
+        )
 
 
 class LatentShardDataset(ShardStream):
@@ -299,13 +358,25 @@ class LatentShardDataset(ShardStream):
         codec: if given, must match the manifest's channels, spatial factor and normalisation.
         original_caption_rate: probability of using the stored original caption (when there is one).
         return_token_ids: add ``"input_ids"`` (int64, variable length) when the cache has them.
-        seed, rank, world_size, shuffle, epochs: see :class:`~fusedit.data.webdataset.ShardStream`.
+        seed, rank, world_size, shuffle, epochs: see :class:`~fusedit.data.shards.ShardStream`.
     """
 
-    def __init__(self, path: Union[str, os.PathLike], *, codec=None, original_caption_rate: float = 0.0,
-                 return_token_ids: bool = False, seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None, shuffle: bool = False, epochs: int | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        codec=None,
+        original_caption_rate: float = 0.0,
+        return_token_ids: bool = False,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        shuffle: bool = False,
+        epochs: int | None = None,
+    ):
         root = Path(path)
+        shards: str | os.PathLike | list[str]
+        self.manifest: dict[str, Any] | None
         if root.is_dir() and (root / MANIFEST).is_file():
             self.manifest = read_manifest(root)
             shards = [str(root / s["file"]) for s in self.manifest["shards"]]
@@ -325,11 +396,27 @@ class LatentShardDataset(ShardStream):
         self.return_token_ids = return_token_ids
 
     @classmethod
-    def from_config(cls, cfg, *, codec=None, seed: int = 0, rank: int | None = None, world_size: int | None = None,
-                    epochs: int | None = None) -> "LatentShardDataset":
+    def from_config(
+        cls,
+        cfg,
+        *,
+        codec=None,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        epochs: int | None = None,
+    ) -> LatentShardDataset:
         """Build from a :class:`fusedit.data.config.DataConfig` (``source: latents``)."""
-        return cls(cfg.path, codec=codec, original_caption_rate=cfg.original_caption_rate, seed=seed, rank=rank,
-                   world_size=world_size, shuffle=getattr(cfg, "shuffle", False), epochs=epochs)
+        return cls(
+            cfg.path,
+            codec=codec,
+            original_caption_rate=cfg.original_caption_rate,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            shuffle=getattr(cfg, "shuffle", False),
+            epochs=epochs,
+        )
 
     def decode(self, record: TarRecord, read, generator: torch.Generator) -> dict[str, Any]:
         try:

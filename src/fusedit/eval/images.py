@@ -50,9 +50,7 @@ def list_images(folder: str | os.PathLike, *, recursive: bool = True) -> list[Pa
     )
     if not paths:
         where = "under" if recursive else "in"
-        raise ValueError(
-            f"no image files ({', '.join(IMAGE_SUFFIXES)}) {where} {str(root)!r}"
-        )
+        raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) {where} {str(root)!r}")
     return paths
 
 
@@ -80,7 +78,7 @@ def resize_square(image: Image.Image, size: int) -> Image.Image:
     return image.resize((size, size), resample=Image.Resampling.BICUBIC)
 
 
-def to_uint8_tensor(images: Sequence[Image.Image]) -> "torch.Tensor":
+def to_uint8_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
     """Stack same-sized RGB PIL images into a ``uint8`` tensor of shape ``(B, 3, H, W)``."""
     import torch
 
@@ -95,7 +93,7 @@ def to_uint8_tensor(images: Sequence[Image.Image]) -> "torch.Tensor":
 
 def iter_uint8_batches(
     paths: Sequence[str | os.PathLike], *, batch_size: int, image_size: int
-) -> Iterator["torch.Tensor"]:
+) -> Iterator[torch.Tensor]:
     """Load ``paths`` in order, resize each to ``image_size`` square, yield ``(B, 3, S, S)`` uint8 batches."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

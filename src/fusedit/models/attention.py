@@ -4,10 +4,10 @@ Deep fusion (FuseDiT) reads the keys/values its LLM layer used from the :class:`
 (:class:`LLMLayerKV`); the shallow baselines project the embedded hidden-state layer with their own per-layer
 projections (:class:`ProjectedKV`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -26,10 +26,10 @@ class TextInputs:
             so that blocks never index the context with a Python int (one compiled graph serves every block).
     """
 
-    hidden: Optional[torch.Tensor]
-    key_mask: Optional[torch.Tensor]
-    keys: Optional[torch.Tensor] = None
-    values: Optional[torch.Tensor] = None
+    hidden: torch.Tensor | None
+    key_mask: torch.Tensor | None
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
 
 
 class LLMLayerKV(nn.Module):
@@ -44,6 +44,8 @@ class LLMLayerKV(nn.Module):
         self.layer, self.raw = layer, raw
 
     def forward(self, text: TextInputs, k_norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        if text.keys is None or text.values is None:
+            raise ValueError(f"LLM layer {self.layer}: the block's text inputs hold no keys/values")
         return text.keys, text.values
 
     def extra_repr(self) -> str:
@@ -73,8 +75,16 @@ class SelfAttention(nn.Module):
     as a key/value provider").
     """
 
-    def __init__(self, hidden_size: int, heads: int, kv_heads: int, head_dim: int, qk_norm: bool, eps: float,
-                 text_source: Optional[nn.Module]):
+    def __init__(
+        self,
+        hidden_size: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        qk_norm: bool,
+        eps: float,
+        text_source: nn.Module | None,
+    ):
         super().__init__()
         self.heads, self.kv_heads = heads, kv_heads
         self.q_proj = nn.Linear(hidden_size, heads * head_dim, bias=False)
@@ -109,8 +119,16 @@ class CrossAttention(nn.Module):
     embedded text with their own key norm.
     """
 
-    def __init__(self, hidden_size: int, heads: int, head_dim: int, qk_norm: bool, eps: float,
-                 text_source: nn.Module, key_norm: bool):
+    def __init__(
+        self,
+        hidden_size: int,
+        heads: int,
+        head_dim: int,
+        qk_norm: bool,
+        eps: float,
+        text_source: nn.Module,
+        key_norm: bool,
+    ):
         super().__init__()
         self.heads = heads
         self.q_proj = nn.Linear(hidden_size, heads * head_dim, bias=False)

@@ -5,9 +5,8 @@ submodules: a position encoder (:mod:`~fusedit.models.positions`), a timestep co
 (:mod:`~fusedit.models.timestep`), a text path (:mod:`~fusedit.models.fusion`: each block's text source and optional
 cross-attention) and optional sandwich norms; ``forward`` has no config branches.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 from diffusers.models.embeddings import PatchEmbed
@@ -28,15 +27,21 @@ class DiTBlock(nn.Module):
     [-> cross-attention -> sandwich norm -> residual] -> (modulated) RMSNorm -> GeGLU [-> sandwich norm] -> gated
     residual. ``x``: ``(B, N, H)``."""
 
-    def __init__(self, resolved: ResolvedModelConfig, self_text: Optional[nn.Module],
-                 cross_attn: Optional[CrossAttention], layer_modulation: Optional[type]):
+    def __init__(
+        self,
+        resolved: ResolvedModelConfig,
+        self_text: nn.Module | None,
+        cross_attn: CrossAttention | None,
+        layer_modulation: type | None,
+    ):
         super().__init__()
         r = resolved
         c, eps, hidden = r.config, r.rms_norm_eps, r.hidden_size
         self.input_layernorm = RMSNorm(hidden, eps)
         self.modulation = layer_modulation(hidden) if layer_modulation is not None else None
-        self.self_attn = SelfAttention(hidden, r.num_attention_heads, r.num_key_value_heads, r.head_dim, c.qk_norm,
-                                       eps, self_text)
+        self.self_attn = SelfAttention(
+            hidden, r.num_attention_heads, r.num_key_value_heads, r.head_dim, c.qk_norm, eps, self_text
+        )
         self.attn_out_norm = RMSNorm(hidden, eps) if c.sandwich_norm else nn.Identity()
         self.cross_attn = cross_attn
         self.cross_out_norm = RMSNorm(hidden, eps) if (c.sandwich_norm and cross_attn is not None) else nn.Identity()
@@ -44,7 +49,7 @@ class DiTBlock(nn.Module):
         self.mlp = GeGLU(hidden, r.intermediate_size)
         self.ffn_out_norm = RMSNorm(hidden, eps) if c.sandwich_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, emb: Optional[torch.Tensor], rope: Rope, text: TextInputs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None, rope: Rope, text: TextInputs) -> torch.Tensor:
         mod = self.modulation(emb) if self.modulation is not None else None
         h = self.input_layernorm(x)
         if mod is not None:
@@ -63,7 +68,7 @@ class DiTBlock(nn.Module):
 class OutputHead(SelfInitializing, nn.Module):
     """RMSNorm [-> AdaLN output modulation] -> Linear to ``p·p·C`` per token."""
 
-    def __init__(self, hidden: int, patch: int, channels: int, eps: float, output_modulation: Optional[type]):
+    def __init__(self, hidden: int, patch: int, channels: int, eps: float, output_modulation: type | None):
         super().__init__()
         self.norm_out = RMSNorm(hidden, eps)
         self.modulation = output_modulation(hidden) if output_modulation is not None else None
@@ -100,13 +105,18 @@ class DiffusionTransformer(nn.Module):
         config = resolved.config
         self.patch_size = config.patch_size
         self.patch_embed = PatchEmbed(
-            height=config.sample_size, width=config.sample_size, patch_size=config.patch_size,
-            in_channels=config.in_channels, embed_dim=resolved.hidden_size,
-            pos_embed_type="sincos" if config.uses_sincos_table else None, pos_embed_max_size=config.pos_embed_max_size,
+            height=config.sample_size,
+            width=config.sample_size,
+            patch_size=config.patch_size,
+            in_channels=config.in_channels,
+            embed_dim=resolved.hidden_size,
+            pos_embed_type="sincos" if config.uses_sincos_table else None,
+            pos_embed_max_size=config.pos_embed_max_size,
         )
         pooled_dim = (config.text_modulation_dim or resolved.llm.hidden_size) if config.text_modulation else None
-        variant = build_timestep_variant(config.timestep_conditioning, resolved.hidden_size, pooled_dim,
-                                         resolved.rms_norm_eps)
+        variant = build_timestep_variant(
+            config.timestep_conditioning, resolved.hidden_size, pooled_dim, resolved.rms_norm_eps
+        )
         self.timestep = variant.embedder
         self.adds_timestep_to_tokens = getattr(variant.embedder, "adds_to_tokens", False)
         self.positions = build_positions(config.pos_embed, resolved.head_dim, resolved.rope_theta)
@@ -114,11 +124,18 @@ class DiffusionTransformer(nn.Module):
         self.text_path = build_text_path(resolved)
         self.context_embedder = self.text_path.context_embedder  # shallow fusion's parameters (None for deep)
         self.layers = nn.ModuleList(
-            [DiTBlock(resolved, *self.text_path.block_modules(i), variant.layer_modulation)
-             for i in range(resolved.num_layers)]
+            [
+                DiTBlock(resolved, *self.text_path.block_modules(i), variant.layer_modulation)
+                for i in range(resolved.num_layers)
+            ]
         )
-        self.head = OutputHead(resolved.hidden_size, config.patch_size, resolved.out_channels, resolved.rms_norm_eps,
-                               variant.output_modulation)
+        self.head = OutputHead(
+            resolved.hidden_size,
+            config.patch_size,
+            resolved.out_channels,
+            resolved.rms_norm_eps,
+            variant.output_modulation,
+        )
         self.activation_checkpointing = False
         self.reset_parameters()
 

@@ -32,7 +32,9 @@ class ContextEmbedder(SelfInitializing, nn.Sequential):
 
     @property
     def linear(self) -> nn.Linear:
-        return self[1]
+        linear = self[1]
+        assert isinstance(linear, nn.Linear)
+        return linear
 
     def reset_parameters(self) -> None:
         """The reference's initialisation: the projection ~ N(0, 0.02)."""
@@ -62,8 +64,15 @@ class TextPath:
 
     def _cross_attention(self, source: nn.Module, key_norm: bool) -> CrossAttention:
         r = self.resolved
-        return CrossAttention(r.hidden_size, r.num_attention_heads, r.head_dim, r.config.qk_norm, r.rms_norm_eps,
-                              source, key_norm=key_norm)
+        return CrossAttention(
+            r.hidden_size,
+            r.num_attention_heads,
+            r.head_dim,
+            r.config.qk_norm,
+            r.rms_norm_eps,
+            source,
+            key_norm=key_norm,
+        )
 
 
 class DeepFusion(TextPath):
@@ -94,7 +103,8 @@ class DeepFusion(TextPath):
         keys = context.keys if self.resolved.config.attention == "self" else context.raw_keys
         return [
             TextInputs(hidden=None, key_mask=key_mask, keys=keys[layer], values=context.values[layer])
-            if layer is not None else TextInputs(hidden=None, key_mask=key_mask)
+            if layer is not None
+            else TextInputs(hidden=None, key_mask=key_mask)
             for layer in self.resolved.layer_map
         ]
 
@@ -124,8 +134,10 @@ class ShallowFusion(TextPath):
     def prepare(self, context: TextContext) -> list[TextInputs]:
         """Every block: the embedded hidden states ``(B, L, H_dit)`` and the key mask (None without padding)."""
         if context.hidden_states is None:
-            raise ValueError("this shallow-fusion model needs context.hidden_states; encode the prompts with a "
-                             "TextEncoder built from model.text_requirements()")
+            raise ValueError(
+                "this shallow-fusion model needs context.hidden_states; encode the prompts with a "
+                "TextEncoder built from model.text_requirements()"
+            )
         embedder = self.context_embedder
         assert embedder is not None
         hidden = embedder(context.hidden_states.to(embedder.linear.weight.dtype))

@@ -22,6 +22,8 @@ layers differ further (Gemma 3's per-layer RoPE) are refused by :func:`check_joi
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,8 +38,9 @@ from fusedit.text.context import TextContext
 SUPPORTED_LLMS = ("gemma", "gemma2", "llama", "qwen2", "qwen3")
 
 
-def dense_joint_mask(text_mask: torch.Tensor, num_image: int, dtype: torch.dtype,
-                     sliding_window: int | None = None) -> torch.Tensor:
+def dense_joint_mask(
+    text_mask: torch.Tensor, num_image: int, dtype: torch.dtype, sliding_window: int | None = None
+) -> torch.Tensor:
     """The reference's additive mask over ``[text ; image]``: ``(B, 1, L+N, L+N)`` with 0 = attend, ``finfo.min`` = not.
 
     Text rows are causal over text (and within ``sliding_window`` tokens, for a sliding-window LLM layer) and never
@@ -68,7 +71,7 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 class _TextLayer:
     """The text stream's side of one Hugging Face decoder layer (Gemma, Gemma 2, Llama, Qwen 2/3 layouts)."""
 
-    def __init__(self, layer: nn.Module, heads: int, kv_heads: int) -> None:
+    def __init__(self, layer: Any, heads: int, kv_heads: int) -> None:
         self.layer, self.attn = layer, layer.self_attn
         self.heads, self.kv_heads = heads, kv_heads
         self.scale = float(self.attn.scaling)
@@ -99,8 +102,9 @@ class _TextLayer:
         return txt + (post(mlp) if post is not None else mlp)
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, text: _TextLayer,
-               text_length: int) -> torch.Tensor:
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, text: _TextLayer, text_length: int
+) -> torch.Tensor:
     """One attention over all rows of ``q`` ``(B, H, S, D)`` and keys ``k, v`` ``(B, H_kv, S, D)`` with the additive
     ``mask``: text rows (the first ``text_length``) with the LLM's scale and soft-capping, image rows with
     ``D^-0.5``. Returns ``(B, H, S, D)``."""
@@ -119,7 +123,9 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     return probs @ v
 
 
-def _text_only_layer(text: _TextLayer, txt: torch.Tensor, rope: Rope, text_mask: torch.Tensor):
+def _text_only_layer(
+    text: _TextLayer, txt: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], text_mask: torch.Tensor
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """An LLM layer the DiT does not attend to jointly: text rows only. Returns the new ``txt`` and the layer's
     pre-RoPE ``(k, v)`` (what a cross-attention block reads)."""
     q, k, v = text.qkv(txt)
@@ -128,8 +134,15 @@ def _text_only_layer(text: _TextLayer, txt: torch.Tensor, rope: Rope, text_mask:
     return text.finish(txt, merge_heads(out)), (k, v)
 
 
-def _joint_layer(block: nn.Module, text: _TextLayer, x: torch.Tensor, txt: torch.Tensor, emb: torch.Tensor | None,
-                 ropes: tuple[Rope, Rope], text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _joint_layer(
+    block: Any,
+    text: _TextLayer,
+    x: torch.Tensor,
+    txt: torch.Tensor,
+    emb: torch.Tensor | None,
+    ropes: tuple[tuple[torch.Tensor, torch.Tensor], Rope],
+    text_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One fused layer the reference's way: joint attention over ``[text ; image]`` with the dense mask.
 
     ``x``: ``(B, N, H_dit)`` image stream; ``txt``: ``(B, L, H_llm)`` text stream; ``ropes``: ``(text, image)``
@@ -165,20 +178,22 @@ def _joint_layer(block: nn.Module, text: _TextLayer, x: torch.Tensor, txt: torch
     return x + (mlp if mod is None else mod.gate_mlp[:, None] * mlp), txt
 
 
-def check_joint_supported(model: DiffusionTransformer, llm: nn.Module) -> None:
+def check_joint_supported(model: DiffusionTransformer, llm: Any) -> None:
     """Raise ``ValueError`` for an LLM family whose layers this module does not compute, or an LLM too shallow for
     the model's layer map."""
     model_type = getattr(getattr(llm, "config", None), "model_type", "")
     if model_type not in SUPPORTED_LLMS:
-        raise ValueError(f"the reference's formulation (the LLM run inside every step) covers the decoder families "
-                         f"{', '.join(SUPPORTED_LLMS)}; got {model_type or type(llm).__name__!r}. Sample with the "
-                         f"text cache (use_text_cache=True)")
+        raise ValueError(
+            f"the reference's formulation (the LLM run inside every step) covers the decoder families "
+            f"{', '.join(SUPPORTED_LLMS)}; got {model_type or type(llm).__name__!r}. Sample with the "
+            f"text cache (use_text_cache=True)"
+        )
     needed = max(model.resolved.fused_llm_layers, default=-1) + 1
     if len(llm.layers) < needed:
         raise ValueError(f"the LLM has {len(llm.layers)} layers but the model fuses layer {needed - 1}")
 
 
-def llm_hidden_states(llm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def llm_hidden_states(llm: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Every hidden state of a plain Hugging Face forward over the padded prompts (no cache, no trimming), padded
     positions zeroed: ``(B, L, H_llm)`` each, the last one after the final norm."""
     out = llm(input_ids=input_ids, attention_mask=attention_mask.long(), use_cache=False, output_hidden_states=True)
@@ -186,8 +201,15 @@ def llm_hidden_states(llm: nn.Module, input_ids: torch.Tensor, attention_mask: t
     return tuple(h * keep.to(h.dtype) for h in out.hidden_states)
 
 
-def _deep_velocity(model: DiffusionTransformer, llm: nn.Module, x: torch.Tensor, timestep: torch.Tensor,
-                   input_ids: torch.Tensor, text_mask: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
+def _deep_velocity(
+    model: DiffusionTransformer,
+    llm: Any,
+    x: torch.Tensor,
+    timestep: torch.Tensor,
+    input_ids: torch.Tensor,
+    text_mask: torch.Tensor,
+    pooled: torch.Tensor | None,
+) -> torch.Tensor:
     r, p = model.resolved, model.patch_size
     h, w = x.shape[2] // p, x.shape[3] // p
     tokens = model.patch_embed(x)
@@ -213,15 +235,22 @@ def _deep_velocity(model: DiffusionTransformer, llm: nn.Module, x: torch.Tensor,
             txt, (k, v) = _text_only_layer(layers[llm_layer], txt, text_rope, text_mask)
             tokens = block(tokens, cond.layer, image_rope, TextInputs(hidden=None, key_mask=key_mask, keys=k, values=v))
         else:
-            tokens, txt = _joint_layer(block, layers[llm_layer], tokens, txt, cond.layer, (text_rope, image_rope),
-                                       text_mask)
+            tokens, txt = _joint_layer(
+                block, layers[llm_layer], tokens, txt, cond.layer, (text_rope, image_rope), text_mask
+            )
         next_llm_layer += 1
     return unpatchify(model.head(tokens, cond), h, w, p)
 
 
-def joint_velocity(model: DiffusionTransformer, llm: nn.Module, x: torch.Tensor, timestep: torch.Tensor,
-                   input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   pooled: torch.Tensor | None = None) -> torch.Tensor:
+def joint_velocity(
+    model: DiffusionTransformer,
+    llm: Any,
+    x: torch.Tensor,
+    timestep: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pooled: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The velocity of ``model`` computed the reference's way (LLM in the loop; for deep self-attention fusion one
     joint attention over ``[text ; image]`` with the dense mask).
 

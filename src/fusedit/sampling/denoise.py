@@ -40,9 +40,15 @@ def conditional_velocity(velocity: VelocityFn, x: torch.Tensor, t: torch.Tensor)
     return velocity(x, t.expand(x.shape[0]).to(x.device), False).float()
 
 
-def denoise(velocity: VelocityFn, latents: torch.Tensor, scheduler: Any, num_inference_steps: int,
-            guidance_scale: float, guidance_interval: Sequence[float] | None = None,
-            progress: bool = False) -> torch.Tensor:
+def denoise(
+    velocity: VelocityFn,
+    latents: torch.Tensor,
+    scheduler: Any,
+    num_inference_steps: int,
+    guidance_scale: float,
+    guidance_interval: Sequence[float] | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
     """Integrate ``latents`` ``(B, C, h, w)`` (float32 noise at σ = 1) to σ = 0 and return the result.
 
     Args:

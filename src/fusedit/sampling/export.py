@@ -11,16 +11,16 @@ Layout::
                                   id: the LLM is never copied into training checkpoints)
     OUT/vae/                      the VAE, same rule
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import shutil
 from pathlib import Path
-from typing import Union
+from typing import Any
 
 import yaml
-
 from safetensors.torch import save_file
 
 from fusedit import __version__
@@ -34,8 +34,7 @@ def _copy_folder(source: str, target: Path) -> None:
     shutil.copytree(source, target, dirs_exist_ok=True)
 
 
-def export_pipeline(run_dir: Union[str, Path], out_dir: Union[str, Path], *, use_ema: bool = True,
-                    copy_local: bool = True) -> Path:
+def export_pipeline(run_dir: str | Path, out_dir: str | Path, *, use_ema: bool = True, copy_local: bool = True) -> Path:
     """Write the pipeline folder of ``run_dir`` into ``out_dir`` (which must not exist or be empty); the weights come
     from ``final/``, else from the run's latest checkpoint (single-process or sharded)."""
 
@@ -68,11 +67,20 @@ def export_pipeline(run_dir: Union[str, Path], out_dir: Union[str, Path], *, use
     config = dataclasses.replace(config, text=text, data=data)
     write_text_atomic(tmp / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     # The same configuration as JSON beside the weights (model + text sections), for tools that read JSON.
-    transformer_config = {"model": dataclasses.asdict(config.model), "text": dataclasses.asdict(config.text),
-                          "fusedit_version": __version__}
+    transformer_config = {
+        "model": dataclasses.asdict(config.model),
+        "text": dataclasses.asdict(config.text),
+        "fusedit_version": __version__,
+    }
     write_text_atomic(tmp / "transformer" / "config.json", json.dumps(transformer_config, indent=2))
-    make_scheduler(config.sample.shift).save_pretrained(str(tmp / "scheduler"))
-    index = {"_class_name": "FuseDiTPipeline", "fusedit": __version__, "weights": "ema" if weights.ema else "model", "source_run": str(run_dir.resolve())}
+    scheduler: Any = make_scheduler(config.sample.shift)
+    scheduler.save_pretrained(str(tmp / "scheduler"))
+    index = {
+        "_class_name": "FuseDiTPipeline",
+        "fusedit": __version__,
+        "weights": "ema" if weights.ema else "model",
+        "source_run": str(run_dir.resolve()),
+    }
     write_text_atomic(tmp / "model_index.json", json.dumps(index, indent=2))
     if out_dir.exists():
         out_dir.rmdir()

@@ -85,9 +85,16 @@ class FuseDiTPipeline:
         config: the :class:`ExperimentConfig` the model was trained with (kept for export), or None.
     """
 
-    def __init__(self, model: nn.Module, text_encoder: Any, scheduler: Any, codec: Any,
-                 defaults: SampleConfig | None = None, config: Any = None) -> None:
-        self.model = model.eval()
+    def __init__(
+        self,
+        model: nn.Module,
+        text_encoder: Any,
+        scheduler: Any,
+        codec: Any,
+        defaults: SampleConfig | None = None,
+        config: Any = None,
+    ) -> None:
+        self.model: Any = model.eval()
         self.text_encoder = text_encoder
         self.scheduler = scheduler
         self.codec = codec
@@ -124,8 +131,15 @@ class FuseDiTPipeline:
         return self.model.resolved.config.sample_size * self.codec.spatial_factor
 
     # ----------------------------------------------------------------------------------------------------------------
-    def check_inputs(self, prompts: Sequence[str], height: int, width: int, output_type: str,
-                     latents: torch.Tensor | None, steps: int) -> None:
+    def check_inputs(
+        self,
+        prompts: Sequence[str],
+        height: int,
+        width: int,
+        output_type: str,
+        latents: torch.Tensor | None,
+        steps: int,
+    ) -> None:
         """Raise ``ValueError``/``TypeError`` naming the problem for bad prompts, sizes, output types or latents."""
         if len(prompts) == 0:
             raise ValueError("no prompt given: pass a string or a non-empty list of strings")
@@ -133,18 +147,24 @@ class FuseDiTPipeline:
             if not isinstance(prompt, str):
                 raise TypeError(f"prompt {i} is a {type(prompt).__name__}, expected a string")
             if not prompt.strip():
-                raise ValueError(f"prompt {i} is empty; describe the image to generate (the empty string is the "
-                                 f"unconditional prompt, used as negative_prompt)")
+                raise ValueError(
+                    f"prompt {i} is empty; describe the image to generate (the empty string is the "
+                    f"unconditional prompt, used as negative_prompt)"
+                )
         multiple = self.patch_multiple
         if height <= 0 or width <= 0 or height % multiple or width % multiple:
-            raise ValueError(f"height and width must be positive multiples of {multiple} (patch size "
-                             f"{self.model.patch_size} × codec factor {self.codec.spatial_factor}); got {height}x{width}")
+            raise ValueError(
+                f"height and width must be positive multiples of {multiple} (patch size "
+                f"{self.model.patch_size} × codec factor {self.codec.spatial_factor}); got {height}x{width}"
+            )
         config = self.model.resolved.config
         if not config.sincos_table_covers(max(height, width) // multiple):
             largest = config.pos_embed_max_size * multiple
-            raise ValueError(f"{height}x{width} is larger than this model's sin-cos position table allows: at most "
-                             f"{largest}x{largest} (model.pos_embed_max_size={config.pos_embed_max_size} patches of "
-                             f"{multiple} px)")
+            raise ValueError(
+                f"{height}x{width} is larger than this model's sin-cos position table allows: at most "
+                f"{largest}x{largest} (model.pos_embed_max_size={config.pos_embed_max_size} patches of "
+                f"{multiple} px)"
+            )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
         if steps < 1:
@@ -153,15 +173,18 @@ class FuseDiTPipeline:
             f = self.codec.spatial_factor
             expected = (len(prompts), self.codec.channels, height // f, width // f)
             if tuple(latents.shape) != expected:
-                raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {expected} "
-                                 f"(prompts × images per prompt, channels, height/{f}, width/{f})")
+                raise ValueError(
+                    f"latents have shape {tuple(latents.shape)}, expected {expected} "
+                    f"(prompts × images per prompt, channels, height/{f}, width/{f})"
+                )
 
     def encode_prompt(self, prompts: Sequence[str], max_sequence_length: int | None = None) -> TextContext:
         """The text context of ``prompts`` (one LLM forward)."""
         return self.text_encoder.encode(list(prompts), max_length=max_sequence_length)
 
-    def unconditional_context(self, negative_prompt: str, batch_size: int,
-                              max_sequence_length: int | None = None) -> TextContext:
+    def unconditional_context(
+        self, negative_prompt: str, batch_size: int, max_sequence_length: int | None = None
+    ) -> TextContext:
         """The negative prompt's context repeated ``batch_size`` times; cached across calls."""
         key = (negative_prompt, max_sequence_length or -1)
         context = self._uncond_cache.get(key)
@@ -169,8 +192,9 @@ class FuseDiTPipeline:
             context = self._uncond_cache[key] = self.encode_prompt([negative_prompt], max_sequence_length)
         return context.repeat(batch_size)
 
-    def prepare_latents(self, batch_size: int, height: int, width: int, generator: Any,
-                        latents: torch.Tensor | None) -> torch.Tensor:
+    def prepare_latents(
+        self, batch_size: int, height: int, width: int, generator: Any, latents: torch.Tensor | None
+    ) -> torch.Tensor:
         """Initial noise ``(B, C, h, w)`` in float32 (``latents`` given: used as is)."""
         if latents is not None:
             return latents.to(device=self.device, dtype=torch.float32)
@@ -178,14 +202,16 @@ class FuseDiTPipeline:
         shape = (batch_size, self.codec.channels, height // f, width // f)
         return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
 
-    def text_conditioning(self, request: _Request, max_sequence_length: int | None,
-                          use_text_cache: bool) -> tuple[VelocityFn, int]:
+    def text_conditioning(
+        self, request: _Request, max_sequence_length: int | None, use_text_cache: bool
+    ) -> tuple[VelocityFn, int]:
         """The velocity function of the request's steps and the number of truncated prompts."""
         guided = request.guidance > 1.0
         negatives = request.negatives or [request.negative] * len(request.prompts)
         if not use_text_cache:
-            joint = JointText.for_prompts(self.model, self.text_encoder, request.prompts, negatives if guided else None,
-                                          max_sequence_length)
+            joint = JointText.for_prompts(
+                self.model, self.text_encoder, request.prompts, negatives if guided else None, max_sequence_length
+            )
             return joint, joint.num_truncated
         cond = self.encode_prompt(request.prompts, max_sequence_length)
         if not guided:
@@ -197,16 +223,26 @@ class FuseDiTPipeline:
         both = TextContext.cat([uncond, cond])
         return CachedText(self.model, cond, both), both.num_truncated
 
-    def _request(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None,
-                 height: int | None, width: int | None, steps: int | None, guidance_scale: float | None,
-                 guidance_interval: Sequence[float] | None, num_images_per_prompt: int) -> _Request:
+    def _request(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None,
+        height: int | None,
+        width: int | None,
+        steps: int | None,
+        guidance_scale: float | None,
+        guidance_interval: Sequence[float] | None,
+        num_images_per_prompt: int,
+    ) -> _Request:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = None
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             negatives = list(negative_prompt)
             if len(negatives) != len(prompts) or not all(isinstance(n, str) for n in negatives):
-                raise ValueError(f"negative_prompt must be a string or a list of {len(prompts)} strings (one per "
-                                 f"prompt); got {negative_prompt!r}")
+                raise ValueError(
+                    f"negative_prompt must be a string or a list of {len(prompts)} strings (one per "
+                    f"prompt); got {negative_prompt!r}"
+                )
             negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
             negative_prompt = negatives[0] if len(set(negatives)) == 1 else None
             if negative_prompt is not None:
@@ -215,11 +251,16 @@ class FuseDiTPipeline:
         interval = d.guidance_interval if guidance_interval is None else guidance_interval
         if interval is not None and (problem := guidance_interval_problem(interval)) is not None:
             raise ValueError(f"guidance_interval: {problem}")
-        return _Request(prompts=[p for p in prompts for _ in range(num_images_per_prompt)], negatives=negatives,
-                        negative=d.negative_prompt if negative_prompt is None else negative_prompt,
-                        height=height or self.default_size, width=width or self.default_size,
-                        steps=steps or d.num_inference_steps,
-                        guidance=d.guidance_scale if guidance_scale is None else guidance_scale, interval=interval)
+        return _Request(
+            prompts=[p for p in prompts for _ in range(num_images_per_prompt)],
+            negatives=negatives,
+            negative=d.negative_prompt if negative_prompt is None else negative_prompt,
+            height=height or self.default_size,
+            width=width or self.default_size,
+            steps=steps or d.num_inference_steps,
+            guidance=d.guidance_scale if guidance_scale is None else guidance_scale,
+            interval=interval,
+        )
 
     @torch.no_grad()
     def __call__(
@@ -239,8 +280,16 @@ class FuseDiTPipeline:
         progress: bool = False,
         guidance_interval: Sequence[float] | None = None,
     ) -> PipelineOutput:
-        request = self._request(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
-                                guidance_interval, num_images_per_prompt)
+        request = self._request(
+            prompt,
+            negative_prompt,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            guidance_interval,
+            num_images_per_prompt,
+        )
         self.check_inputs(request.prompts, request.height, request.width, output_type, latents, request.steps)
         velocity, num_truncated = self.text_conditioning(request, max_sequence_length, use_text_cache)
         if num_truncated:

@@ -10,9 +10,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
-from torch import nn
 
 from fusedit.reference.joint import joint_velocity, llm_hidden_states
 from fusedit.text.context import TextContext
@@ -28,7 +28,7 @@ class CachedText:
         guided: the CFG context ``[unconditional ; conditional]`` ``(2B, ...)`` (None without guidance).
     """
 
-    def __init__(self, model: nn.Module, conditional: TextContext, guided: TextContext | None = None) -> None:
+    def __init__(self, model: Any, conditional: TextContext, guided: TextContext | None = None) -> None:
         self.model, self.conditional, self.guided = model, conditional, guided
         self.dtype = next(model.parameters()).dtype
 
@@ -51,16 +51,27 @@ class JointText:
             at every step (None when the model has no text modulation).
     """
 
-    def __init__(self, model: nn.Module, llm: nn.Module, conditional: TokenizedPrompts,
-                 guided: TokenizedPrompts | None = None,
-                 pooled: Callable[[bool], torch.Tensor | None] | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        llm: Any,
+        conditional: TokenizedPrompts,
+        guided: TokenizedPrompts | None = None,
+        pooled: Callable[[bool], torch.Tensor | None] | None = None,
+    ) -> None:
         self.model, self.llm = model, llm
         self.conditional, self.guided, self.pooled = conditional, guided, pooled
         self.dtype = next(model.parameters()).dtype
 
     @classmethod
-    def for_prompts(cls, model: nn.Module, text_encoder: TextEncoder, prompts: Sequence[str],
-                    negatives: Sequence[str] | None = None, max_length: int | None = None) -> JointText:
+    def for_prompts(
+        cls,
+        model: Any,
+        text_encoder: TextEncoder,
+        prompts: Sequence[str],
+        negatives: Sequence[str] | None = None,
+        max_length: int | None = None,
+    ) -> JointText:
         """Tokenize ``prompts`` (and the CFG rows ``negatives + prompts``, one negative per image) with the text
         encoder's formatting; the pooled embedding (CLIP, or the mean of the LLM's last state) is recomputed at
         every step."""
@@ -95,5 +106,6 @@ class JointText:
         if tokens is None:
             raise ValueError("a guided step needs the unconditional rows; build JointText with guided=...")
         pooled = self.pooled(guided) if self.pooled is not None else None
-        return joint_velocity(self.model, self.llm, x.to(self.dtype), timestep, tokens.input_ids,
-                              tokens.attention_mask, pooled=pooled)
+        return joint_velocity(
+            self.model, self.llm, x.to(self.dtype), timestep, tokens.input_ids, tokens.attention_mask, pooled=pooled
+        )

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import yaml
 
@@ -50,13 +51,21 @@ class StudyGrid:
     seeds: list[int]
     variants: dict[str, list[str]]
     eval: dict[str, Any] = field(default_factory=dict)
-    tiny_llm: Optional[dict[str, Any]] = None
+    tiny_llm: dict[str, Any] | None = None
     description: str = ""
 
 
-_EVAL_KEYS = {"per_prompt": "per_prompt", "seed": "seed", "steps": "num_inference_steps",
-              "cfg": "guidance_scale", "negative_prompt": "negative_prompt", "batch_size": "batch_size",
-              "grid_prompts": "grid_prompts", "pixel_fd": "pixel_fd", "min_per_category": "min_per_category"}
+_EVAL_KEYS = {
+    "per_prompt": "per_prompt",
+    "seed": "seed",
+    "steps": "num_inference_steps",
+    "cfg": "guidance_scale",
+    "negative_prompt": "negative_prompt",
+    "batch_size": "batch_size",
+    "grid_prompts": "grid_prompts",
+    "pixel_fd": "pixel_fd",
+    "min_per_category": "min_per_category",
+}
 
 
 def _as_overrides(value: Any, where: str) -> list[str]:
@@ -76,6 +85,38 @@ def _override_keys(overrides: Sequence[str]) -> list[str]:
     return [".".join(parse_override(text)[0]) for text in overrides]
 
 
+def _seeds(seeds: Any, path: Path) -> list[int]:
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
+        raise ConfigError(f"grid {path}: seeds must be a non-empty list of integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"grid {path}: seeds repeat: {seeds}")
+    return list(seeds)
+
+
+def _variants(variants: Any, budget: list[str], path: Path) -> dict[str, list[str]]:
+    """Variant name -> overrides, checked: names usable as folder names, no override of the budget or the seed."""
+    if not isinstance(variants, dict) or not variants:
+        raise ConfigError(f"grid {path}: variants must map names to lists of key=value overrides")
+    budget_keys = set(_override_keys(budget))
+    parsed = {}
+    for name, overrides in variants.items():
+        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+            raise ConfigError(f"grid {path}: variant name {name!r} must be a non-empty string without '/'")
+        overrides = _as_overrides(overrides, f"grid {path}: variant {name!r}")
+        clash = sorted((budget_keys | {"train.seed"}) & set(_override_keys(overrides)))
+        if clash:
+            raise ConfigError(
+                f"grid {path}: variant {name!r} overrides {clash}, but the budget and the seed must be "
+                f"the same for every variant (set them under budget/seeds)"
+            )
+        parsed[name] = overrides
+    return parsed
+
+
 def load_grid(path: str | Path) -> StudyGrid:
     """Read and check a grid file (structure only; :func:`plan_study` checks every run's config)."""
     path = Path(path)
@@ -88,27 +129,9 @@ def load_grid(path: str | Path) -> StudyGrid:
     for required in ("base", "seeds", "variants", "budget"):
         if required not in data:
             raise ConfigError(f"grid {path}: missing {required!r}")
-    seeds = data["seeds"]
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                           for s in seeds):
-        raise ConfigError(f"grid {path}: seeds must be a non-empty list of integers, got {seeds!r}")
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"grid {path}: seeds repeat: {seeds}")
-    variants = data["variants"]
-    if not isinstance(variants, dict) or not variants:
-        raise ConfigError(f"grid {path}: variants must map names to lists of key=value overrides")
+    seeds = _seeds(data["seeds"], path)
     budget = _as_overrides(data["budget"], f"grid {path}: budget")
-    budget_keys = set(_override_keys(budget))
-    parsed_variants = {}
-    for name, overrides in variants.items():
-        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-            raise ConfigError(f"grid {path}: variant name {name!r} must be a non-empty string without '/'")
-        overrides = _as_overrides(overrides, f"grid {path}: variant {name!r}")
-        clash = sorted((budget_keys | {"train.seed"}) & set(_override_keys(overrides)))
-        if clash:
-            raise ConfigError(f"grid {path}: variant {name!r} overrides {clash}, but the budget and the seed must be "
-                              f"the same for every variant (set them under budget/seeds)")
-        parsed_variants[name] = overrides
+    parsed_variants = _variants(data["variants"], budget, path)
     common = _as_overrides(data.get("overrides"), f"grid {path}: overrides")
     if "train.seed" in _override_keys(common + budget):
         raise ConfigError(f"grid {path}: set seeds with 'seeds:', not train.seed")
@@ -121,10 +144,18 @@ def load_grid(path: str | Path) -> StudyGrid:
     tiny = data.get("tiny_llm")
     if tiny is not None and not isinstance(tiny, dict):
         raise ConfigError(f"grid {path}: tiny_llm must be a mapping of TinyLLMConfig fields ({{}} for the defaults)")
-    return StudyGrid(name=str(data.get("name") or path.stem), path=path.resolve(),
-                     base=resolve_config_path(data["base"], relative_to=path.resolve().parent),
-                     overrides=common, budget=budget, seeds=list(seeds), variants=parsed_variants,
-                     eval=dict(eval_cfg), tiny_llm=tiny, description=str(data.get("description") or ""))
+    return StudyGrid(
+        name=str(data.get("name") or path.stem),
+        path=path.resolve(),
+        base=resolve_config_path(data["base"], relative_to=path.resolve().parent),
+        overrides=common,
+        budget=budget,
+        seeds=seeds,
+        variants=parsed_variants,
+        eval=dict(eval_cfg),
+        tiny_llm=tiny,
+        description=str(data.get("description") or ""),
+    )
 
 
 def eval_settings(grid: StudyGrid):
@@ -168,13 +199,19 @@ class PlannedRun:
     def eval_differences(self, settings) -> list[str]:
         """Sampling settings of the saved ``scores.json`` that differ from ``settings`` (empty: reusable)."""
         saved = json.loads(self.scores_path.read_text()).get("settings", {})
-        wanted = {"per_prompt": settings.per_prompt, "seed": settings.seed,
-                  "min_per_category": settings.min_per_category,
-                  "num_inference_steps": settings.num_inference_steps, "guidance_scale": settings.guidance_scale,
-                  "negative_prompt": settings.negative_prompt}
-        return [f"{key}: {saved.get(key, 0 if key == 'min_per_category' else None)!r} -> {value!r}"
-                for key, value in wanted.items()
-                if value is not None and saved.get(key, 0 if key == "min_per_category" else None) != value]
+        wanted = {
+            "per_prompt": settings.per_prompt,
+            "seed": settings.seed,
+            "min_per_category": settings.min_per_category,
+            "num_inference_steps": settings.num_inference_steps,
+            "guidance_scale": settings.guidance_scale,
+            "negative_prompt": settings.negative_prompt,
+        }
+        return [
+            f"{key}: {saved.get(key, 0 if key == 'min_per_category' else None)!r} -> {value!r}"
+            for key, value in wanted.items()
+            if value is not None and saved.get(key, 0 if key == "min_per_category" else None) != value
+        ]
 
 
 def tiny_llm_overrides(grid: StudyGrid, out: Path, *, build: bool) -> list[str]:
@@ -216,8 +253,10 @@ def check_reusable(run: PlannedRun) -> None:
         have = yaml.safe_load(saved.read_text())
     if have != wanted:
         diff = sorted(_diff_keys(have, wanted))
-        raise ConfigError(f"{run.run_dir} was trained with another config (differs in {diff[:8]}); delete that run "
-                          f"directory or choose another --out to retrain it")
+        raise ConfigError(
+            f"{run.run_dir} was trained with another config (differs in {diff[:8]}); delete that run "
+            f"directory or choose another --out to retrain it"
+        )
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:

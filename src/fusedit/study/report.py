@@ -7,10 +7,10 @@ import json
 import math
 import shlex
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from scipy import stats
+from scipy import stats as scipy_stats
 
 from fusedit.eval.plots import plot_loss_curves, plot_scores
 from fusedit.study.grid import PlannedRun, StudyGrid, eval_settings
@@ -47,7 +47,7 @@ def welch_t(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
     if len(a) < 2 or len(b) < 2:
         return float("nan"), float("nan")
 
-    result = stats.ttest_ind(list(a), list(b), equal_var=False)
+    result = scipy_stats.ttest_ind(list(a), list(b), equal_var=False)
     return float(result.statistic), float(result.pvalue)
 
 
@@ -72,9 +72,10 @@ def _fmt(metric: str, mean: float, std: float) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def verdict_lines(summary: dict[str, dict[str, dict]],
-                  metrics: Sequence[str] = ("overall", "color_recall", "color_precision", "fd_pixels",
-                                            "final_loss")) -> list[str]:
+def verdict_lines(
+    summary: dict[str, dict[str, dict]],
+    metrics: Sequence[str] = ("overall", "color_recall", "color_precision", "fd_pixels", "final_loss"),
+) -> list[str]:
     """For each metric: the best variant by mean, and against every other variant the difference, Welch's p and
     whether the per-seed ranges overlap — a plain statement of how sure the seeds let us be."""
     lines = []
@@ -92,18 +93,20 @@ def verdict_lines(summary: dict[str, dict[str, dict]],
             o = summary[other][metric]
             _, p = welch_t(b["values"], o["values"])
             overlap = min(b["values"]) <= max(o["values"]) and min(o["values"]) <= max(b["values"])
-            parts.append(f"{other} {o['mean']:.4g} ± {o['std']:.2g} (difference {b['mean'] - o['mean']:+.4g}, "
-                         f"Welch p = {p:.2g}, seed ranges {'overlap' if overlap else 'do not overlap'})")
-        lines.append(f"* **{label}**: best is **{best}** ({b['mean']:.4g} ± {b['std']:.2g}); vs " + "; ".join(parts)
-                     + ".")
+            parts.append(
+                f"{other} {o['mean']:.4g} ± {o['std']:.2g} (difference {b['mean'] - o['mean']:+.4g}, "
+                f"Welch p = {p:.2g}, seed ranges {'overlap' if overlap else 'do not overlap'})"
+            )
+        lines.append(
+            f"* **{label}**: best is **{best}** ({b['mean']:.4g} ± {b['std']:.2g}); vs " + "; ".join(parts) + "."
+        )
     return lines
 
 
 def markdown_table(summary: dict[str, dict[str, dict]], num_seeds: int) -> str:
     """Rows: variants; columns: metrics as ``mean ± std`` over seeds."""
     metrics = [m for m in METRIC_INFO if any(m in s for s in summary.values())]
-    lines = ["| variant | " + " | ".join(METRIC_INFO[m][0] for m in metrics) + " |",
-             "|---|" + "---|" * len(metrics)]
+    lines = ["| variant | " + " | ".join(METRIC_INFO[m][0] for m in metrics) + " |", "|---|" + "---|" * len(metrics)]
     for variant, stats in summary.items():
         cells = [_fmt(m, stats[m]["mean"], stats[m]["std"]) if m in stats else "–" for m in metrics]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
@@ -112,9 +115,10 @@ def markdown_table(summary: dict[str, dict[str, dict]], num_seeds: int) -> str:
     return "\n".join(lines)
 
 
-def comparison_lines(summary: dict[str, dict[str, dict]],
-                     metrics: Sequence[str] = ("overall", "color_recall", "color_precision", "fd_pixels",
-                                               "final_loss")) -> list[str]:
+def comparison_lines(
+    summary: dict[str, dict[str, dict]],
+    metrics: Sequence[str] = ("overall", "color_recall", "color_precision", "fd_pixels", "final_loss"),
+) -> list[str]:
     """Welch t-tests of every variant against the first one, for ``metrics``."""
     variants = list(summary)
     if len(variants) < 2:
@@ -140,16 +144,19 @@ def _results_section(grid: StudyGrid, runs: Sequence[PlannedRun], summary: dict,
     settings = eval_settings(grid)
     first = runs[0].config
     lines = [
-        "## Results", "",
+        "## Results",
+        "",
         f"Shapes suite: every held-out prompt of the shapes world (never seen in training), "
         f"{settings.per_prompt} image(s) per prompt, eval seed {settings.seed}, "
         f"{settings.num_inference_steps or first.sample.num_inference_steps} Euler steps, CFG "
         f"{settings.guidance_scale if settings.guidance_scale is not None else first.sample.guidance_scale}. "
-        "Accuracies are GenEval-style (overall = mean of the category accuracies; \"all images\" = correct / all "
+        'Accuracies are GenEval-style (overall = mean of the category accuracies; "all images" = correct / all '
         "images, dominated by the largest category). Pixel FD is a Fréchet distance "
         "on 8×8 mean-pooled RGB between the samples and real renders of the same prompts — an image-statistics "
-        "proxy, not Inception FID.", "",
-        markdown_table(summary, len(grid.seeds)), "",
+        "proxy, not Inception FID.",
+        "",
+        markdown_table(summary, len(grid.seeds)),
+        "",
     ]
     verdict = verdict_lines(summary)
     if verdict:
@@ -159,15 +166,26 @@ def _results_section(grid: StudyGrid, runs: Sequence[PlannedRun], summary: dict,
         lines += ["## Reading the numbers", "", notes.read_text().strip(), ""]
     comparison = comparison_lines(summary)
     if comparison:
-        lines += [f"Welch t-tests against the first variant (with {len(grid.seeds)} seeds per variant these are "
-                  "coarse: p < 0.05 needs a difference several standard deviations wide):", ""] + comparison + [""]
+        lines += (
+            [
+                f"Welch t-tests against the first variant (with {len(grid.seeds)} seeds per variant these are "
+                "coarse: p < 0.05 needs a difference several standard deviations wide):",
+                "",
+            ]
+            + comparison
+            + [""]
+        )
     return lines
 
 
 def _per_seed_section(grid: StudyGrid, results: Sequence[dict]) -> list[str]:
     shown = ("overall", "fd_pixels", "final_loss")
-    lines = ["Per-seed values:", "", "| variant | seed | " + " | ".join(METRIC_INFO[m][0] for m in shown) + " |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "Per-seed values:",
+        "",
+        "| variant | seed | " + " | ".join(METRIC_INFO[m][0] for m in shown) + " |",
+        "|---|---|---|---|---|",
+    ]
     order = {v: i for i, v in enumerate(grid.variants)}
     for r in sorted(results, key=lambda r: (order[r["variant"]], r["seed"])):
         cells = [f"{r['metrics'][m]:.4f}" if m in r["metrics"] else "–" for m in shown]
@@ -177,28 +195,46 @@ def _per_seed_section(grid: StudyGrid, results: Sequence[dict]) -> list[str]:
 
 def _reproduce_section(grid: StudyGrid, runs: Sequence[PlannedRun], out: Path) -> list[str]:
     command = f"fusedit study {shlex.quote(_shown_path(grid.path))} --out {shlex.quote(_shown_path(out))}"
-    eval_flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in grid.eval.items()
-                          if k in ("per_prompt", "min_per_category", "seed", "steps", "cfg"))
-    lines = ["## Reproduce", "", "```", command, "```", "",
-             "On a CPU shared with other work add `--threads 1` (or `OMP_NUM_THREADS=1`): oversubscribed OpenMP "
-             "threads slow training down many times. Runs resume; finished runs are reused.", "",
-             f"Grid file: `{_shown_path(grid.path)}`; base config `{_shown_path(grid.base)}`; every run: "
-             f"`fusedit train {_shown_path(grid.base)} <overrides> --run-dir <run>` with the overrides below, then "
-             f"`fusedit eval <run> --suite shapes {eval_flags}`.", ""]
+    eval_flags = " ".join(
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in grid.eval.items()
+        if k in ("per_prompt", "min_per_category", "seed", "steps", "cfg")
+    )
+    lines = [
+        "## Reproduce",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        "On a CPU shared with other work add `--threads 1` (or `OMP_NUM_THREADS=1`): oversubscribed OpenMP "
+        "threads slow training down many times. Runs resume; finished runs are reused.",
+        "",
+        f"Grid file: `{_shown_path(grid.path)}`; base config `{_shown_path(grid.base)}`; every run: "
+        f"`fusedit train {_shown_path(grid.base)} <overrides> --run-dir <run>` with the overrides below, then "
+        f"`fusedit eval <run> --suite shapes {eval_flags}`.",
+        "",
+    ]
     for variant in grid.variants:
         example = next(r for r in runs if r.variant == variant)
         shown = [o for o in example.overrides if not o.startswith("name=")]
         lines.append(f"* **{variant}**: `" + " ".join(shlex.quote(o) for o in shown) + "` (seed varies)")
-    lines += ["", "Exact configs: `runs/<variant>/seed-<seed>/config.yaml`. Budget: "
-              + ", ".join(f"`{b}`" for b in grid.budget) + f"; seeds {grid.seeds}.", ""]
+    lines += [
+        "",
+        "Exact configs: `runs/<variant>/seed-<seed>/config.yaml`. Budget: "
+        + ", ".join(f"`{b}`" for b in grid.budget)
+        + f"; seeds {grid.seeds}.",
+        "",
+    ]
     return lines
 
 
 def write_report(grid: StudyGrid, out: Path, runs: Sequence[PlannedRun], results: Sequence[dict]) -> Path:
     """``report.md``, ``results.json``, plots and per-variant grids."""
     summary = summarize(results, list(grid.variants))
-    (out / "results.json").write_text(json.dumps({"grid": str(grid.path), "summary": summary, "runs": results},
-                                                 indent=1) + "\n")
+    (out / "results.json").write_text(
+        json.dumps({"grid": str(grid.path), "summary": summary, "runs": results}, indent=1) + "\n"
+    )
     plots = out / "plots"
     loss_png = plot_loss_curves(results, list(grid.variants), plots / "loss.png")
     scores_png = plot_scores(summary, plots / "scores.png")
@@ -208,8 +244,17 @@ def write_report(grid: StudyGrid, out: Path, runs: Sequence[PlannedRun], results
         lines += [grid.description.strip(), ""]
     lines += _results_section(grid, runs, summary, out)
     lines += _per_seed_section(grid, results)
-    lines += ["", "## Plots", "", f"![loss curves]({loss_png.relative_to(out)})", "",
-              f"![scores]({scores_png.relative_to(out)})", "", "## Samples (first seed, held-out prompts)", ""]
+    lines += [
+        "",
+        "## Plots",
+        "",
+        f"![loss curves]({loss_png.relative_to(out)})",
+        "",
+        f"![scores]({scores_png.relative_to(out)})",
+        "",
+        "## Samples (first seed, held-out prompts)",
+        "",
+    ]
     for variant, files in grids.items():
         lines.append(f"**{variant}**: " + ", ".join(f"[{c}]({p.relative_to(out)})" for c, p in files.items()))
         lines.append("")

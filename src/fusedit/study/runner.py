@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from safetensors import safe_open
 
@@ -29,8 +29,15 @@ def default_evaluate(run: PlannedRun, settings) -> dict:
     return evaluate_shapes(pipe, world_from_config(pipe.config), run.eval_dir, settings, model_path=str(run.run_dir))
 
 
-def run_study(grid: StudyGrid, out: Path, *, train_fn: Callable = default_train, eval_fn: Callable = default_evaluate,
-              progress: bool = False, log: Callable[[str], None] = print) -> list[dict]:
+def run_study(
+    grid: StudyGrid,
+    out: Path,
+    *,
+    train_fn: Callable = default_train,
+    eval_fn: Callable = default_evaluate,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
     """Train, evaluate and report every run of ``grid`` in ``out``; returns the per-run results.
 
     ``train_fn(run, progress=)`` and ``eval_fn(run, settings) -> scores`` are injectable (tests use fakes).
@@ -51,9 +58,12 @@ def run_study(grid: StudyGrid, out: Path, *, train_fn: Callable = default_train,
             log(f"{label} — done before, reusing {run.run_dir}")
         else:
             if not run.trained:
-                remaining = sum(not r.trained for r in runs[number - 1:])
-                eta = "" if not trained_count else \
-                    f", about {trained_seconds / trained_count * remaining / 60:.0f} min of training left"
+                remaining = sum(not r.trained for r in runs[number - 1 :])
+                eta = (
+                    ""
+                    if not trained_count
+                    else f", about {trained_seconds / trained_count * remaining / 60:.0f} min of training left"
+                )
                 log(f"{label} — training {run.config.train.max_steps} steps in {run.run_dir}{eta}")
                 t0 = time.perf_counter()
                 train_fn(run, progress=progress)
@@ -76,8 +86,11 @@ def collect_run(run: PlannedRun) -> dict:
     scores = json.loads(run.scores_path.read_text())
     records = [r for r in read_metrics(run.run_dir) if "loss" in r]
     tail = records[-3:]
-    metrics = {"overall": scores["overall"], "acc_images": sum(scores["correct"].values()) / scores["num_images"],
-               **{f"acc/{k}": v for k, v in scores["accuracy"].items()}}
+    metrics = {
+        "overall": scores["overall"],
+        "acc_images": sum(scores["correct"].values()) / scores["num_images"],
+        **{f"acc/{k}": v for k, v in scores["accuracy"].items()},
+    }
     for name in ("fd_pixels", "color_recall", "color_precision"):
         if name in scores:
             metrics[name] = scores[name]
@@ -89,11 +102,17 @@ def collect_run(run: PlannedRun) -> dict:
     params = count_parameters(run.run_dir / "final" / "model.safetensors")
     if params is not None:
         metrics["params_m"] = params / 1e6
-    return {"variant": run.variant, "seed": run.seed, "run_dir": str(run.run_dir), "metrics": metrics,
-            "loss_curve": [[r["step"], r["loss"]] for r in records], "grids": scores.get("grids", {})}
+    return {
+        "variant": run.variant,
+        "seed": run.seed,
+        "run_dir": str(run.run_dir),
+        "metrics": metrics,
+        "loss_curve": [[r["step"], r["loss"]] for r in records],
+        "grids": scores.get("grids", {}),
+    }
 
 
-def count_parameters(path: Path) -> Optional[int]:
+def count_parameters(path: Path) -> int | None:
     """Number of trained values in a safetensors file (``None`` when it does not exist)."""
     if not path.is_file():
         return None

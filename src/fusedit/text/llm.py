@@ -4,6 +4,7 @@ Any causal LM whose decoder follows the transformers layout (``embed_tokens``, `
 a ``Cache``-aware attention) works: Gemma, Gemma 2, Gemma 3 (text), Llama, Qwen2, Qwen3, and PaliGemma's language
 model. Only the decoder is kept (no LM head).
 """
+
 from __future__ import annotations
 
 import copy

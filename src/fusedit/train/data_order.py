@@ -41,8 +41,17 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
     ``(epoch, index)`` pairs (for :class:`EpochIndexed`) instead of indices.
     """
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, start: int = 0, *, rank: int = 0,
-                 world_size: int = 1, with_epoch: bool = False) -> None:
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        seed: int,
+        start: int = 0,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        with_epoch: bool = False,
+    ) -> None:
         if num_items <= 0:
             raise ValueError("the dataset is empty")
         if batch_size % world_size:
@@ -62,10 +71,10 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
                     epoch, index = epoch + 1, 0
                     order = epoch_permutation(self.num_items, self.seed, epoch)
                 take = min(self.batch_size - len(batch), self.num_items - index)
-                chunk = order[index:index + take].tolist()
+                chunk = order[index : index + take].tolist()
                 batch += [(epoch, i) for i in chunk] if self.with_epoch else chunk
                 index += take
-            yield batch[lo:lo + share]
+            yield batch[lo : lo + share]
 
 
 class EpochIndexed(Dataset):
@@ -117,8 +126,12 @@ def collate_batch(items: Sequence[Mapping[str, Any]]) -> MicroBatch:
     stream_pos = None
     if has_pos == {True}:
         stream_pos = torch.stack([torch.as_tensor(item["stream_pos"]) for item in items])
-    return MicroBatch(images=torch.stack([torch.as_tensor(item["image"]) for item in items]),
-                      captions=[item["caption"] for item in items], is_latent=latent == {True}, stream_pos=stream_pos)
+    return MicroBatch(
+        images=torch.stack([torch.as_tensor(item["image"]) for item in items]),
+        captions=[item["caption"] for item in items],
+        is_latent=latent == {True},
+        stream_pos=stream_pos,
+    )
 
 
 def collate_image_caption(items: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, list[str]]:
@@ -131,14 +144,17 @@ def is_resumable_stream(dataset: Any) -> bool:
     """Whether ``dataset`` is an ``IterableDataset`` the trainer can checkpoint (``state_dict``,
     ``load_state_dict``, ``mark_consumed``)."""
     return isinstance(dataset, IterableDataset) and all(
-        callable(getattr(dataset, name, None)) for name in ("state_dict", "load_state_dict", "mark_consumed"))
+        callable(getattr(dataset, name, None)) for name in ("state_dict", "load_state_dict", "mark_consumed")
+    )
 
 
 def _endless(loader: DataLoader) -> Iterator[MicroBatch]:
     """The batches of a stream's DataLoader; a clear error if the stream ends before training does."""
     yield from loader
-    raise RuntimeError("the training data stream ended before train.max_steps; build shard streams with epochs=None "
-                       "(repeat forever) for training")
+    raise RuntimeError(
+        "the training data stream ended before train.max_steps; build shard streams with epochs=None "
+        "(repeat forever) for training"
+    )
 
 
 class TrainingData:
@@ -155,15 +171,19 @@ class TrainingData:
     def __init__(self, dataset: Any, *, seed: int, global_micro_batch: int, env: DistEnv, num_workers: int) -> None:
         self.is_stream = isinstance(dataset, IterableDataset)
         if self.is_stream and not is_resumable_stream(dataset):
-            raise TypeError(f"{type(dataset).__name__} is an IterableDataset without state_dict/load_state_dict/"
-                            f"mark_consumed; the trainer needs a resumable stream (e.g. WebShardDataset, "
-                            f"LatentShardDataset) or a map-style data set")
+            raise TypeError(
+                f"{type(dataset).__name__} is an IterableDataset without state_dict/load_state_dict/"
+                f"mark_consumed; the trainer needs a resumable stream (e.g. WebShardDataset, "
+                f"LatentShardDataset) or a map-style data set"
+            )
         if self.is_stream:
             split = (getattr(dataset, "rank", 0), getattr(dataset, "world_size", 1))
             if split != (env.rank, env.world_size):
-                raise ValueError(f"the data stream was built for rank {split[0]} of {split[1]} but this process is "
-                                 f"rank {env.rank} of {env.world_size}; build it after the process group exists (or "
-                                 f"pass rank/world_size)")
+                raise ValueError(
+                    f"the data stream was built for rank {split[0]} of {split[1]} but this process is "
+                    f"rank {env.rank} of {env.world_size}; build it after the process group exists (or "
+                    f"pass rank/world_size)"
+                )
         self.dataset, self.seed, self.env, self.num_workers = dataset, seed, env, num_workers
         self.global_micro_batch = global_micro_batch
         self.micro_batch = global_micro_batch // env.world_size
@@ -175,16 +195,36 @@ class TrainingData:
         generator = torch.Generator().manual_seed(self.seed + self.samples_seen)
         pin = self.env.device.type == "cuda"
         if self.is_stream:
-            loader = DataLoader(self.dataset, batch_size=self.micro_batch, collate_fn=collate_batch,
-                                num_workers=self.num_workers, pin_memory=pin, persistent_workers=False,
-                                generator=generator)
+            loader = DataLoader(
+                self.dataset,
+                batch_size=self.micro_batch,
+                collate_fn=collate_batch,
+                num_workers=self.num_workers,
+                pin_memory=pin,
+                persistent_workers=False,
+                generator=generator,
+            )
             return _endless(loader)
         with_epoch = callable(getattr(self.dataset, "set_epoch", None))
-        sampler = ResumableBatchSampler(len(self.dataset), self.global_micro_batch, self.seed, self.samples_seen,
-                                        rank=self.env.rank, world_size=self.env.world_size, with_epoch=with_epoch)
+        sampler = ResumableBatchSampler(
+            len(self.dataset),
+            self.global_micro_batch,
+            self.seed,
+            self.samples_seen,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            with_epoch=with_epoch,
+        )
         source = EpochIndexed(self.dataset) if with_epoch else self.dataset
-        loader = DataLoader(source, batch_sampler=sampler, collate_fn=collate_batch, num_workers=self.num_workers,
-                            pin_memory=pin, persistent_workers=False, generator=generator)
+        loader = DataLoader(
+            source,
+            batch_sampler=sampler,
+            collate_fn=collate_batch,
+            num_workers=self.num_workers,
+            pin_memory=pin,
+            persistent_workers=False,
+            generator=generator,
+        )
         return iter(loader)
 
     def consumed(self, batch: MicroBatch) -> None:
@@ -205,8 +245,13 @@ class TrainingData:
         if self.is_stream:
             return {"kind": "stream", "samples_seen": self.samples_seen}
         n = len(self.dataset)
-        return {"kind": "map", "samples_seen": self.samples_seen, "num_items": n,
-                "epoch": self.samples_seen // n, "index": self.samples_seen % n}
+        return {
+            "kind": "map",
+            "samples_seen": self.samples_seen,
+            "num_items": n,
+            "epoch": self.samples_seen // n,
+            "index": self.samples_seen % n,
+        }
 
     def stream_state(self) -> Any:
         """This rank's stream position (``None`` for map-style data)."""
@@ -218,11 +263,15 @@ class TrainingData:
         kind = position.get("kind", "map")
         mine = "stream" if self.is_stream else "map"
         if kind != mine:
-            raise CheckpointError(f"{path}: saved while reading a {kind} data set, this run reads a {mine} data set; "
-                                  f"the data position cannot be resumed")
+            raise CheckpointError(
+                f"{path}: saved while reading a {kind} data set, this run reads a {mine} data set; "
+                f"the data position cannot be resumed"
+            )
         if kind == "map" and position["num_items"] != len(self.dataset):
-            raise CheckpointError(f"{path}: saved with a dataset of {position['num_items']} items, this one has "
-                                  f"{len(self.dataset)}; the data position cannot be resumed")
+            raise CheckpointError(
+                f"{path}: saved with a dataset of {position['num_items']} items, this one has "
+                f"{len(self.dataset)}; the data position cannot be resumed"
+            )
         self.samples_seen = position["samples_seen"]
         if not self.is_stream:
             return None
@@ -235,8 +284,9 @@ class TrainingData:
         try:
             self.dataset.load_state_dict(state)
         except (ValueError, KeyError, TypeError) as error:
-            raise CheckpointError(f"{path}: the saved data-stream position does not fit this data set ({error})") \
-                from None
+            raise CheckpointError(
+                f"{path}: the saved data-stream position does not fit this data set ({error})"
+            ) from None
 
     def _restart_stream(self, path: Path, saved: list[Any]) -> str:
         """World size changed: the shard-per-rank split differs, so per-rank positions do not apply. Every rank
@@ -251,12 +301,20 @@ class TrainingData:
         workers = max(self.num_workers, 1)
         state = self.dataset.state_dict()
         state["num_workers"] = workers
-        state["workers"] = {str(k): {"epoch": epoch, "cursor": 0, "offset": 0,
-                                     "skipped": skipped if (k == 0 and self.env.is_main) else 0}
-                            for k in range(workers)}
+        state["workers"] = {
+            str(k): {
+                "epoch": epoch,
+                "cursor": 0,
+                "offset": 0,
+                "skipped": skipped if (k == 0 and self.env.is_main) else 0,
+            }
+            for k in range(workers)
+        }
         self._load_stream_state(path, state)
-        return (f"data stream: the shard split changed with the number of processes; restarting at the beginning of "
-                f"epoch {epoch} (the rest of the interrupted epoch is skipped)")
+        return (
+            f"data stream: the shard split changed with the number of processes; restarting at the beginning of "
+            f"epoch {epoch} (the rest of the interrupted epoch is skipped)"
+        )
 
     def skipped(self) -> float | None:
         """Corrupt samples skipped so far (streams: summed over ranks; map-style: the largest rank count)."""

@@ -16,8 +16,9 @@ class NonFiniteLossError(RuntimeError):
         last_checkpoint: the newest good checkpoint directory, or ``None`` if none was written.
     """
 
-    def __init__(self, what: str, loss: float, grad_norm: float, step: int | None = None,
-                 last_checkpoint: Path | None = None) -> None:
+    def __init__(
+        self, what: str, loss: float, grad_norm: float, step: int | None = None, last_checkpoint: Path | None = None
+    ) -> None:
         where = f" at step {step}" if step is not None else ""
         message = f"non-finite {what}{where} (loss {loss}, grad norm {grad_norm}); the weights were not updated"
         if step is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
@@ -42,9 +42,19 @@ class RunState:
         config: what checkpoints and ``final/config.yaml`` record (the ExperimentConfig as a plain mapping).
     """
 
-    def __init__(self, run_dir: Path, checkpointer: Checkpointer, plan: ParallelPlan, *, lr_scheduler: LRScheduler,
-                 data: TrainingData, generators: Mapping[str, torch.Generator], params: Mapping[str, torch.Tensor],
-                 ema: EMA | None, config: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        checkpointer: Checkpointer,
+        plan: ParallelPlan,
+        *,
+        lr_scheduler: LRScheduler,
+        data: TrainingData,
+        generators: Mapping[str, torch.Generator],
+        params: Mapping[str, torch.Tensor],
+        ema: EMA | None,
+        config: dict[str, Any],
+    ) -> None:
         self.run_dir, self.checkpointer, self.plan = run_dir, checkpointer, plan
         self.lr_scheduler, self.data, self.generators = lr_scheduler, data, generators
         self.params, self.ema, self.config = params, ema, config
@@ -53,7 +63,7 @@ class RunState:
         self.last_checkpoint: Path | None = None
 
     @property
-    def _cuda_devices(self) -> str:
+    def _cuda_devices(self) -> Literal["all", "current"]:
         return "current" if self.plan.distributed else "all"
 
     def save(self, metrics: Mapping[str, float] | None = None) -> Path:
@@ -108,8 +118,10 @@ class RunState:
         saved = loaded.run.get("config", {}).get("train", {})
         changed = sorted(k for k, v in train_config.items() if k in saved and saved[k] != v)
         if changed:
-            self.notes.append("resuming with changed train settings: " + ", ".join(
-                f"{k}: {saved[k]!r} -> {train_config[k]!r}" for k in changed))
+            self.notes.append(
+                "resuming with changed train settings: "
+                + ", ".join(f"{k}: {saved[k]!r} -> {train_config[k]!r}" for k in changed)
+            )
         self.notes.append(f"resumed from {loaded.path} (step {self.step}, {self.data.samples_seen} samples seen)")
         return loaded.path
 

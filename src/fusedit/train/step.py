@@ -16,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,13 +52,18 @@ def flow_loss(
         autocast_dtype: run the text and the model under ``torch.autocast`` in this dtype (``None``: no autocast).
     """
     x_t = interpolate(x0, noise, sigmas)
-    autocast = (torch.autocast(device_type=x0.device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(device_type=x0.device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
     with autocast:
         pred = forward(x_t, timestep_input(sigmas), text())
     if pred.shape != x0.shape:
-        raise ValueError(f"the model returned {tuple(pred.shape)} for inputs of shape {tuple(x0.shape)}; it must "
-                         f"predict a velocity of the input's shape")
+        raise ValueError(
+            f"the model returned {tuple(pred.shape)} for inputs of shape {tuple(x0.shape)}; it must "
+            f"predict a velocity of the input's shape"
+        )
     return flow_matching_loss(pred, velocity_target(x0, noise), weights)
 
 
@@ -76,7 +82,7 @@ def train_step(
     micro_losses: Iterable[Callable[[], torch.Tensor]],
     *,
     grad_clip: float | None,
-    gradient_sync: Callable[[bool], ContextManager[Any]] | None = None,
+    gradient_sync: Callable[[bool], AbstractContextManager[Any]] | None = None,
     reduce_loss: Callable[[torch.Tensor], float] | None = None,
 ) -> StepResult:
     """One optimiser step: backward through every micro-batch loss, clip, step.
@@ -108,7 +114,7 @@ def train_step(
     mean = total / len(calls)
     loss_value = reduce_loss(mean) if reduce_loss is not None else mean.item()
     with_grad = [p for p in params if p.grad is not None]
-    grad_norm = full_tensor(torch.nn.utils.get_total_norm([p.grad for p in with_grad]))
+    grad_norm = full_tensor(torch.nn.utils.get_total_norm([p.grad for p in with_grad if p.grad is not None]))
     if grad_clip is not None:
         torch.nn.utils.clip_grads_with_norm_(with_grad, grad_clip, grad_norm)
     norm_value = float(grad_norm)

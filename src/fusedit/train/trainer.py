@@ -43,7 +43,6 @@ import dataclasses
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,70 +56,15 @@ from fusedit.checkpoint.weights import trainable_named_parameters
 from fusedit.dist.env import all_reduce
 from fusedit.dist.parallelize import parallelize
 from fusedit.flow import FlowMatchSchedule, loss_weighting
-from fusedit.train.config import TrainConfig
 from fusedit.train.data_order import MicroBatch, TrainingData
 from fusedit.train.ema import EMA
 from fusedit.train.errors import NonFiniteLossError
 from fusedit.train.logging import SilentLog, TrainLogger
-from fusedit.train.schedules import build_lr_scheduler
+from fusedit.train.setup import TrainSummary, build_optimizer, check_text_encoder, split_config, training_generators
 from fusedit.train.state import RunState
 from fusedit.train.step import flow_loss, train_step
 
 SampleFn = Callable[[list[str], int], torch.Tensor]
-
-
-@dataclass
-class TrainSummary:
-    """What :meth:`Trainer.fit` did.
-
-    Attributes:
-        start_step: the step it started from (0, or the resumed checkpoint's).
-        step: the step it ended at.
-        losses: ``{step: loss}`` of every optimiser step run by this call (mean over the global batch).
-        last_checkpoint: the newest checkpoint directory.
-        final_dir: ``run_dir/final``.
-        resumed_from: the checkpoint it resumed from, if any.
-        images_per_second: training throughput of this call.
-    """
-
-    start_step: int
-    step: int
-    losses: dict[int, float] = field(default_factory=dict)
-    last_checkpoint: Path | None = None
-    final_dir: Path | None = None
-    resumed_from: Path | None = None
-    images_per_second: float = 0.0
-
-
-def split_config(config: Any) -> tuple[Any, TrainConfig]:
-    """``(experiment or None, train config)`` of an ExperimentConfig or a TrainConfig (validated)."""
-    if isinstance(config, TrainConfig):
-        experiment, train = None, config
-    elif isinstance(getattr(config, "train", None), TrainConfig):
-        experiment, train = config, config.train
-    else:
-        raise TypeError(f"Trainer config must be an ExperimentConfig (with a .train TrainConfig) or a TrainConfig, "
-                        f"got {type(config).__name__}")
-    train.validate()
-    return experiment, train
-
-
-def check_text_encoder(text_encoder: Any, cfg: TrainConfig) -> None:
-    """The text encoder must encode, and may be trained in one process only."""
-    if not hasattr(text_encoder, "encode"):
-        raise TypeError(f"text_encoder must have encode(prompts) -> context; got {type(text_encoder).__name__}")
-    if cfg.distributed != "none" and getattr(text_encoder, "trainable", False):
-        raise ValueError(f"train.distributed={cfg.distributed} with a trainable text encoder is not supported: the "
-                         f"LLM is replicated outside DDP/FSDP; train it with train.distributed=none")
-
-
-def training_generators(seed: int, device: torch.device) -> dict[str, torch.Generator]:
-    """The trainer's own generators, shared by all ranks (same seeds, same draws; each rank keeps its slice)."""
-    return {
-        "sigma": torch.Generator().manual_seed(seed + 1),
-        "caption_dropout": torch.Generator().manual_seed(seed + 2),
-        "noise": torch.Generator(device=device).manual_seed(seed + 3),
-    }
 
 
 class Trainer:
@@ -139,10 +83,23 @@ class Trainer:
         progress, tensorboard: console progress / TensorBoard on or off.
     """
 
-    def __init__(self, config: Any, model: nn.Module, text_encoder: Any, dataset: Any, *, run_dir: str | Path,
-                 codec: Any = None, sample_fn: SampleFn | None = None, device: str | torch.device = "cpu",
-                 resume: bool = True, resume_from: str | Path | None = None, num_workers: int | None = None,
-                 progress: bool = True, tensorboard: bool = True) -> None:
+    def __init__(
+        self,
+        config: Any,
+        model: nn.Module,
+        text_encoder: Any,
+        dataset: Any,
+        *,
+        run_dir: str | Path,
+        codec: Any = None,
+        sample_fn: SampleFn | None = None,
+        device: str | torch.device = "cpu",
+        resume: bool = True,
+        resume_from: str | Path | None = None,
+        num_workers: int | None = None,
+        progress: bool = True,
+        tensorboard: bool = True,
+    ) -> None:
         self.experiment, self.cfg = split_config(config)
         check_text_encoder(text_encoder, self.cfg)
         cfg = self.cfg
@@ -155,25 +112,24 @@ class Trainer:
         self.model = self._prepare_model(model)
         # DDP wraps the model; FSDP shards it in place (self.model then holds DTensor shards)
         self.plan = parallelize(self.model, cfg.distributed, self.device, bf16=self.use_bf16)
-        self.data = TrainingData(dataset, seed=cfg.seed, global_micro_batch=self._global_micro_batch(),
-                                 env=self.plan.env, num_workers=self._num_workers(num_workers))
+        self.data = TrainingData(
+            dataset,
+            seed=cfg.seed,
+            global_micro_batch=self._global_micro_batch(),
+            env=self.plan.env,
+            num_workers=self._num_workers(num_workers),
+        )
         self.forward_model = torch.compile(self.plan.module) if cfg.compile else self.plan.module
         self.params = trainable_named_parameters(self.model, text_encoder)
-        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                                           weight_decay=cfg.weight_decay, fused=True if cfg.fused_adamw else None)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_schedule, lr=cfg.lr, total_steps=cfg.max_steps,
-                                               warmup_steps=cfg.warmup_steps, min_lr=cfg.min_lr)
+        self.optimizer, self.lr_scheduler = build_optimizer(cfg, list(self.params.values()))
         self.ema = EMA(self.params, cfg.ema_decay) if cfg.ema_every > 0 else None
         self.schedule = FlowMatchSchedule(shift=cfg.shift)
         self.generators = training_generators(cfg.seed, self.device)
-        checkpointer = Checkpointer(self.run_dir, TrainedObjects(self.model, self.params, self.optimizer, self.ema),
-                                    env=self.plan.env, sharded=self.plan.distributed, keep=cfg.keep_checkpoints)
-        self.state = RunState(self.run_dir, checkpointer, self.plan, lr_scheduler=self.lr_scheduler, data=self.data,
-                              generators=self.generators, params=self.params, ema=self.ema,
-                              config=self._config_dict())
+        self.state = self._run_state()
         if cfg.mixed_precision == "bf16" and not self.use_bf16:
-            self.notes.append(f"train.mixed_precision=bf16 is not supported on device {self.device}; training in "
-                              f"float32")
+            self.notes.append(
+                f"train.mixed_precision=bf16 is not supported on device {self.device}; training in float32"
+            )
 
     # ------------------------------------------------------------------------------------------------------------
     # construction helpers
@@ -184,18 +140,40 @@ class Trainer:
         if self.cfg.activation_checkpointing:
             enable = getattr(model, "enable_activation_checkpointing", None)
             if enable is None:
-                raise ValueError(f"train.activation_checkpointing=true but {type(model).__name__} has no "
-                                 f"enable_activation_checkpointing() method")
+                raise ValueError(
+                    f"train.activation_checkpointing=true but {type(model).__name__} has no "
+                    f"enable_activation_checkpointing() method"
+                )
             enable()
         return model
+
+    def _run_state(self) -> RunState:
+        """What saves, restores and exports this run (its checkpointer holds the model, optimizer and EMA)."""
+        objects = TrainedObjects(self.model, self.params, self.optimizer, self.ema)
+        checkpointer = Checkpointer(
+            self.run_dir, objects, env=self.plan.env, sharded=self.plan.distributed, keep=self.cfg.keep_checkpoints
+        )
+        return RunState(
+            self.run_dir,
+            checkpointer,
+            self.plan,
+            lr_scheduler=self.lr_scheduler,
+            data=self.data,
+            generators=self.generators,
+            params=self.params,
+            ema=self.ema,
+            config=self._config_dict(),
+        )
 
     def _global_micro_batch(self) -> int:
         """Samples per micro-batch over all ranks (each rank reads ``1 / world_size`` of it)."""
         cfg, world = self.cfg, self.plan.env.world_size
         accumulation = cfg.gradient_accumulation_steps
         if cfg.batch_size % (accumulation * world):
-            raise ValueError(f"train.batch_size ({cfg.batch_size}) must be divisible by "
-                             f"train.gradient_accumulation_steps ({accumulation}) x the number of processes ({world})")
+            raise ValueError(
+                f"train.batch_size ({cfg.batch_size}) must be divisible by "
+                f"train.gradient_accumulation_steps ({accumulation}) x the number of processes ({world})"
+            )
         return cfg.batch_size // accumulation
 
     def _num_workers(self, num_workers: int | None) -> int:
@@ -205,7 +183,7 @@ class Trainer:
 
     def _config_dict(self) -> dict[str, Any]:
         if self.experiment is not None and dataclasses.is_dataclass(self.experiment):
-            return dataclasses.asdict(self.experiment)
+            return dataclasses.asdict(self.experiment)  # type: ignore[arg-type]
         return {"train": dataclasses.asdict(self.cfg)}
 
     @property
@@ -256,15 +234,27 @@ class Trainer:
         with torch.no_grad():
             x0 = (self.codec.encode(images) if self.codec is not None and not is_latent else images).float()
         total, mine = self._rank_slice(x0.shape[0])
-        sigmas = self.schedule.sample_sigmas(total, self.generators["sigma"], method=cfg.time_sampling,
-                                             logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
-                                             mode_scale=cfg.mode_scale)[mine].to(self.device)
-        noise = torch.randn((total, *x0.shape[1:]), generator=self.generators["noise"], device=self.device,
-                            dtype=x0.dtype)[mine]
+        sigmas = self.schedule.sample_sigmas(
+            total,
+            self.generators["sigma"],
+            method=cfg.time_sampling,
+            logit_mean=cfg.logit_mean,
+            logit_std=cfg.logit_std,
+            mode_scale=cfg.mode_scale,
+        )[mine].to(self.device)
+        noise = torch.randn(
+            (total, *x0.shape[1:]), generator=self.generators["noise"], device=self.device, dtype=x0.dtype
+        )[mine]
         captions = self.drop_captions(captions)
-        return flow_loss(self.forward_model, x0, noise, sigmas, lambda: self._encode_text(captions),
-                         weights=loss_weighting(sigmas, cfg.loss_weighting),
-                         autocast_dtype=torch.bfloat16 if self.use_bf16 else None)
+        return flow_loss(
+            self.forward_model,
+            x0,
+            noise,
+            sigmas,
+            lambda: self._encode_text(captions),
+            weights=loss_weighting(sigmas, cfg.loss_weighting),
+            autocast_dtype=torch.bfloat16 if self.use_bf16 else None,
+        )
 
     def _micro_loss(self, micro_batches: Iterator[MicroBatch]) -> Callable[[], torch.Tensor]:
         def compute() -> torch.Tensor:
@@ -285,10 +275,14 @@ class Trainer:
         """
         reduce = (lambda loss: all_reduce(loss, "mean", self.device)) if self.plan.distributed else None
         try:
-            result = train_step(self.optimizer, list(self.params.values()),
-                                [self._micro_loss(micro_batches)] * self.cfg.gradient_accumulation_steps,
-                                grad_clip=self.cfg.grad_clip, gradient_sync=self.plan.gradient_sync,
-                                reduce_loss=reduce)
+            result = train_step(
+                self.optimizer,
+                list(self.params.values()),
+                [self._micro_loss(micro_batches)] * self.cfg.gradient_accumulation_steps,
+                grad_clip=self.cfg.grad_clip,
+                gradient_sync=self.plan.gradient_sync,
+                reduce_loss=reduce,
+            )
         except NonFiniteLossError as error:
             raise error.at(self.step + 1, self.last_checkpoint) from None
         self.lr_scheduler.step()
@@ -340,8 +334,12 @@ class Trainer:
             log.info(f"step {self.step}: samples saved to {path}")
 
     def _metrics(self, losses: list[float], grad_norm: float, seconds: float) -> dict[str, float]:
-        metrics = {"loss": sum(losses) / len(losses), "lr": self.lr_scheduler.get_last_lr()[0],
-                   "grad_norm": grad_norm, "img_per_s": len(losses) * self.cfg.batch_size / max(seconds, 1e-9)}
+        metrics: dict[str, float] = {
+            "loss": sum(losses) / len(losses),
+            "lr": float(self.lr_scheduler.get_last_lr()[0]),
+            "grad_norm": grad_norm,
+            "img_per_s": len(losses) * self.cfg.batch_size / max(seconds, 1e-9),
+        }
         if self.data.epoch is not None:
             metrics["epoch"] = self.data.epoch
         skipped = self.data.skipped()
@@ -352,8 +350,9 @@ class Trainer:
     def _open_log(self) -> TrainLogger | SilentLog:
         if not self.plan.env.is_main:
             return SilentLog()
-        return TrainLogger(self.run_dir, self.cfg.max_steps, self.step, progress=self.progress,
-                           tensorboard=self.tensorboard)
+        return TrainLogger(
+            self.run_dir, self.cfg.max_steps, self.step, progress=self.progress, tensorboard=self.tensorboard
+        )
 
     def _train_until_done(self, log: TrainLogger | SilentLog, summary: TrainSummary) -> None:
         cfg = self.cfg
@@ -386,8 +385,10 @@ class Trainer:
             self.notes.clear()
             env = self.plan.env
             if self.plan.distributed:
-                log.info(f"{self.plan.mode}: {env.world_size} processes, {self.data.micro_batch} samples per process "
-                         f"and micro-batch, {self.cfg.gradient_accumulation_steps} micro-batch(es) per step")
+                log.info(
+                    f"{self.plan.mode}: {env.world_size} processes, {self.data.micro_batch} samples per process "
+                    f"and micro-batch, {self.cfg.gradient_accumulation_steps} micro-batch(es) per step"
+                )
             summary = TrainSummary(start_step=self.step, step=self.step, resumed_from=resumed_from)
             if self.step >= self.cfg.max_steps:
                 log.info(f"nothing to do: step {self.step} >= train.max_steps {self.cfg.max_steps}")
@@ -398,8 +399,9 @@ class Trainer:
             summary.step, summary.last_checkpoint = self.step, self.last_checkpoint
             summary.final_dir = self.export_final()
             steps_run = self.step - summary.start_step
-            summary.images_per_second = steps_run * self.cfg.batch_size / (time.perf_counter() - started) \
-                if steps_run else 0.0
+            summary.images_per_second = (
+                steps_run * self.cfg.batch_size / (time.perf_counter() - started) if steps_run else 0.0
+            )
             skipped = self.data.skipped()
             if skipped:
                 log.info(f"{int(skipped)} corrupt or unreadable sample(s) were skipped")
