@@ -23,45 +23,45 @@ def _layer_linear_params(hidden: int, heads: int, kv_heads: int, head_dim: int, 
     return hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * intermediate
 
 
-def dit_forward_flops(r: ResolvedModelConfig, image_tokens: int, text_keys: int) -> int:
+def dit_forward_flops(resolved: ResolvedModelConfig, image_tokens: int, text_keys: int) -> int:
     """Matmul FLOPs of one DiT forward for one image: ``image_tokens`` queries over ``text_keys`` text keys (fused
     layers) plus the image keys; patch embedding and output projection included."""
-    n, d, heads = image_tokens, r.head_dim, r.num_attention_heads
-    per_layer = 2 * n * _layer_linear_params(r.hidden_size, heads, r.num_key_value_heads, d, r.intermediate_size)
+    n, d, heads, hidden = image_tokens, resolved.head_dim, resolved.num_attention_heads, resolved.hidden_size
+    per_layer = 2 * n * _layer_linear_params(hidden, heads, resolved.num_key_value_heads, d, resolved.intermediate_size)
     total = 0
-    for llm_layer in r.layer_map:
+    for llm_layer in resolved.layer_map:
         keys = n + (text_keys if llm_layer is not None else 0)
         total += per_layer + 4 * n * keys * heads * d
-    patch = r.config.patch_size**2
-    total += 2 * n * patch * r.config.in_channels * r.hidden_size + 2 * n * r.hidden_size * patch * r.out_channels
+    patch = resolved.config.patch_size**2
+    total += 2 * n * patch * hidden * (resolved.config.in_channels + resolved.out_channels)
     return total
 
 
-def llm_forward_flops(r: ResolvedModelConfig, tokens: int) -> int:
+def llm_forward_flops(resolved: ResolvedModelConfig, tokens: int) -> int:
     """Matmul FLOPs of the LLM forward (up to its deepest fused layer) on one prompt of ``tokens`` real tokens."""
-    g = r.llm
-    layers = max(r.fused_llm_layers) + 1
+    llm = resolved.llm
+    layers = max(resolved.fused_llm_layers) + 1
     linear = (
         2
         * tokens
         * _layer_linear_params(
-            g.hidden_size, g.num_attention_heads, g.num_key_value_heads, g.head_dim, g.intermediate_size
+            llm.hidden_size, llm.num_attention_heads, llm.num_key_value_heads, llm.head_dim, llm.intermediate_size
         )
     )
     causal_pairs = tokens * (tokens + 1) // 2
-    return layers * (linear + 4 * causal_pairs * g.num_attention_heads * g.head_dim)
+    return layers * (linear + 4 * causal_pairs * llm.num_attention_heads * llm.head_dim)
 
 
 def model_flops_per_iteration(
-    r: ResolvedModelConfig, preset: BenchPreset, mode: str, batch: int, llm: bool = True
+    resolved: ResolvedModelConfig, preset: BenchPreset, mode: str, batch: int, llm: bool = True
 ) -> int:
     """Useful FLOPs of one benchmark iteration (see the module docstring)."""
     real, n = preset.real_tokens, preset.image_tokens
-    text = llm_forward_flops(r, real) if llm else 0
+    text = llm_forward_flops(resolved, real) if llm else 0
     if mode == "train":
-        return batch * (3 * dit_forward_flops(r, n, real) + text)
+        return batch * (3 * dit_forward_flops(resolved, n, real) + text)
     # sampling: conditional rows see the prompt, unconditional rows the empty prompt (one BOS token)
-    step = dit_forward_flops(r, n, real) + dit_forward_flops(r, n, 1)
+    step = dit_forward_flops(resolved, n, real) + dit_forward_flops(resolved, n, 1)
     return batch * (SAMPLE_STEPS * step + text)
 
 

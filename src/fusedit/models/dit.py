@@ -35,19 +35,26 @@ class DiTBlock(nn.Module):
         layer_modulation: type | None,
     ):
         super().__init__()
-        r = resolved
-        c, eps, hidden = r.config, r.rms_norm_eps, r.hidden_size
+        config, eps, hidden = resolved.config, resolved.rms_norm_eps, resolved.hidden_size
         self.input_layernorm = RMSNorm(hidden, eps)
         self.modulation = layer_modulation(hidden) if layer_modulation is not None else None
         self.self_attn = SelfAttention(
-            hidden, r.num_attention_heads, r.num_key_value_heads, r.head_dim, c.qk_norm, eps, self_text
+            hidden,
+            resolved.num_attention_heads,
+            resolved.num_key_value_heads,
+            resolved.head_dim,
+            config.qk_norm,
+            eps,
+            self_text,
         )
-        self.attn_out_norm = RMSNorm(hidden, eps) if c.sandwich_norm else nn.Identity()
+        self.attn_out_norm = RMSNorm(hidden, eps) if config.sandwich_norm else nn.Identity()
         self.cross_attn = cross_attn
-        self.cross_out_norm = RMSNorm(hidden, eps) if (c.sandwich_norm and cross_attn is not None) else nn.Identity()
+        self.cross_out_norm = (
+            RMSNorm(hidden, eps) if (config.sandwich_norm and cross_attn is not None) else nn.Identity()
+        )
         self.ffn_norm = RMSNorm(hidden, eps)
-        self.mlp = GeGLU(hidden, r.intermediate_size)
-        self.ffn_out_norm = RMSNorm(hidden, eps) if c.sandwich_norm else nn.Identity()
+        self.mlp = GeGLU(hidden, resolved.intermediate_size)
+        self.ffn_out_norm = RMSNorm(hidden, eps) if config.sandwich_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None, rope: Rope, text: TextInputs) -> torch.Tensor:
         mod = self.modulation(emb) if self.modulation is not None else None

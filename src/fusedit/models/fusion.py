@@ -63,13 +63,13 @@ class TextPath:
         raise NotImplementedError
 
     def _cross_attention(self, source: nn.Module, key_norm: bool) -> CrossAttention:
-        r = self.resolved
+        resolved = self.resolved
         return CrossAttention(
-            r.hidden_size,
-            r.num_attention_heads,
-            r.head_dim,
-            r.config.qk_norm,
-            r.rms_norm_eps,
+            resolved.hidden_size,
+            resolved.num_attention_heads,
+            resolved.head_dim,
+            resolved.config.qk_norm,
+            resolved.rms_norm_eps,
             source,
             key_norm=key_norm,
         )
@@ -83,10 +83,10 @@ class DeepFusion(TextPath):
     image_follows_text = True
 
     def requirements(self) -> TextRequirements:
-        c, fused = self.resolved.config, self.resolved.fused_llm_layers
-        if c.attention == "self":
-            return TextRequirements(kv_layers=fused, pooled=c.text_modulation)
-        return TextRequirements(raw_key_layers=fused, pooled=c.text_modulation)
+        config, fused = self.resolved.config, self.resolved.fused_llm_layers
+        if config.attention == "self":
+            return TextRequirements(kv_layers=fused, pooled=config.text_modulation)
+        return TextRequirements(raw_key_layers=fused, pooled=config.text_modulation)
 
     def block_modules(self, index: int) -> tuple[nn.Module | None, CrossAttention | None]:
         llm_layer = self.resolved.layer_map[index]
@@ -121,13 +121,13 @@ class ShallowFusion(TextPath):
         self.context_embedder = ContextEmbedder(resolved.llm.hidden_size, resolved.hidden_size, resolved.rms_norm_eps)
 
     def requirements(self) -> TextRequirements:
-        c = self.resolved.config
-        return TextRequirements(hidden_states_index=c.text_hidden_states_index, pooled=c.text_modulation)
+        config = self.resolved.config
+        return TextRequirements(hidden_states_index=config.text_hidden_states_index, pooled=config.text_modulation)
 
     def block_modules(self, index: int) -> tuple[nn.Module | None, CrossAttention | None]:
-        r = self.resolved
-        source = ProjectedKV(r.hidden_size, r.num_key_value_heads, r.head_dim)
-        if r.config.attention == "self":
+        resolved = self.resolved
+        source = ProjectedKV(resolved.hidden_size, resolved.num_key_value_heads, resolved.head_dim)
+        if resolved.config.attention == "self":
             return source, None
         return None, self._cross_attention(source, key_norm=True)
 

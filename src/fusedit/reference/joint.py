@@ -210,7 +210,7 @@ def _deep_velocity(
     text_mask: torch.Tensor,
     pooled: torch.Tensor | None,
 ) -> torch.Tensor:
-    r, p = model.resolved, model.patch_size
+    resolved, p = model.resolved, model.patch_size
     h, w = x.shape[2] // p, x.shape[3] // p
     tokens = model.patch_embed(x)
     cond = model.timestep(timestep.to(tokens.device), pooled, tokens.dtype)
@@ -221,10 +221,12 @@ def _deep_velocity(
     positions = torch.arange(input_ids.shape[1], device=x.device)[None].expand(input_ids.shape[0], -1)
     text_rope = llm.rotary_emb(txt, positions)
     key_mask = text_mask if not bool(text_mask.all()) else None
-    layers = [_TextLayer(layer, r.llm.num_attention_heads, r.llm.num_key_value_heads) for layer in llm.layers]
-    cross = r.config.attention == "cross"
+    layers = [
+        _TextLayer(layer, resolved.llm.num_attention_heads, resolved.llm.num_key_value_heads) for layer in llm.layers
+    ]
+    cross = resolved.config.attention == "cross"
     next_llm_layer = 0
-    for block, llm_layer in zip(model.layers, r.layer_map, strict=True):
+    for block, llm_layer in zip(model.layers, resolved.layer_map, strict=True):
         if llm_layer is None:  # DiT layer past the map: image tokens only
             tokens = block(tokens, cond.layer, image_rope, TextInputs(hidden=None, key_mask=None))
             continue

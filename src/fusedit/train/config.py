@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from fusedit.config import require
@@ -46,7 +46,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     lr: float = 1e-4
     weight_decay: float = 1e-4
-    betas: list[float] = None  # type: ignore[assignment]
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     lr_schedule: Literal["constant", "warmup", "cosine"] = "constant"
     warmup_steps: int = 0
@@ -65,7 +65,7 @@ class TrainConfig:
     seed: int = 42
     log_every: int = 10
     sample_every: int = 0
-    sample_prompts: list[str] = None  # type: ignore[assignment]
+    sample_prompts: list[str] = field(default_factory=list)
     sample_steps: int = 25
     sample_cfg: float = 6.0
     checkpoint_every: int = 500
@@ -74,12 +74,6 @@ class TrainConfig:
     compile: bool = False
     fused_adamw: bool = False
     distributed: Literal["none", "ddp", "fsdp"] = "none"
-
-    def __post_init__(self) -> None:
-        if self.betas is None:
-            self.betas = [0.9, 0.999]
-        if self.sample_prompts is None:
-            self.sample_prompts = []
 
     def validate(self) -> None:
         require(self.max_steps > 0, f"train.max_steps: got {self.max_steps}, expected a positive integer")
