@@ -1,14 +1,18 @@
 """The demo resumes an interrupted run of its own settings, and never resumes a run of other settings or LLM."""
+
 from __future__ import annotations
+
+import pytest
 
 from fusedit.demo import set_aside_stale_run, stale_run_reason
 from fusedit.experiment import load_experiment
-from fusedit.run import train_run
+from fusedit.train.launch import train_run
+
+pytestmark = pytest.mark.slow
 
 
-def test_stale_demo_runs_are_set_aside(tmp_path, tiny_llm_dir, monkeypatch):
-    from tests_support import overrides_for
-
+def test_stale_demo_runs_are_set_aside(tmp_path, tiny_llm_dir, demo_overrides, monkeypatch):
+    overrides_for = demo_overrides
     monkeypatch.chdir(tmp_path)
     config = load_experiment("demo", overrides_for(tiny_llm_dir) + ["train.max_steps=1"])
     run = tmp_path / "runs" / "fusedit"

@@ -21,8 +21,9 @@ def test_reference_sampling_matches_the_reference_computation():
 
     # The reference trainer's computation (diffusion/trainers.py), with an explicit generator.
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
-    u = compute_density_for_timestep_sampling("logit_normal", 4096, logit_mean=0.0, logit_std=1.0,
-                                              generator=torch.Generator().manual_seed(7))
+    u = compute_density_for_timestep_sampling(
+        "logit_normal", 4096, logit_mean=0.0, logit_std=1.0, generator=torch.Generator().manual_seed(7)
+    )
     indices = (u * scheduler.config.num_train_timesteps).long()
     timesteps = scheduler.timesteps[indices]
     step_indices = [(scheduler.timesteps == t).nonzero().item() for t in timesteps]
@@ -45,8 +46,9 @@ def test_reference_sampling_is_reproducible_and_advances_the_generator():
 def test_continuous_methods_match_diffusers_density_then_shift(method):
     schedule = FlowMatchSchedule(shift=3.0)
     ours = schedule.sample_sigmas(512, torch.Generator().manual_seed(3), method=method, mode_scale=1.29)
-    u = compute_density_for_timestep_sampling(method, 512, logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
-                                              generator=torch.Generator().manual_seed(3))
+    u = compute_density_for_timestep_sampling(
+        method, 512, logit_mean=0.0, logit_std=1.0, mode_scale=1.29, generator=torch.Generator().manual_seed(3)
+    )
     torch.testing.assert_close(ours, shift_sigmas(u, 3.0))
     unshifted = schedule.sample_sigmas(512, torch.Generator().manual_seed(3), method=method, apply_shift=False)
     torch.testing.assert_close(unshifted, u)
@@ -74,8 +76,12 @@ def test_interpolation_endpoints_and_target():
     torch.testing.assert_close(mid[1], 0.5 * (x0[1] + noise[1]))
     torch.testing.assert_close(mid[2], 0.25 * x0[2] + 0.75 * noise[2])
     # d x_t / d sigma is the velocity target
-    torch.testing.assert_close(interpolate(x0, noise, torch.full((3,), 0.6)) - interpolate(x0, noise, torch.full((3,), 0.4)),
-                               0.2 * velocity_target(x0, noise), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        interpolate(x0, noise, torch.full((3,), 0.6)) - interpolate(x0, noise, torch.full((3,), 0.4)),
+        0.2 * velocity_target(x0, noise),
+        atol=1e-6,
+        rtol=1e-5,
+    )
     with pytest.raises(ValueError, match=r"sigma must have shape \(B,\)"):
         interpolate(x0, noise, torch.zeros(2))
 
@@ -123,8 +129,9 @@ def test_uniform_fraction_mixes_in_unshifted_uniform_sigmas():
     schedule = FlowMatchSchedule(shift=6.0)
     plain = schedule.sample_sigmas(20000, torch.Generator().manual_seed(0))
     # off: the same random stream as before the option existed
-    torch.testing.assert_close(schedule.sample_sigmas(20000, torch.Generator().manual_seed(0), uniform_fraction=0.0),
-                               plain)
+    torch.testing.assert_close(
+        schedule.sample_sigmas(20000, torch.Generator().manual_seed(0), uniform_fraction=0.0), plain
+    )
     mixed = schedule.sample_sigmas(20000, torch.Generator().manual_seed(0), uniform_fraction=0.25)
     # shift 6 almost never visits σ < 0.2 (0.1 %); a quarter of uniform draws puts 0.25 · 0.2 = 5 % there
     assert (plain < 0.2).float().mean() < 0.005

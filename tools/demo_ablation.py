@@ -21,6 +21,7 @@
 The probe is smaller and softer than ``fusedit eval RUN --suite shapes`` (all 149 held-out prompts × 4): it is
 meant to rank variants quickly (about a minute), not to report a model's score.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,7 @@ def color_mask(image: np.ndarray, color: str) -> np.ndarray:
 
 
 def soft_position(image: np.ndarray, spec) -> bool | None:
-    """Whether the two prompt colors' pixel centroids are in the prompt's relation (None: both objects share a color)."""
+    """Whether the two prompt colors' pixel centroids are in the prompt's relation (None: both share a color)."""
     subject, reference = spec.objects
     if subject.color == reference.color:
         return None
@@ -65,14 +66,15 @@ def soft_position(image: np.ndarray, spec) -> bool | None:
         ys, xs = np.nonzero(mask)
         centroids.append((xs.mean(), ys.mean()))
     (ax, ay), (bx, by) = centroids
-    return bool({"left of": ax < bx - 2, "right of": ax > bx + 2, "above": ay < by - 2,
-                 "below": ay > by + 2}[spec.relation])
+    return bool(
+        {"left of": ax < bx - 2, "right of": ax > bx + 2, "above": ay < by - 2, "below": ay > by + 2}[spec.relation]
+    )
 
 
 def probe(run: Path, guidance_scale: float | None = None) -> dict:
     from fusedit.eval.shapes_eval import world_from_config
     from fusedit.eval.shapes_scorer import as_uint8_images, check_objects, color_following, detect
-    from fusedit.pipeline import load_pipeline
+    from fusedit.sampling.loading import load_pipeline
     from fusedit.train.logging import save_image_grid
 
     pipe = load_pipeline(run, device="cpu")
@@ -87,12 +89,12 @@ def probe(run: Path, guidance_scale: float | None = None) -> dict:
         jobs += [spec for spec in specs for _ in range(int(np.ceil(want / len(specs))))]
     images = []
     for start in range(0, len(jobs), 64):
-        batch = jobs[start:start + 64]
+        batch = jobs[start : start + 64]
         generators = [torch.Generator().manual_seed(1000 + start + k) for k in range(len(batch))]
         out = pipe([s.text for s in batch], generator=generators, output_type="pt", guidance_scale=guidance_scale)
         images += as_uint8_images(out.images * 2 - 1)
     correct, recall, precision, position = {}, [], [], []
-    for image, spec in zip(images, jobs):
+    for image, spec in zip(images, jobs, strict=False):
         objects = detect(image)
         correct.setdefault(spec.category, []).append(check_objects(objects, spec))
         alignment = color_following(objects, spec)
@@ -104,22 +106,31 @@ def probe(run: Path, guidance_scale: float | None = None) -> dict:
             if ok is not None:
                 position.append(ok)
     result = {c: round(float(np.mean(v)), 3) for c, v in correct.items()}
-    result.update(overall=round(float(np.mean([np.mean(v) for v in correct.values()])), 3),
-                  color_recall=round(float(np.mean(recall)), 3), color_precision=round(float(np.mean(precision)), 3),
-                  soft_position=round(float(np.mean(position)), 3), images=len(images))
+    result.update(
+        overall=round(float(np.mean([np.mean(v) for v in correct.values()])), 3),
+        color_recall=round(float(np.mean(recall)), 3),
+        color_precision=round(float(np.mean(precision)), 3),
+        soft_position=round(float(np.mean(position)), 3),
+        images=len(images),
+    )
     grid = torch.from_numpy(np.stack(images[:64])).permute(0, 3, 1, 2).float() / 127.5 - 1
     save_image_grid(grid, run / "probe.png", nrow=8)
     return result
 
 
-def position_breakdown(run: Path, split: str = "held_out", prompts: int | None = 64, images_per_prompt: int = 1,
-                       guidance_scale: float | None = None) -> dict:
+def position_breakdown(
+    run: Path,
+    split: str = "held_out",
+    prompts: int | None = 64,
+    images_per_prompt: int = 1,
+    guidance_scale: float | None = None,
+) -> dict:
     """Of ``prompts`` random position prompts with two different colors (None: every such prompt of the split;
     ``images_per_prompt`` images each, seeds 0, 1, ... in order): how often both prompt colors are drawn, and how
     often, when they are, the subject lies on the prompt's side (guidance: the run's, or ``guidance_scale``)."""
     from fusedit.eval.shapes_eval import world_from_config
     from fusedit.eval.shapes_scorer import as_uint8_images
-    from fusedit.pipeline import load_pipeline
+    from fusedit.sampling.loading import load_pipeline
 
     pipe = load_pipeline(run, device="cpu")
     world = world_from_config(pipe.config)
@@ -129,21 +140,26 @@ def position_breakdown(run: Path, split: str = "held_out", prompts: int | None =
     specs = [s for s in specs if s.objects[0].color != s.objects[1].color] * images_per_prompt
     images = []
     for start in range(0, len(specs), 64):
-        batch = specs[start:start + 64]
+        batch = specs[start : start + 64]
         generators = [torch.Generator().manual_seed(start + k) for k in range(len(batch))]
         out = pipe([s.text for s in batch], generator=generators, output_type="pt", guidance_scale=guidance_scale)
         images += as_uint8_images(out.images * 2 - 1)
-    both = [all(color_mask(i, o.color).sum() >= 4 for o in s.objects) for i, s in zip(images, specs)]
-    right = [bool(soft_position(i, s)) for i, s, b in zip(images, specs, both) if b]
-    result = {"split": split, "images": len(specs), "both_colors_drawn": round(sum(both) / len(specs), 3),
-              "placed_as_prompted_when_both_drawn": round(sum(right) / max(len(right), 1), 3)}
+    both = [all(color_mask(i, o.color).sum() >= 4 for o in s.objects) for i, s in zip(images, specs, strict=False)]
+    right = [bool(soft_position(i, s)) for i, s, b in zip(images, specs, both, strict=False) if b]
+    result = {
+        "split": split,
+        "images": len(specs),
+        "both_colors_drawn": round(sum(both) / len(specs), 3),
+        "placed_as_prompted_when_both_drawn": round(sum(right) / max(len(right), 1), 3),
+    }
     if guidance_scale is not None:
         result["cfg"] = guidance_scale
     return result
 
 
-def layout_signal(run: Path, split: str = "held_out", prompts: int = 96, sigma: float = 0.95,
-                  noise_draws: int = 4) -> dict:
+def layout_signal(
+    run: Path, split: str = "held_out", prompts: int = 96, sigma: float = 0.95, noise_draws: int = 4
+) -> dict:
     """Whether the model's layout at high noise follows position prompts, without sampling.
 
     For ``prompts`` random position prompts with two different colors: the one-step prediction of the clean image
@@ -156,7 +172,7 @@ def layout_signal(run: Path, split: str = "held_out", prompts: int = 96, sigma: 
     """
     from fusedit.data.shapes import PALETTE
     from fusedit.eval.shapes_eval import world_from_config
-    from fusedit.pipeline import load_pipeline
+    from fusedit.sampling.loading import load_pipeline
 
     pipe = load_pipeline(run, device="cpu")
     world = world_from_config(pipe.config)
@@ -174,7 +190,7 @@ def layout_signal(run: Path, split: str = "held_out", prompts: int = 96, sigma: 
         x0 = x0 + (noise - sigma * v) / noise_draws
     ys, xs = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
     offsets = []
-    for image, spec in zip(x0, specs):
+    for image, spec in zip(x0, specs, strict=False):
         subject, reference = spec.objects
         direction = (torch.tensor(PALETTE[subject.color]) - torch.tensor(PALETTE[reference.color])).float() / 127.5
         contrast = torch.einsum("chw,c->hw", image, direction)
@@ -184,11 +200,15 @@ def layout_signal(run: Path, split: str = "held_out", prompts: int = 96, sigma: 
         offsets.append({"left of": -cx, "right of": cx, "above": -cy, "below": cy}[spec.relation])
     offsets = np.array(offsets)
     horizontal = np.array([s.relation in ("left of", "right of") for s in specs])
-    return {"split": split, "prompts": len(specs), "sigma": sigma,
-            "subject_on_prompted_side": round(float((offsets > 0).mean()), 3),
-            "left_right": round(float((offsets[horizontal] > 0).mean()), 3),
-            "above_below": round(float((offsets[~horizontal] > 0).mean()), 3),
-            "mean_offset_px": round(float(offsets.mean()), 3)}
+    return {
+        "split": split,
+        "prompts": len(specs),
+        "sigma": sigma,
+        "subject_on_prompted_side": round(float((offsets > 0).mean()), 3),
+        "left_right": round(float((offsets[horizontal] > 0).mean()), 3),
+        "above_below": round(float((offsets[~horizontal] > 0).mean()), 3),
+        "mean_offset_px": round(float(offsets.mean()), 3),
+    }
 
 
 def main() -> None:
@@ -197,29 +217,43 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="demo config overrides, key=value")
     parser.add_argument("--llm-corpus", default="restated", choices=["restated", "captions"])
     parser.add_argument("--llm-steps", type=int, default=300)
-    parser.add_argument("--llm-scene-weight", type=float, default=TinyLLMConfig().scene_loss_weight,
-                        help="weight of the tiny LLM's scene objective (0: next-token loss only)")
+    parser.add_argument(
+        "--llm-scene-weight",
+        type=float,
+        default=TinyLLMConfig().scene_loss_weight,
+        help="weight of the tiny LLM's scene objective (0: next-token loss only)",
+    )
     parser.add_argument("--cfg", type=float, default=None, help="probe guidance scale (default: the run's)")
     parser.add_argument("--probe-only", action="store_true")
-    parser.add_argument("--positions", action="store_true",
-                        help="also break position prompts down: both colors drawn? placed as the prompt says? and "
-                             "the layout signal at high noise (LAYOUT lines, see layout_signal)")
-    parser.add_argument("--placement-cfg", type=float, nargs="+", default=None, metavar="CFG",
-                        help="also sample every held-out position prompt with two colors twice at each guidance "
-                             "scale and print the POSITIONS breakdown of those images (PLACEMENT lines)")
+    parser.add_argument(
+        "--positions",
+        action="store_true",
+        help="also break position prompts down: both colors drawn? placed as the prompt says? and "
+        "the layout signal at high noise (LAYOUT lines, see layout_signal)",
+    )
+    parser.add_argument(
+        "--placement-cfg",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="CFG",
+        help="also sample every held-out position prompt with two colors twice at each guidance "
+        "scale and print the POSITIONS breakdown of those images (PLACEMENT lines)",
+    )
     args = parser.parse_intermixed_args()
     torch.set_num_threads(1)
     run = args.out / "fusedit"
     if not args.probe_only:
         from fusedit.data.shapes import ShapesWorld
         from fusedit.experiment import load_experiment
-        from fusedit.run import train_run
         from fusedit.text.tiny_llm import ensure_shapes_world_llm
+        from fusedit.train.launch import train_run
 
         base = load_experiment("demo", args.overrides)
         world = ShapesWorld(base.data.shapes, base.data.resolution)
-        llm_config = TinyLLMConfig(corpus=args.llm_corpus, steps=args.llm_steps,
-                                   scene_loss_weight=args.llm_scene_weight)
+        llm_config = TinyLLMConfig(
+            corpus=args.llm_corpus, steps=args.llm_steps, scene_loss_weight=args.llm_scene_weight
+        )
         llm = ensure_shapes_world_llm(args.out / "tiny-llm", world, llm_config)
         config = load_experiment("demo", args.overrides + [f"text.llm={llm}"])
         shutil.rmtree(run, ignore_errors=True)

@@ -9,6 +9,7 @@ Every key must be a field of its dataclass, every value must have the field's ty
 define ``validate()`` for value ranges and combinations. Violations raise :class:`ConfigError` whose message names the
 dotted key, the offending value and what is allowed.
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,8 +17,9 @@ import dataclasses
 import os
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, TypeVar, Union, get_args, get_origin
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
@@ -151,7 +153,7 @@ def _type_name(tp: Any) -> str:
         return "mapping"
     if tp is type(None):
         return "null"
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return f"mapping ({tp.__name__})"
     return getattr(tp, "__name__", str(tp))
 
@@ -176,7 +178,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if value in get_args(tp) and type(value) in {type(a) for a in get_args(tp)}:
             return value
         raise ConfigError(f"{key}: got {value!r}, expected one of {', '.join(repr(a) for a in get_args(tp))}")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, Mapping):
@@ -194,6 +196,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         args = get_args(tp)
         value_type = args[1] if len(args) == 2 else Any
         return {str(k): _convert(v, value_type, f"{key}.{k}") for k, v in value.items()}
+    return _convert_scalar(value, tp, key)
+
+
+def _convert_scalar(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as a bool, int, float, str or instance of the class ``tp`` (YAML's "1e-4" string read as a float)."""
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -223,17 +230,22 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrongly typed values.
 
-    After construction the instance's ``validate()`` (if any) runs; it should raise :class:`ConfigError`.
+    A dataclass may define ``upgrade_keys(data, prefix) -> data`` (a classmethod) to read keys it renamed; after
+    construction the instance's ``validate()`` (if any) runs; it should raise :class:`ConfigError`.
     """
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, got {data!r}")
+    upgrade = getattr(cls, "upgrade_keys", None)
+    if callable(upgrade):  # a section that renamed keys reads the old names (with a message)
+        data = upgrade(dict(data), prefix or cls.__name__)
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     unknown = sorted(set(map(str, data)) - set(fields))
     if unknown:
         where = f"section {prefix!r}" if prefix else cls.__name__
         raise ConfigError(
-            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(repr(f'{prefix}.{k}' if prefix else k) for k in unknown)}"
+            f"unknown key{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(repr(f'{prefix}.{k}' if prefix else k) for k in unknown)}"
             f" in {where}; allowed keys: {', '.join(sorted(fields))}"
         )
     kwargs = {}

@@ -10,20 +10,30 @@
    ``<run>/eval/shapes.json``;
 5. prints the score with its confidence interval and controls, and the paths of the grid, the run and its logs.
 """
+
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 
-from fusedit.experiment import load_experiment
+from fusedit.builders import resolve_relative_paths
+from fusedit.config import ConfigError
+from fusedit.data.shapes import PromptSpec, ShapesWorld
+from fusedit.eval.shapes_eval import ShapesEvalSettings, evaluate_shapes, format_scores, write_json_atomic
+from fusedit.eval.shapes_report import summary_keys
+from fusedit.experiment import ExperimentConfig, load_experiment
+from fusedit.sampling.loading import load_pipeline
+from fusedit.text.tiny_llm import TinyLLMConfig, ensure_shapes_world_llm, read_marker
+from fusedit.train.launch import train_run
+from fusedit.train.logging import save_image_grid
 
 
-def held_out_examples(world, per_category: int = 2) -> list:
+def held_out_examples(world: ShapesWorld, per_category: int = 2) -> list[PromptSpec]:
     """A few held-out prompt specs of every category (deterministic)."""
     chosen = []
     for category in world.categories:
@@ -32,15 +42,12 @@ def held_out_examples(world, per_category: int = 2) -> list:
     return chosen
 
 
-def stale_run_reason(run_dir: Path, config, llm_retrained: bool) -> Optional[str]:
+def stale_run_reason(run_dir: Path, config: ExperimentConfig, llm_retrained: bool) -> str | None:
     """Why the demo run already in ``run_dir`` must not be resumed with ``config`` (None: resume it, or none there).
 
     Resuming is right after an interruption; it would silently be wrong after the demo's settings or its tiny LLM
     changed (e.g. an upgrade of fusedit): the checkpoints were trained on other text features or data.
     """
-    from fusedit.builders import resolve_relative_paths
-    from fusedit.config import ConfigError
-
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         return None
@@ -55,11 +62,9 @@ def stale_run_reason(run_dir: Path, config, llm_retrained: bool) -> Optional[str
     return None
 
 
-def set_aside_stale_run(run_dir: Path, config, llm_retrained: bool) -> Optional[Path]:
+def set_aside_stale_run(run_dir: Path, config: ExperimentConfig, llm_retrained: bool) -> Path | None:
     """Move a stale demo run (:func:`stale_run_reason`) to ``<run_dir>.previous`` (replacing an older one) and say
     so; returns the new location, or None when the run can be resumed."""
-    import shutil
-
     reason = stale_run_reason(run_dir, config, llm_retrained)
     if reason is None:
         return None
@@ -71,75 +76,93 @@ def set_aside_stale_run(run_dir: Path, config, llm_retrained: bool) -> Optional[
     return previous
 
 
-def run_demo(out: Path, *, device: Optional[str] = None, steps: Optional[int] = None,
-             overrides: Sequence[str] = (), images_per_prompt: int = 4) -> dict:
-    from fusedit.data.shapes import ShapesWorld
-    from fusedit.eval.shapes_eval import format_scores
-    from fusedit.pipeline import load_pipeline
-    from fusedit.run import train_run
-    from fusedit.text.tiny_llm import TinyLLMConfig, ensure_shapes_world_llm, read_marker
-    from fusedit.train.logging import save_image_grid
-
+def run_demo(
+    out: Path,
+    *,
+    device: str | None = None,
+    steps: int | None = None,
+    overrides: Sequence[str] = (),
+    images_per_prompt: int = 4,
+) -> dict:
+    """The demo's stages in order (module docstring); returns the evaluation's summary document."""
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     base = load_experiment("demo", list(overrides))
     world = ShapesWorld(base.data.shapes, base.data.resolution)
-    print(f"[1/4] shapes world: {len(world.training_prompts())} training prompts, "
-          f"{len(world.held_out_prompts())} held out, {base.data.resolution}px")
-
-    print("[2/4] tiny LLM (Gemma 2 architecture) on the training captions and their restatements, with the scene "
-          "objective")
-    # One thread: at this size (width 128, sequences of ~12 tokens) a second thread adds synchronisation, not speed,
-    # and on a busy machine two spinning threads per process slow training down several-fold.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    marker_before = read_marker(out / "tiny-llm")
-    try:
-        llm_dir = ensure_shapes_world_llm(out / "tiny-llm", world, TinyLLMConfig())
-    finally:
-        torch.set_num_threads(threads)
+    print(
+        f"[1/4] shapes world: {len(world.training_prompts())} training prompts, "
+        f"{len(world.held_out_prompts())} held out, {base.data.resolution}px"
+    )
+    llm_dir, retrained = pretrain_tiny_llm(out / "tiny-llm", world)
     extra = [f"text.llm={llm_dir}"] + ([f"train.max_steps={steps}"] if steps else [])
     config = load_experiment("demo", list(overrides) + extra)
-
     run_dir = out / "fusedit"
-    set_aside_stale_run(run_dir, config, llm_retrained=read_marker(llm_dir) != marker_before)
-    busy = os.getloadavg()[0] > 1.5 if hasattr(os, "getloadavg") else False
-    if busy and torch.get_num_threads() > 1:
-        # Several processes each spinning two threads on two cores slow every step down many-fold.
-        print(f"      the machine is busy (load average {os.getloadavg()[0]:.1f}): training on 1 thread")
-        torch.set_num_threads(1)
-    positions = config.model.pos_embed + (" + sin-cos table" if config.model.absolute_pos_embed else "")
-    print(f"[3/4] training deep fusion ({positions}, {config.model.timestep_conditioning} timestep "
-          f"conditioning) for {config.train.max_steps} steps -> {run_dir}")
-    train_run(config, run_dir, device=device)
-
+    train_demo(config, run_dir, device, llm_retrained=retrained)
     print("[4/4] sampling held-out prompts, and the full held-out suite next to its controls")
     pipe = load_pipeline(run_dir, device=device)
-    specs = held_out_examples(world)
-    prompts = [spec.text for spec in specs]
-    generator = torch.Generator(device=pipe.device).manual_seed(1234)
-    images = pipe(prompts, num_images_per_prompt=images_per_prompt, generator=generator, output_type="pt").images
-    grid = save_image_grid(images * 2 - 1, run_dir / "demo_grid.png", nrow=images_per_prompt)
-    (run_dir / "demo_grid.txt").write_text("\n".join(f"row {i}: {p}" for i, p in enumerate(prompts)) + "\n")
+    grid = sample_demo_grid(pipe, world, run_dir, images_per_prompt)
     summary, summary_path = evaluate_demo(pipe, world, run_dir)
-    minutes = (time.perf_counter() - started) / 60
     print()
     print(format_scores(summary))
     print()
     print(f"grid:    {grid}  (rows: {run_dir / 'demo_grid.txt'}; every category: {run_dir / 'eval'}/grid-*.png)")
     print(f"scores:  {summary_path}")
     print(f"run:     {run_dir}")
-    print(f"logs:    {run_dir / 'logs'}  (tensorboard --logdir {run_dir / 'logs'}); metrics {run_dir / 'metrics.jsonl'}")
-    print(f"took {minutes:.1f} min")
+    print(
+        f"logs:    {run_dir / 'logs'}  (tensorboard --logdir {run_dir / 'logs'}); metrics {run_dir / 'metrics.jsonl'}"
+    )
+    print(f"took {(time.perf_counter() - started) / 60:.1f} min")
     return summary
 
 
-def evaluate_demo(pipe, world, run_dir: Path) -> tuple[dict, Path]:
+def pretrain_tiny_llm(folder: Path, world: ShapesWorld) -> tuple[Path, bool]:
+    """Stage 2: pretrain (or reuse) the tiny LLM in ``folder``; returns its folder and whether it was retrained."""
+    print(
+        "[2/4] tiny LLM (Gemma 2 architecture) on the training captions and their restatements, with the scene "
+        "objective"
+    )
+    # One thread: at this size (width 128, sequences of ~12 tokens) a second thread adds synchronisation, not speed,
+    # and on a busy machine two spinning threads per process slow training down several-fold.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    marker_before = read_marker(folder)
+    try:
+        llm_dir = ensure_shapes_world_llm(folder, world, TinyLLMConfig())
+    finally:
+        torch.set_num_threads(threads)
+    return llm_dir, read_marker(llm_dir) != marker_before
+
+
+def train_demo(config: ExperimentConfig, run_dir: Path, device: str | None, llm_retrained: bool) -> None:
+    """Stage 3: train (or resume) the demo's DiT in ``run_dir`` (a stale run is set aside first)."""
+    set_aside_stale_run(run_dir, config, llm_retrained=llm_retrained)
+    busy = os.getloadavg()[0] > 1.5 if hasattr(os, "getloadavg") else False
+    if busy and torch.get_num_threads() > 1:
+        # Several processes each spinning two threads on two cores slow every step down many-fold.
+        print(f"      the machine is busy (load average {os.getloadavg()[0]:.1f}): training on 1 thread")
+        torch.set_num_threads(1)
+    positions = config.model.pos_embed + (" + sin-cos table" if config.model.absolute_pos_embed else "")
+    print(
+        f"[3/4] training deep fusion ({positions}, {config.model.timestep_conditioning} timestep "
+        f"conditioning) for {config.train.max_steps} steps -> {run_dir}"
+    )
+    train_run(config, run_dir, device=device)
+
+
+def sample_demo_grid(pipe, world: ShapesWorld, run_dir: Path, images_per_prompt: int) -> Path:
+    """A grid of two held-out prompts per category (``images_per_prompt`` each): ``<run>/demo_grid.png`` and the
+    prompt of each row in ``demo_grid.txt``."""
+    prompts = [spec.text for spec in held_out_examples(world)]
+    generator = torch.Generator(device=pipe.device).manual_seed(1234)
+    images = pipe(prompts, num_images_per_prompt=images_per_prompt, generator=generator, output_type="pt").images
+    grid = save_image_grid(images * 2 - 1, run_dir / "demo_grid.png", nrow=images_per_prompt)
+    (run_dir / "demo_grid.txt").write_text("\n".join(f"row {i}: {p}" for i, p in enumerate(prompts)) + "\n")
+    return grid
+
+
+def evaluate_demo(pipe, world: ShapesWorld, run_dir: Path) -> tuple[dict, Path]:
     """The full held-out suite with its controls (default :class:`~fusedit.eval.shapes_eval.ShapesEvalSettings`):
     ``scores.json``, grids and images in ``<run>/eval``, the summary document in ``<run>/eval/shapes.json``."""
-    from fusedit.eval.shapes_eval import ShapesEvalSettings, evaluate_shapes, write_json_atomic
-    from fusedit.eval.shapes_report import summary_keys
-
     scores = evaluate_shapes(pipe, world, run_dir / "eval", ShapesEvalSettings(), model_path=str(run_dir))
     summary = {key: scores[key] for key in summary_keys(scores)}
     return summary, write_json_atomic(run_dir / "eval" / "shapes.json", summary)

@@ -1,9 +1,10 @@
 """The whole configuration of a run: model, text side, data, training and sampling."""
+
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
 
 from fusedit.config import load_config, require
 from fusedit.data.config import DataConfig
@@ -31,10 +32,12 @@ class SampleConfig:
     guidance_scale: float = 6.0
     negative_prompt: str = ""
     shift: float = 3.0
-    guidance_interval: Optional[list[float]] = None
+    guidance_interval: list[float] | None = None
 
     def validate(self) -> None:
-        require(self.num_inference_steps > 0, f"sample.num_inference_steps: got {self.num_inference_steps}, expected > 0")
+        require(
+            self.num_inference_steps > 0, f"sample.num_inference_steps: got {self.num_inference_steps}, expected > 0"
+        )
         require(self.guidance_scale >= 0, f"sample.guidance_scale: got {self.guidance_scale}, expected >= 0")
         require(self.shift > 0, f"sample.shift: got {self.shift}, expected > 0")
         if self.guidance_interval is not None:
@@ -42,10 +45,13 @@ class SampleConfig:
             require(problem is None, f"sample.guidance_interval: {problem}")
 
 
-def guidance_interval_problem(interval) -> Optional[str]:
+def guidance_interval_problem(interval) -> str | None:
     """Why ``interval`` is not a valid ``[σ_low, σ_high]`` (``0 <= σ_low <= σ_high <= 1``), or None when it is."""
-    if (not isinstance(interval, (list, tuple)) or len(interval) != 2
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval)):
+    if (
+        not isinstance(interval, (list, tuple))
+        or len(interval) != 2
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval)
+    ):
         return f"got {interval!r}, expected [sigma_low, sigma_high], two numbers"
     low, high = interval
     if not 0.0 <= low <= high <= 1.0:
@@ -66,11 +72,13 @@ class ExperimentConfig:
 
     def validate(self) -> None:
         if self.data.vae is None:
-            require(self.model.in_channels == 3,
-                    f"model.in_channels: training in pixel space (data.vae is null) needs in_channels=3, "
-                    f"got {self.model.in_channels}; set data.vae to a VAE or model.in_channels=3")
+            require(
+                self.model.in_channels == 3,
+                f"model.in_channels: training in pixel space (data.vae is null) needs in_channels=3, "
+                f"got {self.model.in_channels}; set data.vae to a VAE or model.in_channels=3",
+            )
 
 
-def load_experiment(path: Union[str, os.PathLike, None] = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+def load_experiment(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Load and validate an :class:`ExperimentConfig` from YAML plus ``key=value`` overrides."""
     return load_config(ExperimentConfig, path, overrides)

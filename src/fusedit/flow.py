@@ -11,10 +11,11 @@ Time convention (the one convention of fusedit; SD3 / diffusers' ``FlowMatchEule
 Everything here is pure (no global RNG): randomness comes from an explicit :class:`torch.Generator`, so a run is
 reproducible and resumable from the generator's state.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Any, Literal, cast
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -24,6 +25,11 @@ LossWeighting = Literal["none", "sigma_sqrt", "cosmap"]
 
 TIME_SAMPLING_METHODS = ("reference", "uniform", "logit_normal", "mode")
 LOSS_WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "cosmap")
+
+
+def timestep_input(sigmas: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The model's ``timestep`` input for noise levels ``sigmas`` (any shape): ``σ · num_train_timesteps``."""
+    return sigmas * num_train_timesteps
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
@@ -49,18 +55,20 @@ class FlowMatchSchedule:
             raise ValueError(f"FlowMatchSchedule: num_train_timesteps must be > 0, got {num_train_timesteps}")
         self.shift = float(shift)
         self.num_train_timesteps = int(num_train_timesteps)
-        self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
+        self.scheduler: Any = cast(
+            Any, FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
+        )
         self.sigmas = self.scheduler.sigmas.clone().to(torch.float32)
         self.timesteps = self.scheduler.timesteps.clone().to(torch.float32)
 
     def timesteps_for(self, sigmas: torch.Tensor) -> torch.Tensor:
         """The model's timestep input for ``sigmas`` (any shape): ``σ · num_train_timesteps``."""
-        return sigmas * self.num_train_timesteps
+        return timestep_input(sigmas, self.num_train_timesteps)
 
     def sample_sigmas(
         self,
         batch_size: int,
-        generator: Optional[torch.Generator] = None,
+        generator: torch.Generator | None = None,
         method: TimeSampling = "reference",
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
@@ -151,13 +159,13 @@ def loss_weighting(sigmas: torch.Tensor, scheme: LossWeighting = "none") -> torc
     if scheme == "none":
         return torch.ones_like(sigmas)
     if scheme == "sigma_sqrt":
-        return sigmas ** -2.0
+        return sigmas**-2.0
     if scheme == "cosmap":
-        return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas ** 2))
+        return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
     raise ValueError(f"loss_weighting: unknown scheme {scheme!r}; expected one of {LOSS_WEIGHTING_SCHEMES}")
 
 
-def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted MSE: ``mean_b( w_b · mean_{c,h,w} (pred - target)² )``, computed in float32. Returns a scalar.
 
     ``pred``, ``target``: ``(B, ...)``; ``weights``: ``(B,)`` or ``None`` (uniform).
@@ -167,6 +175,8 @@ def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, weights: Option
     per_sample = ((pred.float() - target.float()) ** 2).reshape(pred.shape[0], -1).mean(dim=1)
     if weights is not None:
         if weights.shape != per_sample.shape:
-            raise ValueError(f"flow_matching_loss: weights must have shape ({pred.shape[0]},), got {tuple(weights.shape)}")
+            raise ValueError(
+                f"flow_matching_loss: weights must have shape ({pred.shape[0]},), got {tuple(weights.shape)}"
+            )
         per_sample = weights.to(per_sample) * per_sample
     return per_sample.mean()

@@ -10,10 +10,17 @@ from fusedit.data.codec import Codec, PixelCodec, VAECodec, load_codec, resolve_
 def tiny_vae(shift=0.0609, scale=1.5305, blocks=(8, 16), seed=0):
     torch.manual_seed(seed)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * len(blocks), up_block_types=("UpDecoderBlock2D",) * len(blocks),
-        block_out_channels=blocks, layers_per_block=1, norm_num_groups=4, sample_size=16,
-        scaling_factor=scale, shift_factor=shift,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * len(blocks),
+        up_block_types=("UpDecoderBlock2D",) * len(blocks),
+        block_out_channels=blocks,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=16,
+        scaling_factor=scale,
+        shift_factor=shift,
     )
 
 

@@ -12,15 +12,23 @@ from PIL import Image
 from fusedit.data.codec import PixelCodec, VAECodec
 from fusedit.data.folder import ImageFolderDataset
 from fusedit.data.latents import LatentShardDataset, cache_latents, read_manifest
-from fusedit.data.webdataset import WebShardDataset
 
 
 def tiny_codec():
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=16,
-                        scaling_factor=1.5305, shift_factor=0.0609)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=16,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+    )
     return VAECodec(vae, name="tiny-vae")
 
 
@@ -50,8 +58,16 @@ def cached(tmp_path):
     make_folder(tmp_path / "images")
     data = ImageFolderDataset(tmp_path / "images", resolution=16, on_bad="raise")
     codec = tiny_codec()
-    manifest = cache_latents(data, codec, tmp_path / "cache", shard_size=4, batch_size=3, dtype="float32",
-                             tokenizer=FakeTokenizer(), max_length=5)
+    manifest = cache_latents(
+        data,
+        codec,
+        tmp_path / "cache",
+        shard_size=4,
+        batch_size=3,
+        dtype="float32",
+        tokenizer=FakeTokenizer(),
+        max_length=5,
+    )
     return tmp_path, data, codec, manifest
 
 

@@ -1,13 +1,27 @@
 """Tests of the procedural shapes world (prompts, held-out split, rendering, training data set)."""
+
 import numpy as np
 import pytest
 import torch
 
 from fusedit.config import ConfigError
 from fusedit.data.config import ShapesWorldConfig
+from fusedit.data.shapes import (
+    BACKGROUND,
+    CATEGORIES,
+    COLORS,
+    NO_SCENE_TARGET,
+    PALETTE,
+    SCENE_FIELDS,
+    SHAPES,
+    ShapesWorld,
+    enumerate_prompts,
+    object_side,
+    restatement,
+    scene_labels,
+    shape_mask,
+)
 from fusedit.experiment import load_experiment
-from fusedit.data.shapes import (BACKGROUND, CATEGORIES, COLORS, NO_SCENE_TARGET, PALETTE, SCENE_FIELDS, SHAPES,
-                                 ShapesWorld, enumerate_prompts, object_side, restatement, scene_labels, shape_mask)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +62,14 @@ def test_prompt_texts_are_unique_and_readable():
 def test_category_weights_set_the_training_mixture():
     world = ShapesWorld(ShapesWorldConfig(category_weights={"position": 3, "color_attr": 2, "counting": 0}), 32)
     drawn = [world.example(i)[1].category for i in range(3000)]
-    expected = {"single_object": 1 / 8, "two_object": 1 / 8, "counting": 0.0, "colors": 1 / 8, "position": 3 / 8,
-                "color_attr": 2 / 8}
+    expected = {
+        "single_object": 1 / 8,
+        "two_object": 1 / 8,
+        "counting": 0.0,
+        "colors": 1 / 8,
+        "position": 3 / 8,
+        "color_attr": 2 / 8,
+    }
     for category, p in expected.items():
         assert drawn.count(category) / len(drawn) == pytest.approx(p, abs=0.03), category
     # no weights: the original uniform draw, unchanged example by example
@@ -85,11 +105,14 @@ def test_caption_corpus_excludes_held_out(world):
 def test_restatement_names_every_attribute_and_binding():
     spec = {s.text: s for c in CATEGORIES for s in enumerate_prompts(c)}
     assert restatement(spec["a red circle to the left of a blue square"]) == (
-        "the red circle is on the left . the blue square is on the right .")
+        "the red circle is on the left . the blue square is on the right ."
+    )
     assert restatement(spec["a red circle to the right of a blue square"]) == (
-        "the red circle is on the right . the blue square is on the left .")
+        "the red circle is on the right . the blue square is on the left ."
+    )
     assert restatement(spec["a white triangle below a green circle"]) == (
-        "the white triangle is at the bottom . the green circle is on top .")
+        "the white triangle is at the bottom . the green circle is on top ."
+    )
     assert restatement(spec["a red circle and a blue square"]) == "the circle is red . the square is blue ."
     assert restatement(spec["three green triangles"]) == "count three . color green . shape triangle ."
     assert restatement(spec["a circle and a square"]) == "there is one circle . there is one square ."
@@ -103,7 +126,7 @@ def test_llm_corpus_restates_training_prompts_only(world):
     assert restated == world.llm_corpus("restated")
     captions = world.caption_corpus()
     assert world.llm_corpus("captions") == captions and len(restated) == len(captions)
-    assert all(line.startswith(caption + " . ") for line, caption in zip(restated, captions))
+    assert all(line.startswith(caption + " . ") for line, caption in zip(restated, captions, strict=True))
     held = {s.text for s in world.held_out_prompts()}
     assert not {line.split(" . ")[0] for line in restated} & held
     with pytest.raises(ValueError, match="unknown tiny-LLM corpus 'poems'"):
@@ -114,22 +137,23 @@ def test_scene_labels_put_position_objects_in_spatial_order():
     spec = {s.text: s for c in CATEGORIES for s in enumerate_prompts(c)}
     red, blue, green, white = (COLORS.index(c) for c in ("red", "blue", "green", "white"))
     circle, square, triangle = (SHAPES.index(s) for s in ("circle", "square", "triangle"))
-    assert [name for name, _ in SCENE_FIELDS] == ["first_color", "first_shape", "second_color", "second_shape",
-                                                  "axis"]
+    assert [name for name, _ in SCENE_FIELDS] == ["first_color", "first_shape", "second_color", "second_shape", "axis"]
     assert scene_labels(spec["a red circle to the left of a blue square"]) == (red, circle, blue, square, 0)
     assert scene_labels(spec["a red circle to the right of a blue square"]) == (blue, square, red, circle, 0)
     assert scene_labels(spec["a white triangle below a green circle"]) == (green, circle, white, triangle, 1)
     assert scene_labels(spec["a green circle above a white triangle"]) == (green, circle, white, triangle, 1)
     # one scene, two wordings: the same labels; a mirrored scene: other labels
     assert scene_labels(spec["a red circle to the left of a blue square"]) == scene_labels(
-        spec["a blue square to the right of a red circle"])
+        spec["a blue square to the right of a red circle"]
+    )
     assert scene_labels(spec["a red circle to the left of a blue square"]) != scene_labels(
-        spec["a blue square to the left of a red circle"])
+        spec["a blue square to the left of a red circle"]
+    )
     for s in spec.values():
         labels = scene_labels(s)
         assert len(labels) == len(SCENE_FIELDS)
         if s.category == "position":  # every field has a target that fits its classes
-            assert all(0 <= v < n for v, (_, n) in zip(labels, SCENE_FIELDS)), s.text
+            assert all(0 <= v < n for v, (_, n) in zip(labels, SCENE_FIELDS, strict=False)), s.text
         else:  # captions that name no place have none
             assert labels == (NO_SCENE_TARGET,) * len(SCENE_FIELDS), s.text
 
@@ -138,7 +162,7 @@ def test_llm_scene_labels_follow_the_llm_corpus(world):
     captions, labels = world.llm_scene_labels()
     lines = world.llm_corpus()
     assert len(captions) == len(labels) == len(lines)
-    assert all(line.startswith(caption + " . ") for line, caption in zip(lines, captions))
+    assert all(line.startswith(caption + " . ") for line, caption in zip(lines, captions, strict=True))
     assert labels == [scene_labels(world.spec(c)) for c in captions]
 
 
@@ -159,8 +183,8 @@ def test_render_is_faithful_to_the_spec(resolution):
         for o in objects:
             side = object_side(o.size, resolution)
             mask = shape_mask(o.shape, side, side)
-            painted[o.y:o.y + side, o.x:o.x + side] += mask
-            assert (image[o.y:o.y + side, o.x:o.x + side][mask] == PALETTE[o.color]).all()
+            painted[o.y : o.y + side, o.x : o.x + side] += mask
+            assert (image[o.y : o.y + side, o.x : o.x + side][mask] == PALETTE[o.color]).all()
         assert painted.max() == 1, "objects overlap"
         assert (image[painted == 0] == BACKGROUND).all()
 

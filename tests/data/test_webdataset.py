@@ -36,8 +36,11 @@ def make_shards(root, n_shards=3, per_shard=4, corrupt=True):
         samples = []
         for i in range(per_shard):
             key = f"s{s}i{i}"
-            members = {"image.jpg": jpeg(s * 100 + i), "synthetic_caption.txt": f"syn {key}".encode(),
-                       "original_caption.txt": f"orig {key}".encode()}
+            members = {
+                "image.jpg": jpeg(s * 100 + i),
+                "synthetic_caption.txt": f"syn {key}".encode(),
+                "original_caption.txt": f"orig {key}".encode(),
+            }
             if corrupt and (s, i) == (1, 1):
                 members["image.jpg"] = b"\xff\xd8 this is not a jpeg"
             elif corrupt and (s, i) == (2, 2):
@@ -46,7 +49,7 @@ def make_shards(root, n_shards=3, per_shard=4, corrupt=True):
                 good.append(f"syn {key}")
             samples.append((key, members))
         write_shard(root / f"train-{s:04d}.tar", samples)
-    return str(root / ("train-{0000..%04d}.tar" % (n_shards - 1))), good
+    return str(root / f"train-{{0000..{n_shards - 1:04d}}}.tar"), good
 
 
 def captions(stream):
@@ -80,8 +83,9 @@ def test_shard_per_rank_covers_everything_once(tmp_path):
     assert {c.split()[1][:2] for c in per_rank[0]} == {"s0", "s2", "s4"}
     assert {c.split()[1][:2] for c in per_rank[1]} == {"s1", "s3"}
     # shuffled shard order: still a partition
-    shuffled = [captions(WebShardDataset(spec, 8, rank=r, world_size=2, epochs=1, shuffle=True, seed=7))
-                for r in range(2)]
+    shuffled = [
+        captions(WebShardDataset(spec, 8, rank=r, world_size=2, epochs=1, shuffle=True, seed=7)) for r in range(2)
+    ]
     assert sorted(shuffled[0] + shuffled[1]) == sorted(good)
     assert shuffled[0] + shuffled[1] != per_rank[0] + per_rank[1]
 
@@ -100,7 +104,7 @@ def test_resume_mid_shard_yields_exactly_the_rest(tmp_path, shuffle):
     resumed.load_state_dict(state)
     rest = list(resumed)
     assert captions(head + rest) == captions(full)
-    for a, b in zip(head + rest, full):
+    for a, b in zip(head + rest, full, strict=False):
         assert torch.equal(a["image"], b["image"])  # same random crops after resuming
     assert resumed.skipped == 2 * 2  # 2 corrupt samples per epoch, none counted twice
 
@@ -174,7 +178,7 @@ def test_forever_repeats_epochs(tmp_path):
     spec, good = make_shards(tmp_path, n_shards=2)
     ds = WebShardDataset(spec, 8)
     stream = captions(itertools.islice(iter(ds), 2 * len(good) + 1))
-    assert stream[: len(good)] == good and stream[len(good): 2 * len(good)] == good
+    assert stream[: len(good)] == good and stream[len(good) : 2 * len(good)] == good
     assert ds.state_dict()["workers"]["0"]["epoch"] == 2
 
 
@@ -188,6 +192,7 @@ def test_spec_errors(tmp_path):
     with pytest.raises(ValueError, match="at least 3 shards"):
         WebShardDataset(spec, 8, rank=0, world_size=3)
     import gzip
+
     (tmp_path / "z.tar").write_bytes(gzip.compress(b"x" * 100))
     with pytest.raises(ValueError, match="compressed"):
         index_tar(str(tmp_path / "z.tar"))
@@ -204,8 +209,10 @@ def test_from_config(tmp_path):
     from fusedit.data.config import DataConfig
 
     spec, good = make_shards(tmp_path)
-    cfg = from_dict(DataConfig, {"source": "webdataset", "path": spec, "resolution": 8, "shuffle": False,
-                                 "interpolation": "bicubic"})
+    cfg = from_dict(
+        DataConfig,
+        {"source": "webdataset", "path": spec, "resolution": 8, "shuffle": False, "interpolation": "bicubic"},
+    )
     ds = WebShardDataset.from_config(cfg, epochs=1)
     assert ds.transform.interpolation == "bicubic" and captions(ds) == good
     assert from_dict(DataConfig, {}).shuffle is True

@@ -7,10 +7,10 @@ BASE = dict(batch_size=8, gradient_accumulation_steps=2, lr=1e-2, lr_schedule="c
             mixed_precision="no")
 
 
-def single_process(run_dir, max_steps=6, **overrides):
+def single_process(run_dir, llm_dir, max_steps=6, **overrides):
     """An uninterrupted 1-process run (train.distributed=none) of the tests' settings."""
     cfg = TrainConfig(**{**BASE, "max_steps": max_steps, **overrides})
-    trainer = make_trainer(cfg, run_dir)
+    trainer = make_trainer(cfg, run_dir, llm_dir)
     return trainer, trainer.fit()
 
 

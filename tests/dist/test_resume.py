@@ -3,24 +3,25 @@ import warnings
 
 import pytest
 
-from fusedit.dist.checkpoint import is_sharded_checkpoint
-from fusedit.train.checkpoint import find_latest
+from fusedit.checkpoint.layout import find_latest
+from fusedit.checkpoint.sharded import is_sharded_checkpoint
 from fusedit.train.config import TrainConfig
-from fusedit.train.errors import CheckpointError
 
 from .common import BASE, losses_of, single_process
 from .workers import fit_losses, make_trainer, spawn
 
+pytestmark = pytest.mark.slow
 
-def test_two_process_fsdp_checkpoint_resumes_in_one_process(tmp_path):
-    _, full = single_process(tmp_path / "single")
+
+def test_two_process_fsdp_checkpoint_resumes_in_one_process(tmp_path, tiny_llm_dir):
+    _, full = single_process(tmp_path / "single", tiny_llm_dir)
     run = tmp_path / "run"
-    first = spawn(2, fit_losses, {**BASE, "max_steps": 3, "distributed": "fsdp"}, str(run), tmp=tmp_path)
+    first = spawn(2, fit_losses, {**BASE, "max_steps": 3, "distributed": "fsdp"}, str(run), str(tiny_llm_dir), tmp=tmp_path)
     assert sorted(losses_of(first[0])) == [1, 2, 3]
     # one process, no process group: DCP reshards model, EMA and optimizer; RNG and data position continue
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        resumed = make_trainer(TrainConfig(**{**BASE, "max_steps": 6}), run, model_seed=77)
+        resumed = make_trainer(TrainConfig(**{**BASE, "max_steps": 6}), run, tiny_llm_dir, model_seed=77)
         summary = resumed.fit()
     assert summary.start_step == 3 and sorted(summary.losses) == [4, 5, 6]
     for step in (4, 5, 6):
@@ -28,29 +29,35 @@ def test_two_process_fsdp_checkpoint_resumes_in_one_process(tmp_path):
     assert not is_sharded_checkpoint(find_latest(run))  # the 1-process continuation writes ordinary checkpoints
 
 
-def test_one_process_fsdp_checkpoint_resumes_on_two_ddp_processes(tmp_path, group):
-    _, full = single_process(tmp_path / "single")
+def test_one_process_fsdp_checkpoint_resumes_on_two_ddp_processes(tmp_path, tiny_llm_dir, group):
+    _, full = single_process(tmp_path / "single", tiny_llm_dir)
     run = tmp_path / "run"
-    first = make_trainer(TrainConfig(**{**BASE, "max_steps": 3, "distributed": "fsdp"}), run).fit()
+    first = make_trainer(TrainConfig(**{**BASE, "max_steps": 3, "distributed": "fsdp"}), run, tiny_llm_dir).fit()
     assert is_sharded_checkpoint(first.last_checkpoint)
     for step in (1, 2, 3):
         assert first.losses[step] == pytest.approx(full.losses[step], abs=1e-5)
-    results = spawn(2, fit_losses, {**BASE, "max_steps": 6, "distributed": "ddp"}, str(run), tmp=tmp_path)
+    results = spawn(2, fit_losses, {**BASE, "max_steps": 6, "distributed": "ddp"}, str(run), str(tiny_llm_dir), tmp=tmp_path)
     assert results[0]["start"] == 3
     got = losses_of(results[0])
     for step in (4, 5, 6):
         assert got[step] == pytest.approx(full.losses[step], abs=1e-5)
 
 
-def test_distributed_run_refuses_a_single_process_checkpoint(tmp_path, group):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_single_process_checkpoint_resumes_on_two_processes(tmp_path, tiny_llm_dir, mode):
+    _, full = single_process(tmp_path / "single", tiny_llm_dir)
     run = tmp_path / "run"
-    make_trainer(TrainConfig(**{**BASE, "max_steps": 3}), run).fit()
-    trainer = make_trainer(TrainConfig(**{**BASE, "max_steps": 6, "distributed": "ddp"}), run)
-    with pytest.raises(CheckpointError, match="single-process checkpoint"):
-        trainer.fit()
+    first = make_trainer(TrainConfig(**{**BASE, "max_steps": 3}), run, tiny_llm_dir).fit()
+    assert not is_sharded_checkpoint(first.last_checkpoint)
+    results = spawn(2, fit_losses, {**BASE, "max_steps": 6, "distributed": mode}, str(run), str(tiny_llm_dir), tmp=tmp_path)
+    assert results[0]["start"] == 3
+    got = losses_of(results[0])
+    for step in (4, 5, 6):
+        assert got[step] == pytest.approx(full.losses[step], abs=1e-5)
+    assert is_sharded_checkpoint(find_latest(run))  # the distributed continuation writes sharded checkpoints
 
 
-def test_batch_must_split_over_processes(tmp_path, group):
+def test_batch_must_split_over_processes(tmp_path, tiny_llm_dir, group):
     with pytest.raises(ValueError, match="divisible"):
         make_trainer(TrainConfig(**{**BASE, "batch_size": 6, "gradient_accumulation_steps": 4,
-                                    "distributed": "ddp"}), tmp_path)
+                                    "distributed": "ddp"}), tmp_path, tiny_llm_dir)

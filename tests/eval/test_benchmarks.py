@@ -26,14 +26,35 @@ class FakePipe:
         self.calls = []
         self.size = size
 
-    def __call__(self, prompt, negative_prompt=None, height=512, width=512, num_inference_steps=25,
-                 guidance_scale=6.0, generator=None, latents=None, output_type="pil", max_sequence_length=256):
-        self.calls.append(dict(prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
-                               steps=num_inference_steps, cfg=guidance_scale, generator=generator,
-                               output_type=output_type, max_sequence_length=max_sequence_length))
+    def __call__(
+        self,
+        prompt,
+        negative_prompt=None,
+        height=512,
+        width=512,
+        num_inference_steps=25,
+        guidance_scale=6.0,
+        generator=None,
+        latents=None,
+        output_type="pil",
+        max_sequence_length=256,
+    ):
+        self.calls.append(
+            dict(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                height=height,
+                width=width,
+                steps=num_inference_steps,
+                cfg=guidance_scale,
+                generator=generator,
+                output_type=output_type,
+                max_sequence_length=max_sequence_length,
+            )
+        )
         assert isinstance(prompt, list) and len(generator) == len(prompt) and output_type == "pil"
         h, w = self.size or (height, width)
-        return SimpleNamespace(images=[fake_image(p, g, h, w) for p, g in zip(prompt, generator)])
+        return SimpleNamespace(images=[fake_image(p, g, h, w) for p, g in zip(prompt, generator, strict=True)])
 
 
 def fake_image(prompt, generator, height, width):
@@ -68,8 +89,19 @@ def geneval_metadata(tmp_path):
 def test_geneval_layout_seeds_and_call(tmp_path, geneval_metadata):
     pipe = FakePipe()
     out = tmp_path / "geneval"
-    summary = sample_geneval(pipe, geneval_metadata, out, n_samples=3, seed=7, num_inference_steps=5,
-                             guidance_scale=4.5, height=16, width=24, batch_size=4, save_grid=True)
+    summary = sample_geneval(
+        pipe,
+        geneval_metadata,
+        out,
+        n_samples=3,
+        seed=7,
+        num_inference_steps=5,
+        guidance_scale=4.5,
+        height=16,
+        width=24,
+        batch_size=4,
+        save_grid=True,
+    )
     assert (summary.generated, summary.skipped) == (9, 0)
     assert [len(c["prompt"]) for c in pipe.calls] == [4, 4, 1]  # batches mix prompts
     call = pipe.calls[0]
@@ -87,8 +119,9 @@ def test_geneval_layout_seeds_and_call(tmp_path, geneval_metadata):
         assert all(re.match(r"\d+\.png", n) for n in names)
         for k in range(3):
             assert record["seeds"][f"{i:05d}"][k] == 7 + 3 * i + k
-            np.testing.assert_array_equal(pixels(folder / "samples" / f"{k:04d}.png"),
-                                          expected_image(entry["prompt"], 7 + 3 * i + k, 16, 24))
+            np.testing.assert_array_equal(
+                pixels(folder / "samples" / f"{k:04d}.png"), expected_image(entry["prompt"], 7 + 3 * i + k, 16, 24)
+            )
         assert Image.open(folder / "grid.png").size == (3 * 24, 16)
     assert not list(out.rglob(".*.tmp"))
 
@@ -140,8 +173,10 @@ def test_dpgbench_grids_match_scorer_crops(tmp_path, dpg_prompts):
     pipe = FakePipe()
     summary = sample_dpgbench(pipe, dpg_prompts, out, seed=3, height=12, width=12, batch_size=3)
     assert (summary.generated, summary.skipped) == (8, 0)
-    assert load_dpgbench_prompts(dpg_prompts) == [("coco12", "Two dogs play in the snow."),
-                                                 ("partiprompts7", "A red bicycle leans on a wall.")]
+    assert load_dpgbench_prompts(dpg_prompts) == [
+        ("coco12", "Two dogs play in the snow."),
+        ("partiprompts7", "A red bicycle leans on a wall."),
+    ]
     record = json.loads((out / "sampling.json").read_text())
     r = 12
     crops = [(0, 0, r, r), (r, 0, 2 * r, r), (0, r, r, 2 * r), (r, r, 2 * r, 2 * r)]  # compute_dpg_bench.py
@@ -151,8 +186,9 @@ def test_dpgbench_grids_match_scorer_crops(tmp_path, dpg_prompts):
             for k, box in enumerate(crops):
                 seed = record["seeds"][name][k]
                 assert seed == 3 + 4 * i + k
-                np.testing.assert_array_equal(np.asarray(grid.crop(box).convert("RGB")),
-                                              expected_image(prompt, seed, r, r))
+                np.testing.assert_array_equal(
+                    np.asarray(grid.crop(box).convert("RGB")), expected_image(prompt, seed, r, r)
+                )
     (out / "coco12.png").unlink()
     pipe = FakePipe()
     summary = sample_dpgbench(pipe, dpg_prompts, out, seed=3, height=12, width=12, batch_size=3)
@@ -176,25 +212,34 @@ def test_dpgbench_user_errors(tmp_path, dpg_prompts):
 
 def test_mjhq_prompts_to_category_folders(tmp_path):
     meta = tmp_path / "meta_data.json"
-    meta.write_text(json.dumps({
-        "abc123": {"category": "people", "prompt": "a portrait"},
-        "def456": {"category": "animals", "prompt": "a fox"},
-        "ghi789": {"category": "people", "prompt": "a crowd"},
-    }))
+    meta.write_text(
+        json.dumps(
+            {
+                "abc123": {"category": "people", "prompt": "a portrait"},
+                "def456": {"category": "animals", "prompt": "a fox"},
+                "ghi789": {"category": "people", "prompt": "a crowd"},
+            }
+        )
+    )
     pairs = load_mjhq_prompts(meta)
     assert pairs == [("people/abc123", "a portrait"), ("animals/def456", "a fox"), ("people/ghi789", "a crowd")]
     assert load_mjhq_prompts(meta, categories=["people"], limit=1) == [("people/abc123", "a portrait")]
     with pytest.raises(ValueError, match="plants"):
         load_mjhq_prompts(meta, categories=["plants"])
     out = tmp_path / "mjhq"
-    summary = sample_prompts_to_folder(FakePipe(), pairs, out, seed=5, height=8, width=8, batch_size=2,
-                                       image_format="jpg")
+    summary = sample_prompts_to_folder(
+        FakePipe(), pairs, out, seed=5, height=8, width=8, batch_size=2, image_format="jpg"
+    )
     assert (summary.generated, summary.skipped) == (3, 0)
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*.jpg")) == [
-        "animals/def456.jpg", "people/abc123.jpg", "people/ghi789.jpg"]
+        "animals/def456.jpg",
+        "people/abc123.jpg",
+        "people/ghi789.jpg",
+    ]
     assert json.loads((out / "sampling.json").read_text())["seeds"]["animals/def456"] == 6
-    summary = sample_prompts_to_folder(FakePipe(), pairs, out, seed=5, height=8, width=8, batch_size=2,
-                                       image_format="jpg")
+    summary = sample_prompts_to_folder(
+        FakePipe(), pairs, out, seed=5, height=8, width=8, batch_size=2, image_format="jpg"
+    )
     assert (summary.generated, summary.skipped) == (0, 3)
 
 

@@ -30,12 +30,23 @@ def clip_dir(tmp_path_factory):
     )
     config = CLIPConfig(
         text_config=dict(
-            vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-            num_attention_heads=2, max_position_embeddings=8, bos_token_id=2, eos_token_id=3, pad_token_id=1,
+            vocab_size=len(vocab),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=8,
+            bos_token_id=2,
+            eos_token_id=3,
+            pad_token_id=1,
         ),
         vision_config=dict(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-            image_size=32, patch_size=8,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
         ),
         projection_dim=8,
     )
@@ -54,8 +65,7 @@ def clip_dir(tmp_path_factory):
 def _images(n):
     g = torch.Generator().manual_seed(1)
     return [
-        Image.fromarray(torch.randint(0, 256, (40, 48, 3), generator=g, dtype=torch.uint8).numpy())
-        for _ in range(n)
+        Image.fromarray(torch.randint(0, 256, (40, 48, 3), generator=g, dtype=torch.uint8).numpy()) for _ in range(n)
     ]
 
 
@@ -71,7 +81,7 @@ def _reference_score(clip_dir, images, prompts):
     proc = CLIPImageProcessorPil.from_pretrained(clip_dir)
     scores = []
     with torch.no_grad():
-        for image, prompt in zip(images, prompts):
+        for image, prompt in zip(images, prompts, strict=True):
             out = model(
                 **tok([prompt], return_tensors="pt", truncation=True, max_length=8),
                 pixel_values=proc(images=[image], return_tensors="pt")["pixel_values"],

@@ -86,15 +86,21 @@ def test_compute_fid_with_custom_features(tmp_path):
     _write_folder(tmp_path / "real" / "cat_a", 0, 12)
     _write_folder(tmp_path / "real" / "cat_b", 1, 12, suffix=".jpg")
     _write_folder(tmp_path / "fake", 2, 20, brightness=0.5, size=(64, 64))
-    same = compute_fid(tmp_path / "real", tmp_path / "real", feature_extractor=ColourStats(), batch_size=5, image_size=32)
+    same = compute_fid(
+        tmp_path / "real", tmp_path / "real", feature_extractor=ColourStats(), batch_size=5, image_size=32
+    )
     assert abs(same) < 1e-6
-    fid = compute_fid(tmp_path / "real", tmp_path / "fake", feature_extractor=ColourStats(), batch_size=7, image_size=32)
+    fid = compute_fid(
+        tmp_path / "real", tmp_path / "fake", feature_extractor=ColourStats(), batch_size=7, image_size=32
+    )
     assert fid > 1e-3
     # same number as extracting the features by hand and calling fid_from_features
     from fusedit.eval.images import iter_uint8_batches
 
     def feats(folder):
-        return torch.cat([ColourStats()(b) for b in iter_uint8_batches(list_images(folder), batch_size=64, image_size=32)])
+        return torch.cat(
+            [ColourStats()(b) for b in iter_uint8_batches(list_images(folder), batch_size=64, image_size=32)]
+        )
 
     assert fid == pytest.approx(fid_from_features(feats(tmp_path / "real"), feats(tmp_path / "fake")), rel=1e-4)
 

@@ -2,13 +2,22 @@
 
 The full-suite control table is in docs/evaluation.md (`fusedit eval --suite shapes --controls`).
 """
+
 import numpy as np
 import pytest
 
 from fusedit.data.config import ShapesWorldConfig
 from fusedit.data.shapes import CATEGORIES, ShapesWorld
-from fusedit.eval.shapes_controls import (CONTROLS, GROUND_TRUTH_MIN, NEGATIVE_CONTROLS, NEGATIVE_MAX,
-                                          POSITIVE_CONTROLS, POSITIVE_MIN, control_images, control_passes)
+from fusedit.eval.shapes_controls import (
+    CONTROLS,
+    GROUND_TRUTH_MIN,
+    NEGATIVE_CONTROLS,
+    NEGATIVE_MAX,
+    POSITIVE_CONTROLS,
+    POSITIVE_MIN,
+    control_images,
+    control_passes,
+)
 from fusedit.eval.shapes_report import run_controls
 from fusedit.eval.shapes_scorer import score_images
 
@@ -43,10 +52,14 @@ def test_control_images_are_deterministic_and_differ_by_control():
     world = ShapesWorld(ShapesWorldConfig(), 32)
     specs = world.held_out_prompts()[:6]
     first = control_images("blobs", world, specs, seed=3)
-    assert all(np.array_equal(a, b) for a, b in zip(first, control_images("blobs", world, specs, seed=3)))
-    assert not all(np.array_equal(a, b) for a, b in zip(first, control_images("blobs", world, specs, seed=4)))
+    assert all(np.array_equal(a, b) for a, b in zip(first, control_images("blobs", world, specs, seed=3), strict=False))
+    assert not all(
+        np.array_equal(a, b) for a, b in zip(first, control_images("blobs", world, specs, seed=4), strict=False)
+    )
     truth = control_images("ground_truth", world, specs, seed=3)
-    assert not any(np.array_equal(a, b) for a, b in zip(truth, control_images("one_fewer", world, specs, seed=3)))
+    assert not any(
+        np.array_equal(a, b) for a, b in zip(truth, control_images("one_fewer", world, specs, seed=3), strict=False)
+    )
 
 
 def test_shuffled_control_always_asks_for_something_else():

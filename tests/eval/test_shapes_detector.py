@@ -1,4 +1,5 @@
 """The geometric shapes detector: it recognises shapes by their geometry, whoever drew them, and nothing else."""
+
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
@@ -19,8 +20,12 @@ def _found(image):
 
 def test_hand_built_scene_is_found_exactly():
     world = _world(64)
-    objects = [PlacedObject("circle", "red", "big", 2, 2), PlacedObject("square", "blue", "small", 40, 4),
-               PlacedObject("triangle", "yellow", "small", 6, 44), PlacedObject("triangle", "white", "big", 36, 36)]
+    objects = [
+        PlacedObject("circle", "red", "big", 2, 2),
+        PlacedObject("square", "blue", "small", 40, 4),
+        PlacedObject("triangle", "yellow", "small", 6, 44),
+        PlacedObject("triangle", "white", "big", 36, 36),
+    ]
     found = detect(world.draw(objects))
     assert sorted((o.shape, o.color) for o in found) == sorted((o.shape, o.color) for o in objects)
     circle = next(o for o in found if o.shape == "circle")
@@ -56,14 +61,17 @@ def _canvas(resolution=64):
     return image, ImageDraw.Draw(image)
 
 
-@pytest.mark.parametrize("draw_it", [
-    lambda d: d.rectangle([10, 20, 50, 30], fill=PALETTE["red"]),  # a bar: no square of the world is 4:1
-    lambda d: d.ellipse([10, 10, 50, 30], fill=PALETTE["red"]),  # an ellipse is not a circle
-    lambda d: d.polygon([(10, 10), (50, 12), (30, 50), (28, 25)], fill=PALETTE["red"]),  # an irregular polygon
-    lambda d: d.polygon([(12, 12), (52, 12), (32, 52)], fill=PALETTE["red"]),  # an upside-down triangle
-    lambda d: d.rectangle([0, 0, 63, 63], fill=PALETTE["red"]),  # a fill
-    lambda d: d.rectangle([28, 28, 35, 35], fill=PALETTE["red"]),  # a square too small for the world (8 px)
-])
+@pytest.mark.parametrize(
+    "draw_it",
+    [
+        lambda d: d.rectangle([10, 20, 50, 30], fill=PALETTE["red"]),  # a bar: no square of the world is 4:1
+        lambda d: d.ellipse([10, 10, 50, 30], fill=PALETTE["red"]),  # an ellipse is not a circle
+        lambda d: d.polygon([(10, 10), (50, 12), (30, 50), (28, 25)], fill=PALETTE["red"]),  # an irregular polygon
+        lambda d: d.polygon([(12, 12), (52, 12), (32, 52)], fill=PALETTE["red"]),  # an upside-down triangle
+        lambda d: d.rectangle([0, 0, 63, 63], fill=PALETTE["red"]),  # a fill
+        lambda d: d.rectangle([28, 28, 35, 35], fill=PALETTE["red"]),  # a square too small for the world (8 px)
+    ],
+)
 def test_what_no_shape_of_the_world_fits_is_not_a_shape(draw_it):
     image, draw = _canvas()
     draw_it(draw)
@@ -112,12 +120,15 @@ def test_background_error_measures_the_background_only():
     assert background_error(speckled) > 0.0
 
 
-@pytest.mark.parametrize("bad, message", [
-    (np.zeros((32, 32, 3), dtype=np.float32), "uint8"),
-    (np.zeros((32, 48, 3), dtype=np.uint8), "square"),
-    (np.zeros((8, 8, 3), dtype=np.uint8), "at least 16"),
-    (np.zeros((32, 32), dtype=np.uint8), "uint8 array"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.zeros((32, 32, 3), dtype=np.float32), "uint8"),
+        (np.zeros((32, 48, 3), dtype=np.uint8), "square"),
+        (np.zeros((8, 8, 3), dtype=np.uint8), "at least 16"),
+        (np.zeros((32, 32), dtype=np.uint8), "uint8 array"),
+    ],
+)
 def test_bad_images_are_refused_clearly(bad, message):
     with pytest.raises(ValueError, match=message):
         detect(bad)

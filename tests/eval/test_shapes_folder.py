@@ -1,4 +1,5 @@
 """Scoring a folder of images in GenEval's layout, `--controls` alone, `--json`, and the refusal of small categories."""
+
 import json
 from pathlib import Path
 
@@ -68,8 +69,23 @@ def test_small_categories_are_refused_unless_allowed(folder):
 def test_cli_scores_a_folder_and_writes_the_summary_json(folder, tmp_path, capsys):
     good, _, n = folder
     target = tmp_path / "summary.json"
-    assert cli_main(["eval", "--suite", "shapes", "--images", str(good), "--allow-small", "--out", str(tmp_path / "o"),
-                     "--json", str(target)]) == 0
+    assert (
+        cli_main(
+            [
+                "eval",
+                "--suite",
+                "shapes",
+                "--images",
+                str(good),
+                "--allow-small",
+                "--out",
+                str(tmp_path / "o"),
+                "--json",
+                str(target),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "overall 1.000" in printed and "controls" in printed
     summary = json.loads(target.read_text())
@@ -83,23 +99,45 @@ def test_cli_scores_a_folder_and_writes_the_summary_json(folder, tmp_path, capsy
 
 def test_cli_controls_alone(tmp_path, capsys):
     target = tmp_path / "controls.json"
-    assert cli_main(["eval", "--suite", "shapes", "--controls", "--per-prompt", "1", "--min-per-category", "4",
-                     "--allow-small", "--out", str(tmp_path / "c"), "--json", str(target)]) == 0
+    assert (
+        cli_main(
+            [
+                "eval",
+                "--suite",
+                "shapes",
+                "--controls",
+                "--per-prompt",
+                "1",
+                "--min-per-category",
+                "4",
+                "--allow-small",
+                "--out",
+                str(tmp_path / "c"),
+                "--json",
+                str(target),
+            ]
+        )
+        == 0
+    )
     summary = json.loads(target.read_text())
     assert summary["controls_pass"] and summary["overall"] == summary["controls"]["ground_truth"]
     assert "controls all pass" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda root: (root / "00000" / "metadata.jsonl").write_text('{"prompt": "a photo of a cat"}\n'), "grammar"),
-    (lambda root: (root / "00000" / "metadata.jsonl").write_text("not json\n"), "first line of JSON"),
-    (lambda root: Image.new("RGB", (48, 32)).save(root / "00000" / "samples" / "0000.png"), "48x32"),
-    (lambda root: (root / "00000" / "samples" / "0000.png").write_bytes(b"not a png"), "not a readable image"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda root: (root / "00000" / "metadata.jsonl").write_text('{"prompt": "a photo of a cat"}\n'), "grammar"),
+        (lambda root: (root / "00000" / "metadata.jsonl").write_text("not json\n"), "first line of JSON"),
+        (lambda root: Image.new("RGB", (48, 32)).save(root / "00000" / "samples" / "0000.png"), "48x32"),
+        (lambda root: (root / "00000" / "samples" / "0000.png").write_bytes(b"not a png"), "not a readable image"),
+    ],
+)
 def test_bad_folders_get_one_clear_error(tmp_path, mutate, message, capsys):
     world = ShapesWorld(ShapesWorldConfig(), 48)
-    root = _write_folder(tmp_path / "f", [("a red circle", _renders(world, parse_prompt("a red circle"), 1,
-                                                                    np.random.default_rng(0)))])
+    root = _write_folder(
+        tmp_path / "f", [("a red circle", _renders(world, parse_prompt("a red circle"), 1, np.random.default_rng(0)))]
+    )
     mutate(root)
     with pytest.raises(ValueError, match=message):
         read_sample_folder(root)

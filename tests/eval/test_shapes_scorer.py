@@ -1,4 +1,5 @@
 """The benchmark's scoring rules: an image is right when its objects are exactly the prompt's."""
+
 import numpy as np
 import pytest
 import torch
@@ -52,14 +53,16 @@ def test_two_objects_and_color_attribution():
 
 
 def test_counting_needs_the_exact_number_of_that_shape_and_color():
-    image = _scene(("square", "green", "small", 1, 1), ("square", "green", "small", 24, 1),
-                   ("square", "green", "small", 46, 1))
+    image = _scene(
+        ("square", "green", "small", 1, 1), ("square", "green", "small", 24, 1), ("square", "green", "small", 46, 1)
+    )
     assert score_image(image, _spec("counting", [("square", "green", 3)]))
     assert not score_image(image, _spec("counting", [("square", "green", 2)]))
     assert not score_image(image, _spec("counting", [("square", "green", 4)]))
     assert not score_image(image, _spec("counting", [("square", "red", 3)]))
-    mixed = _scene(("square", "green", "small", 1, 1), ("square", "green", "small", 24, 1),
-                   ("square", "purple", "small", 46, 1))
+    mixed = _scene(
+        ("square", "green", "small", 1, 1), ("square", "green", "small", 24, 1), ("square", "purple", "small", 46, 1)
+    )
     assert not score_image(mixed, _spec("counting", [("square", "green", 2)]))
 
 
@@ -96,7 +99,7 @@ def test_accepts_model_output_tensors():
     images = [world.render(s, rng) for s in specs]
     batch = torch.stack([image_to_tensor(im) for im in images])
     converted = as_uint8_images(batch)
-    assert all(np.array_equal(a, b) for a, b in zip(converted, images))
+    assert all(np.array_equal(a, b) for a, b in zip(converted, images, strict=False))
     assert score_images(batch, specs)["overall"] == 1.0
     with pytest.raises(ValueError, match="specs"):
         score_images(batch, specs[:7])

@@ -1,4 +1,5 @@
 """Naive formulas shared by the model tests: written out in full, independent of fusedit's modules."""
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,8 @@ def rotate(x, cos, sin):
 
 
 def heads(x, n):
-    b, l, _ = x.shape
-    return x.view(b, l, n, -1).transpose(1, 2)
+    b, length, _ = x.shape
+    return x.view(b, length, n, -1).transpose(1, 2)
 
 
 def softmax_attention(q, k, v, allowed):
@@ -58,6 +59,6 @@ def image_rope(kind, h, w, offsets, head_dim, theta):
         rc, rs = rope_tables(rows, head_dim, theta)
         cc, cs = rope_tables(cols, head_dim, theta)
         q = head_dim // 4
-        mix = lambda r, c: torch.cat([r[..., :q], c[..., q:2 * q], r[..., 2 * q:3 * q], c[..., 3 * q:]], -1)  # noqa
+        mix = lambda r, c: torch.cat([r[..., :q], c[..., q : 2 * q], r[..., 2 * q : 3 * q], c[..., 3 * q :]], -1)  # noqa
         return mix(rc, cc), mix(rs, cs)
     return None

@@ -5,6 +5,7 @@ with an explicit dense mask (text rows: causal over real text; image rows: every
 token), advancing the LLM stream and the DiT stream layer by layer. It shares only weights with fusedit: every
 formula (norms, modulation, rotary embeddings, softmax, unpatchify) is written out below.
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,10 +20,10 @@ from diffusers.models.embeddings import get_timestep_embedding
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from fusedit.config import ConfigError
-from fusedit.models import LLMGeometry, ModelConfig, build_model
+from fusedit.models.config import LLMGeometry, ModelConfig
+from fusedit.models.dit import build_model
 from fusedit.text.config import TextConfig
 from fusedit.text.encoder import TextEncoder
-
 
 
 @pytest.fixture(autouse=True)
@@ -30,14 +31,25 @@ def _no_grad():
     with torch.no_grad():
         yield
 
+
 HEADS, KV_HEADS, HEAD_DIM, LLM_LAYERS = 4, 2, 8, 4
 
 
 def gemma2_decoder():
-    config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=LLM_LAYERS,
-                          num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
-                          attn_logit_softcapping=None, query_pre_attn_scalar=HEAD_DIM, sliding_window=512,
-                          rope_theta=100.0, pad_token_id=0)
+    config = Gemma2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=LLM_LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        attn_logit_softcapping=None,
+        query_pre_attn_scalar=HEAD_DIM,
+        sliding_window=512,
+        rope_theta=100.0,
+        pad_token_id=0,
+    )
     torch.manual_seed(1)
     model = Gemma2ForCausalLM(config).model.eval()
     with torch.no_grad():  # non-trivial norm weights
@@ -48,9 +60,17 @@ def gemma2_decoder():
 
 
 def llama_decoder():
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=LLM_LAYERS,
-                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
-                         rope_theta=100.0, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=LLM_LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        rope_theta=100.0,
+        pad_token_id=0,
+    )
     torch.manual_seed(2)
     model = LlamaForCausalLM(config).model.eval()
     with torch.no_grad():
@@ -63,7 +83,8 @@ def llama_decoder():
 DECODERS = {"gemma2": gemma2_decoder(), "llama": llama_decoder()}
 
 
-from naive_reference import gemma_rms, heads, image_rope, rope_tables, rotate, softmax_attention  # noqa: E402
+from .naive_reference import gemma_rms, heads, image_rope, rope_tables, rotate, softmax_attention  # noqa: E402
+
 
 class NaiveText:
     """The LLM stream, advanced by hand with the HF layer's weights."""
@@ -236,8 +257,9 @@ def randomize(model, seed):
 
 
 def encode(decoder, model, ids, mask, pooled=False):
-    encoder = TextEncoder(decoder, tokenizer=None, config=TextConfig(llm="unused"),
-                          requirements=model.text_requirements())
+    encoder = TextEncoder(
+        decoder, tokenizer=None, config=TextConfig(llm="unused"), requirements=model.text_requirements()
+    )
     return encoder.encode_tokens(ids, mask)
 
 
@@ -255,17 +277,35 @@ def inputs(seed, padding_side):
     return x, t, ids, mask
 
 
-COMBOS = list(itertools.product(["self", "cross"], ["ape", "1d-rope", "2d-rope", "m-rope"],
-                                ["none", "adaln-zero", "adaln-single", "addition"], [False, True], list(LAYER_MAPS)))
+COMBOS = list(
+    itertools.product(
+        ["self", "cross"],
+        ["ape", "1d-rope", "2d-rope", "m-rope"],
+        ["none", "adaln-zero", "adaln-single", "addition"],
+        [False, True],
+        list(LAYER_MAPS),
+    )
+)
 
 
 @pytest.mark.parametrize("attention,pos_embed,timestep,sandwich,layer_map", COMBOS)
 def test_matches_naive_joint_attention(attention, pos_embed, timestep, sandwich, layer_map):
     family = "gemma2" if COMBOS.index((attention, pos_embed, timestep, sandwich, layer_map)) % 2 else "llama"
     decoder = copy.deepcopy(DECODERS[family])  # the encoder may drop unused layers of its decoder
-    config = ModelConfig(kind="fusedit", attention=attention, pos_embed=pos_embed, timestep_conditioning=timestep,
-                         sandwich_norm=sandwich, qk_norm=True, in_channels=3, sample_size=8, patch_size=2,
-                         dit_hidden_size=24, dit_intermediate_size=40, **LAYER_MAPS[layer_map])
+    config = ModelConfig(
+        fusion="deep",
+        attention=attention,
+        pos_embed=pos_embed,
+        timestep_conditioning=timestep,
+        sandwich_norm=sandwich,
+        qk_norm=True,
+        in_channels=3,
+        sample_size=8,
+        patch_size=2,
+        dit_hidden_size=24,
+        dit_intermediate_size=40,
+        **LAYER_MAPS[layer_map],
+    )
     model = build_model(config, LLMGeometry.from_hf_config(decoder.config)).eval()
     randomize(model, 3)
     for padding_side in ("left", "right"):
@@ -279,8 +319,16 @@ def test_matches_naive_joint_attention(attention, pos_embed, timestep, sandwich,
 @pytest.mark.parametrize("timestep", ["adaln-zero", "adaln-single", "addition"])
 def test_text_modulation_matches_naive(family, timestep):
     decoder = copy.deepcopy(DECODERS[family])
-    config = ModelConfig(kind="fusedit", pos_embed="2d-rope", timestep_conditioning=timestep, text_modulation=True,
-                         text_modulation_dim=12, in_channels=3, sample_size=8, dit_hidden_size=24)
+    config = ModelConfig(
+        fusion="deep",
+        pos_embed="2d-rope",
+        timestep_conditioning=timestep,
+        text_modulation=True,
+        text_modulation_dim=12,
+        in_channels=3,
+        sample_size=8,
+        dit_hidden_size=24,
+    )
     model = build_model(config, LLMGeometry.from_hf_config(decoder.config)).eval()
     randomize(model, 5)
     x, t, ids, mask = inputs(6, "left")
@@ -305,16 +353,27 @@ def sincos_table(model_config, gh, gw, dim):
     for i in range(gh):
         for j in range(gw):
             row, col = (top + i) * base / size, (left + j) * base / size
-            rows.append(torch.cat([torch.sin(col * omega), torch.cos(col * omega),
-                                   torch.sin(row * omega), torch.cos(row * omega)]))
+            rows.append(
+                torch.cat(
+                    [torch.sin(col * omega), torch.cos(col * omega), torch.sin(row * omega), torch.cos(row * omega)]
+                )
+            )
     return torch.stack(rows).float()
 
 
 @pytest.mark.parametrize("pos_embed", ["1d-rope", "2d-rope", "m-rope"])
 def test_absolute_pos_embed_adds_the_sincos_table_on_top_of_rope(pos_embed):
     decoder = copy.deepcopy(DECODERS["gemma2"])
-    config = ModelConfig(pos_embed=pos_embed, absolute_pos_embed=True, timestep_conditioning="adaln-zero",
-                         in_channels=3, sample_size=8, patch_size=2, dit_hidden_size=24, dit_intermediate_size=40)
+    config = ModelConfig(
+        pos_embed=pos_embed,
+        absolute_pos_embed=True,
+        timestep_conditioning="adaln-zero",
+        in_channels=3,
+        sample_size=8,
+        patch_size=2,
+        dit_hidden_size=24,
+        dit_intermediate_size=40,
+    )
     model = build_model(config, LLMGeometry.from_hf_config(decoder.config)).eval()
     randomize(model, 11)
     # non-square input: the crop is centred on each axis separately
@@ -326,19 +385,25 @@ def test_absolute_pos_embed_adds_the_sincos_table_on_top_of_rope(pos_embed):
     for padding_side in ("left", "right"):
         xs, t, ids, mask = inputs(13, padding_side)
         ours = model(xs, t, encode(decoder, model, ids, mask))
-        torch.testing.assert_close(ours, naive_forward(model, decoder, "gemma2", xs, t, ids, mask),
-                                   atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            ours, naive_forward(model, decoder, "gemma2", xs, t, ids, mask), atol=2e-5, rtol=1e-4
+        )
     # and the table is the only difference from the same weights without it
     plain = build_model(replace(config, absolute_pos_embed=False), LLMGeometry.from_hf_config(decoder.config)).eval()
     plain.load_state_dict(model.state_dict(), strict=False)
-    torch.testing.assert_close(model.patch_embed(x) - plain.patch_embed(x),
-                               sincos_table(config, 4, 6, 24).expand(2, -1, -1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        model.patch_embed(x) - plain.patch_embed(x),
+        sincos_table(config, 4, 6, 24).expand(2, -1, -1),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_trimming_padding_changes_nothing():
     decoder = copy.deepcopy(DECODERS["gemma2"])
-    model = build_model(ModelConfig(pos_embed="2d-rope", in_channels=3, sample_size=8),
-                        LLMGeometry.from_hf_config(decoder.config)).eval()
+    model = build_model(
+        ModelConfig(pos_embed="2d-rope", in_channels=3, sample_size=8), LLMGeometry.from_hf_config(decoder.config)
+    ).eval()
     randomize(model, 8)
     x, t, ids, mask = inputs(9, "left")
     mask[1, :2] = False  # both prompts padded: the first two columns are padding everywhere
@@ -367,7 +432,11 @@ def test_sample_prediction_turns_the_network_output_into_the_velocity():
     from fusedit.models.prediction import SamplePrediction
 
     g = torch.Generator().manual_seed(0)
-    x0, noise, sigma = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g), torch.tensor([0.3, 0.9])
+    x0, noise, sigma = (
+        torch.randn(2, 3, 4, 4, generator=g),
+        torch.randn(2, 3, 4, 4, generator=g),
+        torch.tensor([0.3, 0.9]),
+    )
     x_t = (1 - sigma.view(2, 1, 1, 1)) * x0 + sigma.view(2, 1, 1, 1) * noise
     torch.testing.assert_close(SamplePrediction()(x0, x_t, sigma * 1000), noise - x0, atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="prediction"):

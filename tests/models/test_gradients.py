@@ -1,29 +1,47 @@
 """Training properties: every trainable parameter gets a gradient; the frozen LLM gets none and keeps no graph."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
-from fusedit.models import LLMGeometry, ModelConfig, build_model
+from fusedit.models.config import LLMGeometry, ModelConfig
+from fusedit.models.dit import build_model
 from fusedit.text.config import TextConfig
 from fusedit.text.encoder import TextEncoder
 
 VARIANTS = [
-    dict(kind="fusedit", attention="self", pos_embed="2d-rope", timestep_conditioning="none"),
-    dict(kind="fusedit", attention="cross", pos_embed="ape", timestep_conditioning="adaln-zero"),
-    dict(kind="fusedit", attention="self", pos_embed="m-rope", timestep_conditioning="adaln-single",
-         text_modulation=True, shared_attention_layers=[1, 2], initial_layers=1, dit_num_hidden_layers=3),
-    dict(kind="fusedit", attention="self", pos_embed="1d-rope", timestep_conditioning="addition", sandwich_norm=False),
-    dict(kind="dit", attention="self", pos_embed="2d-rope", timestep_conditioning="adaln-zero"),
-    dict(kind="dit", attention="cross", pos_embed="ape", timestep_conditioning="adaln-single"),
+    dict(fusion="deep", attention="self", pos_embed="2d-rope", timestep_conditioning="none"),
+    dict(fusion="deep", attention="cross", pos_embed="ape", timestep_conditioning="adaln-zero"),
+    dict(
+        fusion="deep",
+        attention="self",
+        pos_embed="m-rope",
+        timestep_conditioning="adaln-single",
+        text_modulation=True,
+        shared_attention_layers=[1, 2],
+        initial_layers=1,
+        dit_num_hidden_layers=3,
+    ),
+    dict(fusion="deep", attention="self", pos_embed="1d-rope", timestep_conditioning="addition", sandwich_norm=False),
+    dict(fusion="shallow", attention="self", pos_embed="2d-rope", timestep_conditioning="adaln-zero"),
+    dict(fusion="shallow", attention="cross", pos_embed="ape", timestep_conditioning="adaln-single"),
 ]
 
 
 def llm():
     torch.manual_seed(0)
-    config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0)
+    config = Gemma2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        pad_token_id=0,
+    )
     return Gemma2ForCausalLM(config).model
 
 
@@ -31,7 +49,9 @@ def llm():
 def test_every_trainable_parameter_gets_a_gradient_and_the_llm_none(variant):
     decoder = llm()
     torch.manual_seed(1)
-    model = build_model(ModelConfig(in_channels=3, sample_size=8, **variant), LLMGeometry.from_hf_config(decoder.config))
+    model = build_model(
+        ModelConfig(in_channels=3, sample_size=8, **variant), LLMGeometry.from_hf_config(decoder.config)
+    )
     # Break the zero initialisation of gates/outputs so that every parameter influences the output.
     with torch.no_grad():
         for p in model.parameters():
@@ -55,8 +75,10 @@ def test_every_trainable_parameter_gets_a_gradient_and_the_llm_none(variant):
 def test_bf16_llm_and_model_run_and_stay_close_to_fp32():
     decoder = llm().eval()
     torch.manual_seed(2)
-    model = build_model(ModelConfig(in_channels=3, sample_size=8, timestep_conditioning="adaln-zero"),
-                        LLMGeometry.from_hf_config(decoder.config)).eval()
+    model = build_model(
+        ModelConfig(in_channels=3, sample_size=8, timestep_conditioning="adaln-zero"),
+        LLMGeometry.from_hf_config(decoder.config),
+    ).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)

@@ -1,4 +1,5 @@
 """The shallow-fusion baselines (self- and cross-attention DiT) equal a naive computation written out here."""
+
 from __future__ import annotations
 
 import itertools
@@ -9,24 +10,35 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import get_timestep_embedding
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
-from fusedit.models import LLMGeometry, ModelConfig, build_model
+from fusedit.models.config import LLMGeometry, ModelConfig
+from fusedit.models.dit import build_model
 from fusedit.text.config import TextConfig
 from fusedit.text.encoder import TextEncoder
-from naive_reference import gemma_rms, heads, image_rope, softmax_attention  # noqa: E402
 
+from .naive_reference import gemma_rms, heads, image_rope, softmax_attention  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _no_grad():
     with torch.no_grad():
         yield
+
+
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
 
 
 def decoder():
     torch.manual_seed(11)
-    config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                          num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, pad_token_id=0)
+    config = Gemma2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        pad_token_id=0,
+    )
     return Gemma2ForCausalLM(config).model.eval()
 
 
@@ -42,8 +54,11 @@ def naive(model, hidden, mask, x, t):
     emb = None
     if c.timestep_conditioning != "none":
         te = model.timestep
-        emb = te.timestep_embedder[2](F.silu(te.timestep_embedder[0](
-            get_timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0))))
+        emb = te.timestep_embedder[2](
+            F.silu(
+                te.timestep_embedder[0](get_timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0))
+            )
+        )
     final_emb = emb
     if c.timestep_conditioning == "adaln-single":
         emb = model.timestep.t_block[1](F.silu(emb))
@@ -54,7 +69,8 @@ def naive(model, hidden, mask, x, t):
     rope = image_rope(c.pos_embed, gh, gw, torch.zeros(b, dtype=torch.long), HEAD_DIM, r.rope_theta)
 
     def rot(v):
-        from naive_reference import rotate
+        from .naive_reference import rotate
+
         return v if rope is None else rotate(v, *rope)
 
     for block in model.layers:
@@ -108,16 +124,31 @@ def naive(model, hidden, mask, x, t):
     return out.reshape(b, -1, gh * p, gw * p)
 
 
-COMBOS = list(itertools.product(["self", "cross"], ["ape", "1d-rope", "2d-rope", "m-rope"],
-                                ["none", "adaln-zero", "adaln-single", "addition"], [False, True]))
+COMBOS = list(
+    itertools.product(
+        ["self", "cross"],
+        ["ape", "1d-rope", "2d-rope", "m-rope"],
+        ["none", "adaln-zero", "adaln-single", "addition"],
+        [False, True],
+    )
+)
 
 
 @pytest.mark.parametrize("attention,pos_embed,timestep,sandwich", COMBOS)
 def test_baseline_matches_naive(attention, pos_embed, timestep, sandwich):
     llm = decoder()
-    config = ModelConfig(kind="dit", attention=attention, pos_embed=pos_embed, timestep_conditioning=timestep,
-                         sandwich_norm=sandwich, in_channels=3, sample_size=8, dit_hidden_size=24,
-                         dit_num_hidden_layers=2, text_hidden_states_index=2)
+    config = ModelConfig(
+        fusion="shallow",
+        attention=attention,
+        pos_embed=pos_embed,
+        timestep_conditioning=timestep,
+        sandwich_norm=sandwich,
+        in_channels=3,
+        sample_size=8,
+        dit_hidden_size=24,
+        dit_num_hidden_layers=2,
+        text_hidden_states_index=2,
+    )
     model = build_model(config, LLMGeometry.from_hf_config(llm.config)).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

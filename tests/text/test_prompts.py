@@ -1,11 +1,13 @@
 """Prompt formatting: instruction prefix, chat template, padding side, truncation reporting, loading by path."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from fusedit.text.config import TextConfig
-from fusedit.text.encoder import PromptFormatter, TextEncoder, TextRequirements, trim_padding_columns
+from fusedit.text.context import TextRequirements
+from fusedit.text.encoder import PromptFormatter, TextEncoder, trim_padding_columns
 from fusedit.text.llm import LLMLoadError, load_llm, load_tokenizer
 
 
@@ -57,14 +59,19 @@ def test_trim_padding_columns_is_exact(tiny_llm_dir):
     config = TextConfig(llm=str(tiny_llm_dir), max_length=20, trim=True)
     encoder = TextEncoder(decoder, tokenizer, config, TextRequirements(kv_layers=(0, 1)))
     trimmed = encoder.encode(["a red circle", "two blue squares"])
-    full = encoder.encode_tokens(*[t for t in (lambda p: (p.input_ids, p.attention_mask))(encoder.tokenize(
-        ["a red circle", "two blue squares"]))]).trimmed()
+    full = encoder.encode_tokens(
+        *[
+            t
+            for t in (lambda p: (p.input_ids, p.attention_mask))(encoder.tokenize(["a red circle", "two blue squares"]))
+        ]
+    ).trimmed()
     assert trimmed.length == full.length < 21
     for layer in (0, 1):
         torch.testing.assert_close(trimmed.keys[layer], full.keys[layer], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(trimmed.values[layer], full.values[layer], atol=1e-5, rtol=1e-5)
-    ids, mask, offset = trim_padding_columns(torch.tensor([[0, 0, 5, 6], [0, 7, 8, 9]]),
-                                             torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]]))
+    ids, mask, offset = trim_padding_columns(
+        torch.tensor([[0, 0, 5, 6], [0, 7, 8, 9]]), torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]])
+    )
     assert offset == 1 and ids.tolist() == [[0, 5, 6], [7, 8, 9]]
 
 

@@ -3,6 +3,7 @@
 Keys/values are recomputed here independently from HF's own hidden states: input norm -> k/v projection (-> key norm)
 -> rotary embedding written out with the config's rope theta at positions 0..L-1.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,8 @@ import torch
 import transformers as tf
 
 from fusedit.text.config import TextConfig
-from fusedit.text.encoder import TextEncoder, TextRequirements
-
+from fusedit.text.context import TextRequirements
+from fusedit.text.encoder import TextEncoder
 
 
 @pytest.fixture(autouse=True)
@@ -19,15 +20,26 @@ def _no_grad():
     with torch.no_grad():
         yield
 
-COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=8, pad_token_id=0)
+
+COMMON = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    pad_token_id=0,
+)
 
 FAMILIES = {
     "gemma": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**COMMON)),
     "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**COMMON, sliding_window=4)),
-    "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**COMMON, sliding_window=4,
-                                                               layer_types=["sliding_attention", "full_attention",
-                                                                            "sliding_attention"])),
+    "gemma3": lambda: tf.Gemma3ForCausalLM(
+        tf.Gemma3TextConfig(
+            **COMMON, sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"]
+        )
+    ),
     "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**COMMON)),
     "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**COMMON)),
     "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**COMMON)),
@@ -134,9 +146,44 @@ def test_frozen_encoder_keeps_no_graph_and_trainable_one_does():
     assert all(not k.requires_grad and k.grad_fn is None for k in context.keys.values())
 
     decoder = FAMILIES["gemma2"]().model
-    trainable = TextEncoder(decoder, None, TextConfig(llm="unused", trainable=True),
-                            TextRequirements(kv_layers=(0, 1, 2)))
+    trainable = TextEncoder(
+        decoder, None, TextConfig(llm="unused", trainable=True), TextRequirements(kv_layers=(0, 1, 2))
+    )
     with torch.enable_grad():
         context = trainable.encode_tokens(ids, mask)
         sum(k.sum() for k in context.keys.values()).backward()
     assert decoder.layers[2].self_attn.k_proj.weight.grad is not None
+
+
+def test_paligemma_language_model_loads_as_the_text_stream(tmp_path):
+    """PaliGemma (transformers' ``PaliGemmaForConditionalGeneration``): ``load_llm`` keeps its language model, the
+    geometry is read from its text config, and the text context matches the language model's own computation."""
+    from fusedit.models.config import LLMGeometry
+    from fusedit.text.llm import load_llm, load_llm_config
+
+    text = tf.GemmaConfig(**COMMON)
+    vision = tf.SiglipVisionConfig(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8
+    )
+    torch.manual_seed(0)
+    tf.PaliGemmaForConditionalGeneration(
+        tf.PaliGemmaConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=32)
+    ).save_pretrained(tmp_path)
+    geometry = LLMGeometry.from_hf_config(load_llm_config(str(tmp_path)))
+    assert (geometry.model_type, geometry.hidden_size, geometry.num_hidden_layers, geometry.head_dim) == (
+        "gemma",
+        32,
+        3,
+        8,
+    )
+    decoder = load_llm(str(tmp_path))
+    assert type(decoder).__name__ == "GemmaModel" and len(decoder.layers) == 3
+    ids, mask = make_batch("left")
+    reference = decoder(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
+    encoder = TextEncoder(decoder, None, TextConfig(llm=str(tmp_path)), TextRequirements(kv_layers=(0, 1, 2)))
+    context = encoder.encode_tokens(ids, mask)
+    real = mask[:, None, :, None].expand(-1, 2, -1, 8)
+    for layer in range(3):
+        keys, _, values = independent_kv(decoder, reference.hidden_states[layer], layer)
+        torch.testing.assert_close(context.keys[layer][real], keys[real], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(context.values[layer][real], values[real], atol=1e-5, rtol=1e-5)

@@ -1,4 +1,5 @@
 """Tests of the tiny caption LLM: tokenizer, save/load round trip, training, reuse."""
+
 import json
 
 import pytest
@@ -8,18 +9,49 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from fusedit.config import ConfigError
 from fusedit.data.config import ShapesWorldConfig
 from fusedit.data.shapes import ShapesWorld
-from fusedit.text.tiny_llm import (BOS_ID, EOS_ID, MARKER_NAME, PAD_ID, UNK_ID, SceneObjective, TinyLLMConfig,
-                                   _encode_corpus, _scene_positions, build_tiny_llm, corpus_hash,
-                                   ensure_shapes_world_llm, ensure_tiny_llm, pretrain_tiny_llm, read_marker,
-                                   train_caption_tokenizer)
+from fusedit.text.scene_objective import SceneObjective, scene_positions
+from fusedit.text.tiny_llm import (
+    BOS_ID,
+    EOS_ID,
+    MARKER_NAME,
+    PAD_ID,
+    UNK_ID,
+    TinyLLMConfig,
+    _encode_corpus,
+    build_tiny_llm,
+    corpus_hash,
+    ensure_shapes_world_llm,
+    ensure_tiny_llm,
+    pretrain_tiny_llm,
+    read_marker,
+    train_caption_tokenizer,
+)
 
 CORPUS = [
-    "a red circle", "a blue square", "two green triangles", "a red circle to the left of a blue square",
-    "a yellow triangle above a white circle", "three purple squares", "a circle and a square",
-    "a green square and a red triangle", "four white circles", "a blue triangle below a yellow square",
+    "a red circle",
+    "a blue square",
+    "two green triangles",
+    "a red circle to the left of a blue square",
+    "a yellow triangle above a white circle",
+    "three purple squares",
+    "a circle and a square",
+    "a green square and a red triangle",
+    "four white circles",
+    "a blue triangle below a yellow square",
 ]
-TINY = TinyLLMConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                     intermediate_size=64, steps=40, batch_size=8, lr=1e-2, seed=0, max_length=16)
+TINY = TinyLLMConfig(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    intermediate_size=64,
+    steps=40,
+    batch_size=8,
+    lr=1e-2,
+    seed=0,
+    max_length=16,
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +73,9 @@ def test_tokenizer_specials_bos_and_round_trip():
 def test_tokenizer_left_pads(trained):
     tok = AutoTokenizer.from_pretrained(trained)
     assert tok.padding_side == "left" and tok.model_max_length == TINY.max_length
-    batch = tok(["a red circle", "two green triangles and", ""], padding="max_length", max_length=8,
-                return_tensors="pt")
+    batch = tok(
+        ["a red circle", "two green triangles and", ""], padding="max_length", max_length=8, return_tensors="pt"
+    )
     assert batch["input_ids"].shape == (3, 8)
     assert batch["input_ids"][0].tolist()[:4] == [PAD_ID] * 4 and batch["input_ids"][0, 4] == BOS_ID
     assert batch["attention_mask"][0].tolist() == [0] * 4 + [1] * 4
@@ -54,8 +87,13 @@ def test_save_load_round_trip_gives_identical_logits(trained):
     model = AutoModelForCausalLM.from_pretrained(trained).eval()
     assert type(model).__name__ == "Gemma2ForCausalLM"
     cfg = model.config
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) \
-        == (32, 2, 2, 1, 16)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (
+        32,
+        2,
+        2,
+        1,
+        16,
+    )
     assert cfg.sliding_window >= TINY.max_length and cfg.final_logit_softcapping is not None
     tok = AutoTokenizer.from_pretrained(trained)
     batch = tok(CORPUS[:4], padding=True, return_tensors="pt")
@@ -168,18 +206,18 @@ def _toy_scene(lines=SCENE_LINES):
     return SceneObjective(captions, [labels(c) for c in captions], (4, len(colors) + 1))
 
 
-def test_scene_positions_point_at_each_captions_last_token():
+def testscene_positions_point_at_each_captions_last_token():
     tok = train_caption_tokenizer(SCENE_LINES, max_length=16)
     data = _encode_corpus(tok, SCENE_LINES, 16)
-    positions = _scene_positions(tok, data, _toy_scene())
+    positions = scene_positions(tok, data, _toy_scene())
     for row, caption in enumerate(_toy_scene().captions):
         assert tok.convert_ids_to_tokens(int(data["input_ids"][row, positions[row]])) == caption.split()[-1]
         assert tok.convert_ids_to_tokens(int(data["input_ids"][row, positions[row] + 1])) == "."
     shifted = SceneObjective(_toy_scene().captions[1:] + _toy_scene().captions[:1], _toy_scene().labels, (4, 7))
     with pytest.raises(ValueError, match="is not the beginning of corpus line 0"):
-        _scene_positions(tok, data, shifted)
+        scene_positions(tok, data, shifted)
     with pytest.raises(ValueError, match="2 captions for a corpus of 10 lines"):
-        _scene_positions(tok, data, SceneObjective(shifted.captions[:2], shifted.labels[:2], (4, 7)))
+        scene_positions(tok, data, SceneObjective(shifted.captions[:2], shifted.labels[:2], (4, 7)))
 
 
 def test_scene_objective_is_learned_and_leaves_a_plain_llm(tmp_path):
@@ -196,8 +234,9 @@ def test_scene_objective_is_learned_and_leaves_a_plain_llm(tmp_path):
     b = AutoModelForCausalLM.from_pretrained(plain).state_dict()
     assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)
     # weight 0 turns it off: the same weights as no objective at all
-    off = pretrain_tiny_llm(SCENE_LINES, tmp_path / "off", TinyLLMConfig(**{**config.__dict__,
-                                                                            "scene_loss_weight": 0.0}), scene)
+    off = pretrain_tiny_llm(
+        SCENE_LINES, tmp_path / "off", TinyLLMConfig(**{**config.__dict__, "scene_loss_weight": 0.0}), scene
+    )
     c = AutoModelForCausalLM.from_pretrained(off).state_dict()
     assert all(torch.equal(b[k], c[k]) for k in b) and read_marker(off)["scene_sha256"] is None
 

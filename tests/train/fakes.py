@@ -1,4 +1,5 @@
 """Small fakes of the trainer's collaborators: a conv-net velocity model, text encoders and a dataset."""
+
 from __future__ import annotations
 
 import torch
@@ -67,7 +68,8 @@ class ImageCaptionDataset(Dataset):
     def __init__(self, n: int = 10, size: int = 8, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
         self.images = torch.rand(n, 3, size, size, generator=g) * 2 - 1
-        self.captions = [f"a {c} square number {i}" for i, c in zip(range(n), ["red", "blue", "green"] * n)]
+        colors = ["red", "blue", "green"] * n
+        self.captions = [f"a {c} square number {i}" for i, c in zip(range(n), colors, strict=False)]
         self.fetches = 0
         self.crash_after: int | None = None
 
@@ -100,8 +102,10 @@ def write_image_shards(root, n_shards: int = 4, per_shard: int = 5, size: int = 
                 number = s * per_shard + i
                 buf = io.BytesIO()
                 Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
-                members = {"image.png": b"garbage" if number in corrupt else buf.getvalue(),
-                           "synthetic_caption.txt": f"a {['red', 'blue', 'green'][number % 3]} thing {number}".encode()}
+                members = {
+                    "image.png": b"garbage" if number in corrupt else buf.getvalue(),
+                    "synthetic_caption.txt": f"a {['red', 'blue', 'green'][number % 3]} thing {number}".encode(),
+                }
                 for ext, data in members.items():
                     info = tarfile.TarInfo(f"{number:06d}.{ext}")
                     info.size = len(data)

@@ -27,7 +27,7 @@ def test_cosine_reaches_min_lr():
     assert values[:2] == pytest.approx([0.5, 1.0])
     assert values[6] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert values[10:] == pytest.approx([0.1, 0.1])
-    assert all(a >= b for a, b in zip(values[1:], values[2:]))
+    assert all(a >= b for a, b in zip(values[1:], values[2:], strict=False))
 
 
 def test_errors():

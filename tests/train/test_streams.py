@@ -1,4 +1,5 @@
 """The trainer on resumable shard streams, latent caches, and map-style data with set_epoch."""
+
 import json
 
 import pytest
@@ -8,27 +9,48 @@ from fusedit.data.codec import PixelCodec
 from fusedit.data.latents import LatentShardDataset, cache_latents
 from fusedit.data.webdataset import WebShardDataset
 from fusedit.train.config import TrainConfig
+from fusedit.train.data_order import ResumableBatchSampler, epoch_permutation
 from fusedit.train.logging import read_metrics
-from fusedit.train.trainer import ResumableBatchSampler, Trainer, epoch_permutation
+from fusedit.train.trainer import Trainer
 
 from .fakes import EpochRecordingDataset, FrozenTextEncoder, TinyVelocityModel, write_image_shards
 
-BASE = dict(batch_size=4, gradient_accumulation_steps=2, lr=1e-2, lr_schedule="constant", checkpoint_every=3,
-            keep_checkpoints=3, ema_every=2, ema_decay=0.9, caption_dropout=0.3, log_every=1, seed=5,
-            mixed_precision="no")
+BASE = dict(
+    batch_size=4,
+    gradient_accumulation_steps=2,
+    lr=1e-2,
+    lr_schedule="constant",
+    checkpoint_every=3,
+    keep_checkpoints=3,
+    ema_every=2,
+    ema_decay=0.9,
+    caption_dropout=0.3,
+    log_every=1,
+    seed=5,
+    mixed_precision="no",
+)
 
 
 def trainer_for(run_dir, dataset, max_steps, codec=None, model_seed=0):
     torch.manual_seed(1000)
     encoder = FrozenTextEncoder()
     torch.manual_seed(model_seed)
-    return Trainer(TrainConfig(**{**BASE, "max_steps": max_steps}), TinyVelocityModel(), encoder, dataset,
-                   run_dir=run_dir, codec=codec, progress=False, tensorboard=False)
+    return Trainer(
+        TrainConfig(**{**BASE, "max_steps": max_steps}),
+        TinyVelocityModel(),
+        encoder,
+        dataset,
+        run_dir=run_dir,
+        codec=codec,
+        progress=False,
+        tensorboard=False,
+    )
 
 
 def shards_stream(root, **kwargs):
-    return WebShardDataset(str(root / "train-{0000..0003}.tar"), resolution=8, seed=3, shuffle=True,
-                           image_key="image.png", **kwargs)
+    return WebShardDataset(
+        str(root / "train-{0000..0003}.tar"), resolution=8, seed=3, shuffle=True, image_key="image.png", **kwargs
+    )
 
 
 def test_shard_stream_interrupted_and_resumed_equals_the_uninterrupted_run(tmp_path):
@@ -51,8 +73,9 @@ def test_shard_stream_interrupted_and_resumed_equals_the_uninterrupted_run(tmp_p
 def test_stream_state_must_match(tmp_path):
     write_image_shards(tmp_path / "shards")
     trainer_for(tmp_path / "run", shards_stream(tmp_path / "shards"), 3).fit()
-    other = WebShardDataset(str(tmp_path / "shards" / "train-{0000..0003}.tar"), resolution=8, seed=4, shuffle=True,
-                            image_key="image.png")
+    other = WebShardDataset(
+        str(tmp_path / "shards" / "train-{0000..0003}.tar"), resolution=8, seed=4, shuffle=True, image_key="image.png"
+    )
     with pytest.raises(Exception, match="data-stream position"):
         trainer_for(tmp_path / "run", other, 6).fit()
 
@@ -96,8 +119,9 @@ def test_set_epoch_is_called_with_each_items_epoch(tmp_path):
 
 def test_rank_slices_of_the_sampler_tile_the_global_stream():
     single = iter(ResumableBatchSampler(5, 4, seed=1, start=3))
-    ranks = [iter(ResumableBatchSampler(5, 4, seed=1, start=3, rank=r, world_size=2, with_epoch=True))
-             for r in range(2)]
+    ranks = [
+        iter(ResumableBatchSampler(5, 4, seed=1, start=3, rank=r, world_size=2, with_epoch=True)) for r in range(2)
+    ]
     for _ in range(4):
         expected = next(single)
         pairs = next(ranks[0]) + next(ranks[1])

@@ -5,19 +5,34 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fusedit.train.checkpoint import find_latest, list_checkpoints
+from fusedit.checkpoint.layout import find_latest, list_checkpoints
 from fusedit.train.config import TrainConfig
+from fusedit.train.data_order import ResumableBatchSampler, epoch_permutation
 from fusedit.train.errors import NonFiniteLossError
 from fusedit.train.logging import read_metrics
-from fusedit.train.trainer import ResumableBatchSampler, Trainer, epoch_permutation
+from fusedit.train.trainer import Trainer
 
 from .fakes import FrozenTextEncoder, ImageCaptionDataset, TinyVelocityModel, TrainableTextEncoder
 
 
 def config(**overrides) -> TrainConfig:
-    base = dict(max_steps=8, batch_size=4, gradient_accumulation_steps=2, lr=1e-2, lr_schedule="cosine",
-                warmup_steps=2, min_lr=1e-3, checkpoint_every=3, keep_checkpoints=2, ema_every=2, ema_decay=0.9,
-                caption_dropout=0.3, log_every=2, mixed_precision="bf16", seed=5)
+    base = dict(
+        max_steps=8,
+        batch_size=4,
+        gradient_accumulation_steps=2,
+        lr=1e-2,
+        lr_schedule="cosine",
+        warmup_steps=2,
+        min_lr=1e-3,
+        checkpoint_every=3,
+        keep_checkpoints=2,
+        ema_every=2,
+        ema_decay=0.9,
+        caption_dropout=0.3,
+        log_every=2,
+        mixed_precision="bf16",
+        seed=5,
+    )
     base.update(overrides)
     return TrainConfig(**base)
 
@@ -28,8 +43,16 @@ def make_trainer(run_dir, cfg, dataset=None, model_seed=0, text_encoder=None, **
         text_encoder = FrozenTextEncoder()
     torch.manual_seed(model_seed)
     model = TinyVelocityModel()
-    return Trainer(cfg, model, text_encoder, dataset or ImageCaptionDataset(), run_dir=run_dir,
-                   progress=False, tensorboard=False, **kwargs)
+    return Trainer(
+        cfg,
+        model,
+        text_encoder,
+        dataset or ImageCaptionDataset(),
+        run_dir=run_dir,
+        progress=False,
+        tensorboard=False,
+        **kwargs,
+    )
 
 
 def weights(trainer):
@@ -126,7 +149,10 @@ def test_frozen_text_encoder_is_never_optimised_or_saved(tmp_path):
     assert not optimised & {id(p) for p in encoder.parameters()}
     assert id(trainer.model.frozen) not in optimised
     trainer.fit()
-    for path in [tmp_path / "final" / "model.safetensors", *(d / "model.safetensors" for d in list_checkpoints(tmp_path))]:
+    for path in [
+        tmp_path / "final" / "model.safetensors",
+        *(d / "model.safetensors" for d in list_checkpoints(tmp_path)),
+    ]:
         keys = set(load_file(path))
         assert keys == {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
@@ -158,7 +184,7 @@ def test_data_order_is_a_seeded_permutation_per_epoch_and_resumable():
 
 def test_caption_dropout_rate_and_cpu_bf16_note(tmp_path, caplog):
     trainer = make_trainer(tmp_path, config(caption_dropout=0.5))
-    assert not trainer.use_bf16 and any("float32" in n for n in trainer._notes)
+    assert not trainer.use_bf16 and any("float32" in n for n in trainer.notes)
     dropped = trainer.drop_captions(["x"] * 4000)
     assert 0.45 < dropped.count("") / 4000 < 0.55
     none = make_trainer(tmp_path, config(caption_dropout=0.0)).drop_captions(["x"] * 100)
@@ -166,8 +192,17 @@ def test_caption_dropout_rate_and_cpu_bf16_note(tmp_path, caplog):
 
 
 def test_learning_signal_loss_decreases(tmp_path):
-    cfg = config(max_steps=40, lr=3e-3, lr_schedule="constant", caption_dropout=0.0, checkpoint_every=100,
-                 ema_every=0, gradient_accumulation_steps=1, batch_size=8, log_every=10)
+    cfg = config(
+        max_steps=40,
+        lr=3e-3,
+        lr_schedule="constant",
+        caption_dropout=0.0,
+        checkpoint_every=100,
+        ema_every=0,
+        gradient_accumulation_steps=1,
+        batch_size=8,
+        log_every=10,
+    )
     summary = make_trainer(tmp_path, cfg).fit()
     losses = [summary.losses[s] for s in sorted(summary.losses)]
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
@@ -182,9 +217,16 @@ def test_sample_grid_metrics_and_tensorboard(tmp_path):
         return torch.rand(len(prompts), 3, 8, 8, generator=torch.Generator().manual_seed(step)) * 2 - 1
 
     torch.manual_seed(0)
-    trainer = Trainer(config(max_steps=4, sample_every=2, sample_prompts=["a red square", "a blue circle"]),
-                      TinyVelocityModel(), FrozenTextEncoder(), ImageCaptionDataset(), run_dir=tmp_path,
-                      sample_fn=sample_fn, progress=True, tensorboard=True)
+    trainer = Trainer(
+        config(max_steps=4, sample_every=2, sample_prompts=["a red square", "a blue circle"]),
+        TinyVelocityModel(),
+        FrozenTextEncoder(),
+        ImageCaptionDataset(),
+        run_dir=tmp_path,
+        sample_fn=sample_fn,
+        progress=True,
+        tensorboard=True,
+    )
     trainer.fit()
     assert calls == [(["a red square", "a blue circle"], 2), (["a red square", "a blue circle"], 4)]
     assert (tmp_path / "samples" / "step-000002.png").is_file()

@@ -15,11 +15,12 @@ A codec has ``encode(images (B, 3, H, W) in [-1, 1]) -> (B, C, H/f, W/f)`` and
 The VAE is frozen: ``eval()``, ``requires_grad_(False)``, and encode/decode run under ``torch.no_grad()``.
 Inputs are cast to the VAE's dtype/device; outputs are float32 on the VAE's device.
 """
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Literal, Protocol, Union, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -28,9 +29,14 @@ __all__ = ["Codec", "PixelCodec", "VAECodec", "load_codec", "resolve_dtype", "SA
 SAMPLE_MODES = ("mean", "sample")
 _PIXEL_NAMES = ("pixel", "pixels", "none", "identity")
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
 }
 
 
@@ -49,7 +55,7 @@ class Codec(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
-def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     """``torch.float32``/``"fp32"``/``"bf16"``/``"bfloat16"``/``"fp16"``... → a ``torch.dtype`` (None → float32)."""
     if dtype is None:
         return torch.float32
@@ -90,12 +96,18 @@ class PixelCodec:
             raise ValueError(f"PixelCodec.decode: expected (B, 3, H, W), got {tuple(latents.shape)}")
         return latents.float().clamp(-1.0, 1.0)
 
-    def to(self, device=None, dtype=None) -> "PixelCodec":
+    def to(self, device=None, dtype=None) -> PixelCodec:
         return self
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "class": "PixelCodec", "channels": 3, "spatial_factor": 1,
-                "scaling_factor": 1.0, "shift_factor": 0.0}
+        return {
+            "name": self.name,
+            "class": "PixelCodec",
+            "channels": 3,
+            "spatial_factor": 1,
+            "scaling_factor": 1.0,
+            "shift_factor": 0.0,
+        }
 
     def __repr__(self) -> str:
         return "PixelCodec()"
@@ -112,8 +124,14 @@ class VAECodec:
         name: recorded in manifests (defaults to the VAE's ``_name_or_path`` or class name).
     """
 
-    def __init__(self, vae: torch.nn.Module, sample_mode: Literal["mean", "sample"] = "mean",
-                 scaling_factor: float | None = None, shift_factor: float | None = None, name: str | None = None):
+    def __init__(
+        self,
+        vae: Any,
+        sample_mode: Literal["mean", "sample"] = "mean",
+        scaling_factor: float | None = None,
+        shift_factor: float | None = None,
+        name: str | None = None,
+    ):
         if not (hasattr(vae, "encode") and hasattr(vae, "decode")):
             raise TypeError(f"VAECodec: {type(vae).__name__} has no encode/decode methods")
         if sample_mode not in SAMPLE_MODES:
@@ -135,8 +153,9 @@ class VAECodec:
         elif getattr(vae, "spatial_compression_ratio", None):
             factor = int(vae.spatial_compression_ratio)
         else:
-            raise ValueError(f"VAECodec: cannot tell {type(vae).__name__}'s spatial factor "
-                             "(no block_out_channels in its config)")
+            raise ValueError(
+                f"VAECodec: cannot tell {type(vae).__name__}'s spatial factor (no block_out_channels in its config)"
+            )
         self.vae = vae.eval().requires_grad_(False)
         self.sample_mode = sample_mode
         self.scaling_factor = float(scaling_factor)
@@ -153,7 +172,7 @@ class VAECodec:
     def dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
 
-    def to(self, device=None, dtype=None) -> "VAECodec":
+    def to(self, device=None, dtype=None) -> VAECodec:
         """Move/cast the VAE (returns self)."""
         self.vae.to(device=device, dtype=resolve_dtype(dtype) if dtype is not None else None)
         return self
@@ -167,8 +186,12 @@ class VAECodec:
         return latents / self.scaling_factor + self.shift_factor
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None,
-               sample_mode: Literal["mean", "sample"] | None = None) -> torch.Tensor:
+    def encode(
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator | None = None,
+        sample_mode: Literal["mean", "sample"] | None = None,
+    ) -> torch.Tensor:
         """``(B, 3, H, W)`` in [-1, 1] → normalised latents ``(B, C, H/f, W/f)`` float32.
 
         ``sample_mode`` overrides the codec's mode for this call; ``generator`` drives ``"sample"``
@@ -205,13 +228,21 @@ class VAECodec:
         return images.float().clamp(-1.0, 1.0)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "class": type(self.vae).__name__, "channels": self.channels,
-                "spatial_factor": self.spatial_factor, "scaling_factor": self.scaling_factor,
-                "shift_factor": self.shift_factor, "sample_mode": self.sample_mode}
+        return {
+            "name": self.name,
+            "class": type(self.vae).__name__,
+            "channels": self.channels,
+            "spatial_factor": self.spatial_factor,
+            "scaling_factor": self.scaling_factor,
+            "shift_factor": self.shift_factor,
+            "sample_mode": self.sample_mode,
+        }
 
     def __repr__(self) -> str:
-        return (f"VAECodec({self.name!r}, channels={self.channels}, factor={self.spatial_factor}, "
-                f"scale={self.scaling_factor}, shift={self.shift_factor}, mode={self.sample_mode})")
+        return (
+            f"VAECodec({self.name!r}, channels={self.channels}, factor={self.spatial_factor}, "
+            f"scale={self.scaling_factor}, shift={self.shift_factor}, mode={self.sample_mode})"
+        )
 
 
 def _looks_like_local_path(name: str) -> bool:
@@ -220,9 +251,13 @@ def _looks_like_local_path(name: str) -> bool:
     return name.count("/") != 1  # hub ids are exactly "owner/name"
 
 
-def load_codec(name_or_path: Union[str, os.PathLike, None], subfolder: str | None = None,
-               dtype: Union[str, torch.dtype, None] = torch.float32, device: Union[str, torch.device] = "cpu",
-               sample_mode: Literal["mean", "sample"] = "mean") -> Union[PixelCodec, VAECodec]:
+def load_codec(
+    name_or_path: str | os.PathLike | None,
+    subfolder: str | None = None,
+    dtype: str | torch.dtype | None = torch.float32,
+    device: str | torch.device = "cpu",
+    sample_mode: Literal["mean", "sample"] = "mean",
+) -> PixelCodec | VAECodec:
     """Build the codec named by a config: ``None``/``"pixel"`` → :class:`PixelCodec`; otherwise load a diffusers
     autoencoder from a local folder or a hub id (``subfolder`` e.g. ``"vae"`` inside a pipeline repo) into a
     :class:`VAECodec` on ``device`` in ``dtype``.
@@ -245,8 +280,10 @@ def load_codec(name_or_path: Union[str, os.PathLike, None], subfolder: str | Non
         if not os.path.isdir(local):
             raise FileNotFoundError(f"VAE folder not found: {name}")
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"VAE subfolder {subfolder!r} not found in {name} "
-                                    f"(it has: {', '.join(sorted(os.listdir(local))) or 'nothing'})")
+            raise FileNotFoundError(
+                f"VAE subfolder {subfolder!r} not found in {name} "
+                f"(it has: {', '.join(sorted(os.listdir(local))) or 'nothing'})"
+            )
         if not os.path.isfile(os.path.join(folder, "config.json")):
             hint = " (set vae_subfolder: vae?)" if os.path.isdir(os.path.join(folder, "vae")) else ""
             raise FileNotFoundError(f"no config.json in VAE folder {folder}{hint}")
@@ -257,8 +294,9 @@ def load_codec(name_or_path: Union[str, os.PathLike, None], subfolder: str | Non
         try:
             vae = AutoModel.from_pretrained(name, subfolder=subfolder, torch_dtype=torch_dtype)
         except OSError as exc:
-            raise OSError(f"cannot load VAE {name!r} (subfolder={subfolder!r}) from the hub or its local cache: "
-                          f"{exc}") from exc
+            raise OSError(
+                f"cannot load VAE {name!r} (subfolder={subfolder!r}) from the hub or its local cache: {exc}"
+            ) from exc
         class_name = type(vae).__name__
     if not (hasattr(vae, "encode") and hasattr(vae, "decode")):
         raise TypeError(f"{name}: {class_name} is not an autoencoder (no encode/decode)")

@@ -1,10 +1,14 @@
 """Configuration of training data: the embedded shapes world, image folders, webdataset shards, latent caches."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 from fusedit.config import require
+
+#: GenEval's categories, in a fixed order: the caption kinds of the shapes world (:mod:`fusedit.data.shapes`).
+CATEGORIES: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 
 @dataclass
@@ -30,15 +34,19 @@ class ShapesWorldConfig:
     def validate(self) -> None:
         require(self.size > 0, f"data.shapes.size: got {self.size}, expected a positive integer")
         require(1 <= self.max_objects <= 4, f"data.shapes.max_objects: got {self.max_objects}, expected 1..4")
-        require(0.0 <= self.held_out_fraction < 1.0,
-                f"data.shapes.held_out_fraction: got {self.held_out_fraction}, expected in [0, 1)")
-        from fusedit.data.shapes import CATEGORIES
-
+        require(
+            0.0 <= self.held_out_fraction < 1.0,
+            f"data.shapes.held_out_fraction: got {self.held_out_fraction}, expected in [0, 1)",
+        )
         for category, weight in self.category_weights.items():
-            require(category in CATEGORIES,
-                    f"data.shapes.category_weights: unknown category {category!r}; expected some of {CATEGORIES}")
-            require(isinstance(weight, (int, float)) and weight >= 0,
-                    f"data.shapes.category_weights.{category}: got {weight!r}, expected a number >= 0")
+            require(
+                category in CATEGORIES,
+                f"data.shapes.category_weights: unknown category {category!r}; expected some of {CATEGORIES}",
+            )
+            require(
+                isinstance(weight, (int, float)) and weight >= 0,
+                f"data.shapes.category_weights.{category}: got {weight!r}, expected a number >= 0",
+            )
 
 
 @dataclass
@@ -65,15 +73,15 @@ class DataConfig:
     """
 
     source: Literal["shapes", "folder", "webdataset", "latents"] = "shapes"
-    path: Union[str, None] = None
+    path: str | None = None
     resolution: int = 32
     center_crop: bool = True
     image_key: str = "image.jpg"
     caption_key: str = "synthetic_caption.txt"
     original_caption_key: str = "original_caption.txt"
     original_caption_rate: float = 0.0
-    vae: Union[str, None] = None
-    vae_subfolder: Union[str, None] = None
+    vae: str | None = None
+    vae_subfolder: str | None = None
     num_workers: int = 0
     shapes: ShapesWorldConfig = field(default_factory=ShapesWorldConfig)
     interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
@@ -82,13 +90,21 @@ class DataConfig:
 
     def validate(self) -> None:
         require(self.resolution > 0, f"data.resolution: got {self.resolution}, expected a positive integer")
-        require(0.0 <= self.original_caption_rate <= 1.0,
-                f"data.original_caption_rate: got {self.original_caption_rate}, expected 0..1")
+        require(
+            0.0 <= self.original_caption_rate <= 1.0,
+            f"data.original_caption_rate: got {self.original_caption_rate}, expected 0..1",
+        )
         require(self.num_workers >= 0, f"data.num_workers: got {self.num_workers}, expected >= 0")
         interpolations = ("nearest", "bilinear", "bicubic", "lanczos")
-        require(self.interpolation in interpolations,
-                f"data.interpolation: got {self.interpolation!r}, expected one of {', '.join(interpolations)}")
-        require(self.vae_sample_mode in ("mean", "sample"),
-                f"data.vae_sample_mode: got {self.vae_sample_mode!r}, expected 'mean' or 'sample'")
+        require(
+            self.interpolation in interpolations,
+            f"data.interpolation: got {self.interpolation!r}, expected one of {', '.join(interpolations)}",
+        )
+        require(
+            self.vae_sample_mode in ("mean", "sample"),
+            f"data.vae_sample_mode: got {self.vae_sample_mode!r}, expected 'mean' or 'sample'",
+        )
         if self.source != "shapes":
-            require(bool(self.path), f"data.path: data.source={self.source} needs data.path (a folder or shard pattern)")
+            require(
+                bool(self.path), f"data.path: data.source={self.source} needs data.path (a folder or shard pattern)"
+            )

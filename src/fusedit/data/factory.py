@@ -1,22 +1,32 @@
 """Build the training data set named by a config's ``data`` section."""
+
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from fusedit.config import ConfigError
 from fusedit.data.config import DataConfig
+from fusedit.data.folder import ImageFolderDataset
+from fusedit.data.latents import LatentShardDataset
+from fusedit.data.shapes import ShapesWorld
+from fusedit.data.webdataset import WebShardDataset
+from fusedit.dist.env import current_env
 
 
-def _data_parallel_split(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
+def _data_parallel_split(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """``(rank, world_size)``: the given values, else the process group's, else ``(0, 1)``."""
-    from fusedit.dist.env import current_env
-
     env = current_env()
     return (env.rank if rank is None else rank), (env.world_size if world_size is None else world_size)
 
 
-def build_dataset(config: DataConfig, *, seed: int = 0, codec: Any = None, rank: Optional[int] = None,
-                  world_size: Optional[int] = None):
+def build_dataset(
+    config: DataConfig,
+    *,
+    seed: int = 0,
+    codec: Any = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+):
     """The training data set for ``config.source``.
 
     * ``shapes``: the embedded shapes world, map-style (its ``sample_prompts`` are held-out prompts for sample
@@ -30,28 +40,27 @@ def build_dataset(config: DataConfig, *, seed: int = 0, codec: Any = None, rank:
     without one). ``seed`` drives the shard/sample order and per-sample randomness of streams.
     """
     if config.source == "shapes":
-        from fusedit.data.shapes import ShapesWorld
-
         world = ShapesWorld(config.shapes, config.resolution)
-        dataset = world.train_dataset()
+        dataset: Any = world.train_dataset()
         held_out = world.held_out_prompts()
         step = max(len(held_out) // 8, 1)
         dataset.sample_prompts = [spec.text for spec in held_out[::step][:8]]
         return dataset
     if config.source == "folder":
-        from fusedit.data.folder import ImageFolderDataset
-
-        return ImageFolderDataset(config.path, resolution=config.resolution, center_crop=config.center_crop,
-                                  interpolation=config.interpolation, seed=seed)
+        assert config.path is not None  # DataConfig.validate requires it
+        return ImageFolderDataset(
+            config.path,
+            resolution=config.resolution,
+            center_crop=config.center_crop,
+            interpolation=config.interpolation,
+            seed=seed,
+        )
     if config.source == "webdataset":
-        from fusedit.data.webdataset import WebShardDataset
-
         rank, world_size = _data_parallel_split(rank, world_size)
         return WebShardDataset.from_config(config, seed=seed, rank=rank, world_size=world_size, epochs=None)
     if config.source == "latents":
-        from fusedit.data.latents import LatentShardDataset
-
         rank, world_size = _data_parallel_split(rank, world_size)
-        return LatentShardDataset.from_config(config, codec=codec, seed=seed, rank=rank, world_size=world_size,
-                                              epochs=None)
+        return LatentShardDataset.from_config(
+            config, codec=codec, seed=seed, rank=rank, world_size=world_size, epochs=None
+        )
     raise ConfigError(f"data.source={config.source!r}: expected shapes, folder, webdataset or latents")

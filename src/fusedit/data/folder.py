@@ -24,6 +24,7 @@ Unreadable images (missing, truncated, not an image) — policy:
 Random crops are drawn from a generator seeded by ``(seed, epoch, index)`` — call :meth:`set_epoch` each epoch —
 so an item's crop does not depend on worker assignment or on resuming.
 """
+
 from __future__ import annotations
 
 import csv
@@ -31,7 +32,6 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ def _pick(row: dict, keys: tuple[str, ...]):
     return None
 
 
-def read_captions(path: Union[str, os.PathLike]) -> list[tuple[str, str]]:
+def read_captions(path: str | os.PathLike) -> list[tuple[str, str]]:
     """Read ``(file, caption)`` pairs from a ``.jsonl`` or ``.csv`` captions file, in file order.
 
     Raises:
@@ -80,8 +80,9 @@ def read_captions(path: Union[str, os.PathLike]) -> list[tuple[str, str]]:
                     raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
                 file, caption = _pick(row, _FILE_KEYS), _pick(row, _CAPTION_KEYS)
                 if file is None or caption is None:
-                    raise ValueError(f"{path}:{lineno}: needs keys 'file' (or 'image') and 'caption' (or 'text'); "
-                                     f"got {sorted(row)}")
+                    raise ValueError(
+                        f"{path}:{lineno}: needs keys 'file' (or 'image') and 'caption' (or 'text'); got {sorted(row)}"
+                    )
                 pairs.append((str(file), str(caption)))
     elif suffix == ".csv":
         with open(path, encoding="utf-8", newline="") as f:
@@ -91,8 +92,9 @@ def read_captions(path: Union[str, os.PathLike]) -> list[tuple[str, str]]:
             file_col = next((k for k in _FILE_KEYS if k in columns), None)
             caption_col = next((k for k in _CAPTION_KEYS if k in columns), None)
             if file_col is None or caption_col is None:
-                raise ValueError(f"{path}: header needs columns 'file' (or 'image') and 'caption' (or 'text'); "
-                                 f"got {columns}")
+                raise ValueError(
+                    f"{path}: header needs columns 'file' (or 'image') and 'caption' (or 'text'); got {columns}"
+                )
             for lineno, row in enumerate(reader, 2):
                 file, caption = row.get(file_col), row.get(caption_col)
                 if not file:
@@ -118,9 +120,17 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         on_bad: ``"substitute"`` (next readable file; training) or ``"raise"`` (caching, inspection).
     """
 
-    def __init__(self, root: Union[str, os.PathLike], resolution: int, center_crop: bool = True,
-                 captions: Union[str, os.PathLike, None] = None, interpolation: str = "bilinear", seed: int = 0,
-                 prescan: bool = False, on_bad: str = "substitute"):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        resolution: int,
+        center_crop: bool = True,
+        captions: str | os.PathLike | None = None,
+        interpolation: str = "bilinear",
+        seed: int = 0,
+        prescan: bool = False,
+        on_bad: str = "substitute",
+    ):
         if on_bad not in ("substitute", "raise"):
             raise ValueError(f"on_bad: got {on_bad!r}, expected 'substitute' or 'raise'")
         self.on_bad = on_bad
@@ -213,5 +223,4 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return {"image": self.transform(image, generator), "caption": self.captions[index]}
 
     def __repr__(self) -> str:
-        return (f"ImageFolderDataset({str(self.root)!r}, {len(self)} images, {self.transform}, "
-                f"skipped={self.skipped})")
+        return f"ImageFolderDataset({str(self.root)!r}, {len(self)} images, {self.transform}, skipped={self.skipped})"

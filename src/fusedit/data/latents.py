@@ -19,6 +19,7 @@ freezes one posterior draw per image.
 "is_latent": True, "stream_pos": ...}`` (``"input_ids"`` too when asked for; they vary in length, so the
 trainer then needs its own collate).
 """
+
 from __future__ import annotations
 
 import io
@@ -27,14 +28,15 @@ import logging
 import os
 import tarfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any
 
 import numpy as np
 import torch
 
+from fusedit.data.shards import CorruptSampleError, ShardStream, TarRecord
 from fusedit.data.transforms import CorruptImageError
-from fusedit.data.webdataset import CorruptSampleError, ShardStream, TarRecord
 
 __all__ = ["LatentShardDataset", "MANIFEST", "cache_latents", "read_manifest"]
 
@@ -60,20 +62,20 @@ class _TarShardWriter:
         self._tmp: Path | None = None
         self._count = 0
 
-    def _open(self) -> None:
+    def _open(self) -> tarfile.TarFile:
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
         self._tmp = self.out_dir / (name + ".tmp")
         self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
         self.shards.append({"file": name, "count": 0})
         self._count = 0
+        return self._tar
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
-        if self._tar is None:
-            self._open()
+        tar = self._tar if self._tar is not None else self._open()
         for ext, data in members.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o644
-            self._tar.addfile(info, io.BytesIO(data))
+            tar.addfile(info, io.BytesIO(data))
         self._count += 1
         self.shards[-1]["count"] = self._count
         if self._count >= self.shard_size:
@@ -82,6 +84,7 @@ class _TarShardWriter:
     def _finish(self) -> None:
         if self._tar is not None:
             self._tar.close()
+            assert self._tmp is not None
             os.replace(self._tmp, self.out_dir / self.shards[-1]["file"])
             self._tar = None
 
@@ -100,8 +103,12 @@ def _items(data, bad: list[str]) -> Iterable[dict]:
     ``bad``), anything else as an iterable."""
     if getattr(data, "epochs", 1) is None:
         raise ValueError("cache_latents: the data set repeats forever (epochs=None); build it with epochs=1")
-    is_map = (hasattr(data, "__getitem__") and hasattr(data, "__len__")
-              and not isinstance(data, torch.utils.data.IterableDataset) and not isinstance(data, (list, tuple)))
+    is_map = (
+        hasattr(data, "__getitem__")
+        and hasattr(data, "__len__")
+        and not isinstance(data, torch.utils.data.IterableDataset)
+        and not isinstance(data, (list, tuple))
+    )
     if not is_map:
         yield from data
         return
@@ -117,8 +124,10 @@ def _items(data, bad: list[str]) -> Iterable[dict]:
 
 def _unbatch(item: dict) -> Iterable[tuple[torch.Tensor, str, str | None]]:
     if not isinstance(item, dict) or "image" not in item or "caption" not in item:
-        raise ValueError(f"cache_latents: items must be dicts with 'image' and 'caption', got "
-                         f"{sorted(item) if isinstance(item, dict) else type(item).__name__}")
+        raise ValueError(
+            f"cache_latents: items must be dicts with 'image' and 'caption', got "
+            f"{sorted(item) if isinstance(item, dict) else type(item).__name__}"
+        )
     image, caption, original = item["image"], item["caption"], item.get("original_caption")
     if image.dim() == 3:
         yield image, caption, original
@@ -130,9 +139,20 @@ def _unbatch(item: dict) -> Iterable[tuple[torch.Tensor, str, str | None]]:
         raise ValueError(f"cache_latents: 'image' must be (3, H, W) or (B, 3, H, W), got {tuple(image.shape)}")
 
 
-def cache_latents(data, codec, out_dir: Union[str, os.PathLike], shard_size: int = 1000, *, batch_size: int = 16,
-                  tokenizer=None, max_length: int | None = None, dtype: str = "float16", prefix: str = "latents",
-                  generator: torch.Generator | None = None, overwrite: bool = False) -> dict[str, Any]:
+def cache_latents(
+    data,
+    codec,
+    out_dir: str | os.PathLike,
+    shard_size: int = 1000,
+    *,
+    batch_size: int = 16,
+    tokenizer=None,
+    max_length: int | None = None,
+    dtype: str = "float16",
+    prefix: str = "latents",
+    generator: torch.Generator | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Encode every image of ``data`` with ``codec`` and write latent shards + ``manifest.json`` into ``out_dir``.
 
     Args:
@@ -159,78 +179,129 @@ def cache_latents(data, codec, out_dir: Union[str, os.PathLike], shard_size: int
         raise ValueError(f"cache_latents: shard_size ({shard_size}) and batch_size ({batch_size}) must be >= 1")
     if dtype not in _DTYPES:
         raise ValueError(f"cache_latents: dtype got {dtype!r}, expected one of {sorted(_DTYPES)}")
-    out = Path(out_dir)
+    out = _empty_cache_dir(Path(out_dir), prefix, overwrite)
+    writer = _TarShardWriter(out, prefix, shard_size)
+    encoder = _LatentEncoder(codec, writer, dtype, tokenizer, max_length, generator)
+    started = time.time()
+    bad: list[str] = []
+    try:
+        for item in _items(data, bad):
+            for image, caption, original in _unbatch(item):
+                encoder.add(image, caption, original, batch_size)
+        encoder.flush()
+    finally:
+        writer.close()
+    if encoder.count == 0:
+        raise ValueError("cache_latents: the data set yielded no images")
+    manifest = _manifest(codec, dtype, encoder, writer, bad, data, tokenizer, max_length, time.time() - started)
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+def _manifest(
+    codec: Any,
+    dtype: str,
+    encoder: _LatentEncoder,
+    writer: _TarShardWriter,
+    bad: list[str],
+    data: Any,
+    tokenizer: Any,
+    max_length: int | None,
+    seconds: float,
+) -> dict[str, Any]:
+    """The cache's ``manifest.json``: the codec and its normalisation, shapes, counts, shards, tokenizer."""
+    describe = codec.describe()
+    return {
+        "format": _FORMAT,
+        "version": 1,
+        "codec": describe,
+        "channels": codec.channels,
+        "spatial_factor": codec.spatial_factor,
+        "normalization": {
+            "scaling_factor": describe.get("scaling_factor", 1.0),
+            "shift_factor": describe.get("shift_factor", 0.0),
+            "formula": "(z - shift_factor) * scaling_factor",
+        },
+        "dtype": dtype,
+        "latent_shape": encoder.latent_shape,
+        "image_size": encoder.image_size,
+        "count": encoder.count,
+        "skipped": len(bad),
+        "bad_items": bad[:100],
+        "source_skipped": int(getattr(data, "skipped", 0) or 0),
+        "shards": writer.shards,
+        "tokenizer": None
+        if tokenizer is None
+        else {"name": getattr(tokenizer, "name_or_path", type(tokenizer).__name__), "max_length": max_length},
+        "seconds": round(seconds, 3),
+    }
+
+
+def _empty_cache_dir(out: Path, prefix: str, overwrite: bool) -> Path:
+    """``out``, created; an existing cache in it is an error unless ``overwrite`` (then it is removed)."""
     out.mkdir(parents=True, exist_ok=True)
     existing = sorted(out.glob(f"{prefix}-*.tar")) + ([out / MANIFEST] if (out / MANIFEST).exists() else [])
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds a latent cache ({existing[0].name}...); pass overwrite=True")
     for path in existing:
         path.unlink()
+    return out
 
-    writer = _TarShardWriter(out, prefix, shard_size)
-    count, latent_shape, image_size = 0, None, None
-    pending: list[tuple[torch.Tensor, str, str | None]] = []
-    started = time.time()
-    bad: list[str] = []
 
-    def flush() -> None:
-        nonlocal count, latent_shape, image_size
-        if not pending:
+class _LatentEncoder:
+    """Encodes pending ``(image (3, H, W), caption, original caption)`` items in one codec call and writes one sample
+    per item; tracks the count and whether latent/image shapes stayed the same (else ``"mixed"``)."""
+
+    def __init__(
+        self,
+        codec: Any,
+        writer: _TarShardWriter,
+        dtype: str,
+        tokenizer: Any,
+        max_length: int | None,
+        generator: torch.Generator | None,
+    ) -> None:
+        self.codec, self.writer, self.dtype = codec, writer, dtype
+        self.tokenizer, self.max_length, self.generator = tokenizer, max_length, generator
+        self.pending: list[tuple[torch.Tensor, str, str | None]] = []
+        self.count = 0
+        self.latent_shape: Any = None
+        self.image_size: Any = None
+
+    def add(self, image: torch.Tensor, caption: Any, original: str | None, batch_size: int) -> None:
+        """Queue one image; encode the queue when it holds ``batch_size`` images or the image size changes."""
+        if not isinstance(caption, str):
+            raise ValueError(f"cache_latents: caption must be a str, got {type(caption).__name__}")
+        if self.pending and self.pending[0][0].shape != image.shape:
+            self.flush()
+        self.pending.append((image, caption, original))
+        if len(self.pending) >= batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
             return
-        images = torch.stack([p[0] for p in pending])
-        latents = codec.encode(images, generator=generator)
-        latents = latents.detach().float().cpu().numpy().astype(_DTYPES[dtype])
+        images = torch.stack([p[0] for p in self.pending])
+        latents = self.codec.encode(images, generator=self.generator)
+        latents = latents.detach().float().cpu().numpy().astype(_DTYPES[self.dtype])
         shape = list(latents.shape[1:])
-        latent_shape = shape if latent_shape in (None, shape) else "mixed"
+        self.latent_shape = shape if self.latent_shape in (None, shape) else "mixed"
         size = list(images.shape[-2:])
-        image_size = size if image_size in (None, size) else "mixed"
-        for latent, (_, caption, original) in zip(latents, pending):
+        self.image_size = size if self.image_size in (None, size) else "mixed"
+        for latent, (_, caption, original) in zip(latents, self.pending, strict=True):
             members = {"latent.npy": _npy_bytes(np.ascontiguousarray(latent)), "caption.txt": caption.encode("utf-8")}
             if original is not None:
                 members["original_caption.txt"] = str(original).encode("utf-8")
-            if tokenizer is not None:
-                ids = tokenizer(caption, truncation=max_length is not None, max_length=max_length)["input_ids"]
+            if self.tokenizer is not None:
+                ids = self.tokenizer(caption, truncation=self.max_length is not None, max_length=self.max_length)[
+                    "input_ids"
+                ]
                 members["input_ids.npy"] = _npy_bytes(np.asarray(ids, dtype=np.int32))
-            writer.write(f"{count:09d}", members)
-            count += 1
-        pending.clear()
-
-    try:
-        for item in _items(data, bad):
-            for image, caption, original in _unbatch(item):
-                if not isinstance(caption, str):
-                    raise ValueError(f"cache_latents: caption must be a str, got {type(caption).__name__}")
-                if pending and pending[0][0].shape != image.shape:
-                    flush()
-                pending.append((image, caption, original))
-                if len(pending) >= batch_size:
-                    flush()
-        flush()
-    finally:
-        writer.close()
-    if count == 0:
-        raise ValueError("cache_latents: the data set yielded no images")
-
-    describe = codec.describe()
-    manifest = {
-        "format": _FORMAT, "version": 1,
-        "codec": describe,
-        "channels": codec.channels, "spatial_factor": codec.spatial_factor,
-        "normalization": {"scaling_factor": describe.get("scaling_factor", 1.0),
-                          "shift_factor": describe.get("shift_factor", 0.0),
-                          "formula": "(z - shift_factor) * scaling_factor"},
-        "dtype": dtype, "latent_shape": latent_shape, "image_size": image_size,
-        "count": count, "skipped": len(bad), "bad_items": bad[:100],
-        "source_skipped": int(getattr(data, "skipped", 0) or 0),
-        "shards": writer.shards,
-        "tokenizer": None if tokenizer is None else {
-            "name": getattr(tokenizer, "name_or_path", type(tokenizer).__name__), "max_length": max_length},
-        "seconds": round(time.time() - started, 3),
-    }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / MANIFEST)
-    return manifest
+            self.writer.write(f"{self.count:09d}", members)
+            self.count += 1
+        self.pending.clear()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -238,7 +309,7 @@ def cache_latents(data, codec, out_dir: Union[str, os.PathLike], shard_size: int
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def read_manifest(path: Union[str, os.PathLike]) -> dict[str, Any]:
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """Read a cache's ``manifest.json`` (``path`` is the cache folder or the file).
 
     Raises:
@@ -257,15 +328,24 @@ def read_manifest(path: Union[str, os.PathLike]) -> dict[str, Any]:
 
 def _check_codec(manifest: dict, codec, where: str) -> None:
     norm = manifest["normalization"]
-    mine = {"channels": codec.channels, "spatial_factor": codec.spatial_factor,
-            "scaling_factor": codec.describe().get("scaling_factor", 1.0),
-            "shift_factor": codec.describe().get("shift_factor", 0.0)}
-    theirs = {"channels": manifest["channels"], "spatial_factor": manifest["spatial_factor"],
-              "scaling_factor": norm["scaling_factor"], "shift_factor": norm["shift_factor"]}
+    mine = {
+        "channels": codec.channels,
+        "spatial_factor": codec.spatial_factor,
+        "scaling_factor": codec.describe().get("scaling_factor", 1.0),
+        "shift_factor": codec.describe().get("shift_factor", 0.0),
+    }
+    theirs = {
+        "channels": manifest["channels"],
+        "spatial_factor": manifest["spatial_factor"],
+        "scaling_factor": norm["scaling_factor"],
+        "shift_factor": norm["shift_factor"],
+    }
     diff = [k for k in mine if not np.isclose(float(mine[k]), float(theirs[k]))]
     if diff:
-        raise ValueError(f"latent cache {where} was written with a different codec: "
-                         + ", ".join(f"{k} {theirs[k]} (cache) vs {mine[k]} (codec)" for k in diff))
+        raise ValueError(
+            f"latent cache {where} was written with a different codec: "
+            + ", ".join(f"{k} {theirs[k]} (cache) vs {mine[k]} (codec)" for k in diff)
+        )
 
 
 class LatentShardDataset(ShardStream):
@@ -278,13 +358,25 @@ class LatentShardDataset(ShardStream):
         codec: if given, must match the manifest's channels, spatial factor and normalisation.
         original_caption_rate: probability of using the stored original caption (when there is one).
         return_token_ids: add ``"input_ids"`` (int64, variable length) when the cache has them.
-        seed, rank, world_size, shuffle, epochs: see :class:`~fusedit.data.webdataset.ShardStream`.
+        seed, rank, world_size, shuffle, epochs: see :class:`~fusedit.data.shards.ShardStream`.
     """
 
-    def __init__(self, path: Union[str, os.PathLike], *, codec=None, original_caption_rate: float = 0.0,
-                 return_token_ids: bool = False, seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None, shuffle: bool = False, epochs: int | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        codec=None,
+        original_caption_rate: float = 0.0,
+        return_token_ids: bool = False,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        shuffle: bool = False,
+        epochs: int | None = None,
+    ):
         root = Path(path)
+        shards: str | os.PathLike | list[str]
+        self.manifest: dict[str, Any] | None
         if root.is_dir() and (root / MANIFEST).is_file():
             self.manifest = read_manifest(root)
             shards = [str(root / s["file"]) for s in self.manifest["shards"]]
@@ -304,11 +396,27 @@ class LatentShardDataset(ShardStream):
         self.return_token_ids = return_token_ids
 
     @classmethod
-    def from_config(cls, cfg, *, codec=None, seed: int = 0, rank: int | None = None, world_size: int | None = None,
-                    epochs: int | None = None) -> "LatentShardDataset":
+    def from_config(
+        cls,
+        cfg,
+        *,
+        codec=None,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        epochs: int | None = None,
+    ) -> LatentShardDataset:
         """Build from a :class:`fusedit.data.config.DataConfig` (``source: latents``)."""
-        return cls(cfg.path, codec=codec, original_caption_rate=cfg.original_caption_rate, seed=seed, rank=rank,
-                   world_size=world_size, shuffle=getattr(cfg, "shuffle", False), epochs=epochs)
+        return cls(
+            cfg.path,
+            codec=codec,
+            original_caption_rate=cfg.original_caption_rate,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            shuffle=getattr(cfg, "shuffle", False),
+            epochs=epochs,
+        )
 
     def decode(self, record: TarRecord, read, generator: torch.Generator) -> dict[str, Any]:
         try:
@@ -325,94 +433,3 @@ class LatentShardDataset(ShardStream):
         if self.return_token_ids and record.has("input_ids.npy"):
             sample["input_ids"] = torch.from_numpy(np.load(io.BytesIO(read("input_ids.npy"))).astype(np.int64))
         return sample
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# command line: fusedit cache-latents
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _parser():
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="fusedit cache-latents",
-        description="Encode training images with a VAE once and write latent shards + manifest.json "
-                    "(train from them with data.source=latents, data.path=OUT).")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of --config (e.g. data.resolution=512)")
-    parser.add_argument("--config", help="experiment config: its data section names the images (folder or "
-                                         "webdataset shards), the VAE (data.vae, data.vae_subfolder, "
-                                         "data.vae_sample_mode) and the transform")
-    parser.add_argument("--folder", help="image folder with captions.jsonl/csv (instead of --config)")
-    parser.add_argument("--vae", help="diffusers VAE folder or hub id (with --folder)")
-    parser.add_argument("--subfolder", default=None, help="VAE subfolder, e.g. 'vae' inside a pipeline folder")
-    parser.add_argument("--resolution", type=int, help="image side in pixels (with --folder)")
-    parser.add_argument("--out", required=True, help="output folder of the cache")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per VAE call (default 16)")
-    parser.add_argument("--dtype", default="float16", choices=sorted(_DTYPES), help="storage dtype of latents")
-    parser.add_argument("--tokenizer", help="also store token ids of the captions (tokenizer folder or hub id)")
-    parser.add_argument("--max-length", type=int, default=None, help="truncate stored token ids to this length")
-    parser.add_argument("--device", default=None, help="where the VAE runs (default: cuda if available)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing cache in --out")
-    return parser
-
-
-def _source_from_config(args):
-    from fusedit.experiment import load_experiment
-
-    config = load_experiment(args.config, args.overrides)
-    data = config.data
-    if data.source == "folder":
-        from fusedit.data.folder import ImageFolderDataset
-
-        dataset = ImageFolderDataset(data.path, resolution=data.resolution, center_crop=data.center_crop,
-                                     interpolation=data.interpolation, seed=config.train.seed, on_bad="raise")
-    elif data.source == "webdataset":
-        from fusedit.data.webdataset import WebShardDataset
-
-        dataset = WebShardDataset.from_config(data, seed=config.train.seed, rank=0, world_size=1, epochs=1)
-    else:
-        raise ValueError(f"cache-latents: data.source={data.source!r}; the images must come from a 'folder' or "
-                         f"'webdataset' source")
-    if data.vae is None:
-        raise ValueError("cache-latents: data.vae is null (pixel space); name a VAE in the config or with --vae")
-    return dataset, data.vae, data.vae_subfolder, data.vae_sample_mode
-
-
-def main(argv=None) -> int:
-    """``fusedit cache-latents``: see ``--help``. Prints the manifest path and the counts; returns 0."""
-    from fusedit.data.codec import load_codec
-    from fusedit.loading import default_device
-
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.config is not None:
-        if args.folder or args.resolution:
-            parser.error("--config takes the images and resolution from the config; drop --folder/--resolution")
-        dataset, vae, subfolder, sample_mode = _source_from_config(args)
-        vae, subfolder = args.vae or vae, args.subfolder or subfolder
-    else:
-        if args.overrides:
-            parser.error(f"key=value overrides ({' '.join(args.overrides)}) need --config")
-        missing = [flag for flag, value in (("--folder", args.folder), ("--vae", args.vae),
-                                            ("--resolution", args.resolution)) if not value]
-        if missing:
-            parser.error(f"give --config CONFIG, or --folder, --vae and --resolution (missing: {', '.join(missing)})")
-        from fusedit.data.folder import ImageFolderDataset
-
-        dataset = ImageFolderDataset(args.folder, resolution=args.resolution, on_bad="raise")
-        vae, subfolder, sample_mode = args.vae, args.subfolder, "mean"
-    tokenizer = None
-    if args.tokenizer:
-        from fusedit.text.llm import load_tokenizer
-
-        tokenizer = load_tokenizer(args.tokenizer)
-    codec = load_codec(vae, subfolder=subfolder, device=default_device(args.device), sample_mode=sample_mode)
-    manifest = cache_latents(dataset, codec, args.out, shard_size=args.shard_size, batch_size=args.batch_size,
-                             tokenizer=tokenizer, max_length=args.max_length, dtype=args.dtype,
-                             overwrite=args.overwrite)
-    print(Path(args.out) / MANIFEST)
-    print(f"{manifest['count']} latents in {len(manifest['shards'])} shard(s); skipped {manifest['skipped']} "
-          f"unreadable item(s), {manifest['source_skipped']} corrupt sample(s) skipped by the source")
-    return 0

@@ -14,10 +14,11 @@ Conventions: images are ``np.uint8`` arrays ``(R, R, 3)`` (rendering) or ``float
 ``[-1, 1]`` (the training data set). Pixel coordinates are ``x`` = column (grows to the right) and ``y`` = row (grows
 downwards), so "above" means a smaller ``y``.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -25,8 +26,21 @@ from torch.utils.data import Dataset
 
 from fusedit.data.config import ShapesWorldConfig
 from fusedit.data.shapes_grammar import (  # noqa: F401  (re-exported: the world's grammar)
-    CATEGORIES, COLORS, LLM_CORPORA, NO_SCENE_TARGET, RELATIONS, SCENE_FIELDS, SHAPES, ObjectSpec, PromptSpec,
-    enumerate_prompts, make_spec, parse_prompt, restatement, scene_labels)
+    CATEGORIES,
+    COLORS,
+    LLM_CORPORA,
+    NO_SCENE_TARGET,
+    RELATIONS,
+    SCENE_FIELDS,
+    SHAPES,
+    ObjectSpec,
+    PromptSpec,
+    enumerate_prompts,
+    make_spec,
+    parse_prompt,
+    restatement,
+    scene_labels,
+)
 
 #: Object colors (RGB), chosen far apart from each other and from the background.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -82,7 +96,7 @@ class PlacedObject:
     size: str
     x: int
     y: int
-    side: Optional[int] = None
+    side: int | None = None
 
 
 def object_side(size: str, resolution: int, scale: float = 1.0) -> int:
@@ -112,7 +126,9 @@ class ShapesWorld:
 
     def __init__(self, config: ShapesWorldConfig, resolution: int):
         if not isinstance(resolution, int) or resolution < MIN_RESOLUTION:
-            raise ValueError(f"ShapesWorld: resolution must be an integer >= {MIN_RESOLUTION} pixels, got {resolution!r}")
+            raise ValueError(
+                f"ShapesWorld: resolution must be an integer >= {MIN_RESOLUTION} pixels, got {resolution!r}"
+            )
         config.validate()
         self.config = config
         self.resolution = resolution
@@ -133,8 +149,10 @@ class ShapesWorld:
         self._by_text = {s.text: s for specs in self._prompts.values() for s in specs}
         weights = np.array([float(config.category_weights.get(c, 1.0)) for c in self.categories])
         if weights.sum() <= 0:
-            raise ValueError(f"data.shapes.category_weights: {config.category_weights} gives every category of this "
-                             f"world ({self.categories}) weight 0; expected at least one positive weight")
+            raise ValueError(
+                f"data.shapes.category_weights: {config.category_weights} gives every category of this "
+                f"world ({self.categories}) weight 0; expected at least one positive weight"
+            )
         #: probability of each category (in :attr:`categories` order) in the training data
         self.category_probabilities = weights / weights.sum()
 
@@ -151,26 +169,28 @@ class ShapesWorld:
         """Categories with at least one prompt under this ``max_objects``."""
         return tuple(self._prompts)
 
-    def _check_category(self, category: Optional[str]) -> None:
+    def _check_category(self, category: str | None) -> None:
         if category is not None and category not in self._prompts:
-            raise ValueError(f"category {category!r} is not in this shapes world; available: {self.categories}"
-                             + ("" if category in CATEGORIES else f" (GenEval categories: {CATEGORIES})"))
+            raise ValueError(
+                f"category {category!r} is not in this shapes world; available: {self.categories}"
+                + ("" if category in CATEGORIES else f" (GenEval categories: {CATEGORIES})")
+            )
 
-    def _select(self, table: dict[str, list[PromptSpec]], category: Optional[str]) -> list[PromptSpec]:
+    def _select(self, table: dict[str, list[PromptSpec]], category: str | None) -> list[PromptSpec]:
         self._check_category(category)
         if category is not None:
             return list(table[category])
         return [s for c in self.categories for s in table[c]]
 
-    def all_prompts(self, category: Optional[str] = None) -> list[PromptSpec]:
+    def all_prompts(self, category: str | None = None) -> list[PromptSpec]:
         """Every prompt (training and held-out), optionally of one category."""
         return self._select(self._prompts, category)
 
-    def training_prompts(self, category: Optional[str] = None) -> list[PromptSpec]:
+    def training_prompts(self, category: str | None = None) -> list[PromptSpec]:
         """Prompts that appear in training, optionally of one category."""
         return self._select(self._training, category)
 
-    def held_out_prompts(self, category: Optional[str] = None) -> list[PromptSpec]:
+    def held_out_prompts(self, category: str | None = None) -> list[PromptSpec]:
         """Prompts never shown in training (the evaluation set), optionally of one category."""
         return self._select(self._held_out, category)
 
@@ -221,27 +241,36 @@ class ShapesWorld:
                 color = obj.color if obj.color is not None else COLORS[rng.integers(len(COLORS))]
                 items.append((obj.shape, color, SIZES[rng.integers(len(SIZES))]))
         if len(items) > self.config.max_objects:
-            raise ValueError(f"prompt {spec.text!r} needs {len(items)} objects but max_objects is "
-                             f"{self.config.max_objects}")
+            raise ValueError(
+                f"prompt {spec.text!r} needs {len(items)} objects but max_objects is {self.config.max_objects}"
+            )
         placed = self.layout(items, spec.relation, rng, size_scale)
         if placed is None:  # pragma: no cover - always feasible at >= 16 px with up to 4 objects
             raise RuntimeError(f"could not lay out {spec.text!r} at {self.resolution} px")
         return placed
 
-    def layout(self, items: Sequence[tuple[str, str, str]], relation: Optional[str], rng: np.random.Generator,
-               size_scale: float = 1.0) -> Optional[list[PlacedObject]]:
+    def layout(
+        self,
+        items: Sequence[tuple[str, str, str]],
+        relation: str | None,
+        rng: np.random.Generator,
+        size_scale: float = 1.0,
+    ) -> list[PlacedObject] | None:
         """Place ``(shape, color, size)`` items without overlap (a relation constrains items 0 and 1), shrinking
         every item to ``small`` when the sizes drawn do not fit; None when even that fails."""
         items = list(items)
         for _ in range(3):
             boxes = self._place(items, relation, rng, size_scale)
             if boxes is not None:
-                return [PlacedObject(s, c, z, x, y, side) for (s, c, z), (x, y, side) in zip(items, boxes)]
+                return [
+                    PlacedObject(s, c, z, x, y, side) for (s, c, z), (x, y, side) in zip(items, boxes, strict=False)
+                ]
             items = [(s, c, "small") for s, c, _ in items]
         return None
 
-    def _place(self, items: list[tuple[str, str, str]], relation: Optional[str], rng: np.random.Generator,
-               size_scale: float = 1.0) -> Optional[list[tuple[int, int, int]]]:
+    def _place(
+        self, items: list[tuple[str, str, str]], relation: str | None, rng: np.random.Generator, size_scale: float = 1.0
+    ) -> list[tuple[int, int, int]] | None:
         """``(x, y, side)`` of non-overlapping boxes for ``items`` (a relation constrains items 0 and 1)."""
         sides = [object_side(z, self.resolution, size_scale) for _, _, z in items]
         lo = self._border
@@ -276,7 +305,7 @@ class ShapesWorld:
         for obj in objects:
             side = obj.side or object_side(obj.size, self.resolution)
             mask = shape_mask(obj.shape, side, side)
-            region = image[obj.y:obj.y + side, obj.x:obj.x + side]
+            region = image[obj.y : obj.y + side, obj.x : obj.x + side]
             if region.shape[:2] != mask.shape:
                 raise ValueError(f"object {obj} does not fit in a {self.resolution} px image")
             region[mask] = PALETTE[obj.color]
@@ -303,7 +332,7 @@ class ShapesWorld:
         spec = prompts[rng.integers(len(prompts))]
         return self.render(spec, rng), spec
 
-    def train_dataset(self) -> "ShapesDataset":
+    def train_dataset(self) -> ShapesDataset:
         """The training data set (``config.size`` examples)."""
         return ShapesDataset(self)
 
@@ -323,7 +352,7 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.world.config.size
 
-    def __getitem__(self, index: int) -> dict[str, Union[torch.Tensor, str]]:
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"ShapesDataset index {index} out of range for size {n}")

@@ -12,11 +12,14 @@ Captions follow GenEval's six categories (:data:`CATEGORIES`)::
 Every prompt string has one :class:`PromptSpec` (what an image must show); :func:`parse_prompt` reads any prompt of
 the grammar back into its spec. Rendering lives in :mod:`fusedit.data.shapes`.
 """
+
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+
+from fusedit.data.config import CATEGORIES  # GenEval's categories, in a fixed order (re-exported)
 
 #: The shapes, in a fixed order.
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
@@ -28,14 +31,16 @@ COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "white")
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 _RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
 
-#: GenEval's categories, in a fixed order.
-CATEGORIES: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 _NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 
 #: Where a restatement (:func:`restatement`) puts the subject and the reference object of a relation.
-_RELATION_SIDES = {"left of": ("on the left", "on the right"), "right of": ("on the right", "on the left"),
-                   "above": ("on top", "at the bottom"), "below": ("at the bottom", "on top")}
+_RELATION_SIDES = {
+    "left of": ("on the left", "on the right"),
+    "right of": ("on the right", "on the left"),
+    "above": ("on top", "at the bottom"),
+    "below": ("at the bottom", "on top"),
+}
 
 #: Texts the tiny LLM can be pretrained on (:meth:`ShapesWorld.llm_corpus`).
 LLM_CORPORA: tuple[str, ...] = ("restated", "captions")
@@ -65,7 +70,7 @@ class ObjectSpec:
     """
 
     shape: str
-    color: Optional[str] = None
+    color: str | None = None
     count: int = 1
 
 
@@ -84,7 +89,7 @@ class PromptSpec:
     text: str
     category: str
     objects: tuple[ObjectSpec, ...]
-    relation: Optional[str] = None
+    relation: str | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -102,13 +107,15 @@ def _phrase(obj: ObjectSpec) -> str:
     return " ".join(words)
 
 
-def make_spec(category: str, objects: Sequence[ObjectSpec], relation: Optional[str] = None) -> PromptSpec:
+def make_spec(category: str, objects: Sequence[ObjectSpec], relation: str | None = None) -> PromptSpec:
     """Build the :class:`PromptSpec` (and its caption text) of ``objects`` in ``category``."""
     objects = tuple(objects)
     if category == "position":
         if relation not in RELATIONS or len(objects) != 2:
-            raise ValueError(f"position prompts need two objects and a relation in {RELATIONS}, got "
-                             f"{len(objects)} objects and relation={relation!r}")
+            raise ValueError(
+                f"position prompts need two objects and a relation in {RELATIONS}, got "
+                f"{len(objects)} objects and relation={relation!r}"
+            )
         text = f"{_phrase(objects[0])} {_RELATION_PHRASES[relation]} {_phrase(objects[1])}"
     else:
         if relation is not None:
@@ -130,14 +137,22 @@ def enumerate_prompts(category: str, max_objects: int = 4) -> list[PromptSpec]:
     elif category == "two_object" and max_objects >= 2:
         specs = [make_spec(category, [ObjectSpec(a), ObjectSpec(b)]) for a in SHAPES for b in SHAPES if a != b]
     elif category == "counting":
-        specs = [make_spec(category, [ObjectSpec(s, c, n)])
-                 for n in range(2, max_objects + 1) for c, s in colored]
+        specs = [make_spec(category, [ObjectSpec(s, c, n)]) for n in range(2, max_objects + 1) for c, s in colored]
     elif category == "position" and max_objects >= 2:
-        specs = [make_spec(category, [ObjectSpec(sa, ca), ObjectSpec(sb, cb)], rel)
-                 for rel in RELATIONS for ca, sa in colored for cb, sb in colored if (ca, sa) != (cb, sb)]
+        specs = [
+            make_spec(category, [ObjectSpec(sa, ca), ObjectSpec(sb, cb)], rel)
+            for rel in RELATIONS
+            for ca, sa in colored
+            for cb, sb in colored
+            if (ca, sa) != (cb, sb)
+        ]
     elif category == "color_attr" and max_objects >= 2:
-        specs = [make_spec(category, [ObjectSpec(sa, ca), ObjectSpec(sb, cb)])
-                 for ca, sa in colored for cb, sb in colored if ca != cb and sa != sb]
+        specs = [
+            make_spec(category, [ObjectSpec(sa, ca), ObjectSpec(sb, cb)])
+            for ca, sa in colored
+            for cb, sb in colored
+            if ca != cb and sa != sb
+        ]
     return sorted(specs, key=lambda p: p.text)
 
 
@@ -148,7 +163,7 @@ def restatement(spec: PromptSpec) -> str:
     right .``; ``a red circle and a blue square`` → ``the circle is red . the square is blue .``; ``three green
     triangles`` → ``count three . color green . shape triangle .``; ``a circle`` → ``there is one circle .``.
     """
-    if spec.category == "position":
+    if spec.category == "position" and spec.relation is not None:
         (subject, reference), (subject_side, reference_side) = spec.objects, _RELATION_SIDES[spec.relation]
         name = lambda o: f"{o.color} {o.shape}" if o.color else o.shape  # noqa: E731
         return f"the {name(subject)} is {subject_side} . the {name(reference)} is {reference_side} ."
@@ -172,11 +187,16 @@ def scene_labels(spec: PromptSpec) -> tuple[int, ...]:
     subject, reference = spec.objects
     first, second = (subject, reference) if spec.relation in ("left of", "above") else (reference, subject)
     axis = 0 if spec.relation in ("left of", "right of") else 1
-    return (COLORS.index(first.color), SHAPES.index(first.shape), COLORS.index(second.color),
-            SHAPES.index(second.shape), axis)
+    return (
+        COLORS.index(first.color),
+        SHAPES.index(first.shape),
+        COLORS.index(second.color),
+        SHAPES.index(second.shape),
+        axis,
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _grammar_index() -> dict[str, PromptSpec]:
     """Every prompt of the grammar (up to 4 objects) by its text."""
     return {spec.text: spec for category in CATEGORIES for spec in enumerate_prompts(category, 4)}
@@ -194,7 +214,9 @@ def parse_prompt(text: str) -> PromptSpec:
     try:
         return _grammar_index()[key]
     except KeyError:
-        raise ValueError(f"{text!r} is not a prompt of the shapes world's grammar; expected e.g. 'a circle', 'a red "
-                         "circle', 'three green triangles', 'a circle and a square', 'a red circle and a blue "
-                         "square' or 'a red circle to the left of a blue square' (2-4 objects, shapes "
-                         f"{', '.join(SHAPES)}, colors {', '.join(COLORS)})") from None
+        raise ValueError(
+            f"{text!r} is not a prompt of the shapes world's grammar; expected e.g. 'a circle', 'a red "
+            "circle', 'three green triangles', 'a circle and a square', 'a red circle and a blue "
+            "square' or 'a red circle to the left of a blue square' (2-4 objects, shapes "
+            f"{', '.join(SHAPES)}, colors {', '.join(COLORS)})"
+        ) from None

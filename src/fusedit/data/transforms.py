@@ -13,12 +13,12 @@ This reproduces the reference's torchvision pipeline (``Resize(r, BILINEAR)`` on
 Decoding is strict: truncated or otherwise unreadable bytes raise :class:`CorruptImageError` (the reference sets
 ``ImageFile.LOAD_TRUNCATED_IMAGES = True`` and silently trains on grey-filled images; we skip and count them).
 """
+
 from __future__ import annotations
 
 import io
 import os
 import warnings
-from typing import Union
 
 import numpy as np
 import torch
@@ -46,15 +46,21 @@ INTERPOLATIONS = {
 }
 
 #: Exceptions PIL raises for unreadable, truncated or hostile image data.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
-                  Image.DecompressionBombWarning)
+_DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
 
 
 class CorruptImageError(ValueError):
     """Image bytes or an image file could not be decoded (the message says which and why)."""
 
 
-def decode_image(data: Union[bytes, bytearray, memoryview], name: str = "<bytes>") -> Image.Image:
+def decode_image(data: bytes | bytearray | memoryview, name: str = "<bytes>") -> Image.Image:
     """Decode image bytes fully (not just the header) into a PIL image of its original mode.
 
     Raises:
@@ -65,7 +71,7 @@ def decode_image(data: Union[bytes, bytearray, memoryview], name: str = "<bytes>
     return _open(io.BytesIO(bytes(data)), name)
 
 
-def load_image(path: Union[str, os.PathLike]) -> Image.Image:
+def load_image(path: str | os.PathLike) -> Image.Image:
     """Open and fully decode an image file.
 
     Raises:
@@ -144,8 +150,9 @@ def center_crop_box(width: int, height: int, size: int) -> tuple[int, int, int, 
     return left, top, left + size, top + size
 
 
-def random_crop_box(width: int, height: int, size: int,
-                    generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+def random_crop_box(
+    width: int, height: int, size: int, generator: torch.Generator | None = None
+) -> tuple[int, int, int, int]:
     """``(left, top, right, bottom)`` of a uniformly random ``size``×``size`` crop (top drawn first, then left)."""
     if width < size or height < size:
         raise ValueError(f"cannot crop {size}x{size} out of a {width}x{height} image")

@@ -1,376 +1,16 @@
-"""Tar shards in the webdataset layout, read shard-per-rank and resumable mid-epoch without replaying the stream.
+"""Image/caption tar shards in the reference's webdataset layout (``image.jpg``, ``synthetic_caption.txt``,
+``original_caption.txt``), read by the resumable shard-per-rank stream of :mod:`fusedit.data.shards`."""
 
-Shard layout (the reference's, compatible with the ``webdataset`` library): consecutive tar members sharing a key
-form one sample; the key is the member name up to the first dot of its base name, the rest is the extension —
-``000123.image.jpg``, ``000123.synthetic_caption.txt``, ``000123.original_caption.txt``.
-
-:class:`ShardStream` is the machinery (an ``IterableDataset``); subclasses only decode one sample:
-
-* **split.** Each epoch the shard list (in order, or permuted by ``(seed, epoch)`` when ``shuffle``) is dealt
-  shard-per-rank — rank ``r`` of ``w`` reads shards ``r, r+w, r+2w, …`` — and each rank's list is dealt again over
-  its DataLoader workers (worker ``k`` of ``K`` takes every ``K``-th). Every sample is read by exactly one
-  (rank, worker) per epoch. Ranks never exchange anything.
-* **order.** Within a shard samples come in tar order, or permuted by ``(seed, epoch, shard)`` when ``shuffle``
-  (the tar is indexed from its headers and read by seeking, so shuffling needs no buffer and stays resumable).
-* **position.** A worker's position is ``(epoch, cursor, offset)``: the index of the shard in that worker's list
-  for the epoch and the number of samples of that shard already taken (corrupt ones included). Resuming seeks to
-  the shard and jumps to the offset: only tar headers are read, nothing before the offset is decoded.
-* **randomness.** Per-sample choices (random crop, original-vs-synthetic caption) use a generator seeded by
-  ``(seed, epoch, shard, sample index in the shard)``, so a resumed stream is identical to the uninterrupted one
-  whatever the worker count that produced it.
-* **corrupt samples** (undecodable image, missing/empty caption, unreadable member) are skipped, logged on the
-  ``fusedit.data`` logger and counted (``skipped``, and ``bad_samples``: the latest few ``"shard:key: reason"``).
-
-Checkpointing. Every sample carries ``sample["stream_pos"]``: int64 ``[worker, num_workers, epoch, cursor,
-offset, skipped]`` (the position *after* it). Without workers the dataset object tracks its position itself.
-With DataLoader workers (which iterate copies of the data set) call ``dataset.mark_consumed(batch)`` on every
-batch the training loop takes; ``state_dict()`` then holds the position of every worker, and
-``load_state_dict()`` (before ``iter(loader)``) makes each worker resume there. A state is tied to the shard
-list, seed, shuffle, world size, rank and number of workers; a mismatch raises ``ValueError``. Corrupt samples
-between the last consumed sample and a checkpoint may be counted again after resuming.
-
-Only local (seekable) files are supported; a shard spec is a path, a brace pattern
-(``data/train-{0000..0099}.tar``), a glob, a folder (its ``*.tar``) or a list of those.
-"""
 from __future__ import annotations
 
-import collections
-import glob
-import logging
-import os
-import re
-import tarfile
-from dataclasses import dataclass
-from typing import Any, Iterator, Sequence, Union
+from typing import Any
 
-import numpy as np
 import torch
 
-from fusedit.data.transforms import CorruptImageError, ImageTransform, decode_image
+from fusedit.data.shards import STREAM_POS_KEY, CorruptSampleError, ShardStream, TarRecord, expand_shards, index_tar
+from fusedit.data.transforms import ImageTransform, decode_image
 
-__all__ = [
-    "CorruptSampleError",
-    "ShardStream",
-    "STREAM_POS_KEY",
-    "TarRecord",
-    "WebShardDataset",
-    "expand_shards",
-    "index_tar",
-    "sample_generator",
-]
-
-logger = logging.getLogger("fusedit.data")
-
-#: Key of the per-sample position tensor ``[worker, num_workers, epoch, cursor, offset, skipped]``.
-STREAM_POS_KEY = "stream_pos"
-_STATE_FORMAT = "fusedit-shard-stream"
-_KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")
-_MAX_BAD_SAMPLES = 100
-_MAX_WARNINGS = 20
-
-
-class CorruptSampleError(ValueError):
-    """A sample of a shard cannot be used (the message says why); it is skipped and counted."""
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# shard lists and tar indexes
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _brace_expand(pattern: str) -> list[str]:
-    try:
-        from braceexpand import braceexpand
-    except ImportError:  # pragma: no cover - braceexpand ships with webdataset
-        return [pattern]
-    return list(braceexpand(pattern))
-
-
-def expand_shards(spec: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]) -> list[str]:
-    """Resolve a shard spec to a list of existing tar paths (order kept; folders and globs sorted).
-
-    Raises:
-        FileNotFoundError: a listed shard, folder or pattern matches nothing.
-    """
-    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
-    paths: list[str] = []
-    for item in specs:
-        for name in _brace_expand(os.path.expanduser(os.fspath(item))):
-            if os.path.isdir(name):
-                found = sorted(glob.glob(os.path.join(name, "*.tar")))
-                if not found:
-                    raise FileNotFoundError(f"no *.tar shards in folder {name}")
-                paths += found
-            elif any(c in name for c in "*?["):
-                found = sorted(glob.glob(name))
-                if not found:
-                    raise FileNotFoundError(f"shard pattern {name} matches no files")
-                paths += found
-            elif os.path.isfile(name):
-                paths.append(name)
-            else:
-                raise FileNotFoundError(f"shard not found: {name}")
-    if not paths:
-        raise FileNotFoundError(f"shard spec {spec!r} names no shards")
-    return paths
-
-
-@dataclass
-class TarRecord:
-    """One sample of a shard: its key and members (extension → ``TarInfo``), read on demand."""
-
-    key: str
-    members: dict[str, tarfile.TarInfo]
-
-    def has(self, ext: str) -> bool:
-        return ext in self.members
-
-
-def index_tar(path: str) -> list[TarRecord]:
-    """Group a shard's members into samples by reading tar headers only (no member data is read).
-
-    A damaged tail (truncated archive) ends the index where it breaks; the damage is logged.
-    """
-    with open(path, "rb") as f:
-        magic = f.read(6)
-    if magic.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ")):
-        raise ValueError(f"shard {path} is compressed; only uncompressed .tar shards can be read by seeking")
-    records: list[TarRecord] = []
-    current: TarRecord | None = None
-    try:
-        with tarfile.open(path, mode="r:") as tf:
-            for info in tf:
-                if not info.isfile():
-                    continue
-                match = _KEY_RE.match(info.name)
-                if match is None:
-                    continue
-                key, ext = match.groups()
-                if current is None or current.key != key:
-                    current = TarRecord(key, {})
-                    records.append(current)
-                current.members[ext] = info
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        logger.warning("shard %s: archive damaged after %d samples (%s)", path, len(records), exc)
-    return records
-
-
-def sample_generator(seed: int, epoch: int, shard: int, index: int) -> torch.Generator:
-    """The generator of one sample's random choices, a pure function of ``(seed, epoch, shard, index)``."""
-    state = np.random.SeedSequence([int(seed), int(epoch), int(shard), int(index)]).generate_state(2, np.uint64)
-    return torch.Generator().manual_seed(int(state[0]) & 0x7FFF_FFFF_FFFF_FFFF)
-
-
-def _permutation(n: int, *entropy: int) -> list[int]:
-    return np.random.default_rng(np.random.SeedSequence([int(e) for e in entropy])).permutation(n).tolist()
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# the resumable stream
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Position:
-    epoch: int = 0
-    cursor: int = 0
-    offset: int = 0
-    skipped: int = 0
-
-
-class ShardStream(torch.utils.data.IterableDataset):
-    """Resumable shard-per-rank iteration over tar shards (see the module docstring). Subclasses implement
-    :meth:`decode`.
-
-    Args:
-        shards: shard spec (see :func:`expand_shards`).
-        seed: seed of the shard/sample permutations and of per-sample randomness.
-        rank, world_size: this process's data-parallel rank and the number of ranks (default: from
-            ``torch.distributed`` when initialised, else 0 and 1).
-        shuffle: permute shards and samples within shards per epoch (deterministic in ``seed`` and epoch).
-        epochs: number of epochs, or ``None`` to repeat forever (training).
-    """
-
-    def __init__(self, shards, *, seed: int = 0, rank: int | None = None, world_size: int | None = None,
-                 shuffle: bool = False, epochs: int | None = None):
-        super().__init__()
-        self.shards = expand_shards(shards)
-        if rank is None or world_size is None:
-            dist = torch.distributed
-            initialised = dist.is_available() and dist.is_initialized()
-            rank = (dist.get_rank() if initialised else 0) if rank is None else rank
-            world_size = (dist.get_world_size() if initialised else 1) if world_size is None else world_size
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} / world_size {world_size}: expected 0 <= rank < world_size")
-        if len(self.shards) < world_size:
-            raise ValueError(f"{len(self.shards)} shards cannot be split shard-per-rank over {world_size} ranks; "
-                             f"write at least {world_size} shards")
-        if epochs is not None and epochs < 1:
-            raise ValueError(f"epochs: got {epochs}, expected a positive integer or None (forever)")
-        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
-        self.shuffle, self.epochs = bool(shuffle), epochs
-        self._positions: dict[int, _Position] = {}
-        self._num_workers: int | None = None
-        self._bad_samples: collections.deque[str] = collections.deque(maxlen=_MAX_BAD_SAMPLES)
-        self._warnings = 0
-
-    # ---- subclass hook -----------------------------------------------------------------------------------------
-
-    def decode(self, record: TarRecord, read, generator: torch.Generator) -> dict[str, Any]:
-        """Turn one sample into a dict. ``read(ext) -> bytes`` reads a member (:class:`CorruptSampleError` if absent).
-
-        Raise :class:`CorruptSampleError` (or :class:`CorruptImageError`) to skip the sample.
-        """
-        raise NotImplementedError
-
-    # ---- shard assignment --------------------------------------------------------------------------------------
-
-    def shard_order(self, epoch: int) -> list[int]:
-        """Indices into ``shards`` in this epoch's order (before the rank split)."""
-        n = len(self.shards)
-        return _permutation(n, self.seed, epoch, 0x5A4D) if self.shuffle else list(range(n))
-
-    def worker_shards(self, epoch: int, worker: int = 0, num_workers: int = 1) -> list[int]:
-        """Shard indices read by ``(this rank, worker)`` in ``epoch``: rank ``r`` takes ``r, r+w, …`` of the
-        epoch's order, and worker ``k`` every ``num_workers``-th of those."""
-        return self.shard_order(epoch)[self.rank::self.world_size][worker::num_workers]
-
-    # ---- state -------------------------------------------------------------------------------------------------
-
-    @property
-    def skipped(self) -> int:
-        """Corrupt samples skipped so far by this rank (all workers; from consumed positions with workers)."""
-        return sum(p.skipped for p in self._positions.values())
-
-    @property
-    def bad_samples(self) -> list[str]:
-        """The latest ``"shard:key: reason"`` entries of skipped samples seen in this process (no workers)."""
-        return list(self._bad_samples)
-
-    def mark_consumed(self, batch: Union[dict, Sequence[dict]]) -> None:
-        """Record the positions carried by a collated batch (``batch["stream_pos"]``: ``(B, 6)``) or by samples."""
-        items = batch if isinstance(batch, (list, tuple)) else [batch]
-        for item in items:
-            pos = item.get(STREAM_POS_KEY) if isinstance(item, dict) else None
-            if pos is None:
-                raise KeyError(f"mark_consumed: batch has no {STREAM_POS_KEY!r} entry (collate dropped it?)")
-            if isinstance(pos, (list, tuple)):  # a collate that kept per-sample tensors
-                pos = torch.stack([torch.as_tensor(p) for p in pos])
-            rows = torch.as_tensor(pos).reshape(-1, 6).tolist()
-            for worker, num_workers, epoch, cursor, offset, skipped in rows:
-                self._set(int(worker), int(num_workers), _Position(epoch, cursor, offset, skipped))
-
-    def _set(self, worker: int, num_workers: int, position: _Position) -> None:
-        if self._num_workers is not None and self._num_workers != num_workers:
-            self._positions = {}
-        self._num_workers = num_workers
-        self._positions[worker] = position
-
-    def state_dict(self) -> dict[str, Any]:
-        """Position of every worker of this rank (JSON-able)."""
-        return {
-            "format": _STATE_FORMAT, "version": 1, "seed": self.seed, "shuffle": self.shuffle,
-            "num_shards": len(self.shards), "rank": self.rank, "world_size": self.world_size,
-            "num_workers": self._num_workers,
-            "workers": {str(k): vars(p).copy() for k, p in sorted(self._positions.items())},
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict` (call before creating the DataLoader iterator)."""
-        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
-            raise ValueError("load_state_dict: not a shard-stream state (missing format marker)")
-        for name, mine in (("num_shards", len(self.shards)), ("seed", self.seed), ("shuffle", self.shuffle),
-                           ("world_size", self.world_size), ("rank", self.rank)):
-            if state.get(name) != mine:
-                raise ValueError(f"load_state_dict: state has {name}={state.get(name)!r} but this data set has "
-                                 f"{mine!r}; the saved position does not apply (shard split or order differs)")
-        self._num_workers = state.get("num_workers")
-        self._positions = {int(k): _Position(**v) for k, v in state.get("workers", {}).items()}
-
-    # ---- iteration ---------------------------------------------------------------------------------------------
-
-    def _note_bad(self, shard: str, key: str, reason: str) -> None:
-        entry = f"{shard}:{key}: {reason}"
-        self._bad_samples.append(entry)
-        if self._warnings < _MAX_WARNINGS:
-            logger.warning("skipping corrupt sample %s", entry)
-            self._warnings += 1
-        else:
-            logger.debug("skipping corrupt sample %s", entry)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = torch.utils.data.get_worker_info()
-        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        in_process = info is None
-        if self._num_workers is not None and self._positions and self._num_workers != num_workers:
-            raise ValueError(f"resuming a stream saved with {self._num_workers} DataLoader worker(s) on "
-                             f"{num_workers}; use the same num_workers (0 counts as 1)")
-        start = self._positions.get(worker, _Position())
-        position = _Position(**vars(start))
-        epoch, skipped = position.epoch, position.skipped
-        if not self.worker_shards(epoch, worker, num_workers):
-            logger.warning("rank %d worker %d has no shard to read (%d shards, %d ranks, %d workers)",
-                           self.rank, worker, len(self.shards), self.world_size, num_workers)
-            return
-        first = True
-        while self.epochs is None or epoch < self.epochs:
-            shards = self.worker_shards(epoch, worker, num_workers)
-            full_epoch, yielded = not first or (position.cursor == 0 and position.offset == 0), 0
-            for cursor in range(position.cursor if first else 0, len(shards)):
-                shard = shards[cursor]
-                path = self.shards[shard]
-                records = index_tar(path)
-                order = _permutation(len(records), self.seed, epoch, shard) if self.shuffle else None
-                begin = position.offset if first and cursor == position.cursor else 0
-                first = False
-                if begin >= len(records):
-                    continue
-                with open(path, "rb") as fileobj:
-                    for offset in range(begin, len(records)):
-                        index = order[offset] if order is not None else offset
-                        record = records[index]
-                        read = _reader(fileobj, record)
-                        try:
-                            sample = self.decode(record, read, sample_generator(self.seed, epoch, shard, index))
-                        except (CorruptSampleError, CorruptImageError, OSError, EOFError,
-                                UnicodeDecodeError, tarfile.TarError) as exc:
-                            skipped += 1
-                            self._note_bad(path, record.key, _reason(exc))
-                            if in_process:
-                                self._set(worker, num_workers, _Position(epoch, cursor, offset + 1, skipped))
-                            continue
-                        pos = _Position(epoch, cursor, offset + 1, skipped)
-                        if in_process:
-                            self._set(worker, num_workers, pos)
-                        sample[STREAM_POS_KEY] = torch.tensor(
-                            [worker, num_workers, epoch, cursor, offset + 1, skipped], dtype=torch.int64)
-                        yielded += 1
-                        yield sample
-            if self.epochs is None and full_epoch and not yielded:  # would spin forever
-                raise RuntimeError(f"rank {self.rank} worker {worker}: epoch {epoch} over {len(shards)} shard(s) "
-                                   f"gave no usable sample ({skipped} skipped so far); check the shards and keys")
-            first = False
-            epoch += 1
-            if in_process:
-                self._set(worker, num_workers, _Position(epoch, 0, 0, skipped))
-
-
-def _reason(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, CorruptSampleError) else f"{type(exc).__name__}: {exc}"
-
-
-def _reader(fileobj, record: TarRecord):
-    def read(ext: str) -> bytes:
-        info = record.members.get(ext)
-        if info is None:
-            raise CorruptSampleError(f"missing member {record.key}.{ext}")
-        fileobj.seek(info.offset_data)
-        data = fileobj.read(info.size)
-        if len(data) != info.size:
-            raise EOFError(f"member {record.key}.{ext} truncated ({len(data)} of {info.size} bytes)")
-        return data
-
-    return read
+__all__ = ["STREAM_POS_KEY", "WebShardDataset", "expand_shards", "index_tar"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -396,11 +36,23 @@ class WebShardDataset(ShardStream):
         seed, rank, world_size, shuffle, epochs: see :class:`ShardStream`.
     """
 
-    def __init__(self, shards, resolution: int, center_crop: bool = True, *, image_key: str = "image.jpg",
-                 caption_key: str = "synthetic_caption.txt", original_caption_key: str = "original_caption.txt",
-                 original_caption_rate: float = 0.0, interpolation: str = "bilinear", seed: int = 0,
-                 rank: int | None = None, world_size: int | None = None, shuffle: bool = False,
-                 epochs: int | None = None):
+    def __init__(
+        self,
+        shards,
+        resolution: int,
+        center_crop: bool = True,
+        *,
+        image_key: str = "image.jpg",
+        caption_key: str = "synthetic_caption.txt",
+        original_caption_key: str = "original_caption.txt",
+        original_caption_rate: float = 0.0,
+        interpolation: str = "bilinear",
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        shuffle: bool = False,
+        epochs: int | None = None,
+    ):
         super().__init__(shards, seed=seed, rank=rank, world_size=world_size, shuffle=shuffle, epochs=epochs)
         if not 0.0 <= original_caption_rate <= 1.0:
             raise ValueError(f"original_caption_rate: got {original_caption_rate}, expected 0..1")
@@ -411,13 +63,25 @@ class WebShardDataset(ShardStream):
         self.original_caption_rate = float(original_caption_rate)
 
     @classmethod
-    def from_config(cls, cfg, *, seed: int = 0, rank: int | None = None, world_size: int | None = None,
-                    epochs: int | None = None) -> "WebShardDataset":
+    def from_config(
+        cls, cfg, *, seed: int = 0, rank: int | None = None, world_size: int | None = None, epochs: int | None = None
+    ) -> WebShardDataset:
         """Build from a :class:`fusedit.data.config.DataConfig` (``source: webdataset``)."""
-        return cls(cfg.path, cfg.resolution, cfg.center_crop, image_key=cfg.image_key, caption_key=cfg.caption_key,
-                   original_caption_key=cfg.original_caption_key, original_caption_rate=cfg.original_caption_rate,
-                   interpolation=getattr(cfg, "interpolation", "bilinear"), seed=seed, rank=rank,
-                   world_size=world_size, shuffle=getattr(cfg, "shuffle", False), epochs=epochs)
+        return cls(
+            cfg.path,
+            cfg.resolution,
+            cfg.center_crop,
+            image_key=cfg.image_key,
+            caption_key=cfg.caption_key,
+            original_caption_key=cfg.original_caption_key,
+            original_caption_rate=cfg.original_caption_rate,
+            interpolation=getattr(cfg, "interpolation", "bilinear"),
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            shuffle=getattr(cfg, "shuffle", False),
+            epochs=epochs,
+        )
 
     @staticmethod
     def _first(record: TarRecord, keys: list[str]) -> str | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,7 +35,7 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    backend: Optional[str] = None
+    backend: str | None = None
 
     @property
     def is_main(self) -> bool:
@@ -53,7 +53,7 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def current_env(device: Union[str, torch.device, None] = None) -> DistEnv:
+def current_env(device: str | torch.device | None = None) -> DistEnv:
     """The :class:`DistEnv` of the existing process group (single process when there is none).
 
     ``device``: the training device; default ``cuda:LOCAL_RANK`` on the nccl backend, else CPU.
@@ -68,7 +68,7 @@ def current_env(device: Union[str, torch.device, None] = None) -> DistEnv:
                    device=torch.device(device), backend=backend)
 
 
-def init_distributed(device: Union[str, torch.device, None] = None) -> DistEnv:
+def init_distributed(device: str | torch.device | None = None) -> DistEnv:
     """Initialise the default process group from torchrun's environment and return this process's :class:`DistEnv`.
 
     Args:
@@ -118,7 +118,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce(value: Union[float, torch.Tensor], op: str = "mean", device: Union[str, torch.device] = "cpu") -> float:
+def all_reduce(value: float | torch.Tensor, op: str = "mean", device: str | torch.device = "cpu") -> float:
     """Reduce a scalar over ranks (``op``: ``mean``, ``sum`` or ``max``) and return it as a float on every rank."""
     ops = {"mean": dist.ReduceOp.SUM, "sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
     if op not in ops:

@@ -118,7 +118,7 @@ def _generate(
         if len(images) != len(batch):
             raise RuntimeError(f"pipeline returned {len(images)} images for {len(batch)} prompts")
         expected = (settings.width, settings.height)
-        for job, image in zip(batch, images):
+        for job, image in zip(batch, images, strict=True):
             if getattr(image, "size", None) != expected:
                 raise RuntimeError(
                     f"pipeline must return PIL images of size {expected} (width, height), "
@@ -134,9 +134,7 @@ def _write_or_check_record(out_dir: Path, record: dict[str, Any]) -> None:
     if path.is_file():
         existing = json.loads(path.read_text(encoding="utf-8"))
         if existing != record:
-            changed = sorted(
-                key for key in set(existing) | set(record) if existing.get(key) != record.get(key)
-            )
+            changed = sorted(key for key in set(existing) | set(record) if existing.get(key) != record.get(key))
             detail = {key: (existing.get(key), record.get(key)) for key in changed if key != "seeds"}
             raise ValueError(
                 f"{str(out_dir)!r} was sampled with other settings or prompts ({RECORD_NAME} differs in "
@@ -205,9 +203,7 @@ def sample_geneval(
         num_inference_steps, guidance_scale, height, width, negative_prompt, max_sequence_length
     )
     out = Path(out_dir)
-    seeds = {
-        f"{i:05d}": [seed + i * n_samples + k for k in range(n_samples)] for i in range(len(entries))
-    }
+    seeds = {f"{i:05d}": [seed + i * n_samples + k for k in range(n_samples)] for i in range(len(entries))}
     record = {
         "benchmark": "geneval",
         "settings": _settings_dict(settings, seed=seed, n_samples=n_samples),
@@ -215,6 +211,24 @@ def sample_geneval(
     }
     _write_or_check_record(out, record)
 
+    jobs, skipped = _geneval_jobs(out, entries, seeds, n_samples)
+    generated = 0
+    for job, image in _generate(pipe, jobs, settings, batch_size=batch_size, generator_device=generator_device):
+        save_image_atomic(image, _geneval_sample(out, job.key, job.slot))
+        generated += 1
+    if save_grid:
+        for key in seeds:
+            if not (out / key / "grid.png").is_file():
+                samples = [load_rgb(_geneval_sample(out, key, k)) for k in range(n_samples)]
+                save_image_atomic(_padded_grid(samples), out / key / "grid.png")
+    return SamplingSummary(out, generated, skipped)
+
+
+def _geneval_jobs(
+    out: Path, entries: list[dict], seeds: dict[str, list[int]], n_samples: int
+) -> tuple[list[_Job], int]:
+    """The images still to generate (one job each) and the number of prompts already complete; writes each prompt's
+    ``metadata.jsonl``."""
     jobs, skipped = [], 0
     for i, entry in enumerate(entries):
         key = f"{i:05d}"
@@ -228,17 +242,7 @@ def sample_geneval(
         if not missing:
             skipped += 1
         jobs += [_Job(key, k, entry["prompt"], seeds[key][k]) for k in missing]
-
-    generated = 0
-    for job, image in _generate(pipe, jobs, settings, batch_size=batch_size, generator_device=generator_device):
-        save_image_atomic(image, _geneval_sample(out, job.key, job.slot))
-        generated += 1
-    if save_grid:
-        for key in seeds:
-            if not (out / key / "grid.png").is_file():
-                samples = [load_rgb(_geneval_sample(out, key, k)) for k in range(n_samples)]
-                save_image_atomic(_padded_grid(samples), out / key / "grid.png")
-    return SamplingSummary(out, generated, skipped)
+    return jobs, skipped
 
 
 def _geneval_sample(out: Path, key: str, k: int) -> Path:
@@ -311,9 +315,7 @@ def sample_dpgbench(
         num_inference_steps, guidance_scale, height, width, negative_prompt, max_sequence_length
     )
     out = Path(out_dir)
-    seeds = {
-        name: [seed + i * DPG_SAMPLES + k for k in range(DPG_SAMPLES)] for i, (name, _) in enumerate(prompts)
-    }
+    seeds = {name: [seed + i * DPG_SAMPLES + k for k in range(DPG_SAMPLES)] for i, (name, _) in enumerate(prompts)}
     record = {
         "benchmark": "dpgbench",
         "settings": _settings_dict(settings, seed=seed, n_samples=DPG_SAMPLES, grid=[DPG_GRID, DPG_GRID]),

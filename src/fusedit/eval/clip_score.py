@@ -32,7 +32,7 @@ def _load_clip(model_path: str | os.PathLike, device: str | torch.device):
                 f"CLIP model folder {str(root)!r} has no {required} (save the model, tokenizer and image "
                 "processor there with save_pretrained)"
             )
-    model = CLIPModel.from_pretrained(root, local_files_only=True).to(device).eval()
+    model = CLIPModel.from_pretrained(root, local_files_only=True).to(device).eval()  # type: ignore[arg-type]
     tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)
     processor = CLIPImageProcessorPil.from_pretrained(root, local_files_only=True)
     return model, tokenizer, processor
@@ -82,9 +82,9 @@ def clip_score(
         batch_images = [_as_image(item) for item in images[start : start + batch_size]]
         batch_prompts = list(prompts[start : start + batch_size])
         pixels = processor(images=batch_images, return_tensors="pt")["pixel_values"].to(device)
-        text = tokenizer(
-            batch_prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-        ).to(device)
+        text = tokenizer(batch_prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(
+            device
+        )
         image_embeds = _as_embeddings(model.get_image_features(pixel_values=pixels))
         text_embeds = _as_embeddings(model.get_text_features(**text))
         cosine = torch.nn.functional.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)

@@ -44,9 +44,7 @@ def feature_statistics(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray,
     return feats.mean(axis=0), np.cov(feats, rowvar=False).reshape(feats.shape[1], feats.shape[1])
 
 
-def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
-) -> float:
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Fréchet distance of two Gaussians: ``‖μ1−μ2‖² + tr(Σ1 + Σ2 − 2(Σ1Σ2)^½)``.
 
     ``tr((Σ1Σ2)^½)`` is the sum of the square roots of the eigenvalues of ``Σ1Σ2`` (which are real
@@ -58,9 +56,7 @@ def frechet_distance(
         raise ValueError(f"means must be vectors of one shape, got {mu1.shape} and {mu2.shape}")
     d = mu1.shape[0]
     if sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(
-            f"covariances must be ({d}, {d}), got {sigma1.shape} and {sigma2.shape}"
-        )
+        raise ValueError(f"covariances must be ({d}, {d}), got {sigma1.shape} and {sigma2.shape}")
     eigenvalues = np.linalg.eigvals(sigma1 @ sigma2).astype(np.complex128)
     trace_sqrt = np.sqrt(eigenvalues).real.sum()
     diff = mu1 - mu2
@@ -122,9 +118,7 @@ class _CheckedExtractor(nn.Module):
             features = features[0]
         if not torch.is_tensor(features) or features.ndim != 2 or features.shape[0] != images.shape[0]:
             shape = tuple(features.shape) if torch.is_tensor(features) else type(features).__name__
-            raise ValueError(
-                f"feature extractor must return (B, D) = ({images.shape[0]}, D) features, got {shape}"
-            )
+            raise ValueError(f"feature extractor must return (B, D) = ({images.shape[0]}, D) features, got {shape}")
         return features
 
 

@@ -5,6 +5,7 @@ Everything here works on PIL images and plain ``uint8`` tensors; no torchvision.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -49,9 +50,7 @@ def list_images(folder: str | os.PathLike, *, recursive: bool = True) -> list[Pa
     )
     if not paths:
         where = "under" if recursive else "in"
-        raise ValueError(
-            f"no image files ({', '.join(IMAGE_SUFFIXES)}) {where} {str(root)!r}"
-        )
+        raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) {where} {str(root)!r}")
     return paths
 
 
@@ -79,7 +78,7 @@ def resize_square(image: Image.Image, size: int) -> Image.Image:
     return image.resize((size, size), resample=Image.Resampling.BICUBIC)
 
 
-def to_uint8_tensor(images: Sequence[Image.Image]) -> "torch.Tensor":
+def to_uint8_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
     """Stack same-sized RGB PIL images into a ``uint8`` tensor of shape ``(B, 3, H, W)``."""
     import torch
 
@@ -94,7 +93,7 @@ def to_uint8_tensor(images: Sequence[Image.Image]) -> "torch.Tensor":
 
 def iter_uint8_batches(
     paths: Sequence[str | os.PathLike], *, batch_size: int, image_size: int
-) -> Iterator["torch.Tensor"]:
+) -> Iterator[torch.Tensor]:
     """Load ``paths`` in order, resize each to ``image_size`` square, yield ``(B, 3, S, S)`` uint8 batches."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -138,3 +137,23 @@ def save_image_atomic(image: Image.Image, path: str | os.PathLike, **save_kwargs
         raise ValueError(f"unknown image suffix {path.suffix!r} for {str(path)!r}")
     image.save(tmp, format=fmt, **save_kwargs)
     os.replace(tmp, path)
+
+
+def sampled_pairs(folder: Path) -> list[tuple[Path, str]]:
+    """(image, prompt) pairs of a folder written by a benchmark sampler (GenEval layout or a prompt list with a
+    ``prompts.jsonl``), or a folder of ``NAME.png`` + ``NAME.txt`` pairs."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {str(folder)!r} does not exist")
+    pairs: list[tuple[Path, str]] = []
+    geneval = sorted(p for p in folder.iterdir() if (p / "metadata.jsonl").is_file())
+    if geneval:
+        for sub in geneval:
+            prompt = json.loads((sub / "metadata.jsonl").read_text().splitlines()[0])["prompt"]
+            pairs += [(image, prompt) for image in list_images(sub / "samples")]
+        return pairs
+    for image in list_images(folder):
+        text = image.with_suffix(".txt")
+        if not text.is_file():
+            raise ValueError(f"{image} has no prompt: expected {text} next to it (or a GenEval-layout folder)")
+        pairs.append((image, text.read_text(encoding="utf-8").strip()))
+    return pairs

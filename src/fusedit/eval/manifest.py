@@ -7,14 +7,16 @@ Hashes are SHA-256 hex digests:
   bytes with its name, dtype and shape), so it identifies the weights whatever file they came from;
 * ``prompt_set_hash``: of the JSON list of ``[prompt, images]`` pairs, in evaluation order.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -31,19 +33,24 @@ def code_version() -> dict[str, Any]:
     source = Path(fusedit.__file__).resolve().parent
     info: dict[str, Any] = {"package_version": getattr(fusedit, "__version__", None), "commit": None, "dirty": None}
     try:
-        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10)
+        commit = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
         if commit.returncode == 0:
             info["commit"] = commit.stdout.strip()
-            status = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True, timeout=10)
+            status = subprocess.run(
+                ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
             info["dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         pass
     return info
 
 
-def config_hash(config) -> Optional[str]:
+def config_hash(config) -> str | None:
     """Hash of a run's config dataclass (None when there is none, e.g. a reference folder)."""
     if config is None:
         return None
@@ -62,11 +69,12 @@ def weights_hash(module: torch.nn.Module) -> str:
 
 def prompt_set_hash(prompts: Sequence[str], counts: Sequence[int]) -> str:
     """Hash of the evaluated prompts and their numbers of images, in order."""
-    return _sha256_json([[p, int(n)] for p, n in zip(prompts, counts)])
+    return _sha256_json([[p, int(n)] for p, n in zip(prompts, counts, strict=False)])
 
 
-def sampling_manifest(pipe, *, steps, guidance_scale, negative_prompt, seed_rule: str, base_seed: int,
-                      resolution: int) -> dict[str, Any]:
+def sampling_manifest(
+    pipe, *, steps, guidance_scale, negative_prompt, seed_rule: str, base_seed: int, resolution: int
+) -> dict[str, Any]:
     """What a pipeline sampled with: scheduler, steps, CFG, shift, negative prompt, seeds, resolution, weights."""
     scheduler = getattr(pipe, "scheduler", None)
     shift = getattr(getattr(scheduler, "config", None), "shift", None)

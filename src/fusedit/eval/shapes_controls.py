@@ -28,21 +28,40 @@ Thresholds (asserted by the tests, reported with every evaluation): ground truth
 control ≥ 0.90 overall and ≥ 0.85 in every category; every negative control ≤ 0.03 overall and ≤ 0.05 in every
 category.
 """
+
 from __future__ import annotations
 
 import io
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from fusedit.data.shapes import (BACKGROUND, COLORS, PALETTE, SHAPES, SIZES, PlacedObject, PromptSpec, ShapesWorld,
-                                 enumerate_prompts, object_side)
+from fusedit.data.shapes import (
+    BACKGROUND,
+    COLORS,
+    PALETTE,
+    SHAPES,
+    SIZES,
+    PlacedObject,
+    PromptSpec,
+    ShapesWorld,
+    enumerate_prompts,
+    object_side,
+)
 
 POSITIVE_CONTROLS: tuple[str, ...] = ("ground_truth", "blur", "noise", "jpeg", "resized", "other_rasterizer")
-NEGATIVE_CONTROLS: tuple[str, ...] = ("blobs", "solid", "stripes", "uniform_noise", "background", "shuffled",
-                                      "one_fewer", "one_more")
+NEGATIVE_CONTROLS: tuple[str, ...] = (
+    "blobs",
+    "solid",
+    "stripes",
+    "uniform_noise",
+    "background",
+    "shuffled",
+    "one_fewer",
+    "one_more",
+)
 CONTROLS: tuple[str, ...] = POSITIVE_CONTROLS + NEGATIVE_CONTROLS
 
 #: Pass thresholds: (overall, every category); positives must reach them, negatives stay at or under them.
@@ -119,7 +138,7 @@ def _blobs(world, spec, rng):
     image = world.draw([])
     for obj in world.scene(spec, rng):
         side = obj.side or object_side(obj.size, world.resolution)
-        region = image[obj.y:obj.y + side, obj.x:obj.x + side]
+        region = image[obj.y : obj.y + side, obj.x : obj.x + side]
         region[_blob_mask(side, rng)] = PALETTE[obj.color]
     return image
 
@@ -134,7 +153,7 @@ def _stripes(world, spec, rng):
     image = world.draw([])
     colors = _colors_of(spec, rng)
     width = max(2, world.resolution // 8)
-    band = (np.arange(world.resolution) // width)
+    band = np.arange(world.resolution) // width
     for i, color in enumerate(colors):
         rows = band % (2 * len(colors)) == 2 * i
         if rng.random() < 0.5:
@@ -198,9 +217,19 @@ def _squeeze_in(world, objects, item, rng) -> PlacedObject:
 
 
 _GENERATORS: dict[str, Callable[[ShapesWorld, PromptSpec, np.random.Generator], np.ndarray]] = {
-    "ground_truth": _ground_truth, "blur": _blur, "noise": _noise, "jpeg": _jpeg, "resized": _resized,
-    "other_rasterizer": _other_rasterizer, "blobs": _blobs, "solid": _solid, "stripes": _stripes,
-    "uniform_noise": _uniform_noise, "background": _background, "shuffled": _shuffled, "one_fewer": _one_fewer,
+    "ground_truth": _ground_truth,
+    "blur": _blur,
+    "noise": _noise,
+    "jpeg": _jpeg,
+    "resized": _resized,
+    "other_rasterizer": _other_rasterizer,
+    "blobs": _blobs,
+    "solid": _solid,
+    "stripes": _stripes,
+    "uniform_noise": _uniform_noise,
+    "background": _background,
+    "shuffled": _shuffled,
+    "one_fewer": _one_fewer,
     "one_more": _one_more,
 }
 
@@ -211,8 +240,9 @@ def control_images(name: str, world: ShapesWorld, specs: Sequence[PromptSpec], s
     if name not in _GENERATORS:
         raise ValueError(f"unknown control {name!r}; expected one of {CONTROLS}")
     index = CONTROLS.index(name)
-    return [_GENERATORS[name](world, spec, np.random.default_rng([seed, 7177, index, i]))
-            for i, spec in enumerate(specs)]
+    return [
+        _GENERATORS[name](world, spec, np.random.default_rng([seed, 7177, index, i])) for i, spec in enumerate(specs)
+    ]
 
 
 def control_passes(name: str, overall: float, categories: dict[str, float]) -> bool:

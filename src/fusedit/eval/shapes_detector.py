@@ -24,10 +24,10 @@ An image is ``np.uint8 (R, R, 3)`` of any square size ``R >= 16``. Detection wor
 
 Coordinates: ``x`` is the column (grows to the right), ``y`` the row (grows downwards).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 from scipy import ndimage
@@ -37,7 +37,7 @@ from fusedit.data.shapes import BACKGROUND, COLORS, MIN_RESOLUTION, PALETTE, SHA
 _BACKGROUND = np.array(BACKGROUND, dtype=np.float32)
 _PALETTE = np.array([PALETTE[c] for c in COLORS], dtype=np.float32)  # (K, 3)
 _DIRECTIONS = _PALETTE - _BACKGROUND  # (K, 3): background → color
-_LENGTHS2 = (_DIRECTIONS ** 2).sum(axis=1)  # (K,)
+_LENGTHS2 = (_DIRECTIONS**2).sum(axis=1)  # (K,)
 #: Area of each shape as a fraction of its box (``s²``), and where its centroid lies in the box (fractions of ``s``).
 _AREA_FRACTION = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}
 _CENTROID = {"square": (0.5, 0.5), "circle": (0.5, 0.5), "triangle": (0.5, 2.0 / 3.0)}
@@ -91,8 +91,8 @@ class DetectedObject:
         bbox: ``(x0, y0, x1, y1)`` of the component's pixels, end-exclusive.
     """
 
-    shape: Optional[str]
-    color: Optional[str]
+    shape: str | None
+    color: str | None
     centroid: tuple[float, float]
     side: float
     area: float
@@ -109,12 +109,14 @@ def check_image(image: np.ndarray) -> np.ndarray:
     """``image`` if it is a square ``np.uint8 (R, R, 3)`` with ``R >= 16``; a clear ``ValueError`` otherwise."""
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         got = f"{type(image).__name__} {getattr(image, 'dtype', '')} {getattr(image, 'shape', '')}"
-        raise ValueError(f"expected an image as np.uint8 array (H, W, 3), got {got}; "
-                         "convert model outputs with as_uint8_images()")
+        raise ValueError(
+            f"expected an image as np.uint8 array (H, W, 3), got {got}; convert model outputs with as_uint8_images()"
+        )
     height, width = image.shape[:2]
     if height != width or height < MIN_RESOLUTION:
-        raise ValueError(f"the shapes detector reads square images of at least {MIN_RESOLUTION} px, got "
-                         f"{width}x{height}")
+        raise ValueError(
+            f"the shapes detector reads square images of at least {MIN_RESOLUTION} px, got {width}x{height}"
+        )
     return image
 
 
@@ -125,7 +127,7 @@ def pixel_coverage(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     dots = offset @ _DIRECTIONS.T  # (R, R, K)
     alpha = np.clip(dots / _LENGTHS2, 0.0, 1.0)
     # |offset - α·dir|² = |offset|² - 2α<offset, dir> + α²|dir|²
-    squared = (offset ** 2).sum(axis=-1, keepdims=True) - 2 * alpha * dots + alpha ** 2 * _LENGTHS2
+    squared = (offset**2).sum(axis=-1, keepdims=True) - 2 * alpha * dots + alpha**2 * _LENGTHS2
     index = squared.argmin(axis=-1)
     pick = np.take_along_axis
     residual = np.sqrt(np.maximum(pick(squared, index[..., None], -1)[..., 0], 0.0))
@@ -150,7 +152,8 @@ class _PixelAnalysis:
         self.index, self.alpha, self.residual = pixel_coverage(image)
         distance = np.linalg.norm(image.astype(np.float32) - _BACKGROUND, axis=-1)
         self.foreground = (self.alpha >= settings.min_coverage) | (
-            (distance >= settings.off_palette_distance) & (self.residual >= settings.off_palette_distance))
+            (distance >= settings.off_palette_distance) & (self.residual >= settings.off_palette_distance)
+        )
         self.labels, _ = ndimage.label(self.foreground, structure=_EIGHT_CONNECTED)
 
 
@@ -182,8 +185,9 @@ def analyse(image: np.ndarray, settings: DetectorSettings = DEFAULT_SETTINGS) ->
             found.append(found_object)
             object_pixels[box] |= pixels.labels[box] == label
     background = ~ndimage.binary_dilation(object_pixels, structure=_EIGHT_CONNECTED, iterations=2)
-    error = float(np.abs(image[background].astype(np.float32) - _BACKGROUND).mean()) if background.any() else \
-        float("nan")
+    error = (
+        float(np.abs(image[background].astype(np.float32) - _BACKGROUND).mean()) if background.any() else float("nan")
+    )
     return Detection(sorted(found, key=lambda o: (round(o.centroid[1]), o.centroid[0])), error)
 
 
@@ -198,7 +202,7 @@ def background_error(image: np.ndarray, settings: DetectorSettings = DEFAULT_SET
     return analyse(image, settings).background_error
 
 
-def _describe_component(pixels: _PixelAnalysis, label: int, box, min_mass: float) -> Optional[DetectedObject]:
+def _describe_component(pixels: _PixelAnalysis, label: int, box, min_mass: float) -> DetectedObject | None:
     """A :class:`DetectedObject` for component ``label`` (bounding slices ``box``), or None for a speck."""
     image, settings = pixels.image, pixels.settings
     resolution = image.shape[0]
@@ -216,8 +220,13 @@ def _describe_component(pixels: _PixelAnalysis, label: int, box, min_mass: float
     mass = float(coverage.sum())
     if mass < min_mass:
         return None
-    color = _component_color(image[y0:y1, x0:x1][own], pixels.index[y0:y1, x0:x1][own], alpha[own],
-                             pixels.residual[y0:y1, x0:x1][own], settings)
+    color = _component_color(
+        image[y0:y1, x0:x1][own],
+        pixels.index[y0:y1, x0:x1][own],
+        alpha[own],
+        pixels.residual[y0:y1, x0:x1][own],
+        settings,
+    )
     ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32) + 0.5
     cx, cy = float((coverage * xs).sum() / mass), float((coverage * ys).sum() / mass)
     extent = max(box[0].stop - box[0].start, box[1].stop - box[1].start)
@@ -225,11 +234,18 @@ def _describe_component(pixels: _PixelAnalysis, label: int, box, min_mass: float
         shape, side, iou = None, float(extent), 0.0
     else:
         shape, side, iou = _fit_shape(coverage, xs, ys, mass, (cx, cy), resolution, settings)
-    return DetectedObject(shape=shape, color=color, centroid=(cx, cy), side=side, area=mass, shape_iou=iou,
-                          bbox=(box[1].start, box[0].start, box[1].stop, box[0].stop))
+    return DetectedObject(
+        shape=shape,
+        color=color,
+        centroid=(cx, cy),
+        side=side,
+        area=mass,
+        shape_iou=iou,
+        bbox=(box[1].start, box[0].start, box[1].stop, box[0].stop),
+    )
 
 
-def _component_color(pixels, index, alpha, residual, settings: DetectorSettings) -> Optional[str]:
+def _component_color(pixels, index, alpha, residual, settings: DetectorSettings) -> str | None:
     """Step 3 of the module docstring: the palette color of a component's pixels, or None."""
     core = alpha >= 0.75
     if core.sum() < 3:
@@ -243,8 +259,9 @@ def _component_color(pixels, index, alpha, residual, settings: DetectorSettings)
     return COLORS[k]
 
 
-def shape_template(shape: str, xs: np.ndarray, ys: np.ndarray, left: np.ndarray, top: np.ndarray,
-                   side: np.ndarray) -> np.ndarray:
+def shape_template(
+    shape: str, xs: np.ndarray, ys: np.ndarray, left: np.ndarray, top: np.ndarray, side: np.ndarray
+) -> np.ndarray:
     """Anti-aliased coverage of ``shape`` in boxes ``(left, top, side)`` over a pixel grid.
 
     Args:
@@ -291,7 +308,9 @@ def _best_fit(shape, coverage, xs, ys, centroid, sides, offsets) -> tuple[float,
     return float(iou[m]), float(sides[m]), offsets[m]
 
 
-def _fit_shape(coverage, xs, ys, mass, centroid, resolution, settings: DetectorSettings):
+def _fit_shape(
+    coverage, xs, ys, mass, centroid, resolution, settings: DetectorSettings
+) -> tuple[str | None, float, float]:
     """Step 4 of the module docstring: ``(shape or None, fitted side, best soft IoU)``.
 
     Coarse to fine: every shape is fitted over three sizes at the centroid, then the two best shapes are refined over
@@ -302,12 +321,10 @@ def _fit_shape(coverage, xs, ys, mass, centroid, resolution, settings: DetectorS
         side0 = np.sqrt(mass / _AREA_FRACTION[shape])
         iou, side, _ = _best_fit(shape, coverage, xs, ys, centroid, side0 * _SCALES, np.zeros((3, 2), np.float32))
         coarse.append((iou, shape, side))
-    best = (-1.0, None, 0.0)
+    refined = []
     for _, shape, side in sorted(coarse, reverse=True)[:2]:
-        iou, side, _ = _best_fit(shape, coverage, xs, ys, centroid, np.full(len(_OFFSETS), side, np.float32),
-                                 _OFFSETS)
-        if iou > best[0]:
-            best = (iou, shape, side)
-    iou, shape, side = best
-    size_ok = settings.min_side * resolution <= side <= settings.max_side * resolution
-    return (shape if iou >= settings.min_shape_iou and size_ok else None), side, iou
+        iou, side, _ = _best_fit(shape, coverage, xs, ys, centroid, np.full(len(_OFFSETS), side, np.float32), _OFFSETS)
+        refined.append((iou, shape, side))
+    best_iou, best_shape, best_side = max(refined)
+    size_ok = settings.min_side * resolution <= best_side <= settings.max_side * resolution
+    return (best_shape if best_iou >= settings.min_shape_iou and size_ok else None), best_side, best_iou

@@ -26,22 +26,28 @@ Outputs in ``out_dir``:
 * ``grid-<category>.png``: one row per example prompt (up to ``grid_prompts``), its first images (up to 8) side by
   side, and ``grid-<category>.txt`` naming each row's prompt.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
 
+from fusedit.atomic import write_text_atomic
 from fusedit.data.shapes import PromptSpec, ShapesWorld
+from fusedit.eval.fid import fid_from_features
 from fusedit.eval.manifest import code_version, prompt_set_hash, sampling_manifest
-from fusedit.eval.shapes_report import format_report, run_controls, score_image_set, summary_json
+from fusedit.eval.shapes_report import format_report, score_and_report
+from fusedit.eval.shapes_scorer import as_uint8_images
 from fusedit.eval.shapes_stats import MIN_IMAGES_PER_CATEGORY, check_category_sizes
+from fusedit.train.logging import save_image_grid
 
 SCORES_NAME = "scores.json"
 
@@ -66,9 +72,9 @@ class ShapesEvalSettings:
 
     per_prompt: int = 4
     seed: int = 0
-    num_inference_steps: Optional[int] = None
-    guidance_scale: Optional[float] = None
-    negative_prompt: Optional[str] = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
     batch_size: int = 64
     grid_prompts: int = 8
     pixel_fd: bool = True
@@ -98,11 +104,15 @@ def world_from_config(config) -> ShapesWorld:
         ValueError: ``config`` is missing (a reference folder) or the run was not trained on the shapes world.
     """
     if config is None:
-        raise ValueError("the shapes suite needs a fusedit run or exported pipeline (its config.yaml names the shapes "
-                         "world); this model has no fusedit config (a reference folder?)")
+        raise ValueError(
+            "the shapes suite needs a fusedit run or exported pipeline (its config.yaml names the shapes "
+            "world); this model has no fusedit config (a reference folder?)"
+        )
     if config.data.source != "shapes":
-        raise ValueError(f"the shapes suite evaluates models trained on the shapes world, but this model was trained "
-                         f"on data.source={config.data.source!r}; use --suite geneval/dpgbench/fid/clip instead")
+        raise ValueError(
+            f"the shapes suite evaluates models trained on the shapes world, but this model was trained "
+            f"on data.source={config.data.source!r}; use --suite geneval/dpgbench/fid/clip instead"
+        )
     return ShapesWorld(config.data.shapes, config.data.resolution)
 
 
@@ -114,22 +124,30 @@ def images_per_prompt(specs: Sequence[PromptSpec], per_prompt: int, min_per_cate
     return [max(per_prompt, math.ceil(min_per_category / counts[spec.category])) for spec in specs]
 
 
-def prompt_seeds(seed: int, index: int, count: int, stride: Optional[int] = None) -> list[int]:
+def prompt_seeds(seed: int, index: int, count: int, stride: int | None = None) -> list[int]:
     """Seeds of the ``count`` images of the ``index``-th prompt (``stride``: seeds reserved per prompt)."""
     stride = count if stride is None else stride
     return [seed + index * stride + k for k in range(count)]
 
 
-def sample_jobs(pipe, jobs: Sequence[tuple[str, int]], resolution: int, settings: "ShapesEvalSettings",
-                progress: bool = False) -> torch.Tensor:
+def sample_jobs(
+    pipe, jobs: Sequence[tuple[str, int]], resolution: int, settings: ShapesEvalSettings, progress: bool = False
+) -> torch.Tensor:
     """Images ``(len(jobs), 3, R, R)`` in ``[-1, 1]`` for ``(prompt, seed)`` jobs, one generator per image."""
     out = []
     for start in range(0, len(jobs), settings.batch_size):
-        batch = jobs[start:start + settings.batch_size]
+        batch = jobs[start : start + settings.batch_size]
         generators = [torch.Generator(device=pipe.device).manual_seed(s) for _, s in batch]
-        result = pipe([p for p, _ in batch], negative_prompt=settings.negative_prompt, height=resolution,
-                      width=resolution, num_inference_steps=settings.num_inference_steps,
-                      guidance_scale=settings.guidance_scale, generator=generators, output_type="pt")
+        result = pipe(
+            [p for p, _ in batch],
+            negative_prompt=settings.negative_prompt,
+            height=resolution,
+            width=resolution,
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            generator=generators,
+            output_type="pt",
+        )
         out.append(result.images.float().cpu() * 2 - 1)
         if progress:
             print(f"  sampled {min(start + len(batch), len(jobs))}/{len(jobs)} images", flush=True)
@@ -139,7 +157,7 @@ def sample_jobs(pipe, jobs: Sequence[tuple[str, int]], resolution: int, settings
 def render_specs(world: ShapesWorld, specs: Sequence[PromptSpec], counts: Sequence[int], seed: int) -> np.ndarray:
     """Real shapes-world images of ``specs`` (``counts[i]`` of prompt ``i``, prompt-major), ``uint8 (N, R, R, 3)``."""
     rng = np.random.default_rng([seed, 4242])
-    return np.stack([world.render(spec, rng) for spec, n in zip(specs, counts) for _ in range(n)])
+    return np.stack([world.render(spec, rng) for spec, n in zip(specs, counts, strict=False) for _ in range(n)])
 
 
 def _pooled_pixels(images: np.ndarray, cells: int = 8) -> np.ndarray:
@@ -158,41 +176,50 @@ def pixel_frechet_distance(fake: np.ndarray, real: np.ndarray) -> float:
     and of real images. It reacts to blur, wrong colors, noise and layout statistics; it does not look at the
     prompts. Lower is better.
     """
-    from fusedit.eval.fid import fid_from_features
-
     return fid_from_features(_pooled_pixels(fake), _pooled_pixels(real))
 
 
-def save_category_grids(images: torch.Tensor, specs: Sequence[PromptSpec], counts: Sequence[int], out_dir: Path,
-                        grid_prompts: int, max_columns: int = 8) -> dict[str, str]:
+def save_category_grids(
+    images: torch.Tensor,
+    specs: Sequence[PromptSpec],
+    counts: Sequence[int],
+    out_dir: Path,
+    grid_prompts: int,
+    max_columns: int = 8,
+) -> dict[str, str]:
     """``grid-<category>.png`` (+ ``.txt`` with the row prompts) for every category; returns category → file name.
 
     ``images`` are prompt-major, ``counts[i]`` of prompt ``i``; a row shows a prompt's first images.
     """
-    from fusedit.train.logging import save_image_grid
-
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
     grids = {}
     for category in dict.fromkeys(spec.category for spec in specs):
         rows = [i for i, spec in enumerate(specs) if spec.category == category][:grid_prompts]
         columns = min(max_columns, min(counts[i] for i in rows))
-        tiles = torch.cat([images[starts[i]:starts[i] + columns] for i in rows])
+        tiles = torch.cat([images[starts[i] : starts[i] + columns] for i in rows])
         name = f"grid-{category}.png"
         save_image_grid(tiles, out_dir / name, nrow=columns)
         (out_dir / f"grid-{category}.txt").write_text(
-            "".join(f"row {r}: {specs[i].text}\n" for r, i in enumerate(rows)))
+            "".join(f"row {r}: {specs[i].text}\n" for r, i in enumerate(rows))
+        )
         grids[category] = name
     return grids
 
 
-def evaluate_shapes(pipe, world: ShapesWorld, out_dir: Union[str, os.PathLike],
-                    settings: ShapesEvalSettings = ShapesEvalSettings(), *, model_path: Optional[str] = None,
-                    progress: bool = False) -> dict[str, Any]:
+def evaluate_shapes(
+    pipe,
+    world: ShapesWorld,
+    out_dir: str | os.PathLike,
+    settings: ShapesEvalSettings = ShapesEvalSettings(),
+    *,
+    model_path: str | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Sample and score every held-out prompt of ``world``, with the controls; write ``scores.json``, ``images.npz``
     and grids into ``out_dir``.
 
     Args:
-        pipe: a :class:`~fusedit.pipeline.FuseDiTPipeline` (or any callable with its conventions).
+        pipe: a :class:`~fusedit.sampling.pipeline.FuseDiTPipeline` (or any callable with its conventions).
         world: the shapes world the model was trained on (:func:`world_from_config`).
         out_dir: output folder (created).
         settings: sampling settings.
@@ -205,65 +232,116 @@ def evaluate_shapes(pipe, world: ShapesWorld, out_dir: Union[str, os.PathLike],
     Raises:
         ValueError: a category would get fewer than 50 images and ``settings.allow_small`` is off.
     """
-    from fusedit.eval.shapes_scorer import as_uint8_images
-
     settings.validate()
-    out = Path(out_dir)
-    specs = world.held_out_prompts()
-    if not specs:
-        raise ValueError("this shapes world holds out no prompts (data.shapes.held_out_fraction is 0); "
-                         "there is nothing to evaluate on")
-    counts = images_per_prompt(specs, settings.per_prompt, settings.min_per_category)
-    check_category_sizes(_category_counts(specs, counts), settings.allow_small)
+    plan = SamplingPlan.for_world(world, settings)
     resolved = _resolve_sampling(pipe, settings)
-    stride = max(counts)
-    seeds = [prompt_seeds(settings.seed, i, n, stride) for i, n in enumerate(counts)]
-    jobs = [(spec.text, s) for spec, prompt_seeds_ in zip(specs, seeds) for s in prompt_seeds_]
-    images = sample_jobs(pipe, jobs, world.resolution, resolved, progress=progress)
+    images = sample_jobs(pipe, plan.jobs, world.resolution, resolved, progress=progress)
     uint8 = as_uint8_images(images)
-    expanded = [spec for spec, n in zip(specs, counts) for _ in range(n)]
-    manifest = {**code_version(), **sampling_manifest(
-        pipe, steps=resolved.num_inference_steps, guidance_scale=resolved.guidance_scale,
-        negative_prompt=resolved.negative_prompt, seed_rule="seed + prompt_index * seed_stride + k",
-        base_seed=settings.seed, resolution=world.resolution),
-        "model": model_path, "seed_stride": stride, **_prompt_manifest(specs, counts, "held_out")}
+    manifest = {
+        **code_version(),
+        **sampling_manifest(
+            pipe,
+            steps=resolved.num_inference_steps,
+            guidance_scale=resolved.guidance_scale,
+            negative_prompt=resolved.negative_prompt,
+            seed_rule=SEED_RULE,
+            base_seed=settings.seed,
+            resolution=world.resolution,
+        ),
+        "model": model_path,
+        "seed_stride": plan.stride,
+        **prompt_manifest(plan.specs, plan.counts, "held_out"),
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     extra: dict[str, Any] = {"suite": "shapes"}
     if settings.pixel_fd:
-        extra["fd_pixels"] = pixel_frechet_distance(np.stack(uint8), render_specs(world, specs, counts, settings.seed))
-    out.mkdir(parents=True, exist_ok=True)
-    extra["grids"] = save_category_grids(images, specs, counts, out, settings.grid_prompts)
-    result = score_and_report(world, uint8, expanded, manifest, settings.controls, extra)
-    result["settings"] = {"model": model_path, "prompts": "held_out", "num_prompts": len(specs),
-                          "per_prompt": settings.per_prompt, "min_per_category": settings.min_per_category,
-                          "seed": settings.seed, "seed_stride": stride,
-                          "seed_rule": "seed + prompt_index * seed_stride + k",
-                          "num_inference_steps": resolved.num_inference_steps,
-                          "guidance_scale": resolved.guidance_scale, "negative_prompt": resolved.negative_prompt,
-                          "resolution": world.resolution, "shapes": asdict(world.config)}
-    result["per_prompt"] = _per_prompt(specs, counts, seeds, result.pop("correct_per_image"))
-    np.savez_compressed(out / "images.npz", images=np.stack(uint8), prompts=np.array([s.text for s in expanded]))
+        real = render_specs(world, plan.specs, plan.counts, settings.seed)
+        extra["fd_pixels"] = pixel_frechet_distance(np.stack(uint8), real)
+    extra["grids"] = save_category_grids(images, plan.specs, plan.counts, out, settings.grid_prompts)
+    result = score_and_report(world, uint8, plan.expanded, manifest, settings.controls, extra)
+    result["settings"] = _settings_record(world, plan, resolved, model_path)
+    result["per_prompt"] = plan.per_prompt_results(result.pop("correct_per_image"))
+    np.savez_compressed(out / "images.npz", images=np.stack(uint8), prompts=np.array([s.text for s in plan.expanded]))
     write_json_atomic(out / SCORES_NAME, result)
     return result
 
 
-def score_and_report(world: ShapesWorld, images: Sequence[np.ndarray], specs: Sequence[PromptSpec],
-                     manifest: dict[str, Any], controls: bool, extra: Optional[dict[str, Any]] = None) -> dict:
-    """Score ``images`` against ``specs`` and, if ``controls``, every control on the same prompts; the
-    :func:`~fusedit.eval.shapes_report.summary_json` document plus the legacy per-category tables
-    (``accuracy``, ``correct``, ``total``, ``num_images``, ``color_recall``, ``color_precision``) and
-    ``correct_per_image``."""
-    scored = score_image_set(images, specs)
-    table = run_controls(world, specs, seed=manifest.get("seed") or 0) if controls else None
-    categories = scored["categories"]
-    legacy = {"accuracy": {c: v["accuracy"] for c, v in categories.items()},
-              "correct": {c: v["correct"] for c, v in categories.items()},
-              "total": {c: v["n"] for c, v in categories.items()}, "num_images": len(images)}
-    if scored["color_following"]:
-        legacy["color_recall"] = scored["color_following"]["recall"]
-        legacy["color_precision"] = scored["color_following"]["precision"]
-    document = summary_json(scored, table, manifest, {**(extra or {}), **legacy})
-    document["correct_per_image"] = scored["correct"]
-    return document
+#: How image ``k`` of the ``i``-th prompt gets its seed (recorded in every manifest).
+SEED_RULE = "seed + prompt_index * seed_stride + k"
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """Which prompts an evaluation samples, how many images each, and their seeds (see the module docstring)."""
+
+    specs: list[PromptSpec]
+    counts: list[int]
+    seeds: list[list[int]]
+
+    @classmethod
+    def for_world(cls, world: ShapesWorld, settings: ShapesEvalSettings) -> SamplingPlan:
+        """The held-out prompts of ``world``; refuses categories under 50 images unless ``settings.allow_small``."""
+        specs = world.held_out_prompts()
+        if not specs:
+            raise ValueError(
+                "this shapes world holds out no prompts (data.shapes.held_out_fraction is 0); "
+                "there is nothing to evaluate on"
+            )
+        counts = images_per_prompt(specs, settings.per_prompt, settings.min_per_category)
+        check_category_sizes(category_counts(specs, counts), settings.allow_small)
+        stride = max(counts)
+        return cls(specs, counts, [prompt_seeds(settings.seed, i, n, stride) for i, n in enumerate(counts)])
+
+    @property
+    def stride(self) -> int:
+        return max(self.counts)
+
+    @property
+    def jobs(self) -> list[tuple[str, int]]:
+        """``(prompt, seed)`` of every image, prompt-major."""
+        return [(spec.text, s) for spec, seeds in zip(self.specs, self.seeds, strict=False) for s in seeds]
+
+    @property
+    def expanded(self) -> list[PromptSpec]:
+        """The spec of every image, prompt-major."""
+        return [spec for spec, n in zip(self.specs, self.counts, strict=False) for _ in range(n)]
+
+    def per_prompt_results(self, correct: Sequence[bool]) -> list[dict[str, Any]]:
+        """``[{"prompt", "category", "seeds", "correct": [bool per image]}]`` in prompt order."""
+        entries, start = [], 0
+        for spec, n, seeds in zip(self.specs, self.counts, self.seeds, strict=False):
+            entries.append(
+                {
+                    "prompt": spec.text,
+                    "category": spec.category,
+                    "seeds": seeds,
+                    "correct": list(correct[start : start + n]),
+                }
+            )
+            start += n
+        return entries
+
+
+def _settings_record(
+    world: ShapesWorld, plan: SamplingPlan, resolved: ShapesEvalSettings, model_path: str | None
+) -> dict[str, Any]:
+    """The ``settings`` entry of ``scores.json`` (what a study compares before reusing an evaluation)."""
+    return {
+        "model": model_path,
+        "prompts": "held_out",
+        "num_prompts": len(plan.specs),
+        "per_prompt": resolved.per_prompt,
+        "min_per_category": resolved.min_per_category,
+        "seed": resolved.seed,
+        "seed_stride": plan.stride,
+        "seed_rule": SEED_RULE,
+        "num_inference_steps": resolved.num_inference_steps,
+        "guidance_scale": resolved.guidance_scale,
+        "negative_prompt": resolved.negative_prompt,
+        "resolution": world.resolution,
+        "shapes": asdict(world.config),
+    }
 
 
 def _resolve_sampling(pipe, settings: ShapesEvalSettings) -> ShapesEvalSettings:
@@ -271,39 +349,36 @@ def _resolve_sampling(pipe, settings: ShapesEvalSettings) -> ShapesEvalSettings:
     defaults = getattr(pipe, "defaults", None)
     steps = settings.num_inference_steps or getattr(defaults, "num_inference_steps", None)
     cfg = settings.guidance_scale if settings.guidance_scale is not None else getattr(defaults, "guidance_scale", None)
-    negative = (settings.negative_prompt if settings.negative_prompt is not None
-                else getattr(defaults, "negative_prompt", ""))
-    return ShapesEvalSettings(**{**asdict(settings), "num_inference_steps": steps, "guidance_scale": cfg,
-                                 "negative_prompt": negative})
+    negative = (
+        settings.negative_prompt if settings.negative_prompt is not None else getattr(defaults, "negative_prompt", "")
+    )
+    return ShapesEvalSettings(
+        **{**asdict(settings), "num_inference_steps": steps, "guidance_scale": cfg, "negative_prompt": negative}
+    )
 
 
-def _category_counts(specs: Sequence[PromptSpec], counts: Sequence[int]) -> dict[str, int]:
+def category_counts(specs: Sequence[PromptSpec], counts: Sequence[int]) -> dict[str, int]:
+    """Images per category when prompt ``i`` gets ``counts[i]`` images."""
     totals: dict[str, int] = {}
-    for spec, n in zip(specs, counts):
+    for spec, n in zip(specs, counts, strict=False):
         totals[spec.category] = totals.get(spec.category, 0) + n
     return totals
 
 
-def _prompt_manifest(specs: Sequence[PromptSpec], counts: Sequence[int], prompts: str) -> dict[str, Any]:
-    return {"prompts": prompts, "num_prompts": len(specs), "prompt_set_hash": prompt_set_hash(
-        [s.text for s in specs], counts), "images_per_category": _category_counts(specs, counts)}
-
-
-def _per_prompt(specs, counts, seeds, correct: Sequence[bool]) -> list[dict[str, Any]]:
-    entries, start = [], 0
-    for spec, n, prompt_seeds_ in zip(specs, counts, seeds):
-        entries.append({"prompt": spec.text, "category": spec.category, "seeds": prompt_seeds_,
-                        "correct": list(correct[start:start + n])})
-        start += n
-    return entries
+def prompt_manifest(specs: Sequence[PromptSpec], counts: Sequence[int], prompts: str) -> dict[str, Any]:
+    """The prompt part of a manifest: which prompt set, its hash, the images per category."""
+    return {
+        "prompts": prompts,
+        "num_prompts": len(specs),
+        "prompt_set_hash": prompt_set_hash([s.text for s in specs], counts),
+        "images_per_category": category_counts(specs, counts),
+    }
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> Path:
-    """Write ``data`` as indented JSON through a temporary file and an atomic rename."""
+    """Write ``data`` as indented JSON, atomically (:func:`fusedit.atomic.write_text_atomic`); returns ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
     return path
 
 

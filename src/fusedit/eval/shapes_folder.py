@@ -11,11 +11,12 @@ Any prompt of the grammar is accepted (:func:`~fusedit.data.shapes.parse_prompt`
 square image size of at least 16 px. The controls are drawn for the same prompts, the same number of images each,
 at the images' resolution, with a shapes world of default settings (only its drawing rules matter for them).
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -24,10 +25,13 @@ from fusedit.data.config import ShapesWorldConfig
 from fusedit.data.shapes import MIN_RESOLUTION, PromptSpec, ShapesWorld, parse_prompt
 from fusedit.eval.images import list_images
 from fusedit.eval.manifest import code_version, prompt_set_hash
+from fusedit.eval.shapes_controls import control_images
+from fusedit.eval.shapes_eval import images_per_prompt
+from fusedit.eval.shapes_report import score_and_report
 from fusedit.eval.shapes_stats import check_category_sizes
 
 
-def read_sample_folder(folder: Union[str, Path]) -> tuple[list[np.ndarray], list[PromptSpec], list[str]]:
+def read_sample_folder(folder: str | Path) -> tuple[list[np.ndarray], list[PromptSpec], list[str]]:
     """``(images, specs, paths)`` of a GenEval-layout folder, in folder order.
 
     Raises:
@@ -40,8 +44,10 @@ def read_sample_folder(folder: Union[str, Path]) -> tuple[list[np.ndarray], list
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
     prompt_dirs = sorted(p for p in root.iterdir() if p.is_dir() and (p / "metadata.jsonl").is_file())
     if not prompt_dirs:
-        raise ValueError(f"{root} has no prompt folders in GenEval's layout (DIR/00000/metadata.jsonl with "
-                         '{"prompt": ...} and images in DIR/00000/samples/)')
+        raise ValueError(
+            f"{root} has no prompt folders in GenEval's layout (DIR/00000/metadata.jsonl with "
+            '{"prompt": ...} and images in DIR/00000/samples/)'
+        )
     images, specs, paths = [], [], []
     for prompt_dir in prompt_dirs:
         spec = parse_prompt(_read_prompt(prompt_dir / "metadata.jsonl"))
@@ -77,45 +83,63 @@ def _read_image(path: Path) -> np.ndarray:
         raise ValueError(f"{path} is not a readable image ({error})") from None
     height, width = array.shape[:2]
     if height != width or height < MIN_RESOLUTION:
-        raise ValueError(f"{path} is {width}x{height}; the shapes benchmark scores square images of at least "
-                         f"{MIN_RESOLUTION} px")
+        raise ValueError(
+            f"{path} is {width}x{height}; the shapes benchmark scores square images of at least {MIN_RESOLUTION} px"
+        )
     return array
 
 
-def evaluate_image_folder(folder: Union[str, Path], *, controls: bool = True, allow_small: bool = False,
-                          seed: int = 0) -> dict[str, Any]:
+def evaluate_image_folder(
+    folder: str | Path, *, controls: bool = True, allow_small: bool = False, seed: int = 0
+) -> dict[str, Any]:
     """Score every image of a GenEval-layout folder (and the controls on its prompts): the
     :func:`~fusedit.eval.shapes_report.summary_json` document plus ``per_image`` results."""
-    from fusedit.eval.shapes_eval import score_and_report
-
     images, specs, paths = read_sample_folder(folder)
     prompts, counts = _prompt_counts(specs)
     check_category_sizes(_images_per_category(specs), allow_small)
     world = ShapesWorld(ShapesWorldConfig(), images[0].shape[0])
-    manifest = {**code_version(), "source": str(Path(folder).resolve()), "prompts": "folder",
-                "num_prompts": len(prompts), "prompt_set_hash": prompt_set_hash(prompts, counts),
-                "images_per_category": _images_per_category(specs), "resolution": images[0].shape[0],
-                "seed": seed}
+    manifest = {
+        **code_version(),
+        "source": str(Path(folder).resolve()),
+        "prompts": "folder",
+        "num_prompts": len(prompts),
+        "prompt_set_hash": prompt_set_hash(prompts, counts),
+        "images_per_category": _images_per_category(specs),
+        "resolution": images[0].shape[0],
+        "seed": seed,
+    }
     result = score_and_report(world, images, specs, manifest, controls, {"suite": "shapes", "source": "images"})
-    result["per_image"] = [{"path": p, "prompt": s.text, "category": s.category, "correct": c}
-                           for p, s, c in zip(paths, specs, result.pop("correct_per_image"))]
+    result["per_image"] = [
+        {"path": p, "prompt": s.text, "category": s.category, "correct": c}
+        for p, s, c in zip(paths, specs, result.pop("correct_per_image"), strict=False)
+    ]
     return result
 
 
-def evaluate_controls_only(world: ShapesWorld, per_prompt: int, min_per_category: int, seed: int = 0,
-                           allow_small: bool = False, source: Optional[str] = None) -> dict[str, Any]:
+def evaluate_controls_only(
+    world: ShapesWorld,
+    per_prompt: int,
+    min_per_category: int,
+    seed: int = 0,
+    allow_small: bool = False,
+    source: str | None = None,
+) -> dict[str, Any]:
     """The controls alone, on the held-out prompts of ``world``: the summary document's top-level scores are the
     ground-truth control's, ``controls`` holds them all."""
-    from fusedit.eval.shapes_controls import control_images
-    from fusedit.eval.shapes_eval import images_per_prompt, score_and_report
-
     specs = world.held_out_prompts()
     counts = images_per_prompt(specs, per_prompt, min_per_category)
-    expanded = [spec for spec, n in zip(specs, counts) for _ in range(n)]
+    expanded = [spec for spec, n in zip(specs, counts, strict=False) for _ in range(n)]
     check_category_sizes(_images_per_category(expanded), allow_small)
-    manifest = {**code_version(), "source": source, "prompts": "held_out", "num_prompts": len(specs),
-                "prompt_set_hash": prompt_set_hash([s.text for s in specs], counts),
-                "images_per_category": _images_per_category(expanded), "resolution": world.resolution, "seed": seed}
+    manifest = {
+        **code_version(),
+        "source": source,
+        "prompts": "held_out",
+        "num_prompts": len(specs),
+        "prompt_set_hash": prompt_set_hash([s.text for s in specs], counts),
+        "images_per_category": _images_per_category(expanded),
+        "resolution": world.resolution,
+        "seed": seed,
+    }
     truth = control_images("ground_truth", world, expanded, seed)
     result = score_and_report(world, truth, expanded, manifest, True, {"suite": "shapes", "source": "controls"})
     result.pop("correct_per_image")

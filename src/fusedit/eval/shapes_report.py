@@ -12,16 +12,25 @@ control (:mod:`fusedit.eval.shapes_controls`) go through it. Its result::
 :func:`run_controls` scores every control on the same prompts (same number of images each) and
 :func:`summary_json` assembles the document ``fusedit eval --json`` writes.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from fusedit.data.shapes import PromptSpec, ShapesWorld
-from fusedit.eval.shapes_controls import (CONTROLS, GROUND_TRUTH_MIN, NEGATIVE_CONTROLS, NEGATIVE_MAX, POSITIVE_MIN,
-                                          control_images, control_passes)
+from fusedit.eval.shapes_controls import (
+    CONTROLS,
+    GROUND_TRUTH_MIN,
+    NEGATIVE_CONTROLS,
+    NEGATIVE_MAX,
+    POSITIVE_MIN,
+    control_images,
+    control_passes,
+)
 from fusedit.eval.shapes_detector import analyse
 from fusedit.eval.shapes_scorer import check_objects, color_following
 from fusedit.eval.shapes_stats import summarize
@@ -32,7 +41,7 @@ def score_image_set(images: Sequence[np.ndarray], specs: Sequence[PromptSpec], *
     if len(images) != len(specs):
         raise ValueError(f"got {len(images)} images but {len(specs)} prompts; expected one prompt per image")
     correct, recalls, precisions, f1s, backgrounds = [], [], [], [], []
-    for image, spec in zip(images, specs):
+    for image, spec in zip(images, specs, strict=False):
         detection = analyse(image)
         objects = detection.objects
         correct.append(check_objects(objects, spec))
@@ -44,16 +53,53 @@ def score_image_set(images: Sequence[np.ndarray], specs: Sequence[PromptSpec], *
             f1s.append(0.0 if recall + precision == 0 else 2 * recall * precision / (recall + precision))
         backgrounds.append(detection.background_error)
     result = summarize(correct, [s.category for s in specs], seed=bootstrap_seed)
-    result["color_following"] = ({"recall": float(np.mean(recalls)), "precision": float(np.mean(precisions)),
-                                  "f1": float(np.mean(f1s)), "n": len(f1s)} if f1s else None)
+    result["color_following"] = (
+        {
+            "recall": float(np.mean(recalls)),
+            "precision": float(np.mean(precisions)),
+            "f1": float(np.mean(f1s)),
+            "n": len(f1s),
+        }
+        if f1s
+        else None
+    )
     finite = [b for b in backgrounds if not math.isnan(b)]
     result["background_error"] = float(np.mean(finite)) if finite else float("nan")
     result["correct"] = [bool(c) for c in correct]
     return result
 
 
-def run_controls(world: ShapesWorld, specs: Sequence[PromptSpec], seed: int = 0,
-                 names: Sequence[str] = CONTROLS) -> dict[str, dict]:
+def score_and_report(
+    world: ShapesWorld,
+    images: Sequence[np.ndarray],
+    specs: Sequence[PromptSpec],
+    manifest: dict[str, Any],
+    controls: bool,
+    extra: dict[str, Any] | None = None,
+) -> dict:
+    """Score ``images`` against ``specs`` and, if ``controls``, every control on the same prompts: the
+    :func:`summary_json` document plus the per-category tables ``accuracy``, ``correct``, ``total``,
+    ``num_images``, ``color_recall``, ``color_precision`` and ``correct_per_image``."""
+    scored = score_image_set(images, specs)
+    table = run_controls(world, specs, seed=manifest.get("seed") or 0) if controls else None
+    categories = scored["categories"]
+    tables: dict[str, Any] = {
+        "accuracy": {c: v["accuracy"] for c, v in categories.items()},
+        "correct": {c: v["correct"] for c, v in categories.items()},
+        "total": {c: v["n"] for c, v in categories.items()},
+        "num_images": len(images),
+    }
+    if scored["color_following"]:
+        tables["color_recall"] = scored["color_following"]["recall"]
+        tables["color_precision"] = scored["color_following"]["precision"]
+    document = summary_json(scored, table, manifest, {**(extra or {}), **tables})
+    document["correct_per_image"] = scored["correct"]
+    return document
+
+
+def run_controls(
+    world: ShapesWorld, specs: Sequence[PromptSpec], seed: int = 0, names: Sequence[str] = CONTROLS
+) -> dict[str, dict]:
     """Every control scored on ``specs`` (one image per entry; repeat a prompt for several images).
 
     Returns:
@@ -64,38 +110,48 @@ def run_controls(world: ShapesWorld, specs: Sequence[PromptSpec], seed: int = 0,
         scored = score_image_set(control_images(name, world, specs, seed), specs)
         accuracies = {c: v["accuracy"] for c, v in scored["categories"].items()}
         following = scored["color_following"]
-        table[name] = {"overall": scored["overall"], "ci95": scored["ci95"], "categories": accuracies,
-                       "color_f1": following["f1"] if following else None,
-                       "background_error": scored["background_error"],
-                       "passes": control_passes(name, scored["overall"], accuracies)}
+        table[name] = {
+            "overall": scored["overall"],
+            "ci95": scored["ci95"],
+            "categories": accuracies,
+            "color_f1": following["f1"] if following else None,
+            "background_error": scored["background_error"],
+            "passes": control_passes(name, scored["overall"], accuracies),
+        }
     return table
 
 
 def thresholds() -> dict[str, Any]:
     """The controls' pass thresholds, as recorded next to them."""
-    return {"ground_truth_min_overall": GROUND_TRUTH_MIN, "positive_min": {"overall": POSITIVE_MIN[0],
-                                                                         "every_category": POSITIVE_MIN[1]},
-            "negative_max": {"overall": NEGATIVE_MAX[0], "every_category": NEGATIVE_MAX[1]}}
+    return {
+        "ground_truth_min_overall": GROUND_TRUTH_MIN,
+        "positive_min": {"overall": POSITIVE_MIN[0], "every_category": POSITIVE_MIN[1]},
+        "negative_max": {"overall": NEGATIVE_MAX[0], "every_category": NEGATIVE_MAX[1]},
+    }
 
 
-def best_negative(controls: dict[str, dict]) -> Optional[tuple[str, float]]:
+def best_negative(controls: dict[str, dict]) -> tuple[str, float] | None:
     """The negative control with the highest overall score: the score garbage reaches."""
     negatives = [(n, controls[n]["overall"]) for n in NEGATIVE_CONTROLS if n in controls]
     return max(negatives, key=lambda item: item[1]) if negatives else None
 
 
-def summary_json(scored: dict, controls: Optional[dict[str, dict]], manifest: dict[str, Any],
-                 extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def summary_json(
+    scored: dict, controls: dict[str, dict] | None, manifest: dict[str, Any], extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The document of ``fusedit eval --suite shapes --json PATH``::
 
-        {"overall", "ci95", "categories": {name: {"accuracy", "n", "ci95"}}, "controls": {name: overall},
-         "controls_detail": {...}, "controls_pass": bool, "control_thresholds": {...},
-         "color_following": {...}, "background_error": float, "manifest": {...}, ...extra}
+    {"overall", "ci95", "categories": {name: {"accuracy", "n", "ci95"}}, "controls": {name: overall},
+     "controls_detail": {...}, "controls_pass": bool, "control_thresholds": {...},
+     "color_following": {...}, "background_error": float, "manifest": {...}, ...extra}
     """
     document: dict[str, Any] = {
-        "overall": scored["overall"], "ci95": scored["ci95"],
-        "categories": {name: {"accuracy": v["accuracy"], "n": v["n"], "ci95": v["ci95"]}
-                       for name, v in scored["categories"].items()},
+        "overall": scored["overall"],
+        "ci95": scored["ci95"],
+        "categories": {
+            name: {"accuracy": v["accuracy"], "n": v["n"], "ci95": v["ci95"]}
+            for name, v in scored["categories"].items()
+        },
         "controls": {name: v["overall"] for name, v in (controls or {}).items()},
     }
     if controls:
@@ -110,8 +166,19 @@ def summary_json(scored: dict, controls: Optional[dict[str, dict]], manifest: di
 
 
 #: Keys of the summary document (``--json``), in order; ``scores.json`` holds more.
-SUMMARY_KEYS = ("overall", "ci95", "categories", "controls", "controls_detail", "controls_pass", "control_thresholds",
-                "color_following", "background_error", "fd_pixels", "manifest")
+SUMMARY_KEYS = (
+    "overall",
+    "ci95",
+    "categories",
+    "controls",
+    "controls_detail",
+    "controls_pass",
+    "control_thresholds",
+    "color_following",
+    "background_error",
+    "fd_pixels",
+    "manifest",
+)
 
 
 def summary_keys(document: dict[str, Any]) -> list[str]:
@@ -122,27 +189,41 @@ def summary_keys(document: dict[str, Any]) -> list[str]:
 def format_report(document: dict[str, Any]) -> str:
     """Human-readable lines of a :func:`summary_json` document: the score next to its controls."""
     lo, hi = document["ci95"]
-    lines = [f"overall {document['overall']:.3f} (95% CI {lo:.3f}-{hi:.3f}) over "
-             f"{sum(v['n'] for v in document['categories'].values())} images"]
+    lines = [
+        f"overall {document['overall']:.3f} (95% CI {lo:.3f}-{hi:.3f}) over "
+        f"{sum(v['n'] for v in document['categories'].values())} images"
+    ]
     for name, v in document["categories"].items():
         clo, chi = v["ci95"]
         lines.append(f"  {name:<14} {v['accuracy']:.3f} ({clo:.2f}-{chi:.2f}, n={v['n']})")
     following = document.get("color_following")
     if following:
-        lines.append(f"  color following: recall {following['recall']:.3f}, precision {following['precision']:.3f}, "
-                     f"F1 {following['f1']:.3f}")
+        lines.append(
+            f"  color following: recall {following['recall']:.3f}, precision {following['precision']:.3f}, "
+            f"F1 {following['f1']:.3f}"
+        )
     if not math.isnan(document.get("background_error", float("nan"))):
-        lines.append(f"  background error {document['background_error']:.2f}/255 (mean |pixel - background| off the "
-                     "objects; the world's renders: 0)")
+        lines.append(
+            f"  background error {document['background_error']:.2f}/255 (mean |pixel - background| off the "
+            "objects; the world's renders: 0)"
+        )
     if "fd_pixels" in document and not math.isnan(document["fd_pixels"]):
         lines.append(f"  pixel FD {document['fd_pixels']:.3f} (lower is better; not Inception FID)")
     controls = document.get("controls_detail")
     if controls:
         worst = best_negative(controls)
-        lines.append("  controls (same prompts, same code): " + ", ".join(
-            f"{n} {v['overall']:.2f}" for n, v in controls.items()))
-        verdict = "all pass" if document.get("controls_pass") else "SOME FAIL: " + ", ".join(
-            n for n, v in controls.items() if not v["passes"])
-        lines.append(f"  controls {verdict}; ground truth {controls['ground_truth']['overall']:.3f}, best garbage "
-                     f"({worst[0]}) {worst[1]:.3f}" if worst and "ground_truth" in controls else f"  controls {verdict}")
+        lines.append(
+            "  controls (same prompts, same code): " + ", ".join(f"{n} {v['overall']:.2f}" for n, v in controls.items())
+        )
+        verdict = (
+            "all pass"
+            if document.get("controls_pass")
+            else "SOME FAIL: " + ", ".join(n for n, v in controls.items() if not v["passes"])
+        )
+        lines.append(
+            f"  controls {verdict}; ground truth {controls['ground_truth']['overall']:.3f}, best garbage "
+            f"({worst[0]}) {worst[1]:.3f}"
+            if worst and "ground_truth" in controls
+            else f"  controls {verdict}"
+        )
     return "\n".join(lines)

@@ -18,10 +18,11 @@ what a prompt names; in a closed world we can also check that nothing else was d
 Color following (:func:`color_following`) compares the set of colors of the detected objects with the prompt's
 colors: precision, recall and their F1, never recall alone (noise "draws" every color).
 """
+
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable, Optional, Sequence, Union
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -29,15 +30,24 @@ import torch
 from fusedit.data.shapes import CATEGORIES, ObjectSpec, PromptSpec
 from fusedit.eval.shapes_detector import DEFAULT_SETTINGS, DetectedObject, DetectorSettings, check_image, detect
 
-__all__ = ["DEFAULT_SETTINGS", "DetectedObject", "DetectorSettings", "as_uint8_images", "check_objects",
-           "color_following", "detect", "score_image", "score_images"]
+__all__ = [
+    "DEFAULT_SETTINGS",
+    "DetectedObject",
+    "DetectorSettings",
+    "as_uint8_images",
+    "check_objects",
+    "color_following",
+    "detect",
+    "score_image",
+    "score_images",
+]
 
 
 def _matches(obj: DetectedObject, req: ObjectSpec) -> bool:
     return obj.shape == req.shape and (req.color is None or obj.color == req.color)
 
 
-def _assign(objects: Sequence[DetectedObject], required: Sequence[ObjectSpec]) -> Optional[list[DetectedObject]]:
+def _assign(objects: Sequence[DetectedObject], required: Sequence[ObjectSpec]) -> list[DetectedObject] | None:
     """A one-to-one assignment of ``objects`` to ``required`` (expanded by count), or None when there is none.
 
     Requirements are few (at most 4), so a depth-first search is exact and cheap.
@@ -45,7 +55,7 @@ def _assign(objects: Sequence[DetectedObject], required: Sequence[ObjectSpec]) -
     if len(objects) != len(required):
         return None
 
-    def search(i: int, used: frozenset) -> Optional[list[DetectedObject]]:
+    def search(i: int, used: frozenset) -> list[DetectedObject] | None:
         if i == len(required):
             return []
         for j, obj in enumerate(objects):
@@ -67,8 +77,9 @@ def _relation_holds(subject: DetectedObject, reference: DetectedObject, relation
     return along > margin * 0.5 * (subject.side + reference.side) and abs(across) <= along
 
 
-def check_objects(objects: Sequence[DetectedObject], spec: PromptSpec,
-                  settings: DetectorSettings = DEFAULT_SETTINGS) -> bool:
+def check_objects(
+    objects: Sequence[DetectedObject], spec: PromptSpec, settings: DetectorSettings = DEFAULT_SETTINGS
+) -> bool:
     """Whether detected ``objects`` are exactly what ``spec`` asks for (see the module docstring)."""
     if spec.category not in CATEGORIES:
         raise ValueError(f"unknown category {spec.category!r} in spec {spec.text!r}; expected one of {CATEGORIES}")
@@ -88,7 +99,7 @@ def score_image(image: np.ndarray, spec: PromptSpec, settings: DetectorSettings 
     return check_objects(detect(image, settings), spec, settings)
 
 
-def color_following(objects: Sequence[DetectedObject], spec: PromptSpec) -> Optional[tuple[float, float]]:
+def color_following(objects: Sequence[DetectedObject], spec: PromptSpec) -> tuple[float, float] | None:
     """``(recall, precision)`` of the prompt's colors among the colors of the detected objects (any shape); ``None``
     for prompts that name no color. Precision is 0 when nothing of a world color is drawn."""
     wanted = {obj.color for obj in spec.objects if obj.color is not None}
@@ -99,7 +110,7 @@ def color_following(objects: Sequence[DetectedObject], spec: PromptSpec) -> Opti
     return hit / len(wanted), (hit / len(drawn) if drawn else 0.0)
 
 
-def as_uint8_images(images: Union[torch.Tensor, np.ndarray, Iterable[np.ndarray]]) -> list[np.ndarray]:
+def as_uint8_images(images: torch.Tensor | np.ndarray | Iterable[np.ndarray]) -> list[np.ndarray]:
     """Images as a list of ``np.uint8 (H, W, 3)``.
 
     Accepts a float tensor/array ``(B, 3, H, W)`` in ``[-1, 1]`` (model outputs; clamped and rounded), a uint8
@@ -115,8 +126,11 @@ def as_uint8_images(images: Union[torch.Tensor, np.ndarray, Iterable[np.ndarray]
     return [check_image(np.asarray(im)) for im in images]
 
 
-def score_images(images: Union[torch.Tensor, np.ndarray, Sequence[np.ndarray]], specs: Sequence[PromptSpec],
-                 settings: DetectorSettings = DEFAULT_SETTINGS) -> dict:
+def score_images(
+    images: torch.Tensor | np.ndarray | Sequence[np.ndarray],
+    specs: Sequence[PromptSpec],
+    settings: DetectorSettings = DEFAULT_SETTINGS,
+) -> dict:
     """Score images against their specs (image ``i`` ↔ ``specs[i]``).
 
     Returns:
@@ -128,7 +142,7 @@ def score_images(images: Union[torch.Tensor, np.ndarray, Sequence[np.ndarray]], 
         raise ValueError(f"score_images: got {len(images)} images but {len(specs)} specs; expected one spec per image")
     correct: Counter = Counter()
     total: Counter = Counter()
-    for image, spec in zip(images, specs):
+    for image, spec in zip(images, specs, strict=False):
         total[spec.category] += 1
         correct[spec.category] += int(score_image(image, spec, settings))
     present = [c for c in CATEGORIES if total[c]]

@@ -6,9 +6,10 @@ each category (a stratified bootstrap), ``resamples`` times with a fixed seed, a
 the resampled statistic are reported. Images of one prompt are not independent, so where a category has few prompts
 the interval says how precisely *these* prompts were measured, not how a model does on other prompts.
 """
+
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -27,8 +28,9 @@ def per_category(correct: Sequence[bool], categories: Sequence[str]) -> dict[str
     return {c: flags[names == c] for c in CATEGORIES if (names == c).any()}
 
 
-def bootstrap_ci(groups: Mapping[str, np.ndarray], resamples: int = 2000,
-                 seed: int = 0) -> tuple[dict[str, tuple[float, float]], tuple[float, float]]:
+def bootstrap_ci(
+    groups: Mapping[str, np.ndarray], resamples: int = 2000, seed: int = 0
+) -> tuple[dict[str, tuple[float, float]], tuple[float, float]]:
     """95 % percentile-bootstrap intervals of each category's accuracy and of the overall (mean over categories).
 
     Args:
@@ -53,14 +55,23 @@ def summarize(correct: Sequence[bool], categories: Sequence[str], resamples: int
     if not groups:
         raise ValueError("no images to summarise")
     cis, overall_ci = bootstrap_ci(groups, resamples, seed)
-    table = {name: {"accuracy": float(flags.mean()), "n": int(len(flags)), "correct": int(flags.sum()),
-                    "ci95": list(cis[name])} for name, flags in groups.items()}
-    return {"overall": float(np.mean([v["accuracy"] for v in table.values()])), "ci95": list(overall_ci),
-            "categories": table}
+    table = {
+        name: {
+            "accuracy": float(flags.mean()),
+            "n": int(len(flags)),
+            "correct": int(flags.sum()),
+            "ci95": list(cis[name]),
+        }
+        for name, flags in groups.items()
+    }
+    return {
+        "overall": float(np.mean([v["accuracy"] for v in table.values()])),
+        "ci95": list(overall_ci),
+        "categories": table,
+    }
 
 
-def check_category_sizes(counts: Mapping[str, int], allow_small: bool,
-                         minimum: int = MIN_IMAGES_PER_CATEGORY) -> None:
+def check_category_sizes(counts: Mapping[str, int], allow_small: bool, minimum: int = MIN_IMAGES_PER_CATEGORY) -> None:
     """Refuse categories with fewer than ``minimum`` images unless ``allow_small``.
 
     Raises:
@@ -69,6 +80,8 @@ def check_category_sizes(counts: Mapping[str, int], allow_small: bool,
     small = {c: n for c, n in counts.items() if n < minimum}
     if small and not allow_small:
         listed = ", ".join(f"{c} ({n})" for c, n in small.items())
-        raise ValueError(f"too few images for a trustworthy accuracy in {listed}: every category needs at least "
-                         f"{minimum} images; sample more (e.g. --min-per-category {minimum}) or pass --allow-small "
-                         "to score them anyway (their confidence intervals will be wide)")
+        raise ValueError(
+            f"too few images for a trustworthy accuracy in {listed}: every category needs at least "
+            f"{minimum} images; sample more (e.g. --min-per-category {minimum}) or pass --allow-small "
+            "to score them anyway (their confidence intervals will be wide)"
+        )

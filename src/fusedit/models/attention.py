@@ -4,16 +4,15 @@ Deep fusion (FuseDiT) reads the keys/values its LLM layer used from the :class:`
 (:class:`LLMLayerKV`); the shallow baselines project the embedded hidden-state layer with their own per-layer
 projections (:class:`ProjectedKV`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
 
 from fusedit.models.layers import RMSNorm, Rope, apply_rope, attend, merge_heads, split_heads
-from fusedit.text.context import TextContext
 
 
 @dataclass
@@ -27,27 +26,26 @@ class TextInputs:
             so that blocks never index the context with a Python int (one compiled graph serves every block).
     """
 
-    hidden: Optional[torch.Tensor]
-    key_mask: Optional[torch.Tensor]
-    keys: Optional[torch.Tensor] = None
-    values: Optional[torch.Tensor] = None
+    hidden: torch.Tensor | None
+    key_mask: torch.Tensor | None
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
 
 
 class LLMLayerKV(nn.Module):
     """Deep fusion: the keys/values of LLM layer ``layer`` (post-RoPE, or pre-RoPE with ``raw=True``).
 
-    The model selects them (:meth:`select`) into the block's :class:`TextInputs`; ``forward`` hands them over.
+    :class:`~fusedit.models.fusion.DeepFusion` puts them into the block's :class:`TextInputs`; ``forward`` hands them
+    over (no parameters: the LLM computed them).
     """
 
     def __init__(self, layer: int, raw: bool = False):
         super().__init__()
         self.layer, self.raw = layer, raw
 
-    def select(self, context: TextContext) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = context.raw_keys if self.raw else context.keys
-        return keys[self.layer], context.values[self.layer]
-
     def forward(self, text: TextInputs, k_norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        if text.keys is None or text.values is None:
+            raise ValueError(f"LLM layer {self.layer}: the block's text inputs hold no keys/values")
         return text.keys, text.values
 
     def extra_repr(self) -> str:
@@ -73,11 +71,20 @@ class SelfAttention(nn.Module):
     """Image self-attention, optionally over ``[text keys/values ; image keys/values]`` (``text_source``).
 
     ``x``: ``(B, N, H)`` normalised image tokens; ``rope``: image rotary tables or None. Queries are image tokens
-    only: the text rows of the reference's joint attention are the LLM's business (DESIGN.md §2).
+    only: the text rows of the reference's joint attention are the LLM's business (``docs/design.md``, "The LLM
+    as a key/value provider").
     """
 
-    def __init__(self, hidden_size: int, heads: int, kv_heads: int, head_dim: int, qk_norm: bool, eps: float,
-                 text_source: Optional[nn.Module]):
+    def __init__(
+        self,
+        hidden_size: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        qk_norm: bool,
+        eps: float,
+        text_source: nn.Module | None,
+    ):
         super().__init__()
         self.heads, self.kv_heads = heads, kv_heads
         self.q_proj = nn.Linear(hidden_size, heads * head_dim, bias=False)
@@ -112,8 +119,16 @@ class CrossAttention(nn.Module):
     embedded text with their own key norm.
     """
 
-    def __init__(self, hidden_size: int, heads: int, head_dim: int, qk_norm: bool, eps: float,
-                 text_source: nn.Module, key_norm: bool):
+    def __init__(
+        self,
+        hidden_size: int,
+        heads: int,
+        head_dim: int,
+        qk_norm: bool,
+        eps: float,
+        text_source: nn.Module,
+        key_norm: bool,
+    ):
         super().__init__()
         self.heads = heads
         self.q_proj = nn.Linear(hidden_size, heads * head_dim, bias=False)

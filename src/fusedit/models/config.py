@@ -3,13 +3,16 @@
 Names follow the reference's configs (tang-bd/fuse-dit). Geometry that must match the LLM (attention heads, KV
 heads, head_dim, depth of the layer map) is resolved against the LLM's config by :func:`resolve_model_config`.
 """
+
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
-from typing import Literal, Union
+from typing import Any, Literal
 
 from fusedit.config import ConfigError, require
 
+Fusion = Literal["deep", "shallow"]
 Attention = Literal["self", "cross"]
 PosEmbed = Literal["ape", "1d-rope", "2d-rope", "m-rope"]
 TimestepConditioning = Literal["adaln-zero", "adaln-single", "addition", "none"]
@@ -20,8 +23,9 @@ class ModelConfig:
     """The trainable DiT.
 
     Attributes:
-        kind: ``fusedit`` (deep fusion: every mapped DiT layer attends to its LLM layer's keys/values) or ``dit``
-            (shallow fusion: one hidden-state layer of the LLM, through an RMSNorm+Linear context embedder).
+        fusion: ``deep`` (FuseDiT: every mapped DiT layer attends to its LLM layer's keys/values) or ``shallow``
+            (one hidden-state layer of the LLM, through an RMSNorm+Linear context embedder). Older configs name
+            this key ``kind`` (``fusedit`` / ``dit``); it is still read, with a message.
         attention: ``self`` (text keys/values joined to the image self-attention) or ``cross`` (image
             self-attention followed by cross-attention to the text).
         pos_embed: image positions: ``ape`` (2D sin-cos added to patches), ``1d-rope`` (1D RoPE continuing after
@@ -40,7 +44,8 @@ class ModelConfig:
         qk_norm: per-head RMSNorm on the DiT's queries and keys.
         sandwich_norm: Gemma-2-style norms after attention and after the MLP.
         dit_hidden_size: DiT width (``null``: the LLM's hidden size).
-        dit_num_hidden_layers: DiT depth (``null``: the number of fused LLM layers, or the LLM depth for ``dit``).
+        dit_num_hidden_layers: DiT depth (``null``: the number of fused LLM layers, or the LLM depth for
+            ``shallow``).
         dit_intermediate_size: GeGLU MLP width (``null``: the LLM's intermediate size).
         num_attention_heads, num_key_value_heads, head_dim: the DiT's head geometry (``null``: the LLM's). Deep
             fusion requires it to equal the LLM's.
@@ -54,36 +59,59 @@ class ModelConfig:
             the image grid).
         prediction: what the network outputs: ``velocity`` (the reference's) or the clean ``sample``, from which
             the velocity follows (:mod:`fusedit.models.prediction`); ``forward`` returns the velocity either way.
-        text_hidden_states_index: (``dit`` only) which ``hidden_states`` entry of the LLM conditions the baseline.
+        text_hidden_states_index: (``shallow`` only) which ``hidden_states`` entry of the LLM conditions the baseline.
         rms_norm_eps, rope_theta: ``null``: the LLM's.
     """
 
-    kind: Literal["fusedit", "dit"] = "fusedit"
+    fusion: Fusion = "deep"
     attention: Attention = "self"
     pos_embed: PosEmbed = "2d-rope"
     absolute_pos_embed: bool = False
     timestep_conditioning: TimestepConditioning = "none"
     text_modulation: bool = False
-    text_modulation_dim: Union[int, None] = None
+    text_modulation_dim: int | None = None
     qk_norm: bool = True
     sandwich_norm: bool = True
-    dit_hidden_size: Union[int, None] = None
-    dit_num_hidden_layers: Union[int, None] = None
-    dit_intermediate_size: Union[int, None] = None
-    num_attention_heads: Union[int, None] = None
-    num_key_value_heads: Union[int, None] = None
-    head_dim: Union[int, None] = None
+    dit_hidden_size: int | None = None
+    dit_num_hidden_layers: int | None = None
+    dit_intermediate_size: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
     initial_layers: int = 0
-    shared_attention_layers: Union[Literal["all"], list[int]] = "all"
+    shared_attention_layers: Literal["all"] | list[int] = "all"
     patch_size: int = 2
     in_channels: int = 16
-    out_channels: Union[int, None] = None
+    out_channels: int | None = None
     sample_size: int = 64
     pos_embed_max_size: int = 64
     prediction: Literal["velocity", "sample"] = "velocity"
     text_hidden_states_index: int = -1
-    rms_norm_eps: Union[float, None] = None
-    rope_theta: Union[float, None] = None
+    rms_norm_eps: float | None = None
+    rope_theta: float | None = None
+
+    @classmethod
+    def upgrade_keys(cls, data: dict[str, Any], prefix: str) -> dict[str, Any]:
+        """Read the old key ``kind: fusedit | dit`` as ``fusion: deep | shallow`` (with a message)."""
+        if "kind" not in data:
+            return data
+        old = data.pop("kind")
+        renamed = {"fusedit": "deep", "dit": "shallow"}
+        if not isinstance(old, str) or old not in renamed:
+            raise ConfigError(
+                f"{prefix}.kind: got {old!r}, expected fusedit or dit (the key is now {prefix}.fusion: deep or shallow)"
+            )
+        if "fusion" in data and data["fusion"] != renamed[old]:
+            raise ConfigError(
+                f"{prefix}: kind={old!r} and fusion={data['fusion']!r} disagree; keep only {prefix}.fusion"
+            )
+        warnings.warn(
+            f"{prefix}.kind is renamed {prefix}.fusion: read kind: {old} as fusion: {renamed[old]}; update the config",
+            FutureWarning,
+            stacklevel=3,
+        )
+        data["fusion"] = renamed[old]
+        return data
 
     @property
     def uses_sincos_table(self) -> bool:
@@ -95,8 +123,16 @@ class ModelConfig:
         return not self.uses_sincos_table or patches_per_side <= self.pos_embed_max_size
 
     def validate(self) -> None:
-        for name in ("text_modulation_dim", "dit_hidden_size", "dit_num_hidden_layers", "dit_intermediate_size", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "out_channels"):
+        for name in (
+            "text_modulation_dim",
+            "dit_hidden_size",
+            "dit_num_hidden_layers",
+            "dit_intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "out_channels",
+        ):
             value = getattr(self, name)
             require(value is None or value > 0, f"model.{name}: got {value}, expected a positive integer or null")
         for name in ("patch_size", "in_channels", "sample_size", "pos_embed_max_size"):
@@ -105,30 +141,52 @@ class ModelConfig:
         require(self.initial_layers >= 0, f"model.initial_layers: got {self.initial_layers}, expected >= 0")
         if isinstance(self.shared_attention_layers, list):
             layers = self.shared_attention_layers
-            require(len(layers) > 0, "model.shared_attention_layers: got an empty list, expected 'all' or LLM layer indices")
-            require(all(b > a for a, b in zip(layers, layers[1:])),
-                    f"model.shared_attention_layers: got {layers}, expected strictly increasing LLM layer indices")
-            require(layers[0] >= self.initial_layers,
-                    f"model.shared_attention_layers: got {layers}, but layers below model.initial_layers="
-                    f"{self.initial_layers} run text-only; expected indices >= {self.initial_layers}")
+            require(
+                len(layers) > 0, "model.shared_attention_layers: got an empty list, expected 'all' or LLM layer indices"
+            )
+            require(
+                all(b > a for a, b in zip(layers, layers[1:], strict=False)),
+                f"model.shared_attention_layers: got {layers}, expected strictly increasing LLM layer indices",
+            )
+            require(
+                layers[0] >= self.initial_layers,
+                f"model.shared_attention_layers: got {layers}, but layers below model.initial_layers="
+                f"{self.initial_layers} run text-only; expected indices >= {self.initial_layers}",
+            )
         if self.text_modulation:
-            require(self.timestep_conditioning != "none",
-                    "model.text_modulation: true needs a timestep embedding to add to; set "
-                    "model.timestep_conditioning to adaln-zero, adaln-single or addition")
-        require(not (self.absolute_pos_embed and self.pos_embed == "ape"),
-                "model.absolute_pos_embed: true adds the sin-cos table on top of a RoPE pos_embed, but pos_embed "
-                "'ape' has it already; use it with 1d-rope, 2d-rope or m-rope, or set it to false")
+            require(
+                self.timestep_conditioning != "none",
+                "model.text_modulation: true needs a timestep embedding to add to; set "
+                "model.timestep_conditioning to adaln-zero, adaln-single or addition",
+            )
+        require(
+            not (self.absolute_pos_embed and self.pos_embed == "ape"),
+            "model.absolute_pos_embed: true adds the sin-cos table on top of a RoPE pos_embed, but pos_embed "
+            "'ape' has it already; use it with 1d-rope, 2d-rope or m-rope, or set it to false",
+        )
         patches = self.sample_size // self.patch_size
-        require(self.sincos_table_covers(patches),
-                f"model.pos_embed_max_size: got {self.pos_embed_max_size}, but model.sample_size="
-                f"{self.sample_size} is {patches} patches per side; the sin-cos table needs at least that many")
+        require(
+            self.sincos_table_covers(patches),
+            f"model.pos_embed_max_size: got {self.pos_embed_max_size}, but model.sample_size="
+            f"{self.sample_size} is {patches} patches per side; the sin-cos table needs at least that many",
+        )
         if self.head_dim is not None and self.pos_embed in ("2d-rope", "m-rope"):
-            require(self.head_dim % 4 == 0, f"model.head_dim: {self.pos_embed} needs head_dim divisible by 4, got {self.head_dim}")
-        require(self.prediction in ("velocity", "sample"),
-                f"model.prediction: got {self.prediction!r}, expected 'velocity' or 'sample'")
-        require(self.prediction == "velocity" or self.out_channels in (None, self.in_channels),
-                f"model.prediction: 'sample' predicts the input itself, so model.out_channels ({self.out_channels}) "
-                f"must equal model.in_channels ({self.in_channels}) or be null")
+            require(
+                self.head_dim % 4 == 0,
+                f"model.head_dim: {self.pos_embed} needs head_dim divisible by 4, got {self.head_dim}",
+            )
+        self._validate_prediction()
+
+    def _validate_prediction(self) -> None:
+        require(
+            self.prediction in ("velocity", "sample"),
+            f"model.prediction: got {self.prediction!r}, expected 'velocity' or 'sample'",
+        )
+        require(
+            self.prediction == "velocity" or self.out_channels in (None, self.in_channels),
+            f"model.prediction: 'sample' predicts the input itself, so model.out_channels ({self.out_channels}) "
+            f"must equal model.in_channels ({self.in_channels}) or be null",
+        )
 
 
 @dataclass(frozen=True)
@@ -146,7 +204,7 @@ class LLMGeometry:
     rope_theta: float
 
     @classmethod
-    def from_hf_config(cls, config) -> "LLMGeometry":
+    def from_hf_config(cls, config) -> LLMGeometry:
         """Read the geometry from a transformers ``PretrainedConfig`` (text config of multimodal models)."""
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads = text.num_attention_heads
@@ -188,7 +246,7 @@ class ResolvedModelConfig:
     out_channels: int
     rms_norm_eps: float
     rope_theta: float
-    layer_map: tuple[Union[int, None], ...] = field(default=())
+    layer_map: tuple[int | None, ...] = field(default=())
 
     @property
     def fused_llm_layers(self) -> tuple[int, ...]:
@@ -200,43 +258,28 @@ def resolve_model_config(config: ModelConfig, llm: LLMGeometry) -> ResolvedModel
     heads = config.num_attention_heads or llm.num_attention_heads
     kv_heads = config.num_key_value_heads or llm.num_key_value_heads
     head_dim = config.head_dim or llm.head_dim
-    if config.kind == "fusedit":
-        for name, ours, theirs in (("num_attention_heads", heads, llm.num_attention_heads),
-                                   ("num_key_value_heads", kv_heads, llm.num_key_value_heads),
-                                   ("head_dim", head_dim, llm.head_dim)):
-            require(ours == theirs,
-                    f"model.{name}: deep fusion shares attention with the LLM, so the DiT's {name} must equal the "
-                    f"LLM's ({theirs}); got {ours}. Remove the key or set it to {theirs}.")
-    require(heads % kv_heads == 0,
-            f"model.num_attention_heads ({heads}) must be a multiple of model.num_key_value_heads ({kv_heads})")
+    if config.fusion == "deep":
+        for name, ours, theirs in (
+            ("num_attention_heads", heads, llm.num_attention_heads),
+            ("num_key_value_heads", kv_heads, llm.num_key_value_heads),
+            ("head_dim", head_dim, llm.head_dim),
+        ):
+            require(
+                ours == theirs,
+                f"model.{name}: deep fusion shares attention with the LLM, so the DiT's {name} must equal the "
+                f"LLM's ({theirs}); got {ours}. Remove the key or set it to {theirs}.",
+            )
+    require(
+        heads % kv_heads == 0,
+        f"model.num_attention_heads ({heads}) must be a multiple of model.num_key_value_heads ({kv_heads})",
+    )
     if config.pos_embed in ("2d-rope", "m-rope"):
         require(head_dim % 4 == 0, f"model.pos_embed={config.pos_embed} needs head_dim divisible by 4, got {head_dim}")
     if config.pos_embed == "1d-rope" or config.pos_embed == "ape":
         require(head_dim % 2 == 0, f"model.pos_embed={config.pos_embed} needs an even head_dim, got {head_dim}")
 
-    if config.kind == "fusedit":
-        require(config.initial_layers < llm.num_hidden_layers,
-                f"model.initial_layers: got {config.initial_layers}, but the LLM has only {llm.num_hidden_layers} "
-                f"layers; expected 0..{llm.num_hidden_layers - 1}")
-        if config.shared_attention_layers == "all":
-            fused = list(range(config.initial_layers, llm.num_hidden_layers))
-        else:
-            fused = list(config.shared_attention_layers)
-            require(fused[-1] < llm.num_hidden_layers,
-                    f"model.shared_attention_layers: layer {fused[-1]} is past the LLM's depth "
-                    f"({llm.num_hidden_layers} layers, indices 0..{llm.num_hidden_layers - 1})")
-        depth = config.dit_num_hidden_layers or len(fused)
-        require(depth >= len(fused),
-                f"model.dit_num_hidden_layers: got {depth}, but the layer map fuses {len(fused)} LLM layers "
-                f"({fused[0]}..{fused[-1]}); expected at least {len(fused)}")
-        layer_map = tuple(fused) + (None,) * (depth - len(fused))
-    else:
-        depth = config.dit_num_hidden_layers or llm.num_hidden_layers
-        index = config.text_hidden_states_index
-        require(-(llm.num_hidden_layers + 1) <= index <= llm.num_hidden_layers,
-                f"model.text_hidden_states_index: got {index}, but the LLM has {llm.num_hidden_layers + 1} hidden "
-                f"states; expected {-(llm.num_hidden_layers + 1)}..{llm.num_hidden_layers}")
-        layer_map = (None,) * depth
+    layer_map = _deep_layer_map(config, llm) if config.fusion == "deep" else _shallow_layer_map(config, llm)
+    depth = len(layer_map)
 
     return ResolvedModelConfig(
         config=config,
@@ -254,4 +297,40 @@ def resolve_model_config(config: ModelConfig, llm: LLMGeometry) -> ResolvedModel
     )
 
 
-__all__ = ["ModelConfig", "LLMGeometry", "ResolvedModelConfig", "resolve_model_config", "ConfigError", "replace"]
+__all__ = ["ConfigError", "LLMGeometry", "ModelConfig", "ResolvedModelConfig", "replace", "resolve_model_config"]
+
+
+def _deep_layer_map(config: ModelConfig, llm: LLMGeometry) -> tuple[int | None, ...]:
+    """Deep fusion: the LLM layer of every DiT layer (``None`` past the map), checked against the LLM's depth."""
+    require(
+        config.initial_layers < llm.num_hidden_layers,
+        f"model.initial_layers: got {config.initial_layers}, but the LLM has only {llm.num_hidden_layers} "
+        f"layers; expected 0..{llm.num_hidden_layers - 1}",
+    )
+    if config.shared_attention_layers == "all":
+        fused = list(range(config.initial_layers, llm.num_hidden_layers))
+    else:
+        fused = list(config.shared_attention_layers)
+        require(
+            fused[-1] < llm.num_hidden_layers,
+            f"model.shared_attention_layers: layer {fused[-1]} is past the LLM's depth "
+            f"({llm.num_hidden_layers} layers, indices 0..{llm.num_hidden_layers - 1})",
+        )
+    depth = config.dit_num_hidden_layers or len(fused)
+    require(
+        depth >= len(fused),
+        f"model.dit_num_hidden_layers: got {depth}, but the layer map fuses {len(fused)} LLM layers "
+        f"({fused[0]}..{fused[-1]}); expected at least {len(fused)}",
+    )
+    return tuple(fused) + (None,) * (depth - len(fused))
+
+
+def _shallow_layer_map(config: ModelConfig, llm: LLMGeometry) -> tuple[int | None, ...]:
+    """Shallow fusion: no DiT layer reads an LLM layer (``None`` each); the hidden-state index is checked."""
+    index = config.text_hidden_states_index
+    require(
+        -(llm.num_hidden_layers + 1) <= index <= llm.num_hidden_layers,
+        f"model.text_hidden_states_index: got {index}, but the LLM has {llm.num_hidden_layers + 1} hidden "
+        f"states; expected {-(llm.num_hidden_layers + 1)}..{llm.num_hidden_layers}",
+    )
+    return (None,) * (config.dit_num_hidden_layers or llm.num_hidden_layers)

@@ -1,26 +1,26 @@
 """The diffusion transformer: one block type and one model type for deep fusion and the shallow baselines.
 
-Every variant of DESIGN.md §3 is resolved by :func:`build_model` into submodules (position encoder, timestep
-conditioner, per-layer text source, optional cross-attention, optional sandwich norms); ``forward`` has no config
-branches.
+Every variant of the design space (``docs/design.md``, "The design space") is resolved at build time into
+submodules: a position encoder (:mod:`~fusedit.models.positions`), a timestep conditioner
+(:mod:`~fusedit.models.timestep`), a text path (:mod:`~fusedit.models.fusion`: each block's text source and optional
+cross-attention) and optional sandwich norms; ``forward`` has no config branches.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 from diffusers.models.embeddings import PatchEmbed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fusedit.models.attention import CrossAttention, LLMLayerKV, ProjectedKV, SelfAttention, TextInputs
-from fusedit.models.config import ResolvedModelConfig
-from fusedit.models.layers import GeGLU, RMSNorm, Rope
+from fusedit.models.attention import CrossAttention, SelfAttention, TextInputs
+from fusedit.models.config import LLMGeometry, ModelConfig, ResolvedModelConfig, resolve_model_config
+from fusedit.models.fusion import build_text_path
+from fusedit.models.layers import GeGLU, RMSNorm, Rope, SelfInitializing, xavier_linears
 from fusedit.models.positions import build_positions
 from fusedit.models.prediction import build_prediction
 from fusedit.models.timestep import Conditioning, build_timestep_variant, modulate
-from fusedit.text.context import TextContext
-from fusedit.text.encoder import TextRequirements
+from fusedit.text.context import TextContext, TextRequirements
 
 
 class DiTBlock(nn.Module):
@@ -28,22 +28,36 @@ class DiTBlock(nn.Module):
     [-> cross-attention -> sandwich norm -> residual] -> (modulated) RMSNorm -> GeGLU [-> sandwich norm] -> gated
     residual. ``x``: ``(B, N, H)``."""
 
-    def __init__(self, r: ResolvedModelConfig, self_text: Optional[nn.Module], cross_attn: Optional[CrossAttention],
-                 layer_modulation: Optional[type]):
+    def __init__(
+        self,
+        resolved: ResolvedModelConfig,
+        self_text: nn.Module | None,
+        cross_attn: CrossAttention | None,
+        layer_modulation: type | None,
+    ):
         super().__init__()
-        c, eps, hidden = r.config, r.rms_norm_eps, r.hidden_size
+        config, eps, hidden = resolved.config, resolved.rms_norm_eps, resolved.hidden_size
         self.input_layernorm = RMSNorm(hidden, eps)
         self.modulation = layer_modulation(hidden) if layer_modulation is not None else None
-        self.self_attn = SelfAttention(hidden, r.num_attention_heads, r.num_key_value_heads, r.head_dim, c.qk_norm,
-                                       eps, self_text)
-        self.attn_out_norm = RMSNorm(hidden, eps) if c.sandwich_norm else nn.Identity()
+        self.self_attn = SelfAttention(
+            hidden,
+            resolved.num_attention_heads,
+            resolved.num_key_value_heads,
+            resolved.head_dim,
+            config.qk_norm,
+            eps,
+            self_text,
+        )
+        self.attn_out_norm = RMSNorm(hidden, eps) if config.sandwich_norm else nn.Identity()
         self.cross_attn = cross_attn
-        self.cross_out_norm = RMSNorm(hidden, eps) if (c.sandwich_norm and cross_attn is not None) else nn.Identity()
+        self.cross_out_norm = (
+            RMSNorm(hidden, eps) if (config.sandwich_norm and cross_attn is not None) else nn.Identity()
+        )
         self.ffn_norm = RMSNorm(hidden, eps)
-        self.mlp = GeGLU(hidden, r.intermediate_size)
-        self.ffn_out_norm = RMSNorm(hidden, eps) if c.sandwich_norm else nn.Identity()
+        self.mlp = GeGLU(hidden, resolved.intermediate_size)
+        self.ffn_out_norm = RMSNorm(hidden, eps) if config.sandwich_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, emb: Optional[torch.Tensor], rope: Rope, text: TextInputs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None, rope: Rope, text: TextInputs) -> torch.Tensor:
         mod = self.modulation(emb) if self.modulation is not None else None
         h = self.input_layernorm(x)
         if mod is not None:
@@ -59,14 +73,19 @@ class DiTBlock(nn.Module):
         return x + (mlp if mod is None else mod.gate_mlp[:, None] * mlp)
 
 
-class OutputHead(nn.Module):
+class OutputHead(SelfInitializing, nn.Module):
     """RMSNorm [-> AdaLN output modulation] -> Linear to ``p·p·C`` per token."""
 
-    def __init__(self, hidden: int, patch: int, channels: int, eps: float, output_modulation: Optional[type]):
+    def __init__(self, hidden: int, patch: int, channels: int, eps: float, output_modulation: type | None):
         super().__init__()
         self.norm_out = RMSNorm(hidden, eps)
         self.modulation = output_modulation(hidden) if output_modulation is not None else None
         self.proj_out = nn.Linear(hidden, patch * patch * channels)
+
+    def reset_parameters(self) -> None:
+        """Zero output projection: the untrained model predicts zero velocity."""
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
 
     def forward(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         x = self.norm_out(x)
@@ -90,128 +109,73 @@ class DiffusionTransformer(nn.Module):
 
     def __init__(self, resolved: ResolvedModelConfig):
         super().__init__()
-        self.resolved = r = resolved
-        c = r.config
-        self.patch_size = c.patch_size
+        self.resolved = resolved
+        config = resolved.config
+        self.patch_size = config.patch_size
         self.patch_embed = PatchEmbed(
-            height=c.sample_size, width=c.sample_size, patch_size=c.patch_size, in_channels=c.in_channels,
-            embed_dim=r.hidden_size, pos_embed_type="sincos" if c.uses_sincos_table else None,
-            pos_embed_max_size=c.pos_embed_max_size,
+            height=config.sample_size,
+            width=config.sample_size,
+            patch_size=config.patch_size,
+            in_channels=config.in_channels,
+            embed_dim=resolved.hidden_size,
+            pos_embed_type="sincos" if config.uses_sincos_table else None,
+            pos_embed_max_size=config.pos_embed_max_size,
         )
-        pooled_dim = (c.text_modulation_dim or r.llm.hidden_size) if c.text_modulation else None
-        variant = build_timestep_variant(c.timestep_conditioning, r.hidden_size, pooled_dim, r.rms_norm_eps)
+        pooled_dim = (config.text_modulation_dim or resolved.llm.hidden_size) if config.text_modulation else None
+        variant = build_timestep_variant(
+            config.timestep_conditioning, resolved.hidden_size, pooled_dim, resolved.rms_norm_eps
+        )
         self.timestep = variant.embedder
         self.adds_timestep_to_tokens = getattr(variant.embedder, "adds_to_tokens", False)
-        self.positions = build_positions(c.pos_embed, r.head_dim, r.rope_theta)
-        self.prediction = build_prediction(c.prediction)
-        shallow = c.kind == "dit"
-        # Deep fusion places the image after the prompt's real tokens (their keys carry RoPE); the baselines' text
-        # keys carry no RoPE, so their image positions start at 0 like the reference's DiT.
-        self.image_follows_text = not shallow
-        self.context_embedder = (
-            nn.Sequential(RMSNorm(r.llm.hidden_size, r.rms_norm_eps), nn.Linear(r.llm.hidden_size, r.hidden_size))
-            if shallow else None
-        )
+        self.positions = build_positions(config.pos_embed, resolved.head_dim, resolved.rope_theta)
+        self.prediction = build_prediction(config.prediction)
+        #: deep or shallow fusion: what the model reads from the text and how each block gets it
+        self.text_path = build_text_path(resolved)
+        self.context_embedder = self.text_path.context_embedder  # shallow fusion's parameters (None for deep)
         self.layers = nn.ModuleList(
-            [DiTBlock(r, *self._text_modules(r, llm_layer, shallow), variant.layer_modulation)
-             for llm_layer in (r.layer_map if not shallow else [None] * r.num_layers)]
+            [
+                DiTBlock(resolved, *self.text_path.block_modules(i), variant.layer_modulation)
+                for i in range(resolved.num_layers)
+            ]
         )
-        self.head = OutputHead(r.hidden_size, c.patch_size, r.out_channels, r.rms_norm_eps, variant.output_modulation)
+        self.head = OutputHead(
+            resolved.hidden_size,
+            config.patch_size,
+            resolved.out_channels,
+            resolved.rms_norm_eps,
+            variant.output_modulation,
+        )
         self.activation_checkpointing = False
-        # Build-time list of each block's LLM key/value source (None: no LLM layer), for prepare_text.
-        self._llm_sources = [self._llm_source(block) for block in self.layers]
-        self.initialize_weights()
+        self.reset_parameters()
 
-    @staticmethod
-    def _llm_source(block: "DiTBlock") -> Optional[LLMLayerKV]:
-        for attention in (block.self_attn, block.cross_attn):
-            source = getattr(attention, "text_source", None)
-            if isinstance(source, LLMLayerKV):
-                return source
-        return None
+    @property
+    def image_follows_text(self) -> bool:
+        """Whether image RoPE positions start after the prompt's real tokens (deep fusion) or at 0 (shallow)."""
+        return self.text_path.image_follows_text
 
     def enable_activation_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of storing them (less memory)."""
         self.activation_checkpointing = enabled
 
-    @staticmethod
-    def _text_modules(r: ResolvedModelConfig, llm_layer: Optional[int], shallow: bool):
-        """(text source of the self-attention, cross-attention module) of one block."""
-        c = r.config
-        if shallow:
-            if c.attention == "self":
-                return ProjectedKV(r.hidden_size, r.num_key_value_heads, r.head_dim), None
-            source = ProjectedKV(r.hidden_size, r.num_key_value_heads, r.head_dim)
-            return None, CrossAttention(r.hidden_size, r.num_attention_heads, r.head_dim, c.qk_norm, r.rms_norm_eps,
-                                        source, key_norm=True)
-        if llm_layer is None:  # DiT-only layer past the layer map
-            return None, None
-        if c.attention == "self":
-            return LLMLayerKV(llm_layer), None
-        return None, CrossAttention(r.hidden_size, r.num_attention_heads, r.head_dim, c.qk_norm, r.rms_norm_eps,
-                                    LLMLayerKV(llm_layer, raw=True), key_norm=False)
-
-    # ----------------------------------------------------------------------------------------------------------------
     def text_requirements(self) -> TextRequirements:
         """What this model reads from the text context (tells the :class:`TextEncoder` what to capture)."""
-        c, r = self.resolved.config, self.resolved
-        pooled = c.text_modulation
-        if c.kind == "dit":
-            return TextRequirements(hidden_states_index=c.text_hidden_states_index, pooled=pooled)
-        fused = r.fused_llm_layers
-        if c.attention == "self":
-            return TextRequirements(kv_layers=fused, pooled=pooled)
-        return TextRequirements(raw_key_layers=fused, pooled=pooled)
+        return self.text_path.requirements()
 
-    def initialize_weights(self) -> None:
-        """The reference's initialisation: Xavier-uniform linears with zero bias, zero AdaLN-Zero modulation and output
-        projection, N(0, 0.02) timestep/condition/context embedders, Xavier patch embedding."""
-        def basic(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(basic)
+    def reset_parameters(self) -> None:
+        """The reference's initialisation: Xavier-uniform linear and patch-embedding weights with zero biases, then
+        each self-initialising module's own (:class:`~fusedit.models.layers.SelfInitializing`: N(0, 0.02) timestep,
+        condition and context embedders, zero AdaLN-Zero modulation and output projection)."""
+        xavier_linears(self)
         weight = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
         nn.init.zeros_(self.patch_embed.proj.bias)
-        std = 0.02
-        t = self.timestep
-        if hasattr(t, "timestep_embedder"):
-            nn.init.normal_(t.timestep_embedder[0].weight, std=std)
-            nn.init.normal_(t.timestep_embedder[2].weight, std=std)
-            if t.condition_embedder is not None:
-                nn.init.normal_(t.condition_embedder[1].weight, std=std)
-                nn.init.normal_(t.condition_embedder[3].weight, std=std)
-            if t.t_block is not None:
-                nn.init.normal_(t.t_block[1].weight, std=std)
-        if self.context_embedder is not None:
-            nn.init.normal_(self.context_embedder[1].weight, std=std)
         for module in self.modules():
-            if type(module).__name__ in ("AdaLNZeroModulation", "AdaLNZeroOutput"):
-                nn.init.zeros_(module.linear.weight)
-                nn.init.zeros_(module.linear.bias)
-        nn.init.zeros_(self.head.proj_out.weight)
-        nn.init.zeros_(self.head.proj_out.bias)
+            if isinstance(module, SelfInitializing):
+                module.reset_parameters()
 
-    # ----------------------------------------------------------------------------------------------------------------
     def prepare_text(self, context: TextContext) -> list[TextInputs]:
-        """Per block: its LLM layer's keys/values (deep fusion) or the embedded hidden states (baselines), and the
-        key mask (None when no token is padding)."""
-        hidden = None
-        if self.context_embedder is not None:
-            if context.hidden_states is None:
-                raise ValueError("this shallow-fusion model needs context.hidden_states; encode the prompts with a "
-                                 "TextEncoder built from model.text_requirements()")
-            weight = self.context_embedder[1].weight
-            hidden = self.context_embedder(context.hidden_states.to(weight.dtype))
-        key_mask = context.mask if context.has_padding else None
-        inputs = []
-        for source in self._llm_sources:
-            keys, values = source.select(context) if source is not None else (None, None)
-            inputs.append(TextInputs(hidden=hidden, key_mask=key_mask, keys=keys, values=values))
-        return inputs
+        """Per block: what it reads of the text (see :meth:`fusedit.models.fusion.TextPath.prepare`)."""
+        return self.text_path.prepare(context)
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: TextContext) -> torch.Tensor:
         """``x``: ``(B, C, H, W)``; ``timestep``: ``(B,)`` = σ·1000; returns the velocity ``(B, C_out, H, W)``."""
@@ -230,9 +194,14 @@ class DiffusionTransformer(nn.Module):
         if not self.image_follows_text:
             offsets = torch.zeros_like(offsets)
         rope = self.positions(h, w, offsets)
-        for block, text in zip(self.layers, self.prepare_text(context)):
+        for block, text in zip(self.layers, self.prepare_text(context), strict=True):
             if self.activation_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(block, tokens, cond.layer, rope, text, use_reentrant=False)
             else:
                 tokens = block(tokens, cond.layer, rope, text)
         return self.prediction(unpatchify(self.head(tokens, cond), h, w, p), x, timestep)
+
+
+def build_model(config: ModelConfig, llm: LLMGeometry) -> DiffusionTransformer:
+    """Resolve ``config`` against the LLM's geometry (raising ``ConfigError`` on invalid combinations) and build."""
+    return DiffusionTransformer(resolve_model_config(config, llm))

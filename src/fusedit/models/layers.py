@@ -1,14 +1,37 @@
 """Building blocks shared by every DiT variant: norms, the GeGLU MLP, rotary embeddings and masked attention."""
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-Rope = Optional[tuple[torch.Tensor, torch.Tensor]]
+Rope = tuple[torch.Tensor, torch.Tensor] | None
 """``(cos, sin)``, each ``(B, N, D)`` for ``N`` tokens and head_dim ``D``; None: no rotary embedding."""
+
+
+class SelfInitializing:
+    """Mixin of the modules whose :meth:`reset_parameters` sets the reference's initialisation of their own weights.
+
+    The model first gives every ``nn.Linear`` Xavier-uniform weights and zero biases (the reference's default), then
+    calls ``reset_parameters()`` of each such module, in module order (see
+    :meth:`fusedit.models.dit.DiffusionTransformer.reset_parameters`).
+    """
+
+    def reset_parameters(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def xavier_linears(module: nn.Module) -> None:
+    """Xavier-uniform weights and zero biases for every ``nn.Linear`` under ``module`` (children first)."""
+
+    def init(child: nn.Module) -> None:
+        if isinstance(child, nn.Linear):
+            nn.init.xavier_uniform_(child.weight)
+            if child.bias is not None:
+                nn.init.zeros_(child.bias)
+
+    module.apply(init)
 
 
 class RMSNorm(nn.Module):
@@ -76,7 +99,7 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor]) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
     """Bidirectional attention of ``q`` ``(B, H, N, D)`` over ``k, v`` ``(B, H_kv, M, D)``.
 
     ``key_mask``: ``(B, M)`` bool (True = attend) or None when every key is valid (lets SDPA pick its flash /

@@ -5,6 +5,7 @@ Image tokens are laid out row-major on an ``h × w`` grid. Text tokens keep the 
 RoPE variants place the image after the prompt: the offset is the number of *real* text tokens of each prompt
 (``L - n_pad``, the reference's convention), so it does not change when padding is trimmed.
 """
+
 from __future__ import annotations
 
 import torch
@@ -86,7 +87,7 @@ class MRope(ImagePositions):
         q = self.head_dim // 4
 
         def interleave(r, c):
-            return torch.cat([r[..., :q], c[..., q:2 * q], r[..., 2 * q:3 * q], c[..., 3 * q:]], dim=-1)
+            return torch.cat([r[..., :q], c[..., q : 2 * q], r[..., 2 * q : 3 * q], c[..., 3 * q :]], dim=-1)
 
         return interleave(row_cos, col_cos), interleave(row_sin, col_sin)
 

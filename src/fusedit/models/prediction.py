@@ -10,6 +10,7 @@ The model's contract never changes: ``forward`` returns the rectified-flow veloc
   Denoising Generative Models Denoise", Li & He, 2025); measured on the shapes world in ``docs/results/demo.md``.
   The floor keeps the division finite near σ = 0.
 """
+
 from __future__ import annotations
 
 from typing import Literal

@@ -1,28 +1,32 @@
 """Import of pipeline folders saved by the reference implementation (tang-bd/fuse-dit).
 
-Folder layout (DESIGN.md §5): ``model_index.json``, ``transformer/config.json`` (transformers-style, with a nested
+Folder layout (``docs/design.md``, "Reference checkpoints"): ``model_index.json``, ``transformer/config.json``
+(transformers-style, with a nested
 ``base_config`` — the LLM's config) + ``transformer/model.safetensors`` (``llm.*``: the Gemma decoder of FuseDiT;
 ``dit.*``: the DiT), ``scheduler/``, ``tokenizer/``, ``vae/``, and for the shallow baselines ``llm/`` (a full
 ``save_pretrained`` causal LM).
 
 The reference's fused layers compute the LLM stream's attention without Gemma 2's logit soft-capping and sliding
 window; the imported text encoder does the same (``text.attention: reference``). Its training-time computation is
-followed where its cached sampling differs (DESIGN.md §5).
+followed where its cached sampling differs (same section).
 """
+
 from __future__ import annotations
 
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from fusedit.models import DiffusionTransformer, LLMGeometry, ModelConfig, build_model
+from fusedit.models.config import LLMGeometry, ModelConfig
+from fusedit.models.dit import DiffusionTransformer, build_model
 from fusedit.text.config import TextConfig
+from fusedit.text.llm import LLMLoadError, extract_decoder, load_llm_config, load_tokenizer, reference_attention_config
 
 
 class ReferenceFormatError(ValueError):
@@ -53,14 +57,15 @@ def _read_json(path: Path) -> dict:
 
 def model_config_from_reference(config: dict) -> ModelConfig:
     """Translate the reference's ``transformer/config.json`` into our :class:`ModelConfig`."""
-    kind = {"FuseDiT": "fusedit", "DiT": "dit"}.get(config.get("model_type"))
-    if kind is None:
-        raise ReferenceFormatError(f"transformer/config.json: model_type {config.get('model_type')!r} is not "
-                                   f"FuseDiT or DiT")
+    fusion: Any = {"FuseDiT": "deep", "DiT": "shallow"}.get(str(config.get("model_type")))
+    if fusion is None:
+        raise ReferenceFormatError(
+            f"transformer/config.json: model_type {config.get('model_type')!r} is not FuseDiT or DiT"
+        )
     shared = config.get("shared_attention_layers", "all")
     modulation_dim = config.get("text_modulation_embeds_dim")
     return ModelConfig(
-        kind=kind,
+        fusion=fusion,
         attention=config.get("attention", "self"),
         pos_embed=config["pos_embed"],
         timestep_conditioning=config.get("timestep_conditioning") or "none",
@@ -95,7 +100,8 @@ def _hf_config(base_config: dict):
 # DiT weights: reference names -> ours
 # ----------------------------------------------------------------------------------------------------------------------
 
-def _layer_key(rest: str, config: ModelConfig) -> Optional[str]:
+
+def _layer_key(rest: str, config: ModelConfig) -> str | None:
     """Map one ``dit.layers.{i}.`` suffix; None for keys we do not have (dropped)."""
     adaln_zero = config.timestep_conditioning == "adaln-zero"
     rules = [
@@ -115,7 +121,7 @@ def _layer_key(rest: str, config: ModelConfig) -> Optional[str]:
     return rest
 
 
-def _top_key(rest: str, config: ModelConfig) -> Optional[str]:
+def _top_key(rest: str, config: ModelConfig) -> str | None:
     adaln_zero = config.timestep_conditioning == "adaln-zero"
     rules = [
         (r"timestep_embedder\.(\d)\.(weight|bias)", r"timestep.timestep_embedder.\1.\2"),
@@ -140,12 +146,12 @@ def convert_dit_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) 
     FuseDiT checkpoints hold them under ``dit.*`` (next to ``llm.*``); a shallow-fusion ``DiT`` checkpoint *is* the
     DiT, so its keys have no prefix.
     """
-    prefix = "dit." if config.kind == "fusedit" else ""
+    prefix = "dit." if config.fusion == "deep" else ""
     converted = {}
     for key, value in state.items():
         if not key.startswith(prefix) or (not prefix and key.startswith("llm.")):
             continue
-        rest = key[len(prefix):]
+        rest = key[len(prefix) :]
         match = re.match(r"layers\.(\d+)\.(.+)", rest)
         if match:
             new = _layer_key(match.group(2), config)
@@ -164,18 +170,22 @@ def load_dit_weights(model: DiffusionTransformer, state: dict[str, torch.Tensor]
     unexpected = sorted(k for k in state if k not in own)
     if missing or unexpected:
         raise ReferenceFormatError(
-            f"{where}: weights do not match the configured model; missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"{where}: weights do not match the configured model; missing {missing[:8]}"
+            f"{'...' if len(missing) > 8 else ''}, "
             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
         )
     for key, value in state.items():
         if own[key].shape != value.shape:
-            raise ReferenceFormatError(f"{where}: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
+            raise ReferenceFormatError(
+                f"{where}: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}"
+            )
     model.load_state_dict(state, strict=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The LLM of a FuseDiT folder (llm.* inside transformer/model.safetensors)
 # ----------------------------------------------------------------------------------------------------------------------
+
 
 def build_reference_llm(hf_config, state: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
     """A Hugging Face decoder built from ``base_config`` with the ``llm.*`` weights.
@@ -185,19 +195,19 @@ def build_reference_llm(hf_config, state: dict[str, torch.Tensor], dtype: torch.
     """
     from transformers import AutoModel
 
-    from fusedit.text.llm import reference_attention_config
-
     config = reference_attention_config(hf_config)
     decoder = AutoModel.from_config(config)
     with torch.no_grad():
         for parameter in decoder.parameters():
             parameter.zero_()
-    weights = {k[len("llm."):]: v for k, v in state.items() if k.startswith("llm.")}
+    weights = {k[len("llm.") :]: v for k, v in state.items() if k.startswith("llm.")}
     if not weights:
         raise ReferenceFormatError("transformer/model.safetensors has no llm.* weights (expected a FuseDiT model)")
     result = decoder.load_state_dict(weights, strict=False)
     if result.unexpected_keys:
-        raise ReferenceFormatError(f"transformer/model.safetensors: unexpected LLM weights {result.unexpected_keys[:8]}")
+        raise ReferenceFormatError(
+            f"transformer/model.safetensors: unexpected LLM weights {result.unexpected_keys[:8]}"
+        )
     return decoder.to(dtype).eval()
 
 
@@ -210,8 +220,6 @@ def load_baseline_llm(llm_dir: Path, dtype: torch.dtype) -> nn.Module:
     soft-capping is switched off here; everything else follows the saved config.
     """
     from transformers import AutoModelForCausalLM
-
-    from fusedit.text.llm import LLMLoadError, extract_decoder, load_llm_config
 
     config = load_llm_config(str(llm_dir))
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -234,12 +242,12 @@ class ReferenceModel:
     decoder: nn.Module
     tokenizer: Any
     scheduler_path: Path
-    vae_path: Optional[Path]
+    vae_path: Path | None
 
 
 def load_reference_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> ReferenceModel:
-    """Load a reference pipeline folder into fusedit objects (no sampling here; see :mod:`fusedit.pipeline`)."""
-    from fusedit.text.llm import load_tokenizer
+    """Load a reference pipeline folder into fusedit objects (no sampling here; see
+    :mod:`fusedit.sampling.pipeline`)."""
 
     root = Path(path)
     config = _read_json(root / "transformer" / "config.json")
@@ -251,13 +259,15 @@ def load_reference_folder(path: str | Path, dtype: torch.dtype = torch.float32) 
         raise ReferenceFormatError(f"{weights_path} is missing")
     state = load_file(str(weights_path))
     hf_config = _hf_config(config["base_config"])
-    if model_config.kind == "fusedit":
+    if model_config.fusion == "deep":
         decoder = build_reference_llm(hf_config, state, dtype)
-        attention = "reference"
+        attention: Any = "reference"
     else:
         llm_dir = root / "llm"
         if not llm_dir.is_dir():
-            raise ReferenceFormatError(f"{llm_dir} is missing; a shallow-fusion (DiT) reference folder keeps its LLM there")
+            raise ReferenceFormatError(
+                f"{llm_dir} is missing; a shallow-fusion (DiT) reference folder keeps its LLM there"
+            )
         decoder = load_baseline_llm(llm_dir, dtype)
         hf_config = decoder.config
         attention = "hf"
@@ -265,13 +275,21 @@ def load_reference_folder(path: str | Path, dtype: torch.dtype = torch.float32) 
     load_dit_weights(model, convert_dit_state_dict(state, model_config), str(weights_path))
     model = model.to(dtype).eval()
     tokenizer = load_tokenizer(str(root / "tokenizer"), padding_side="left")
-    pooled, clip_model = "none", None
+    pooled: Any = "none"
+    clip_model = None
     if model_config.text_modulation:
         # FuseDiT's "CLIP-mod" pools a CLIP text model (its folder's clip/); the DiT baseline mean-pools the LLM.
-        pooled, clip_model = ("clip", str(root / "clip")) if model_config.kind == "fusedit" else ("llm-mean", None)
-    text_config = TextConfig(llm=str(root / ("transformer" if model_config.kind == "fusedit" else "llm")),
-                             tokenizer=str(root / "tokenizer"), padding="max_length", padding_side="left",
-                             attention=attention, pooled=pooled, clip_model=clip_model)
+        pooled, clip_model = ("clip", str(root / "clip")) if model_config.fusion == "deep" else ("llm-mean", None)
+    text_config = TextConfig(
+        llm=str(root / ("transformer" if model_config.fusion == "deep" else "llm")),
+        tokenizer=str(root / "tokenizer"),
+        padding="max_length",
+        padding_side="left",
+        attention=attention,
+        pooled=pooled,
+        clip_model=clip_model,
+    )
     vae = root / "vae"
-    return ReferenceModel(model, model_config, text_config, decoder, tokenizer, root / "scheduler",
-                          vae if vae.is_dir() else None)
+    return ReferenceModel(
+        model, model_config, text_config, decoder, tokenizer, root / "scheduler", vae if vae.is_dir() else None
+    )

@@ -1,8 +1,9 @@
 """Configuration of the text side: which LLM, how prompts become tokens, and what the text context holds."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 from fusedit.config import require
 
@@ -34,7 +35,7 @@ class TextConfig:
     """
 
     llm: str = ""
-    tokenizer: Union[str, None] = None
+    tokenizer: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trainable: bool = False
     max_length: int = 256
@@ -44,7 +45,7 @@ class TextConfig:
     chat_template: bool = False
     attention: Literal["hf", "reference"] = "hf"
     pooled: Literal["none", "llm-mean", "clip"] = "none"
-    clip_model: Union[str, None] = None
+    clip_model: str | None = None
     trim: bool = True
 
     def validate(self) -> None:

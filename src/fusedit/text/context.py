@@ -1,16 +1,23 @@
 """The text context: everything a DiT needs from the LLM for one prompt batch.
 
 Because text rows of FuseDiT's joint attention never see image tokens, the text stream does not depend on the image,
-the timestep or the noise (DESIGN.md §2). The LLM therefore runs once per prompt batch and leaves, for every fused
-layer, the keys and values its attention used. Deep fusion reads those; the shallow baselines read one hidden-state
-layer.
+the timestep or the noise (``docs/design.md``, "The LLM as a key/value provider"). The LLM therefore runs once per
+prompt batch and leaves, for every fused layer, the keys and values its attention used. Deep fusion reads those; the
+shallow baselines read one hidden-state layer. :class:`TextRequirements` says which of them a model needs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Optional
 
 import torch
+
+
+def _present(tensor: torch.Tensor | None) -> torch.Tensor:
+    """``tensor``, which the contexts being concatenated all have (the first one has it)."""
+    if tensor is None:
+        raise ValueError("TextContext.cat: the contexts differ in which fields they hold")
+    return tensor
 
 
 @dataclass
@@ -34,8 +41,8 @@ class TextContext:
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
     raw_keys: dict[int, torch.Tensor] = field(default_factory=dict)
-    hidden_states: Optional[torch.Tensor] = None
-    pooled: Optional[torch.Tensor] = None
+    hidden_states: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
     num_truncated: int = 0
 
     @property
@@ -60,7 +67,7 @@ class TextContext:
         """``(B,)`` number of real (non-padding) tokens per prompt."""
         return self.mask.sum(dim=1)
 
-    def _map(self, fn) -> "TextContext":
+    def _map(self, fn) -> TextContext:
         def on(d):
             return {k: fn(v, 2) for k, v in d.items()}
 
@@ -73,7 +80,7 @@ class TextContext:
             hidden_states=None if self.hidden_states is None else fn(self.hidden_states, 1),
         )
 
-    def trimmed(self) -> "TextContext":
+    def trimmed(self) -> TextContext:
         """Drop token columns that are padding in every prompt (exact: those keys are masked anyway).
 
         Positions are already baked into the keys and image positions depend only on :attr:`num_real`, so trimming
@@ -85,9 +92,10 @@ class TextContext:
         index = used.nonzero().squeeze(1)
         return self._map(lambda t, dim: t.index_select(dim, index))
 
-    def select(self, rows: slice) -> "TextContext":
+    def select(self, rows: slice) -> TextContext:
         """The prompts ``rows`` of the batch (e.g. the conditional half of a ``[uncond ; cond]`` context), with
         columns that are padding in all of them dropped (:meth:`trimmed`)."""
+
         def take(t, _dim):
             return t[rows]
 
@@ -96,8 +104,9 @@ class TextContext:
             out = replace(out, pooled=take(self.pooled, 0))
         return out.trimmed()
 
-    def repeat(self, times: int) -> "TextContext":
+    def repeat(self, times: int) -> TextContext:
         """Repeat every prompt ``times`` times along the batch (prompt-major: p0, p0, ..., p1, ...)."""
+
         def rep(t, _dim):
             return t.repeat_interleave(times, dim=0)
 
@@ -106,8 +115,9 @@ class TextContext:
             out = replace(out, pooled=rep(self.pooled, 0))
         return out
 
-    def to(self, device=None, dtype=None) -> "TextContext":
+    def to(self, device=None, dtype=None) -> TextContext:
         """Move tensors; ``dtype`` applies to floating tensors only."""
+
         def move(t, _dim):
             if t.is_floating_point():
                 return t.to(device=device, dtype=dtype)
@@ -119,7 +129,7 @@ class TextContext:
         return out
 
     @staticmethod
-    def cat(contexts: list["TextContext"]) -> "TextContext":
+    def cat(contexts: list[TextContext]) -> TextContext:
         """Concatenate contexts along the batch; lengths are padded to the longest (pad columns masked).
 
         Padding is added on the side where the first context has its padding (left when ``mask[:, 0]`` has
@@ -150,7 +160,31 @@ class TextContext:
             keys=cat_dict("keys"),
             values=cat_dict("values"),
             raw_keys=cat_dict("raw_keys"),
-            hidden_states=None if first.hidden_states is None else torch.cat([c.hidden_states for c in padded], 0),
-            pooled=None if first.pooled is None else torch.cat([c.pooled for c in contexts], 0),
+            hidden_states=None
+            if first.hidden_states is None
+            else torch.cat([_present(c.hidden_states) for c in padded]),
+            pooled=None if first.pooled is None else torch.cat([_present(c.pooled) for c in contexts]),
             num_truncated=sum(c.num_truncated for c in contexts),
         )
+
+
+@dataclass(frozen=True)
+class TextRequirements:
+    """What a model reads from the text context (see ``model.text_requirements()``).
+
+    Attributes:
+        kv_layers: LLM layers whose keys/values are needed (deep fusion, self-attention).
+        raw_key_layers: LLM layers whose pre-RoPE keys and values are needed (deep fusion, cross-attention).
+        hidden_states_index: ``hidden_states`` entry for the shallow baselines (None: not needed).
+        pooled: whether a pooled embedding is needed (text modulation).
+    """
+
+    kv_layers: tuple[int, ...] = ()
+    raw_key_layers: tuple[int, ...] = ()
+    hidden_states_index: int | None = None
+    pooled: bool = False
+
+    @property
+    def last_layer(self) -> int:
+        """Index of the deepest LLM layer that must run (-1: none)."""
+        return max(self.kv_layers + self.raw_key_layers, default=-1)

@@ -5,40 +5,21 @@ its (post-RoPE, post-norm) keys and values to ``cache.update``, so what we keep 
 model's attention used, for any model family, with no re-implementation of its layers. Pre-RoPE keys (needed by
 cross-attention deep fusion) come from forward hooks on the key projection (or key norm, where the family has one).
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from fusedit.text.config import TextConfig
-from fusedit.text.context import TextContext
+from fusedit.text.context import TextContext, TextRequirements
 from fusedit.text.llm import decoder_forward_kwargs, load_llm, load_tokenizer, resolve_dtype
-
-
-@dataclass(frozen=True)
-class TextRequirements:
-    """What a model reads from the text context (see ``model.text_requirements()``).
-
-    Attributes:
-        kv_layers: LLM layers whose keys/values are needed (deep fusion, self-attention).
-        raw_key_layers: LLM layers whose pre-RoPE keys and values are needed (deep fusion, cross-attention).
-        hidden_states_index: ``hidden_states`` entry for the shallow baselines (None: not needed).
-        pooled: whether a pooled embedding is needed (text modulation).
-    """
-
-    kv_layers: tuple[int, ...] = ()
-    raw_key_layers: tuple[int, ...] = ()
-    hidden_states_index: Optional[int] = None
-    pooled: bool = False
-
-    @property
-    def last_layer(self) -> int:
-        """Index of the deepest LLM layer that must run (-1: none)."""
-        return max(self.kv_layers + self.raw_key_layers, default=-1)
+from fusedit.text.pooled import load_clip_pooler
 
 
 @dataclass
@@ -55,7 +36,7 @@ def _make_recording_cache(wanted: set[int]):
     from transformers import DynamicCache
 
     class RecordingCache(DynamicCache):
-        def __init__(self):
+        def __init__(self) -> None:
             super().__init__()
             self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -120,7 +101,7 @@ class PromptFormatter:
         # Minus one for the BOS token the tokenizer adds to every prompt (the reference's convention).
         return max(len(self.tokenizer(instruction).input_ids) - 1, 0)
 
-    def max_tokens(self, max_length: Optional[int] = None) -> int:
+    def max_tokens(self, max_length: int | None = None) -> int:
         """Token budget of one prompt: ``max_length`` (default ``text.max_length``) plus the instruction."""
         if max_length is not None and max_length <= 0:
             raise ValueError(f"max_sequence_length must be positive, got {max_length}")
@@ -138,7 +119,7 @@ class PromptFormatter:
             )
         return text
 
-    def __call__(self, prompts: Sequence[str], device=None, max_length: Optional[int] = None) -> TokenizedPrompts:
+    def __call__(self, prompts: Sequence[str], device=None, max_length: int | None = None) -> TokenizedPrompts:
         if isinstance(prompts, str):
             prompts = [prompts]
         if len(prompts) == 0:
@@ -158,8 +139,10 @@ class PromptFormatter:
         )
         mask = encoded.attention_mask.bool()
         if not bool(mask.any(dim=1).all()):
-            raise ValueError("a prompt produced no tokens (the tokenizer adds no BOS and the prompt is empty); "
-                             "use a tokenizer that adds a BOS token or give non-empty prompts")
+            raise ValueError(
+                "a prompt produced no tokens (the tokenizer adds no BOS and the prompt is empty); "
+                "use a tokenizer that adds a BOS token or give non-empty prompts"
+            )
         return TokenizedPrompts(
             input_ids=encoded.input_ids.to(device),
             attention_mask=mask.to(device),
@@ -176,8 +159,14 @@ class TextEncoder(nn.Module):
     ``torch.inference_mode``-like ``no_grad``, so no autograd graph or activations are kept.
     """
 
-    def __init__(self, decoder: nn.Module, tokenizer, config: TextConfig, requirements: TextRequirements,
-                 pooled_encoder: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        decoder: Any,
+        tokenizer,
+        config: TextConfig,
+        requirements: TextRequirements,
+        pooled_encoder: nn.Module | None = None,
+    ):
         super().__init__()
         self.decoder = decoder
         self.tokenizer = tokenizer
@@ -195,15 +184,14 @@ class TextEncoder(nn.Module):
 
     # ------------------------------------------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: TextConfig, requirements: TextRequirements, device="cpu") -> "TextEncoder":
+    def from_config(cls, config: TextConfig, requirements: TextRequirements, device="cpu") -> TextEncoder:
         """Load the LLM and tokenizer named by ``config`` (local path or hub id)."""
         dtype = resolve_dtype(config.dtype, device)
         decoder = load_llm(config.llm, dtype=dtype, attention=config.attention).to(device)
         tokenizer = load_tokenizer(config.tokenizer or config.llm, padding_side=config.padding_side)
         pooled = None
         if requirements.pooled and config.pooled == "clip":
-            from fusedit.text.pooled import load_clip_pooler
-
+            assert config.clip_model is not None  # TextConfig.validate requires it
             pooled = load_clip_pooler(config.clip_model, device=device)
         return cls(decoder, tokenizer, config, requirements, pooled_encoder=pooled)
 
@@ -234,12 +222,12 @@ class TextEncoder(nn.Module):
         return self
 
     # ------------------------------------------------------------------------------------------------------------
-    def tokenize(self, prompts: Sequence[str], max_length: Optional[int] = None) -> TokenizedPrompts:
+    def tokenize(self, prompts: Sequence[str], max_length: int | None = None) -> TokenizedPrompts:
         if self.formatter is None:
             raise RuntimeError("this TextEncoder has no tokenizer; use encode_tokens(input_ids, attention_mask)")
         return self.formatter(prompts, device=self.device, max_length=max_length)
 
-    def encode(self, prompts: Sequence[str], max_length: Optional[int] = None) -> TextContext:
+    def encode(self, prompts: Sequence[str], max_length: int | None = None) -> TextContext:
         """Run the LLM on ``prompts`` and return their :class:`TextContext` (``max_length`` overrides
         ``text.max_length`` for this call).
 
@@ -264,8 +252,9 @@ class TextEncoder(nn.Module):
             input_ids, attention_mask, offset = trim_padding_columns(input_ids, attention_mask)
         return self.encode_tokens(input_ids.to(self.device), attention_mask.to(self.device), position_offset=offset)
 
-    def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      position_offset: int = 0) -> TextContext:
+    def encode_tokens(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_offset: int = 0
+    ) -> TextContext:
         """``input_ids``/``attention_mask``: ``(B, L)`` -> :class:`TextContext` (keys/values ``(B, H_kv, L, D)``).
 
         ``position_offset``: position of column 0 (non-zero when leading padding columns were dropped).
@@ -301,8 +290,10 @@ class TextEncoder(nn.Module):
 
         missing = wanted - set(cache.recorded)
         if missing:
-            raise RuntimeError(f"the LLM did not report keys/values for layers {sorted(missing)}; "
-                               f"it has {len(self.decoder.layers)} layers")
+            raise RuntimeError(
+                f"the LLM did not report keys/values for layers {sorted(missing)}; "
+                f"it has {len(self.decoder.layers)} layers"
+            )
         context = TextContext(
             mask=mask,
             keys={i: clean(cache.recorded[i][0]) for i in req.kv_layers},
@@ -331,8 +322,11 @@ class TextEncoder(nn.Module):
                 key_norm = getattr(attn, "k_norm", None)
                 key_module = key_norm if isinstance(key_norm, nn.Module) else attn.k_proj
                 slot = out.setdefault(index, {})
-                handles.append(key_module.register_forward_hook(
-                    _capture_heads(slot, "k", attn.head_dim, heads_last=key_module is not attn.k_proj)))
+                handles.append(
+                    key_module.register_forward_hook(
+                        _capture_heads(slot, "k", attn.head_dim, heads_last=key_module is not attn.k_proj)
+                    )
+                )
                 handles.append(attn.v_proj.register_forward_hook(_capture_heads(slot, "v", attn.head_dim, False)))
             yield
         finally:

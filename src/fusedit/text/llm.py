@@ -4,6 +4,7 @@ Any causal LM whose decoder follows the transformers layout (``embed_tokens``, `
 a ``Cache``-aware attention) works: Gemma, Gemma 2, Gemma 3 (text), Llama, Qwen2, Qwen3, and PaliGemma's language
 model. Only the decoder is kept (no LM head).
 """
+
 from __future__ import annotations
 
 import copy
@@ -57,7 +58,7 @@ def reference_attention_config(config):
     """A copy of ``config`` whose attention computes like the reference's fused layers.
 
     tang-bd/fuse-dit computes the LLM stream's attention inside fused layers with plain SDPA: scale
-    ``head_dim^-0.5``, no logit soft-capping and no sliding window (DESIGN.md §5).
+    ``head_dim^-0.5``, no logit soft-capping and no sliding window (``docs/design.md``, "Reference checkpoints").
     """
     config = copy.deepcopy(config)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config

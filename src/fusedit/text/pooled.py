@@ -1,8 +1,9 @@
 """Pooled text embeddings from a CLIP text model (the paper's "CLIP-mod" text modulation)."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -25,8 +26,9 @@ class CLIPPooler(nn.Module):
     @torch.no_grad()
     def forward(self, prompts: Sequence[str]) -> torch.Tensor:
         device = next(self.model.parameters()).device
-        ids = self.tokenizer(list(prompts), return_tensors="pt", padding="max_length", truncation=True,
-                             max_length=self.max_length).input_ids.to(device)
+        ids = self.tokenizer(
+            list(prompts), return_tensors="pt", padding="max_length", truncation=True, max_length=self.max_length
+        ).input_ids.to(device)
         return self.model(ids).text_embeds
 
 

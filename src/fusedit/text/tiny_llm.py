@@ -23,6 +23,7 @@ of ..." and "... to the right of ..." captions differed by only 1-14 %, and the 
 from position scenes alone or with the LLM trained along. A real LLM's states carry such meaning from its
 pretraining; the scene objective is the tiny LLM's stand-in for it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,15 +32,17 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
 
 from fusedit.config import require
+from fusedit.data.shapes import LLM_CORPORA, SCENE_FIELDS
+from fusedit.text.scene_objective import SceneObjective, SceneReadout, scene_positions
 
 #: Special tokens in id order: ``<pad>``=0, ``<eos>``=1, ``<bos>``=2, ``<unk>``=3.
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<eos>", "<bos>", "<unk>")
@@ -93,60 +96,41 @@ class TinyLLMConfig:
     scene_loss_weight: float = 1.0
 
     def validate(self) -> None:
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "intermediate_size", "batch_size"):
+        for name in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "intermediate_size",
+            "batch_size",
+        ):
             value = getattr(self, name)
-            require(isinstance(value, int) and value > 0, f"TinyLLMConfig.{name}: got {value!r}, expected a positive integer")
-        require(self.num_attention_heads % self.num_key_value_heads == 0,
-                f"TinyLLMConfig: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_key_value_heads})")
+            require(
+                isinstance(value, int) and value > 0,
+                f"TinyLLMConfig.{name}: got {value!r}, expected a positive integer",
+            )
+        require(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            f"TinyLLMConfig: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+            f"num_key_value_heads ({self.num_key_value_heads})",
+        )
         require(self.head_dim % 2 == 0, f"TinyLLMConfig.head_dim: got {self.head_dim}, expected an even number (RoPE)")
-        require(isinstance(self.steps, int) and self.steps >= 0, f"TinyLLMConfig.steps: got {self.steps!r}, expected >= 0")
+        require(
+            isinstance(self.steps, int) and self.steps >= 0, f"TinyLLMConfig.steps: got {self.steps!r}, expected >= 0"
+        )
         require(self.lr > 0, f"TinyLLMConfig.lr: got {self.lr}, expected > 0")
-        require(isinstance(self.max_length, int) and self.max_length >= 4,
-                f"TinyLLMConfig.max_length: got {self.max_length!r}, expected an integer >= 4")
-        from fusedit.data.shapes import LLM_CORPORA
-
+        require(
+            isinstance(self.max_length, int) and self.max_length >= 4,
+            f"TinyLLMConfig.max_length: got {self.max_length!r}, expected an integer >= 4",
+        )
         require(self.corpus in LLM_CORPORA, f"TinyLLMConfig.corpus: got {self.corpus!r}, expected one of {LLM_CORPORA}")
-        require(isinstance(self.scene_loss_weight, (int, float)) and math.isfinite(self.scene_loss_weight)
-                and self.scene_loss_weight >= 0,
-                f"TinyLLMConfig.scene_loss_weight: got {self.scene_loss_weight!r}, expected a number >= 0")
-
-
-@dataclass(frozen=True)
-class SceneObjective:
-    """Auxiliary supervision of the tiny LLM's pretraining: what each corpus line's caption describes.
-
-    For corpus line ``i``, ``captions[i]`` is its beginning (the caption) and ``labels[i]`` one class index per
-    entry of ``classes`` (e.g. :data:`fusedit.data.shapes.SCENE_FIELDS`; ``-100``: no target). During pretraining,
-    for every layer but the first (whose values see one token only), a linear head reads that layer's values
-    (``v_proj`` output, all key/value heads concatenated) at the caption's last token and predicts each field; the
-    cross-entropies, summed over fields and layers, are added to the next-token loss with
-    ``TinyLLMConfig.scene_loss_weight``. The heads are not saved: the result is a plain ``Gemma2ForCausalLM``.
-    """
-
-    captions: tuple[str, ...]
-    labels: tuple[tuple[int, ...], ...]
-    classes: tuple[int, ...]
-
-    def __post_init__(self):
-        object.__setattr__(self, "captions", tuple(self.captions))
-        object.__setattr__(self, "labels", tuple(tuple(int(v) for v in row) for row in self.labels))
-        object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))
-        if len(self.captions) != len(self.labels):
-            raise ValueError(f"SceneObjective: {len(self.captions)} captions but {len(self.labels)} label rows")
-        if not self.classes or any(c < 2 for c in self.classes):
-            raise ValueError(f"SceneObjective: classes {self.classes} must list at least one field of >= 2 classes")
-        for row, labels in enumerate(self.labels):
-            if len(labels) != len(self.classes) or any(not (v == -100 or 0 <= v < c)
-                                                       for v, c in zip(labels, self.classes)):
-                raise ValueError(f"SceneObjective: labels {labels} of caption {self.captions[row]!r} do not fit the "
-                                 f"classes {self.classes} (one index per field, 0 <= index < classes, or -100)")
-
-    def fingerprint(self) -> str:
-        """SHA-256 of captions, labels and classes (what the marker compares)."""
-        payload = json.dumps([self.captions, self.labels, self.classes])
-        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+        require(
+            isinstance(self.scene_loss_weight, (int, float))
+            and math.isfinite(self.scene_loss_weight)
+            and self.scene_loss_weight >= 0,
+            f"TinyLLMConfig.scene_loss_weight: got {self.scene_loss_weight!r}, expected a number >= 0",
+        )
 
 
 def _check_corpus(corpus: Sequence[str]) -> list[str]:
@@ -172,11 +156,18 @@ def train_caption_tokenizer(corpus: Sequence[str], max_length: int = 32) -> PreT
     for expected, token in enumerate(SPECIAL_TOKENS):
         assert tokenizer.token_to_id(token) == expected, f"special token {token} must have id {expected}"
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B:1", special_tokens=[("<bos>", BOS_ID)])
+        single="<bos> $A", pair="<bos> $A $B:1", special_tokens=[("<bos>", BOS_ID)]
+    )
     tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces, tidies punctuation
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-        padding_side="left", model_max_length=max_length)
+        tokenizer_object=tokenizer,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="left",
+        model_max_length=max_length,
+    )
 
 
 def build_tiny_llm(config: TinyLLMConfig, vocab_size: int) -> Gemma2ForCausalLM:
@@ -198,7 +189,9 @@ def build_tiny_llm(config: TinyLLMConfig, vocab_size: int) -> Gemma2ForCausalLM:
         query_pre_attn_scalar=config.head_dim,
         max_position_embeddings=max(512, config.max_length),
         sliding_window=max(512, config.max_length),
-        pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=BOS_ID,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=BOS_ID,
         tie_word_embeddings=config.tie_word_embeddings,
     )
     with torch.random.fork_rng(devices=[]):
@@ -213,7 +206,8 @@ def corpus_hash(corpus: Sequence[str]) -> str:
 
 
 def _encode_corpus(tokenizer: PreTrainedTokenizerFast, corpus: list[str], max_length: int) -> dict[str, torch.Tensor]:
-    """``<bos> caption <eos>`` sequences, left-padded to the longest: input_ids, attention_mask, labels (-100 = no target)."""
+    """``<bos> caption <eos>`` sequences, left-padded to the longest: input_ids, attention_mask, labels (-100 = no
+    target)."""
     encoded = tokenizer(corpus)["input_ids"]
     sequences = [ids[: max_length - 1] + [EOS_ID] for ids in encoded]
     truncated = sum(len(ids) > max_length - 1 for ids in encoded)
@@ -223,8 +217,8 @@ def _encode_corpus(tokenizer: PreTrainedTokenizerFast, corpus: list[str], max_le
     input_ids = torch.full((len(sequences), length), PAD_ID, dtype=torch.long)
     mask = torch.zeros((len(sequences), length), dtype=torch.long)
     for row, seq in enumerate(sequences):
-        input_ids[row, length - len(seq):] = torch.tensor(seq)
-        mask[row, length - len(seq):] = 1
+        input_ids[row, length - len(seq) :] = torch.tensor(seq)
+        mask[row, length - len(seq) :] = 1
     # pads and <bos> are never targets (predicting <bos> from a pad slot is trivial and would dilute the loss)
     labels = input_ids.masked_fill((mask == 0) | (input_ids == BOS_ID), -100)
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
@@ -244,87 +238,96 @@ def corpus_loss(model: Gemma2ForCausalLM, data: dict[str, torch.Tensor], batch_s
     model.eval()
     total, count = 0.0, 0
     for start in range(0, data["input_ids"].shape[0], batch_size):
-        batch = {k: v[start:start + batch_size] for k, v in data.items()}
+        batch = {k: v[start : start + batch_size] for k, v in data.items()}
         n = int((batch["labels"] != -100).sum())
         total += float(model(**batch).loss) * n
         count += n
     return total / max(count, 1)
 
 
-def _scene_in_use(scene: Optional[SceneObjective], config: TinyLLMConfig) -> Optional[SceneObjective]:
+def _scene_in_use(scene: SceneObjective | None, config: TinyLLMConfig) -> SceneObjective | None:
     """``scene`` when the pretraining uses it (given, and ``config.scene_loss_weight`` > 0), else None."""
     return scene if scene is not None and config.scene_loss_weight > 0 else None
 
 
-def _scene_positions(tokenizer: PreTrainedTokenizerFast, data: dict[str, torch.Tensor],
-                     scene: SceneObjective) -> torch.Tensor:
-    """``(N,)`` column of each encoded corpus line's last caption token (lines are left-padded ``<bos> ... <eos>``)."""
-    input_ids, mask = data["input_ids"], data["attention_mask"]
-    if len(scene.captions) != input_ids.shape[0]:
-        raise ValueError(f"SceneObjective has {len(scene.captions)} captions for a corpus of {input_ids.shape[0]} "
-                         f"lines; expected one per line, in corpus order")
-    positions = []
-    for row, (caption, ids) in enumerate(zip(scene.captions, tokenizer(list(scene.captions))["input_ids"])):
-        start = input_ids.shape[1] - int(mask[row].sum())
-        if input_ids[row, start:start + len(ids)].tolist() != ids:
-            raise ValueError(f"SceneObjective: caption {caption!r} is not the beginning of corpus line {row}")
-        positions.append(start + len(ids) - 1)
-    return torch.tensor(positions)
+@dataclass
+class _TrainingLog:
+    """First and last losses of a tiny-LLM pretraining (the marker records them)."""
+
+    first_loss: float | None = None
+    first_scene: float | None = None
+    last_scene: float | None = None
 
 
-class _SceneReadout(torch.nn.Module):
-    """The :class:`SceneObjective` heads: one linear map per layer (but the first) from that layer's values at the
-    caption's last token to the concatenated class logits. Captures the values with forward hooks on ``v_proj``."""
+def _train_tiny_llm(
+    model: Gemma2ForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    data: dict[str, torch.Tensor],
+    config: TinyLLMConfig,
+    scene: SceneObjective | None,
+    started: float,
+) -> _TrainingLog:
+    """``config.steps`` AdamW steps of next-token prediction (plus the scene objective, when given) on random
+    batches of ``data``."""
+    params = list(model.parameters())
+    readout = positions = labels = None
+    if scene is not None:
+        positions = scene_positions(tokenizer, data, scene)
+        labels = torch.tensor(scene.labels, dtype=torch.long)
+        readout = SceneReadout(model, scene.classes, seed=config.seed + 1)
+        params += list(readout.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config.steps))
+    generator = torch.Generator().manual_seed(config.seed)
+    n = data["input_ids"].shape[0]
+    report_every = max(1, config.steps // 4)
+    model.train()
+    log = _TrainingLog()
+    for step in range(config.steps):
+        index = torch.randint(n, (config.batch_size,), generator=generator)
+        batch = {k: v[index] for k, v in data.items()}
+        keep = batch["attention_mask"].any(0)  # drop columns that are padding in the whole batch (a left prefix)
+        batch = {k: v[:, keep] for k, v in batch.items()}
+        loss = model(**batch).loss
+        lm_value = loss.item()
+        log.first_loss = lm_value if log.first_loss is None else log.first_loss
+        if readout is not None and positions is not None and labels is not None:
+            scene_loss = readout.loss(positions[index] - int((~keep).sum()), labels[index])
+            log.last_scene = scene_loss.item()
+            log.first_scene = log.last_scene if log.first_scene is None else log.first_scene
+            loss = loss + config.scene_loss_weight * scene_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        if (step + 1) % report_every == 0 or step + 1 == config.steps:
+            scene_note = "" if log.last_scene is None else f" scene {log.last_scene:.3f}"
+            print(
+                f"tiny-llm step {step + 1}/{config.steps} loss {lm_value:.3f}{scene_note} "
+                f"({time.perf_counter() - started:.1f} s)",
+                flush=True,
+            )
+    if readout is not None:
+        readout.remove()
+    return log
 
-    def __init__(self, model: Gemma2ForCausalLM, classes: Sequence[int], seed: int):
-        super().__init__()
-        layers = model.model.layers
-        if len(layers) < 2:
-            raise ValueError("the scene objective reads the values of layers 1, 2, ... (layer 0 sees one token only); "
-                             "a 1-layer tiny LLM has none: use num_hidden_layers >= 2 or scene_loss_weight=0")
-        width = model.config.num_key_value_heads * model.config.head_dim
-        self.classes = list(classes)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.heads = torch.nn.ModuleList(torch.nn.Linear(width, sum(self.classes)) for _ in layers[1:])
-        self._values: dict[int, torch.Tensor] = {}
-        self._hooks = [layer.self_attn.v_proj.register_forward_hook(self._capture(index))
-                       for index, layer in enumerate(layers) if index >= 1]
 
-    def _capture(self, index: int):
-        def hook(module, inputs, output):
-            self._values[index] = output
-        return hook
-
-    def loss(self, positions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Summed cross-entropy of every field at every read layer. ``positions``: ``(B,)`` columns of the batch
-        just run; ``labels``: ``(B, F)`` (``-100``: no target)."""
-        rows = torch.arange(positions.shape[0])
-        total = positions.new_zeros((), dtype=torch.float32)
-        for index, head in enumerate(self.heads, start=1):
-            logits = head(self._values[index][rows, positions].float())
-            for field, chunk in enumerate(logits.split(self.classes, dim=-1)):
-                target = labels[:, field]
-                if bool((target != -100).any()):
-                    total = total + torch.nn.functional.cross_entropy(chunk, target, ignore_index=-100)
-        return total
-
-    def remove(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._values.clear()
-
-
-def pretrain_tiny_llm(corpus: Sequence[str], out_dir: Union[str, os.PathLike],
-                      config: TinyLLMConfig = TinyLLMConfig(), scene: Optional[SceneObjective] = None) -> Path:
+def pretrain_tiny_llm(
+    corpus: Sequence[str],
+    out_dir: str | os.PathLike,
+    config: TinyLLMConfig | None = None,
+    scene: SceneObjective | None = None,
+) -> Path:
     """Train the tokenizer and the tiny LLM on ``corpus`` and save both (plus the marker) into ``out_dir``.
 
-    ``scene``: the optional auxiliary objective (one entry per corpus line), weighted by
-    ``config.scene_loss_weight`` (0: not used).
+    ``config``: the LLM's size and training (default :class:`TinyLLMConfig`). ``scene``: the optional auxiliary
+    objective (one entry per corpus line), weighted by ``config.scene_loss_weight`` (0: not used).
 
     Returns:
         ``out_dir`` as a :class:`Path`.
     """
+    config = config if config is not None else TinyLLMConfig()
     corpus = _check_corpus(corpus)
     config.validate()
     scene = _scene_in_use(scene, config)
@@ -336,45 +339,7 @@ def pretrain_tiny_llm(corpus: Sequence[str], out_dir: Union[str, os.PathLike],
     tokenizer = train_caption_tokenizer(corpus, config.max_length)
     data = _encode_corpus(tokenizer, corpus, config.max_length)
     model = build_tiny_llm(config, vocab_size=len(tokenizer))
-    params = list(model.parameters())
-    readout = positions = labels = None
-    if scene is not None:
-        positions = _scene_positions(tokenizer, data, scene)
-        labels = torch.tensor(scene.labels, dtype=torch.long)
-        readout = _SceneReadout(model, scene.classes, seed=config.seed + 1)
-        params += list(readout.parameters())
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config.steps))
-    generator = torch.Generator().manual_seed(config.seed)
-    n = data["input_ids"].shape[0]
-    report_every = max(1, config.steps // 4)
-    model.train()
-    first_loss = first_scene = scene_value = None
-    for step in range(config.steps):
-        index = torch.randint(n, (config.batch_size,), generator=generator)
-        batch = {k: v[index] for k, v in data.items()}
-        keep = batch["attention_mask"].any(0)  # drop columns that are padding in the whole batch (a left prefix)
-        batch = {k: v[:, keep] for k, v in batch.items()}
-        loss = model(**batch).loss
-        lm_value = loss.item()
-        first_loss = lm_value if first_loss is None else first_loss
-        if readout is not None:
-            scene_loss = readout.loss(positions[index] - int((~keep).sum()), labels[index])
-            scene_value = scene_loss.item()
-            first_scene = scene_value if first_scene is None else first_scene
-            loss = loss + config.scene_loss_weight * scene_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        if (step + 1) % report_every == 0 or step + 1 == config.steps:
-            scene_note = "" if scene_value is None else f" scene {scene_value:.3f}"
-            print(f"tiny-llm step {step + 1}/{config.steps} loss {lm_value:.3f}{scene_note} "
-                  f"({time.perf_counter() - started:.1f} s)", flush=True)
-    if readout is not None:
-        readout.remove()
-
+    log = _train_tiny_llm(model, tokenizer, data, config, scene, started)
     final_loss = corpus_loss(model, data)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -384,10 +349,10 @@ def pretrain_tiny_llm(corpus: Sequence[str], out_dir: Union[str, os.PathLike],
         "scene_sha256": scene.fingerprint() if scene is not None else None,
         "num_captions": len(corpus),
         "vocab_size": len(tokenizer),
-        "first_loss": first_loss,
+        "first_loss": log.first_loss,
         "final_loss": final_loss,
-        "first_scene_loss": first_scene,
-        "final_scene_loss": scene_value,
+        "first_scene_loss": log.first_scene,
+        "final_scene_loss": log.last_scene,
         "train_seconds": round(time.perf_counter() - started, 2),
     }
     tmp = out / (MARKER_NAME + ".tmp")
@@ -397,7 +362,7 @@ def pretrain_tiny_llm(corpus: Sequence[str], out_dir: Union[str, os.PathLike],
     return out
 
 
-def read_marker(out_dir: Union[str, os.PathLike]) -> Union[dict, None]:
+def read_marker(out_dir: str | os.PathLike) -> dict | None:
     """The marker of a tiny-LLM folder, or ``None`` when absent or unreadable."""
     path = Path(out_dir) / MARKER_NAME
     try:
@@ -406,29 +371,37 @@ def read_marker(out_dir: Union[str, os.PathLike]) -> Union[dict, None]:
         return None
 
 
-def ensure_tiny_llm(out_dir: Union[str, os.PathLike], corpus: Sequence[str],
-                    config: TinyLLMConfig = TinyLLMConfig(), scene: Optional[SceneObjective] = None) -> Path:
-    """Return ``out_dir`` if it holds a tiny LLM trained with ``config`` on ``corpus`` (and ``scene``), else train one
-    there."""
+def ensure_tiny_llm(
+    out_dir: str | os.PathLike,
+    corpus: Sequence[str],
+    config: TinyLLMConfig | None = None,
+    scene: SceneObjective | None = None,
+) -> Path:
+    """Return ``out_dir`` if it holds a tiny LLM trained with ``config`` (default :class:`TinyLLMConfig`) on
+    ``corpus`` (and ``scene``), else train one there."""
+    config = config if config is not None else TinyLLMConfig()
     corpus = _check_corpus(corpus)
     out = Path(out_dir)
     marker = read_marker(out)
     complete = all((out / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
     scene = _scene_in_use(scene, config)
     scene_sha = scene.fingerprint() if scene is not None else None
-    if (complete and marker is not None and marker.get("config") == dataclasses.asdict(config)
-            and marker.get("corpus_sha256") == corpus_hash(corpus) and marker.get("scene_sha256") == scene_sha):
+    if (
+        complete
+        and marker is not None
+        and marker.get("config") == dataclasses.asdict(config)
+        and marker.get("corpus_sha256") == corpus_hash(corpus)
+        and marker.get("scene_sha256") == scene_sha
+    ):
         return out
     return pretrain_tiny_llm(corpus, out, config, scene)
 
 
-def ensure_shapes_world_llm(out_dir: Union[str, os.PathLike], world,
-                            config: TinyLLMConfig = TinyLLMConfig()) -> Path:
+def ensure_shapes_world_llm(out_dir: str | os.PathLike, world, config: TinyLLMConfig | None = None) -> Path:
     """:func:`ensure_tiny_llm` on the shapes world's ``config.corpus`` text (a
     :class:`~fusedit.data.shapes.ShapesWorld`'s training prompts only), with the world's
     :class:`SceneObjective` (:func:`~fusedit.data.shapes.scene_labels` of every caption)."""
-    from fusedit.data.shapes import SCENE_FIELDS
-
+    config = config if config is not None else TinyLLMConfig()
     config.validate()
     captions, labels = world.llm_scene_labels()
     scene = SceneObjective(captions, labels, tuple(n for _, n in SCENE_FIELDS))

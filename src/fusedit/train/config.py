@@ -1,15 +1,16 @@
 """Configuration of training: optimisation, flow-matching time sampling, EMA, logging and checkpoints."""
+
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Union
+from dataclasses import dataclass, field
+from typing import Literal
 
 from fusedit.config import require
 
 
 @dataclass
 class TrainConfig:
-    """Defaults reproduce the reference recipe (DESIGN.md §4) except the step count.
+    """Defaults reproduce the reference recipe (``docs/design.md``, "The reference recipe") except the step count.
 
     Attributes:
         max_steps: optimiser steps to train.
@@ -47,12 +48,12 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     lr: float = 1e-4
     weight_decay: float = 1e-4
-    betas: list[float] = None  # type: ignore[assignment]
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     lr_schedule: Literal["constant", "warmup", "cosine"] = "constant"
     warmup_steps: int = 0
     min_lr: float = 0.0
-    grad_clip: Union[float, None] = 1.0
+    grad_clip: float | None = 1.0
     mixed_precision: Literal["bf16", "no"] = "bf16"
     time_sampling: Literal["reference", "uniform", "logit_normal", "mode"] = "reference"
     shift: float = 3.0
@@ -67,7 +68,7 @@ class TrainConfig:
     seed: int = 42
     log_every: int = 10
     sample_every: int = 0
-    sample_prompts: list[str] = None  # type: ignore[assignment]
+    sample_prompts: list[str] = field(default_factory=list)
     sample_steps: int = 25
     sample_cfg: float = 6.0
     checkpoint_every: int = 500
@@ -77,31 +78,35 @@ class TrainConfig:
     fused_adamw: bool = False
     distributed: Literal["none", "ddp", "fsdp"] = "none"
 
-    def __post_init__(self) -> None:
-        if self.betas is None:
-            self.betas = [0.9, 0.999]
-        if self.sample_prompts is None:
-            self.sample_prompts = []
-
     def validate(self) -> None:
         require(self.max_steps > 0, f"train.max_steps: got {self.max_steps}, expected a positive integer")
         require(self.batch_size > 0, f"train.batch_size: got {self.batch_size}, expected a positive integer")
-        require(self.gradient_accumulation_steps > 0,
-                f"train.gradient_accumulation_steps: got {self.gradient_accumulation_steps}, expected >= 1")
-        require(self.batch_size % self.gradient_accumulation_steps == 0,
-                f"train.batch_size ({self.batch_size}) must be divisible by train.gradient_accumulation_steps "
-                f"({self.gradient_accumulation_steps})")
+        require(
+            self.gradient_accumulation_steps > 0,
+            f"train.gradient_accumulation_steps: got {self.gradient_accumulation_steps}, expected >= 1",
+        )
+        require(
+            self.batch_size % self.gradient_accumulation_steps == 0,
+            f"train.batch_size ({self.batch_size}) must be divisible by train.gradient_accumulation_steps "
+            f"({self.gradient_accumulation_steps})",
+        )
         require(self.lr > 0, f"train.lr: got {self.lr}, expected > 0")
-        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-                f"train.betas: got {self.betas}, expected two numbers in [0, 1)")
+        require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"train.betas: got {self.betas}, expected two numbers in [0, 1)",
+        )
         require(0.0 <= self.caption_dropout <= 1.0, f"train.caption_dropout: got {self.caption_dropout}, expected 0..1")
         require(0.0 <= self.ema_decay < 1.0, f"train.ema_decay: got {self.ema_decay}, expected in [0, 1)")
         require(self.ema_every >= 0, f"train.ema_every: got {self.ema_every}, expected >= 0 (0 disables EMA)")
-        require(self.grad_clip is None or self.grad_clip > 0, f"train.grad_clip: got {self.grad_clip}, expected > 0 or null")
+        require(
+            self.grad_clip is None or self.grad_clip > 0, f"train.grad_clip: got {self.grad_clip}, expected > 0 or null"
+        )
         require(self.shift > 0, f"train.shift: got {self.shift}, expected > 0")
         require(self.logit_std > 0, f"train.logit_std: got {self.logit_std}, expected > 0")
-        require(0.0 <= self.uniform_time_fraction <= 1.0,
-                f"train.uniform_time_fraction: got {self.uniform_time_fraction}, expected in [0, 1]")
+        require(
+            0.0 <= self.uniform_time_fraction <= 1.0,
+            f"train.uniform_time_fraction: got {self.uniform_time_fraction}, expected in [0, 1]",
+        )
         require(self.checkpoint_every > 0, f"train.checkpoint_every: got {self.checkpoint_every}, expected > 0")
         require(self.keep_checkpoints >= 1, f"train.keep_checkpoints: got {self.keep_checkpoints}, expected >= 1")
         require(self.warmup_steps >= 0, f"train.warmup_steps: got {self.warmup_steps}, expected >= 0")

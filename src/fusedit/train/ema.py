@@ -4,10 +4,11 @@ The EMA keeps float32 shadow copies of a fixed set of named parameters (the trai
 parameter: the model's under their ``state_dict`` names, a trainable LLM's under ``llm.``). The trainer decides when
 to call :meth:`EMA.update` (every ``train.ema_every`` optimiser steps in the reference recipe).
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -49,9 +50,11 @@ class EMA:
         missing = sorted(set(self.shadow) - set(state))
         unexpected = sorted(set(state) - set(self.shadow))
         if missing or unexpected:
-            raise KeyError(f"EMA state does not match the tracked parameters: missing {missing[:5]}"
-                           f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                           f"{'...' if len(unexpected) > 5 else ''}")
+            raise KeyError(
+                f"EMA state does not match the tracked parameters: missing {missing[:5]}"
+                f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                f"{'...' if len(unexpected) > 5 else ''}"
+            )
         for name, value in state.items():
             if value.shape != self.shadow[name].shape:
                 raise ValueError(f"EMA state {name!r}: shape {tuple(value.shape)} != {tuple(self.shadow[name].shape)}")

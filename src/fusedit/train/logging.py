@@ -1,4 +1,5 @@
-"""Training logs: console progress bar, TensorBoard scalars, ``metrics.jsonl`` and PNG sample grids.
+"""Training logs: console progress (a bar on a terminal, a line every few percent when piped), TensorBoard
+scalars, ``metrics.jsonl`` and PNG sample grids.
 
 Files in a run directory:
 
@@ -8,27 +9,29 @@ Files in a run directory:
 * ``run_dir/logs/``: TensorBoard event files (scalars under ``train/<name>``).
 * ``run_dir/samples/step-000123.png``: sample grids (:func:`save_image_grid`).
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
-from fusedit.train.checkpoint import write_text_atomic
+from fusedit.atomic import write_text_atomic
+from fusedit.progress import progress_bar
 
 METRICS_FILE = "metrics.jsonl"
 logger = logging.getLogger("fusedit.train")
 
 
-def read_metrics(run_dir: Union[str, os.PathLike]) -> list[dict[str, Any]]:
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of ``run_dir/metrics.jsonl`` in order (empty if the file does not exist)."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
@@ -44,7 +47,7 @@ def read_metrics(run_dir: Union[str, os.PathLike]) -> list[dict[str, Any]]:
     return records
 
 
-def truncate_metrics(run_dir: Union[str, os.PathLike], after_step: int) -> int:
+def truncate_metrics(run_dir: str | os.PathLike, after_step: int) -> int:
     """Drop the records of ``metrics.jsonl`` with ``step > after_step`` (atomically); returns how many were dropped.
 
     A partially written last line (a crash mid-write) is dropped too.
@@ -68,7 +71,7 @@ def truncate_metrics(run_dir: Union[str, os.PathLike], after_step: int) -> int:
     return dropped
 
 
-def image_grid(images: torch.Tensor, nrow: Optional[int] = None, padding: int = 2) -> Image.Image:
+def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> Image.Image:
     """Tile ``images`` ``(N, 3, H, W)`` (or ``(N, 1, H, W)``) with values in ``[-1, 1]`` into one RGB PIL image.
 
     ``nrow``: images per row (default ``ceil(sqrt(N))``); ``padding``: black pixels between tiles.
@@ -89,11 +92,11 @@ def image_grid(images: torch.Tensor, nrow: Optional[int] = None, padding: int = 
     for i in range(n):
         r, col = divmod(i, nrow)
         y, x = padding + r * (h + padding), padding + col * (w + padding)
-        grid[y:y + h, x:x + w] = pixels[i].permute(1, 2, 0).numpy()
+        grid[y : y + h, x : x + w] = pixels[i].permute(1, 2, 0).numpy()
     return Image.fromarray(grid)
 
 
-def save_image_grid(images: torch.Tensor, path: Union[str, os.PathLike], nrow: Optional[int] = None) -> Path:
+def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
     """Save :func:`image_grid` of ``images`` ``(N, 3, H, W)`` in ``[-1, 1]`` as a PNG at ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,19 +111,26 @@ class TrainLogger:
         run_dir: the run directory.
         max_steps: total optimiser steps (for the bar and its ETA).
         initial_step: steps already done (on resume).
-        progress: show the tqdm bar (loss and img/s in its postfix; tqdm estimates the ETA).
+        progress: show progress (loss and img/s in its postfix, with an ETA; see :func:`fusedit.progress.progress_bar`).
         tensorboard: write TensorBoard scalars to ``run_dir/logs``.
     """
 
-    def __init__(self, run_dir: Union[str, os.PathLike], max_steps: int, initial_step: int = 0, *,
-                 progress: bool = True, tensorboard: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        max_steps: int,
+        initial_step: int = 0,
+        *,
+        progress: bool = True,
+        tensorboard: bool = True,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         dropped = truncate_metrics(self.run_dir, initial_step)
         if dropped:
             self.info(f"dropped {dropped} metrics.jsonl record(s) after step {initial_step} (from an interrupted run)")
         self._metrics = open(self.run_dir / METRICS_FILE, "a")
-        self._bar = tqdm(total=max_steps, initial=initial_step, unit="step", dynamic_ncols=True) if progress else None
+        self._bar = progress_bar(max_steps, initial=initial_step, desc="train", unit="step") if progress else None
         self._writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -170,3 +180,22 @@ class TrainLogger:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class SilentLog:
+    """The logger of ranks other than 0: records nothing."""
+
+    def info(self, message: str) -> None:
+        pass
+
+    def advance(self, steps: int = 1) -> None:
+        pass
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        pass
+
+    def log_image(self, step: int, tag: str, images: torch.Tensor) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

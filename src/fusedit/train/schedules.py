@@ -7,10 +7,11 @@ The multiplier is a function of the number of optimiser steps taken so far (``La
 * ``warmup``: linear from ``1/warmup_steps`` to 1 over ``warmup_steps`` steps, then 1.
 * ``cosine``: the warm-up above, then cosine decay from ``lr`` to ``min_lr`` at ``total_steps``.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -18,7 +19,9 @@ from torch.optim.lr_scheduler import LambdaLR
 LR_SCHEDULES = ("constant", "warmup", "cosine")
 
 
-def lr_multiplier(name: str, warmup_steps: int = 0, total_steps: int = 1, min_lr_ratio: float = 0.0) -> Callable[[int], float]:
+def lr_multiplier(
+    name: str, warmup_steps: int = 0, total_steps: int = 1, min_lr_ratio: float = 0.0
+) -> Callable[[int], float]:
     """The multiplier function ``step -> factor`` of schedule ``name`` (see the module docstring)."""
     if name not in LR_SCHEDULES:
         raise ValueError(f"unknown lr schedule {name!r}; expected one of {LR_SCHEDULES}")
@@ -45,8 +48,15 @@ def lr_multiplier(name: str, warmup_steps: int = 0, total_steps: int = 1, min_lr
     return cosine
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, name: str, *, lr: float, warmup_steps: int = 0,
-                       total_steps: int = 1, min_lr: float = 0.0) -> LambdaLR:
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer,
+    name: str,
+    *,
+    lr: float,
+    warmup_steps: int = 0,
+    total_steps: int = 1,
+    min_lr: float = 0.0,
+) -> LambdaLR:
     """A ``LambdaLR`` for ``optimizer`` (whose base learning rate is ``lr``) following schedule ``name``."""
     if min_lr > lr:
         raise ValueError(f"min_lr ({min_lr}) must not exceed lr ({lr})")

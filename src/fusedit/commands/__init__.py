@@ -1,0 +1,70 @@
+"""The ``fusedit`` command line: one module per command, each with ``NAME``, ``HELP``, ``add_arguments(parser)``
+and ``run(args) -> exit code``.
+
+Library modules never parse arguments; a command module turns its arguments into library calls and prints what the
+user needs. Each command imports its implementation when it runs (not at import), so ``fusedit --help`` and
+``fusedit configs`` start without loading torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+from fusedit.commands import bench, cache_latents, configs, demo, evaluate, export, sample, study, train
+
+#: The commands, in the order ``fusedit --help`` lists them.
+COMMANDS: tuple[ModuleType, ...] = (train, sample, export, demo, configs, evaluate, study, bench, cache_latents)
+
+#: Errors printed as one line (``error: ...``, exit code 2) instead of a traceback (``--debug`` shows it).
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, TypeError)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from fusedit.checkpoint.errors import CheckpointError
+    from fusedit.config import ConfigError
+    from fusedit.text.llm import LLMLoadError
+    from fusedit.train.errors import NonFiniteLossError
+
+    return (ConfigError, CheckpointError, NonFiniteLossError, LLMLoadError) + USER_ERRORS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fusedit`` parser with one sub-command per module of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(prog="fusedit", description="Deep fusion of LLMs and diffusion transformers.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        p = sub.add_parser(
+            command.NAME,
+            help=command.HELP,
+            description=getattr(command, "DESCRIPTION", None),
+            epilog=getattr(command, "EPILOG", None),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        command.add_arguments(p)
+        p.set_defaults(run=command.run, parser=p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``fusedit ARGS``; returns the exit code (2 for user errors, 130 when interrupted)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers", "diffusers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    debug = args.debug or os.environ.get("FUSEDIT_DEBUG") == "1"
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2

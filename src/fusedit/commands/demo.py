@@ -1,0 +1,23 @@
+"""``fusedit demo``: the embedded default (shapes world, tiny LLM, deep fusion, samples)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+NAME = "demo"
+HELP = "the embedded default: shapes world, tiny LLM, deep fusion, samples"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--device", default=None)
+    p.add_argument("--steps", type=int, default=None, help="DiT training steps (default: the demo config's)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the demo config")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fusedit.demo import run_demo
+
+    run_demo(Path(args.out), device=args.device, steps=args.steps, overrides=args.overrides)
+    return 0

@@ -1,0 +1,33 @@
+"""``fusedit train CONFIG [key=value ...]``: train a model (resumes an existing run)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+NAME = "train"
+HELP = "train a model from a YAML config (resumes an existing run)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file or shipped config name (see `fusedit configs`)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
+    p.add_argument("--run-dir", help="run directory (default: runs/<name>)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--no-resume", action="store_true", help="start from scratch even if the run has checkpoints")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fusedit.experiment import load_experiment
+    from fusedit.train.launch import train_run
+
+    config = load_experiment(args.config, args.overrides)
+    run_dir = Path(args.run_dir or Path("runs") / config.name)
+    summary = train_run(config, run_dir, device=args.device, resume=not args.no_resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
+    print(f"run: {run_dir}")
+    print(f"final weights: {summary.final_dir}")
+    print(f"logs: {run_dir / 'logs'} (tensorboard --logdir {run_dir / 'logs'}), metrics: {run_dir / 'metrics.jsonl'}")
+    return 0

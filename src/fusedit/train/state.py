@@ -1,0 +1,148 @@
+"""What a training run saves besides its tensors, and how it comes back: the checkpoint state of the
+:class:`~fusedit.train.trainer.Trainer`, resuming, and the ``final/`` export.
+
+A checkpoint's run state (``trainer_state.json``) holds the LR scheduler, the global data position, the config and
+the last metrics; each process adds its RNG states and its data-stream position. On resume with the same number of
+processes every rank continues from its own states; with another number (a sharded checkpoint on ``M != N``
+processes, or a single-process checkpoint under DDP/FSDP) the shared generators continue from rank 0's states, each
+rank's global RNGs from rank ``r mod N``'s, and a shard stream restarts at the next epoch boundary
+(:meth:`~fusedit.train.data_order.TrainingData.restore`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from torch.optim.lr_scheduler import LRScheduler
+
+from fusedit.atomic import write_dir_atomic
+from fusedit.checkpoint.checkpointer import Checkpointer, CheckpointState
+from fusedit.checkpoint.errors import CheckpointError
+from fusedit.checkpoint.layout import find_latest, remove_stale_temporaries
+from fusedit.checkpoint.rng import capture_rng_state, restore_generators, restore_rng_state
+from fusedit.checkpoint.weights import FINAL_DIR
+from fusedit.dist.env import barrier
+from fusedit.dist.parallelize import ParallelPlan, full_tensor
+from fusedit.train.data_order import TrainingData
+from fusedit.train.ema import EMA
+
+
+class RunState:
+    """Saves, restores and exports the state of one training run (see the module docstring).
+
+    Args:
+        run_dir: the run directory.
+        checkpointer: writes and reads the checkpoints (it holds the model, optimizer and EMA).
+        plan: the parallel plan (rank, world size, whether the run is distributed).
+        lr_scheduler, data, generators, params, ema: the run's live objects.
+        config: what checkpoints and ``final/config.yaml`` record (the ExperimentConfig as a plain mapping).
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        checkpointer: Checkpointer,
+        plan: ParallelPlan,
+        *,
+        lr_scheduler: LRScheduler,
+        data: TrainingData,
+        generators: Mapping[str, torch.Generator],
+        params: Mapping[str, torch.Tensor],
+        ema: EMA | None,
+        config: dict[str, Any],
+    ) -> None:
+        self.run_dir, self.checkpointer, self.plan = run_dir, checkpointer, plan
+        self.lr_scheduler, self.data, self.generators = lr_scheduler, data, generators
+        self.params, self.ema, self.config = params, ema, config
+        self.notes: list[str] = []
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+
+    @property
+    def _cuda_devices(self) -> Literal["all", "current"]:
+        return "current" if self.plan.distributed else "all"
+
+    def save(self, metrics: Mapping[str, float] | None = None) -> Path:
+        """Write the checkpoint of the current step (every rank calls it) and return its directory."""
+        run = {
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "data": self.data.position(),
+            "config": self.config,
+            "metrics": dict(metrics or {}),
+        }
+        rank = {"rng": capture_rng_state(self.generators, self._cuda_devices), "data": self.data.stream_state()}
+        self.last_checkpoint = self.checkpointer.save(self.step, CheckpointState(self.step, run, [rank]))
+        return self.last_checkpoint
+
+    def load(self, path: Path) -> CheckpointState:
+        """Restore weights, EMA, optimizer, LR scheduler, data position, RNGs and step from checkpoint ``path``
+        (either format, written by any number of processes); notes go to :attr:`notes`."""
+        loaded = self.checkpointer.load(path)
+        try:
+            self.lr_scheduler.load_state_dict(loaded.run["lr_scheduler"])
+            position = loaded.run["data"]
+        except (KeyError, ValueError) as error:
+            raise CheckpointError(f"{path}: scheduler/data state does not fit this run ({error})") from None
+        env, saved = self.plan.env, len(loaded.ranks)
+        if saved == env.world_size:
+            restore_rng_state(loaded.ranks[env.rank]["rng"], self.generators, self._cuda_devices)
+        else:
+            # the shared generators are identical on every saved rank; the global RNGs (dropout, VAE sampling)
+            # continue from rank (r mod saved)'s state
+            restore_rng_state(loaded.ranks[env.rank % saved]["rng"], None, self._cuda_devices)
+            restore_generators(loaded.ranks[0]["rng"], self.generators)
+            self.notes.append(f"the checkpoint was written by {saved} process(es), this run has {env.world_size}")
+        note = self.data.restore(Path(path), position, loaded.ranks)
+        if note:
+            self.notes.append(note)
+        self.step = loaded.step
+        self.last_checkpoint = loaded.path
+        return loaded
+
+    def resume(self, resume_from: Path | None, resume: bool, train_config: Mapping[str, Any]) -> Path | None:
+        """Load ``resume_from``, else the run's ``latest`` checkpoint when ``resume``; returns the path loaded.
+        ``train_config``: this run's ``train`` section, compared with the checkpoint's (changes become notes)."""
+        if self.plan.env.is_main:
+            remove_stale_temporaries(self.run_dir)
+        barrier()
+        path = resume_from
+        if path is None and resume:
+            path = find_latest(self.run_dir)
+        if path is None:
+            return None
+        loaded = self.load(path)
+        saved = loaded.run.get("config", {}).get("train", {})
+        changed = sorted(k for k, v in train_config.items() if k in saved and saved[k] != v)
+        if changed:
+            self.notes.append(
+                "resuming with changed train settings: "
+                + ", ".join(f"{k}: {saved[k]!r} -> {train_config[k]!r}" for k in changed)
+            )
+        self.notes.append(f"resumed from {loaded.path} (step {self.step}, {self.data.samples_seen} samples seen)")
+        return loaded.path
+
+    def _gather_full(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Whole float32 CPU copies of (possibly sharded) tensors; a collective under FSDP (rank 0 keeps them)."""
+        out = {}
+        for name, tensor in tensors.items():
+            whole = full_tensor(tensor.detach())
+            if self.plan.env.is_main:
+                out[name] = whole.float().cpu()
+        return out
+
+    def export_final(self) -> Path:
+        """Write ``run_dir/final``: ``model.safetensors`` (the trained parameters, float32), ``ema.safetensors``
+        (when EMA is on) and ``config.yaml``. Every rank calls it; rank 0 writes."""
+        target = self.run_dir / FINAL_DIR
+        files: dict[str, Any] = {"model.safetensors": self._gather_full(self.params)}
+        if self.ema is not None:
+            files["ema.safetensors"] = self._gather_full(self.ema.state_dict())
+        if self.plan.env.is_main:
+            files["config.yaml"] = yaml.safe_dump(self.config, sort_keys=False)
+            write_dir_atomic(target, files)
+        barrier()
+        return target
