@@ -141,3 +141,31 @@ def test_fixtures_used_by_the_tests_are_found():
     assert set(index["variants"]) <= names
     if (REPO.parent / "shared" / "fixtures" / "reference-tiny" / "expected.json").is_file():
         assert "reference-tiny" in names
+
+
+def test_targets_compare_the_best_of_eager_and_compiled():
+    def bench(metric, value):
+        return {"status": "pass", "metrics": {metric: value}}
+
+    results = {"bench-train": bench("img_per_s", 35.0), "bench-train-compile": bench("img_per_s", 41.0),
+               "bench-sample": bench("s_per_image", 0.5), "bench-sample-compile": {"status": "timeout", "metrics": {}}}
+    train, sample = gpu_check.compare_targets(results, quick=False, device="cuda")
+    assert train["measured"] == {"eager": 35.0, "compiled": 41.0} and train["best"] == 41.0 and train["met"] is True
+    assert train["vs_reference"] == pytest.approx(41.0 / 16.0)
+    assert sample["measured"] == {"eager": 0.5} and sample["met"] is False
+    assert sample["vs_reference"] == pytest.approx(1.08 / 0.5)
+    none = gpu_check.compare_targets({}, quick=False, device="cuda")
+    assert [t["met"] for t in none] == [False, False]
+
+
+def test_gpu_memory_poller_reads_nvidia_smi(tmp_path, monkeypatch):
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 2048\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with gpu_check.GpuMemoryPoller(True, period=0.05) as poller:
+        import time
+
+        time.sleep(0.5)
+    assert poller.peak_mib == 2048.0
+    assert gpu_check.GpuMemoryPoller(False).enabled is False

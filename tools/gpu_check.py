@@ -16,9 +16,9 @@ fsdp-train               ``torchrun -m fusedit.cli train demo ... train.distribu
                          config on the shapes world, checkpoint at 50 and 100
 fsdp-resume              the same command with ``train.max_steps=150``: resumes from step 100, continues to 150
 fsdp-sample              ``fusedit sample RUN`` (25 steps, CFG) -> a PNG
+bench-train-vs-dense     ``--vs-dense`` at batch 4 (the reference's dense formulation, same weights)
 bench-train-compile      as bench-train with ``--compile``
 bench-sample-compile     as bench-sample with ``--compile``
-bench-train-vs-dense     ``--vs-dense`` at batch 4 (the reference's dense formulation, same weights)
 =======================  ==========================================================================================
 
 Every step prints one JSON line (``{"step", "status": pass|fail|timeout|skipped, "seconds", "metrics",
@@ -364,12 +364,12 @@ STEPS: tuple[Step, ...] = (
     Step("fsdp-train", _what_fsdp("train"), 150, 240, cmd_fsdp_train, check_fsdp_train),
     Step("fsdp-resume", _what_fsdp("resume"), 120, 180, cmd_fsdp_resume, check_fsdp_resume, needs=("fsdp-train",)),
     Step("fsdp-sample", _what_fsdp("sample"), 90, 120, cmd_fsdp_sample, check_fsdp_sample, needs=("fsdp-train",)),
+    Step("bench-train-vs-dense", _what_bench("train", "--vs-dense"), 150, 180,
+         lambda c: _bench(c, "train", vs_dense=True), check_bench),
     Step("bench-train-compile", _what_bench("train", "--compile"), 240, 360,
          lambda c: _bench(c, "train", compile_=True), check_bench),
     Step("bench-sample-compile", _what_bench("sample", "--compile"), 200, 360,
          lambda c: _bench(c, "sample", compile_=True), check_bench),
-    Step("bench-train-vs-dense", _what_bench("train", "--vs-dense"), 150, 180,
-         lambda c: _bench(c, "train", vs_dense=True), check_bench),
 )
 STEP_NAMES = tuple(s.name for s in STEPS)
 
@@ -600,6 +600,10 @@ def compare_targets(results: dict, quick: bool, device: str) -> list[dict]:
 
 
 def _git_commit() -> Optional[str]:
+    """HEAD of the checkout (``-dirty`` with uncommitted changes); ``$GPU_CHECK_COMMIT`` where there is no git
+    repository (a device machine gets a copy of the working tree)."""
+    if os.environ.get("GPU_CHECK_COMMIT"):
+        return os.environ["GPU_CHECK_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
