@@ -169,3 +169,20 @@ def test_gpu_memory_poller_reads_nvidia_smi(tmp_path, monkeypatch):
         time.sleep(0.5)
     assert poller.peak_mib == 2048.0
     assert gpu_check.GpuMemoryPoller(False).enabled is False
+
+
+@pytest.mark.slow
+def test_parity_over_tolerance_fails_with_the_table(tmp_path):
+    """A fixture over the fp32 tolerance fails the helper (exit 1) and says which one and by how much."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check_helper.py"), "parity", "--device", "cpu",
+                           "--limit", "1", "--tolerance", "-1"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["ok"] is False and result["fixtures"] == 1 and len(result["failed"]) == 1
+    entry = result["results"][0]
+    assert entry["pass"] is False and "tolerance -1" in entry["error"]
+    assert entry["fp32_max_abs_vs_cpu"] == 0.0 and entry["cpu_max_abs_vs_reference"] < 1e-4
+    metrics_error, metrics = gpu_check.check_parity(None, proc.stdout, proc.stderr)
+    assert metrics["failed"] == result["failed"] and "over tolerance" in metrics_error

@@ -226,8 +226,10 @@ def check_parity(ctx: Context, stdout: str, stderr: str) -> tuple[Optional[str],
     if data is None:
         return "no JSON result from the parity helper", {}
     metrics = {k: data.get(k) for k in ("fixtures", "failed", "tolerance_fp32", "max_fp32_abs_vs_cpu",
-                                        "max_bf16_abs_vs_cpu_fp32", "missing_roots", "device_name")}
+                                        "max_fp32_abs_vs_reference", "max_cpu_abs_vs_reference", "max_bf16_abs_vs_cpu_fp32", "missing_roots",
+                                        "device_name")}
     metrics["per_fixture"] = {r["fixture"]: {k: r.get(k) for k in ("fp32_max_abs_vs_cpu", "fp32_max_abs_vs_reference",
+                                                                    "cpu_max_abs_vs_reference",
                                                                     "bf16_max_abs_vs_cpu_fp32", "error") if k in r}
                               for r in data.get("results", [])}
     if data.get("peak_memory_gib") is not None:
@@ -526,14 +528,17 @@ def run_step(step: Step, ctx: Context, timeout: float, planted: Optional[str], l
     stderr = stderr_path.read_text(errors="replace")
     log.write(stdout.encode() + stderr.encode())
     log.flush()
-    if record["status"] == "pass":
+    if record["status"] != "timeout" and planted is None:
+        # also after a failed command: its JSON (e.g. the parity table) says what failed
         try:
             error, metrics = step.check(ctx, stdout, stderr)
         except Exception as exc:  # a broken check is a failed step, not a crashed runner
             error, metrics = f"check raised {type(exc).__name__}: {exc}", {}
         record["metrics"] = metrics
-        if error:
+        if record["status"] == "pass" and error:
             record["status"], record["error"] = "fail", error
+        elif record["status"] == "fail" and error:
+            record["error"] += f"; {error}"
     memory = record["peak_memory"]
     known = [r for r in rss if r is not None]
     if known:

@@ -67,7 +67,9 @@ if [ -z "$py" ]; then
 fi
 
 deps='import torch, transformers, diffusers, tokenizers, safetensors, yaml, PIL, numpy, tqdm'
-if ! "$py" -c "$deps" >/dev/null 2>&1; then
+# GPU_CHECK_FORCE_WHEELS=1: install .whl/ even when everything imports (to test other versions, e.g. the CI's
+# transformers: GPU_CHECK_WHEELS="diffusers==0.42.1 transformers==5.24.0" tools/gpu_check.sh --prepare)
+if [ "${GPU_CHECK_FORCE_WHEELS:-0}" = 1 ] || ! "$py" -c "$deps" >/dev/null 2>&1; then
     if compgen -G ".whl/*.whl" >/dev/null; then
         site=${TMPDIR:-/tmp}/fusedit-gpu-check-site
         echo "gpu_check: installing $(ls .whl | tr '\n' ' ')offline into $site" >&2

@@ -92,9 +92,15 @@ def _sample_fixture(folder: Path, device: str, dtype):
     return latents, tensors[key].float(), key
 
 
-def _max_abs(a, b) -> float:
+def _max_abs(a, b):
+    """Largest absolute difference; None when it is not finite (NaN/inf: JSON has no such numbers)."""
     diff = (a - b).abs().max().item()
-    return diff if math.isfinite(diff) else float("nan")
+    return diff if math.isfinite(diff) else None
+
+
+def _largest(results: list[dict], key: str):
+    values = [r[key] for r in results if isinstance(r.get(key), float)]
+    return max(values) if values else None
 
 
 def cmd_parity(args) -> int:
@@ -130,8 +136,10 @@ def cmd_parity(args) -> int:
                          bf16_max_abs_vs_reference=_max_abs(dev16, reference),
                          latent_abs_max=cpu.abs().max().item())
             fp32 = entry["fp32_max_abs_vs_cpu"]
-            entry["pass"] = (math.isfinite(fp32) and fp32 <= args.tolerance
-                             and math.isfinite(entry["bf16_max_abs_vs_cpu_fp32"]))
+            entry["pass"] = fp32 is not None and fp32 <= args.tolerance and entry["bf16_max_abs_vs_cpu_fp32"] is not None
+            if not entry["pass"]:
+                entry["error"] = (f"fp32 {device} vs CPU: {fp32} (tolerance {args.tolerance}); bf16 vs CPU fp32: "
+                                  f"{entry['bf16_max_abs_vs_cpu_fp32']} (None = not finite)")
         except Exception as error:  # report every fixture, not only the first failure
             entry.update({"pass": False, "error": f"{type(error).__name__}: {error}"})
         entry["seconds"] = round(time.perf_counter() - started, 3)
@@ -144,9 +152,10 @@ def cmd_parity(args) -> int:
         "failed": [r["fixture"] for r in results if not r["pass"]],
         "roots": [str(r) for r in roots if Path(r).is_dir()], "missing_roots": [str(r) for r in roots
                                                                               if not Path(r).is_dir()],
-        "max_fp32_abs_vs_cpu": max((r.get("fp32_max_abs_vs_cpu", float("nan")) for r in results), default=None),
-        "max_bf16_abs_vs_cpu_fp32": max((r.get("bf16_max_abs_vs_cpu_fp32", float("nan")) for r in results),
-                                        default=None),
+        "max_fp32_abs_vs_cpu": _largest(results, "fp32_max_abs_vs_cpu"),
+        "max_fp32_abs_vs_reference": _largest(results, "fp32_max_abs_vs_reference"),
+        "max_cpu_abs_vs_reference": _largest(results, "cpu_max_abs_vs_reference"),
+        "max_bf16_abs_vs_cpu_fp32": _largest(results, "bf16_max_abs_vs_cpu_fp32"),
         "results": results,
     }
     if not fixtures:
