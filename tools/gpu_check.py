@@ -474,6 +474,17 @@ def run_command(argv: list[str], env: dict, timeout: float, stdout_path: Path, s
             "peak_rss_gib": usage.ru_maxrss / 2 ** 20 if usage else None}
 
 
+LOG_CAP_BYTES = (256 * 1024, 1280 * 1024)  # head and tail of one step's output kept in gpu_check.log
+
+
+def _capped(data: bytes) -> bytes:
+    """A step's output for the combined log, at most about 1.5 MB (the device tool returns files up to 16 MB)."""
+    head, tail = LOG_CAP_BYTES
+    if len(data) <= head + tail:
+        return data
+    return data[:head] + f"\n[... {len(data) - head - tail} bytes cut ...]\n".encode() + data[-tail:]
+
+
 def _tail(text: str, lines: int = 40) -> str:
     rows = [row for row in text.replace("\r", "\n").splitlines() if row.strip()]
     return "\n".join(rows[-lines:])
@@ -526,7 +537,7 @@ def run_step(step: Step, ctx: Context, timeout: float, planted: Optional[str], l
     record["seconds"] = round(time.monotonic() - started, 2)
     stdout = stdout_path.read_text(errors="replace")
     stderr = stderr_path.read_text(errors="replace")
-    log.write(stdout.encode() + stderr.encode())
+    log.write(_capped((stdout + stderr).encode(errors="replace")))
     log.flush()
     if record["status"] != "timeout" and planted is None:
         # also after a failed command: its JSON (e.g. the parity table) says what failed
