@@ -607,7 +607,7 @@ def compare_targets(results: dict, quick: bool, device: str) -> list[dict]:
             entry["note"] = "not applicable: tiny preset on the CPU (--quick / --device cpu)"
         elif not measured:
             entry["met"] = False
-            entry["note"] = "not measured (the step failed or was skipped)"
+            entry["note"] = "not measured in this run (failed, skipped or not selected)"
         else:
             entry["met"] = (entry["best"] >= target["target"] if target["direction"] == ">="
                             else entry["best"] <= target["target"])
