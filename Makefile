@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 LINTED := src tests tools
 
-.PHONY: venv demo test test-fast lint clean
+.PHONY: venv demo test test-fast lint clean gpu-check gpu-check-cpu gpu-prepare
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,20 @@ lint: $(VENV)/.lint-installed
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy
+
+# The GPU check (docs/performance.md, "GPU check"): no venv dependency, since a GPU machine brings its own CUDA
+# PyTorch (tools/gpu_check.sh picks the Python whose torch sees CUDA). GPU_CHECK_ARGS passes options through.
+gpu-check:
+	bash tools/gpu_check.sh $(GPU_CHECK_ARGS)
+
+# The same steps at tiny size on the CPU (what tests/test_gpu_check.py runs).
+gpu-check-cpu: venv
+	PYTHON=$(PY) bash tools/gpu_check.sh --device cpu --quick $(GPU_CHECK_ARGS)
+
+# Before a run on a lent device machine: wheels the device image lacks into .whl/, ../shared/fixtures into
+# .gpu-fixtures/ (both git-ignored; name them in the run tool's carry).
+gpu-prepare: venv
+	PYTHON=$(PY) bash tools/gpu_check.sh --prepare
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
