@@ -12,12 +12,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,serve]"
 	touch $@
 
 # The linters (ruff, mypy) are installed only for `make lint`, not for `make demo`.
 $(VENV)/.lint-installed: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e ".[test,lint]"
+	$(PY) -m pip install --quiet -e ".[test,serve,lint]"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -78,7 +78,7 @@ def probe(run: Path, guidance_scale: float | None = None) -> dict:
     from fusedit.train.logging import save_image_grid
 
     pipe = load_pipeline(run, device="cpu")
-    world = world_from_config(pipe.config)
+    world = world_from_config(pipe.experiment)
     rng = np.random.default_rng(0)
     jobs = []
     for category in world.categories:
@@ -133,7 +133,7 @@ def position_breakdown(
     from fusedit.sampling.loading import load_pipeline
 
     pipe = load_pipeline(run, device="cpu")
-    world = world_from_config(pipe.config)
+    world = world_from_config(pipe.experiment)
     specs = world.held_out_prompts("position") if split == "held_out" else world.training_prompts("position")
     if prompts is not None:
         specs = [specs[i] for i in np.random.default_rng(0).choice(len(specs), prompts, replace=False)]
@@ -175,12 +175,12 @@ def layout_signal(
     from fusedit.sampling.loading import load_pipeline
 
     pipe = load_pipeline(run, device="cpu")
-    world = world_from_config(pipe.config)
+    world = world_from_config(pipe.experiment)
     specs = world.held_out_prompts("position") if split == "held_out" else world.training_prompts("position")
     specs = [s for s in specs if s.objects[0].color != s.objects[1].color]
     specs = [specs[i] for i in np.random.default_rng(0).choice(len(specs), min(prompts, len(specs)), replace=False)]
     context = pipe.encode_prompt([s.text for s in specs])
-    size = pipe.config.model.sample_size
+    size = pipe.experiment.model.sample_size
     generator = torch.Generator().manual_seed(0)
     x0 = 0
     for _ in range(noise_draws):

@@ -1,5 +1,11 @@
 """fusedit: deep fusion of a frozen decoder-only LLM with a trainable diffusion transformer (FuseDiT),
-side by side with the shallow-fusion baselines of arXiv 2505.10046."""
+side by side with the shallow-fusion baselines of arXiv 2505.10046.
+
+``import fusedit`` stays light (no torch). ``fusedit.load_pipeline``, ``fusedit.FuseDiTPipeline`` and
+``fusedit.FuseDiTTransformer2DModel`` import the diffusers classes on first use, which registers them with diffusers
+(``DiffusionPipeline.from_pretrained`` of a saved fusedit folder then works; ``import fusedit.diffusers_native`` does
+the same explicitly).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,14 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_pipeline"]
+__all__ = ["FuseDiTPipeline", "FuseDiTTransformer2DModel", "__version__", "load_pipeline"]
+
+_DIFFUSERS_CLASSES = ("FuseDiTPipeline", "FuseDiTPipelineOutput", "FuseDiTTransformer2DModel")
 
 
 def load_pipeline(path: Any, **kwargs: Any) -> Any:
-    """Load a sampling pipeline from a training run, an exported pipeline folder or a reference (fuse-dit) folder.
+    """Load a sampling pipeline (a diffusers ``FuseDiTPipeline``) from a training run, an exported pipeline folder or
+    a reference (fuse-dit) folder.
 
     See :func:`fusedit.sampling.loading.load_pipeline`. (Imported here on first use, so that ``import fusedit`` stays
     light.)
@@ -19,3 +28,12 @@ def load_pipeline(path: Any, **kwargs: Any) -> Any:
     from fusedit.sampling.loading import load_pipeline as _load_pipeline
 
     return _load_pipeline(path, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    """``fusedit.FuseDiTPipeline`` and the other diffusers classes, imported (and registered) on first use."""
+    if name in _DIFFUSERS_CLASSES:
+        import fusedit.diffusers_native as native
+
+        return getattr(native, name)
+    raise AttributeError(f"module 'fusedit' has no attribute {name!r}")

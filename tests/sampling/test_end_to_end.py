@@ -86,7 +86,7 @@ def test_guidance_interval_guides_only_inside_it(trained):
     guided = pipe(PROMPTS, guidance_interval=interval, **kwargs).images
 
     # Independent loop: the full CFG batch everywhere, the guided velocity kept only where σ lies in the interval.
-    encoder, model, scheduler = pipe.text_encoder, pipe.model, pipe.scheduler
+    encoder, model, scheduler = pipe.context_encoder, pipe.model, pipe.scheduler
     scheduler.set_timesteps(4)
     sigmas = [float(t) / 1000 for t in scheduler.timesteps]
     assert any(s > interval[1] for s in sigmas) and any(s <= interval[1] for s in sigmas), sigmas
@@ -118,15 +118,16 @@ def test_guidance_interval_guides_only_inside_it(trained):
 def test_export_round_trip_is_exact(trained, tmp_path):
     run, _, _ = trained
     out = export_pipeline(run, tmp_path / "exported")
-    assert (out / "llm" / "config.json").is_file(), "a local LLM is copied into the exported folder"
+    assert (out / "text_encoder" / "config.json").is_file(), "the LLM is written into the exported folder"
     shutil.move(str(run), str(tmp_path / "moved-run"))  # the export must not depend on the run directory
     try:
         exported = fusedit.load_pipeline(out, device="cpu")
-        weights = load_file(str(out / "transformer" / "model.safetensors"))
-        own = dict(exported.model.named_parameters())
-        assert all(torch.equal(own[k], v) for k, v in weights.items())
+        weights = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
+        own = exported.model.state_dict()
+        assert weights.keys() == own.keys() and all(torch.equal(own[k], v) for k, v in weights.items())
         images = exported(PROMPTS, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
         assert len(images) == 2 and images[0].size == (16, 16)
+        assert exported.experiment is not None and exported.experiment.data.source == "shapes"
     finally:
         shutil.move(str(tmp_path / "moved-run"), str(run))
 

@@ -101,7 +101,7 @@ def _sample_and_score(args: argparse.Namespace):
     )
     settings.validate()
     pipe = load_pipeline(path, device=args.device, use_ema=not args.no_ema)
-    world = world_from_config(pipe.config)
+    world = world_from_config(pipe.experiment)
     out = Path(args.out or path / "eval-shapes")
     print(
         f"shapes suite: {len(world.held_out_prompts())} held-out prompts, at least {settings.per_prompt} images "

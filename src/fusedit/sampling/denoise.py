@@ -11,7 +11,7 @@ conditional velocity alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -47,7 +47,8 @@ def denoise(
     num_inference_steps: int,
     guidance_scale: float,
     guidance_interval: Sequence[float] | None = None,
-    progress: bool = False,
+    progress: bool | Callable[[Iterable[torch.Tensor]], Iterable[torch.Tensor]] = False,
+    on_step_end: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Integrate ``latents`` ``(B, C, h, w)`` (float32 noise at σ = 1) to σ = 0 and return the result.
 
@@ -57,15 +58,20 @@ def denoise(
         num_inference_steps: Euler steps.
         guidance_scale: CFG scale ``s`` (``<= 1``: no guidance, the conditional batch alone).
         guidance_interval: guide only at steps whose σ lies in ``[σ_low, σ_high]`` (``None``: every step).
-        progress: show the steps' progress (:func:`fusedit.progress.track`).
+        progress: show the steps' progress (:func:`fusedit.progress.track`), or a function wrapping the timesteps'
+            iterable (a progress bar of the caller's; it may also stop early by ending the iteration).
+        on_step_end: ``on_step_end(i, t, x) -> x`` after step ``i`` (timestep ``t``), returning the latents to go on
+            with (diffusers' ``callback_on_step_end``).
     """
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
     timesteps: Iterable[torch.Tensor] = scheduler.timesteps
-    if progress:
+    if callable(progress):
+        timesteps = progress(timesteps)
+    elif progress:
         timesteps = track(timesteps, len(scheduler.timesteps), desc="sampling", unit="step")
     guided = guidance_scale > 1.0
     x = latents
-    for t in timesteps:
+    for i, t in enumerate(timesteps):
         sigma = float(t) / 1000.0
         inside = guidance_interval is None or guidance_interval[0] <= sigma <= guidance_interval[1]
         if guided and inside:
@@ -73,4 +79,6 @@ def denoise(
         else:
             v = conditional_velocity(velocity, x, t)
         x = scheduler.step(v, t, x, return_dict=False)[0]
+        if on_step_end is not None:
+            x = on_step_end(i, t, x)
     return x

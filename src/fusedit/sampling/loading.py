@@ -1,4 +1,7 @@
-"""Find and load what a path holds: a training run, an exported pipeline folder, or a reference folder."""
+"""Find and load what a path holds: a training run, an exported pipeline folder (diffusers' format, or the older
+fusedit layout with ``config.yaml``), or a reference folder; each becomes the same diffusers pipeline class,
+:class:`~fusedit.diffusers_native.pipeline.FuseDiTPipeline` (the reference importer and the run loader are its
+converters)."""
 
 from __future__ import annotations
 
@@ -13,9 +16,11 @@ from fusedit.builders import build_components, default_device, resolve_relative_
 from fusedit.checkpoint.errors import CheckpointError
 from fusedit.checkpoint.weights import FINAL_DIR, RunWeights, find_run_weights, load_model_weights
 from fusedit.data.codec import load_codec
+from fusedit.diffusers_native.convert import is_diffusers_folder, load_diffusers_folder, pipeline_from_parts
+from fusedit.diffusers_native.pipeline import FuseDiTPipeline
 from fusedit.experiment import SampleConfig, load_experiment
 from fusedit.reference.importer import is_reference_folder, load_reference_folder
-from fusedit.sampling.pipeline import FuseDiTPipeline, make_scheduler
+from fusedit.sampling.pipeline import make_scheduler
 from fusedit.text.encoder import TextEncoder
 from fusedit.text.pooled import load_clip_pooler
 
@@ -45,7 +50,8 @@ def load_pipeline(
     Args:
         path: run directory (``config.yaml`` + ``final/`` or ``checkpoints/``; the latest checkpoint of an
             unfinished run, single-process or sharded, is read), folder written by
-            :func:`fusedit.sampling.export.export_pipeline`, or a reference pipeline folder.
+            :func:`fusedit.sampling.export.export_pipeline` (or ``FuseDiTPipeline.save_pretrained``), or a
+            reference pipeline folder.
         device: defaults to CUDA when available, else CPU.
         dtype: model dtype (default: bfloat16 on CUDA, float32 on CPU).
         use_ema: load EMA weights when the run has them.
@@ -61,6 +67,8 @@ def load_pipeline(
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if is_reference_folder(root):
         return _load_reference(root, device, dtype)
+    if is_diffusers_folder(root):
+        return _quiet(load_diffusers_folder(root, device, dtype))
     if _is_export(root):
         weights = RunWeights(root / "transformer", ema=False, sharded=False)
         return _load_ours(root, root / "config.yaml", weights, device, dtype, relative_to=root)
@@ -89,14 +97,8 @@ def _load_ours(
     parts = build_components(config, device=device)
     load_model_weights(parts.model, parts.text_encoder, weights.read(), weights.source)
     parts.model.to(dtype=dtype)
-    return FuseDiTPipeline(
-        parts.model,
-        parts.text_encoder,
-        make_scheduler(config.sample.shift),
-        parts.codec,
-        defaults=config.sample,
-        config=config,
-    )
+    scheduler = make_scheduler(config.sample.shift)
+    return _quiet(pipeline_from_parts(parts.model, parts.text_encoder, scheduler, parts.codec, config.sample, config))
 
 
 def _load_reference(root: Path, device: torch.device, dtype: torch.dtype) -> FuseDiTPipeline:
@@ -116,4 +118,12 @@ def _load_reference(root: Path, device: torch.device, dtype: torch.dtype) -> Fus
     defaults = SampleConfig(
         num_inference_steps=25, guidance_scale=6.0, negative_prompt="", shift=float(scheduler.config.shift)
     )
-    return FuseDiTPipeline(ref.model.to(device=device, dtype=dtype), text_encoder, scheduler, codec, defaults=defaults)
+    model = ref.model.to(device=device, dtype=dtype)
+    return _quiet(pipeline_from_parts(model, text_encoder, scheduler, codec, defaults))
+
+
+def _quiet(pipe: FuseDiTPipeline) -> FuseDiTPipeline:
+    """No per-call progress bar by default (fusedit's commands sample many batches); ``pipe(..., progress=True)`` or
+    ``pipe.set_progress_bar_config(disable=False)`` shows one."""
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
