@@ -12,7 +12,9 @@ DiffusionPipeline.from_pretrained(OUT)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="a training run, an older fusedit export, or a reference (fuse-dit) pipeline folder")
+    p.add_argument(
+        "path", metavar="RUN", help="a training run, an older fusedit export, or a reference (fuse-dit) pipeline folder"
+    )
     p.add_argument("out", help="the new folder (must not exist or be empty)")
     p.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
     p.add_argument("--max-shard-size", default="10GB", help="split the transformer's weights into files this large")
@@ -21,5 +23,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from fusedit.sampling.export import export_pipeline
 
-    print(export_pipeline(args.run, args.out, use_ema=not args.no_ema, max_shard_size=args.max_shard_size))
+    print(export_pipeline(args.path, args.out, use_ema=not args.no_ema, max_shard_size=args.max_shard_size))
     return 0

@@ -29,8 +29,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ModelMixin
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel
@@ -38,6 +40,7 @@ from transformers import PreTrainedModel
 from fusedit.config import to_dict
 from fusedit.data.codec import PixelCodec, VAECodec
 from fusedit.diffusers_native.components import (
+    align_cpu_tensors,
     experiment_of,
     match_config_to_layers,
     prepare_tokenizer,
@@ -78,7 +81,15 @@ class FuseDiTPipeline(DiffusionPipeline):
     :class:`~fusedit.experiment.ExperimentConfig`, None for a converted reference folder) are fusedit's views.
     """
 
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"
+    transformer: FuseDiTTransformer2DModel
+    scheduler: FlowMatchEulerDiscreteScheduler
+    text_encoder: PreTrainedModel
+    tokenizer: Any
+    vae: ModelMixin | None
+    text_encoder_2: PreTrainedModel | None
+    tokenizer_2: Any
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"  # type: ignore[assignment]
     _optional_components = ["vae", "text_encoder_2", "tokenizer_2"]
     _callback_tensor_inputs = ["latents"]
 
@@ -105,6 +116,8 @@ class FuseDiTPipeline(DiffusionPipeline):
             text_encoder_2=text_encoder_2,
             tokenizer_2=tokenizer_2,
         )
+        for component in (transformer, text_encoder, vae, text_encoder_2):
+            align_cpu_tensors(component)  # bit-identical samples from memory-mapped weights (see its docstring)
         text, defaults = read_text_config(text_config), read_sample_defaults(sample_defaults)
         self.register_to_config(text_config=to_dict(text), sample_defaults=to_dict(defaults), run_config=run_config)
         self._guidance_scale, self._num_timesteps, self._interrupt = defaults.guidance_scale, 0, False
@@ -112,8 +125,8 @@ class FuseDiTPipeline(DiffusionPipeline):
 
     def _build_sampler(self) -> Sampler:
         """fusedit's sampler over the current components (rebuilt when the text components change)."""
-        text = read_text_config(self.config.text_config)
-        defaults = read_sample_defaults(self.config.sample_defaults)
+        text = read_text_config(self.config["text_config"])
+        defaults = read_sample_defaults(self.config["sample_defaults"])
         decoder = extract_decoder(self.text_encoder)
         pooled = None
         if self.text_encoder_2 is not None:
@@ -127,7 +140,7 @@ class FuseDiTPipeline(DiffusionPipeline):
         )
         match_config_to_layers(decoder)  # the encoder may have dropped layers the model never reads
         codec = VAECodec(self.vae) if self.vae is not None else PixelCodec()
-        experiment = experiment_of(self.config.run_config, self.transformer.model_config, text, defaults)
+        experiment = experiment_of(self.config["run_config"], self.transformer.model_config, text, defaults)
         return Sampler(self.transformer, encoder, self.scheduler, codec, defaults=defaults, config=experiment)
 
     def _current_sampler(self) -> Sampler:
@@ -283,7 +296,7 @@ class FuseDiTPipeline(DiffusionPipeline):
         use_text_cache: bool = True,
         guidance_interval: Sequence[float] | None = None,
         progress: bool | None = None,
-    ) -> FuseDiTPipelineOutput | tuple:
+    ) -> Any:  # FuseDiTPipelineOutput, or a tuple with return_dict=False
         """Sample images for ``prompt`` (a string or a list); unset settings come from :attr:`defaults`.
 
         fusedit's additions: ``max_sequence_length`` (prompt tokens), ``use_text_cache=False`` (the reference's

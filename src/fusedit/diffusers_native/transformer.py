@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from diffusers import ModelMixin  # noqa: F401  (diffusers looks ModelMixin up in a component's module)
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin  # (diffusers also looks ModelMixin up in this module)
 
 from fusedit.config import ConfigError, from_dict, to_dict
 from fusedit.models.config import LLMGeometry, ModelConfig, resolve_model_config
@@ -38,7 +38,7 @@ def llm_geometry_from_dict(data: Mapping[str, Any] | None) -> LLMGeometry:
     return LLMGeometry(**dict(data))
 
 
-class FuseDiTTransformer2DModel(DiffusionTransformer, ModelMixin, ConfigMixin):
+class FuseDiTTransformer2DModel(DiffusionTransformer, ModelMixin, ConfigMixin):  # type: ignore[misc]
     """The diffusion transformer (deep fusion or a shallow baseline) with diffusers' ``save_pretrained`` /
     ``from_pretrained``.
 
@@ -50,9 +50,8 @@ class FuseDiTTransformer2DModel(DiffusionTransformer, ModelMixin, ConfigMixin):
         llm_geometry: the :class:`~fusedit.models.config.LLMGeometry` of the LLM (heads, depth, widths).
     """
 
-    config_name = "config.json"
     _supports_gradient_checkpointing = False
-    _no_split_modules = ["DiTBlock"]
+    _no_split_modules = ["DiTBlock"]  # type: ignore[assignment]
 
     @register_to_config
     def __init__(self, model_config: dict | None = None, llm_geometry: dict | None = None):
@@ -61,7 +60,7 @@ class FuseDiTTransformer2DModel(DiffusionTransformer, ModelMixin, ConfigMixin):
 
     @classmethod
     def build(cls, config: ModelConfig, llm: LLMGeometry) -> FuseDiTTransformer2DModel:
-        """A freshly initialised model of ``config`` for ``llm`` (what :func:`fusedit.models.dit.build_model` builds)."""
+        """A freshly initialised model of ``config`` for ``llm`` (as :func:`fusedit.models.dit.build_model` builds)."""
         return cls(model_config=to_dict(config), llm_geometry=dataclasses.asdict(llm))
 
     @classmethod

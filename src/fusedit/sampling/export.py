@@ -43,8 +43,8 @@ def export_pipeline(
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose a new folder")
     pipe = load_pipeline(run_dir, device="cpu", dtype=torch.float32, use_ema=use_ema)
-    if pipe.config.run_config is not None:
+    if pipe.config["run_config"] is not None:
         ema = (run_dir / "config.yaml").is_file() and find_run_weights(run_dir, use_ema).ema
         provenance = {"source": str(run_dir.resolve()), "weights": "ema" if ema else "model", "fusedit": __version__}
-        pipe.register_to_config(run_config={**pipe.config.run_config, "export": provenance})
+        pipe.register_to_config(run_config={**pipe.config["run_config"], "export": provenance})
     return save_pipeline(pipe, out_dir, max_shard_size=max_shard_size)

@@ -26,7 +26,9 @@ def default_train(run: PlannedRun, *, progress: bool) -> None:
 def default_evaluate(run: PlannedRun, settings) -> dict:
     """Evaluate ``run`` with the shapes suite into ``run.eval_dir``."""
     pipe = load_pipeline(run.run_dir)
-    return evaluate_shapes(pipe, world_from_config(pipe.experiment), run.eval_dir, settings, model_path=str(run.run_dir))
+    return evaluate_shapes(
+        pipe, world_from_config(pipe.experiment), run.eval_dir, settings, model_path=str(run.run_dir)
+    )
 
 
 def run_study(
