@@ -15,10 +15,21 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from fusedit.commands import bench, cache_latents, configs, demo, evaluate, export, sample, study, train
+from fusedit.commands import bench, cache_latents, configs, demo, evaluate, export, sample, serve, study, train
 
 #: The commands, in the order ``fusedit --help`` lists them.
-COMMANDS: tuple[ModuleType, ...] = (train, sample, export, demo, configs, evaluate, study, bench, cache_latents)
+COMMANDS: tuple[ModuleType, ...] = (
+    train,
+    sample,
+    export,
+    serve,
+    demo,
+    configs,
+    evaluate,
+    study,
+    bench,
+    cache_latents,
+)
 
 #: Errors printed as one line (``error: ...``, exit code 2) instead of a traceback (``--debug`` shows it).
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, TypeError)
