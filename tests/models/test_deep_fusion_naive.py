@@ -234,9 +234,13 @@ def naive_forward(model, decoder, family, x, timestep, ids, mask, pooled=None):
     elif c.timestep_conditioning == "adaln-single":
         shift, scale = (head.modulation.scale_shift_table + torch.cat([emb_final, emb_final], 1)).chunk(2, 1)
         z = z * (1 + scale[:, None]) + shift[:, None]
-    out = head.proj_out(z)
-    out = out.view(b, gh, gw, p, p, -1).permute(0, 5, 1, 3, 2, 4)
-    return out.reshape(b, -1, gh * p, gw * p)
+    if c.head_hidden:  # a GELU hidden layer before the projection to patches
+        z = F.gelu(z @ head.expand[0].weight.T + head.expand[0].bias, approximate="tanh")
+    out = z @ head.proj_out.weight.T + head.proj_out.bias
+    out = out.view(b, gh, gw, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(b, -1, gh * p, gw * p)
+    if c.prediction == "sample":  # the network predicts x_0; the velocity is (x_t - x_0) / max(sigma, 0.05)
+        out = (x - out) / (timestep / 1000).clamp(min=0.05).view(-1, 1, 1, 1)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -411,6 +415,26 @@ def test_trimming_padding_changes_nothing():
     trimmed = context.trimmed()
     assert trimmed.length == context.length - 2
     torch.testing.assert_close(model(x, t, trimmed), model(x, t, context), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("head_hidden, prediction", [(16, "velocity"), (16, "sample"), (None, "sample")])
+def test_output_head_and_prediction_variants_match_naive(head_hidden, prediction):
+    decoder = copy.deepcopy(DECODERS["gemma2"])
+    config = ModelConfig(
+        pos_embed="2d-rope",
+        in_channels=3,
+        sample_size=8,
+        patch_size=4,
+        head_hidden=head_hidden,
+        prediction=prediction,
+        timestep_conditioning="adaln-zero",
+        dit_hidden_size=24,
+    )
+    model = build_model(config, LLMGeometry.from_hf_config(decoder.config)).eval()
+    randomize(model, 31)
+    x, t, ids, mask = inputs(32, "left")
+    ours = model(x, t, encode(decoder, model, ids, mask))
+    torch.testing.assert_close(ours, naive_forward(model, decoder, "gemma2", x, t, ids, mask), atol=2e-5, rtol=1e-4)
 
 
 def test_sample_prediction_turns_the_network_output_into_the_velocity():

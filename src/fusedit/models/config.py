@@ -57,6 +57,8 @@ class ModelConfig:
         sample_size: default latent (or pixel) side length used by the pipeline when no size is given.
         pos_embed_max_size: side of the sin-cos table for ``ape`` and ``absolute_pos_embed`` (centre-cropped to
             the image grid).
+        head_hidden: width of a GELU hidden layer in the output head before the projection to patches (``null``:
+            the reference's linear head); see :class:`~fusedit.models.dit.OutputHead`.
         prediction: what the network outputs: ``velocity`` (the reference's) or the clean ``sample``, from which
             the velocity follows (:mod:`fusedit.models.prediction`); ``forward`` returns the velocity either way.
         text_hidden_states_index: (``shallow`` only) which ``hidden_states`` entry of the LLM conditions the baseline.
@@ -86,6 +88,7 @@ class ModelConfig:
     sample_size: int = 64
     pos_embed_max_size: int = 64
     prediction: Literal["velocity", "sample"] = "velocity"
+    head_hidden: int | None = None
     text_hidden_states_index: int = -1
     rms_norm_eps: float | None = None
     rope_theta: float | None = None
@@ -124,6 +127,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         for name in (
+            "head_hidden",
             "text_modulation_dim",
             "dit_hidden_size",
             "dit_num_hidden_layers",

@@ -74,13 +74,29 @@ class DiTBlock(nn.Module):
 
 
 class OutputHead(SelfInitializing, nn.Module):
-    """RMSNorm [-> AdaLN output modulation] -> Linear to ``p·p·C`` per token."""
+    """RMSNorm [-> AdaLN output modulation] [-> Linear to ``head_hidden`` -> GELU] -> Linear to ``p·p·C`` per token.
 
-    def __init__(self, hidden: int, patch: int, channels: int, eps: float, output_modulation: type | None):
+    The hidden layer (``model.head_hidden``; none in the reference) lets a token decode its patch non-linearly: a
+    linear projection can only mix ``hidden`` basis patches, too few for crisp edges at every sub-patch position of
+    large patches.
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        patch: int,
+        channels: int,
+        eps: float,
+        output_modulation: type | None,
+        head_hidden: int | None = None,
+    ):
         super().__init__()
         self.norm_out = RMSNorm(hidden, eps)
         self.modulation = output_modulation(hidden) if output_modulation is not None else None
-        self.proj_out = nn.Linear(hidden, patch * patch * channels)
+        self.expand = (
+            nn.Sequential(nn.Linear(hidden, head_hidden), nn.GELU(approximate="tanh")) if head_hidden else None
+        )
+        self.proj_out = nn.Linear(head_hidden or hidden, patch * patch * channels)
 
     def reset_parameters(self) -> None:
         """Zero output projection: the untrained model predicts zero velocity."""
@@ -91,6 +107,8 @@ class OutputHead(SelfInitializing, nn.Module):
         x = self.norm_out(x)
         if self.modulation is not None:
             x = self.modulation(x, cond.final)
+        if self.expand is not None:
+            x = self.expand(x)
         return self.proj_out(x)
 
 
@@ -144,6 +162,7 @@ class DiffusionTransformer(nn.Module):
             resolved.out_channels,
             resolved.rms_norm_eps,
             variant.output_modulation,
+            config.head_hidden,
         )
         self.activation_checkpointing = False
         self.reset_parameters()
