@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fusedit.cli import main as cli
 from fusedit.serve.host import ModelHost, Request, RequestError, find_models, is_model_folder
 from tests.diffusers_native.conftest import tiny_pipeline
 
@@ -61,3 +62,12 @@ def test_seeds_steps_and_progress(host):
     request.randomize_seed = True
     _, random_seed = model_host.generate(folder, request)
     assert isinstance(random_seed, int) and 0 <= random_seed < 2**31
+
+
+def test_serve_says_what_is_missing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/demo/fusedit here
+    assert cli(["serve"]) == 2
+    assert "runs/demo/fusedit is not a run, an exported pipeline or a reference folder (run `make demo` first)" in (
+        capsys.readouterr().err
+    )
+    assert cli(["serve", str(tmp_path / "nope")]) == 2

@@ -30,18 +30,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise ValueError("fusedit serve needs Gradio: pip install 'fusedit[serve]' (or make venv)") from None
-    from fusedit.serve.app import build_app
     from fusedit.serve.host import ModelHost, find_models, is_model_folder
 
     default = Path(args.path)
     if not is_model_folder(default):
         hint = " (run `make demo` first)" if args.path == DEFAULT_MODEL else ""
         raise FileNotFoundError(f"{default} is not a run, an exported pipeline or a reference folder{hint}")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise ValueError("fusedit serve needs Gradio: pip install 'fusedit[serve]' (or make venv)") from None
+    from fusedit.serve.app import build_app
+
     models = [str(p) for p in find_models(Path(args.runs_dir))]
     if str(default) not in models:
         models.insert(0, str(default))
