@@ -42,7 +42,7 @@ def pipeline_from_parts(
     transformer = FuseDiTTransformer2DModel.from_model(model)
     match_config_to_layers(text_encoder.decoder)
     pooled = text_encoder.pooled_encoder
-    return FuseDiTPipeline(
+    pipe = FuseDiTPipeline(
         transformer=transformer,
         scheduler=scheduler,
         text_encoder=text_encoder.decoder,
@@ -54,6 +54,8 @@ def pipeline_from_parts(
         sample_defaults=to_dict(defaults),
         run_config=run_config_of(experiment),
     )
+    pipe.source_experiment = experiment
+    return pipe
 
 
 def is_diffusers_folder(path: str | os.PathLike) -> bool:

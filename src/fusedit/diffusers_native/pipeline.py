@@ -121,6 +121,8 @@ class FuseDiTPipeline(DiffusionPipeline):
         text, defaults = read_text_config(text_config), read_sample_defaults(sample_defaults)
         self.register_to_config(text_config=to_dict(text), sample_defaults=to_dict(defaults), run_config=run_config)
         self._guidance_scale, self._num_timesteps, self._interrupt = defaults.guidance_scale, 0, False
+        #: the run's own ExperimentConfig when the pipeline was made from it (local paths kept); else rebuilt
+        self.source_experiment: ExperimentConfig | None = None
         self._sampler = self._build_sampler()
 
     def _build_sampler(self) -> Sampler:
@@ -175,8 +177,9 @@ class FuseDiTPipeline(DiffusionPipeline):
 
     @property
     def experiment(self) -> ExperimentConfig | None:
-        """The :class:`ExperimentConfig` of the run the model comes from (None for a converted reference folder)."""
-        return self._current_sampler().config
+        """The :class:`ExperimentConfig` of the run the model comes from (None for a converted reference folder): the
+        run's own when loaded from the run, else rebuilt from the folder (paths naming its components)."""
+        return self.source_experiment or self._current_sampler().config
 
     @property
     def default_size(self) -> int:

@@ -79,6 +79,9 @@ def sampling_manifest(
     scheduler = getattr(pipe, "scheduler", None)
     shift = getattr(getattr(scheduler, "config", None), "shift", None)
     model = getattr(pipe, "model", None)
+    # the run's ExperimentConfig: ``experiment`` of the diffusers pipeline (whose ``config`` is diffusers' own), or
+    # ``config`` of the plain sampler
+    experiment = pipe.experiment if hasattr(pipe, "experiment") else getattr(pipe, "config", None)
     return {
         "sampler": type(scheduler).__name__ if scheduler is not None else None,
         "steps": steps,
@@ -88,6 +91,6 @@ def sampling_manifest(
         "seed": base_seed,
         "seed_rule": seed_rule,
         "resolution": resolution,
-        "config_hash": config_hash(getattr(pipe, "config", None)),
+        "config_hash": config_hash(experiment),
         "checkpoint_hash": weights_hash(model) if isinstance(model, torch.nn.Module) else None,
     }
