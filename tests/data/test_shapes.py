@@ -10,12 +10,14 @@ from fusedit.data.shapes import (
     BACKGROUND,
     CATEGORIES,
     COLORS,
+    FULL_SCENE_FIELDS,
     NO_SCENE_TARGET,
     PALETTE,
     SCENE_FIELDS,
     SHAPES,
     ShapesWorld,
     enumerate_prompts,
+    full_scene_labels,
     object_side,
     restatement,
     scene_labels,
@@ -239,3 +241,30 @@ def test_bad_arguments_raise_clear_errors(world):
         enumerate_prompts("spatial")
     with pytest.raises(KeyError, match="not a prompt"):
         world.spec("a dog")
+
+
+def test_full_scene_labels_describe_every_caption():
+    spec = {s.text: s for c in CATEGORIES for s in enumerate_prompts(c)}
+    red, blue, green = (COLORS.index(c) for c in ("red", "blue", "green"))
+    circle, square, triangle = (SHAPES.index(s) for s in ("circle", "square", "triangle"))
+    none_shape, no_relation, any_color = len(SHAPES), 2, NO_SCENE_TARGET
+    assert [name for name, _ in FULL_SCENE_FIELDS] == [
+        "first_color", "first_shape", "first_count", "second_color", "second_shape", "relation"
+    ]  # fmt: skip
+    assert full_scene_labels(spec["a circle"]) == (any_color, circle, 0, any_color, none_shape, no_relation)
+    assert full_scene_labels(spec["three green triangles"]) == (green, triangle, 2, any_color, none_shape, no_relation)
+    assert full_scene_labels(spec["a red circle and a blue square"]) == (red, circle, 0, blue, square, no_relation)
+    assert full_scene_labels(spec["a square and a circle"]) == (any_color, square, 0, any_color, circle, no_relation)
+    # position captions: spatial order and the axis, as scene_labels gives them
+    assert full_scene_labels(spec["a red circle to the right of a blue square"]) == (blue, square, 0, red, circle, 0)
+    assert full_scene_labels(spec["a green circle below a red triangle"]) == (red, triangle, 0, green, circle, 1)
+    for s in spec.values():
+        labels = full_scene_labels(s)
+        assert all(v == NO_SCENE_TARGET or 0 <= v < n for v, (_, n) in zip(labels, FULL_SCENE_FIELDS, strict=True))
+    world = ShapesWorld(ShapesWorldConfig(), 32)
+    captions, labels = world.llm_scene_labels("all")
+    assert captions == [s.text for s in world.training_prompts()] and labels[0] == full_scene_labels(
+        world.training_prompts()[0]
+    )
+    with pytest.raises(ValueError, match="unknown scene scope 'some'"):
+        world.llm_scene_labels("some")

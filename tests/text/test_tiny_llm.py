@@ -176,6 +176,12 @@ def test_shapes_world_llm_trains_on_the_chosen_corpus(tmp_path, capsys):
     assert read_marker(folder)["corpus_sha256"] == corpus_hash(world.caption_corpus())
     with pytest.raises(ConfigError, match="TinyLLMConfig.corpus: got 'poems'"):
         ensure_shapes_world_llm(tmp_path / "bad", world, TinyLLMConfig(corpus="poems"))
+    # the scene objective over every caption: other labels, so another scene fingerprint (and a retrained LLM)
+    full = TinyLLMConfig(**{**quick.__dict__, "scene_scope": "all"})
+    everything = read_marker(ensure_shapes_world_llm(tmp_path / "all", world, full))
+    assert everything["scene_sha256"] not in (None, marker["scene_sha256"]) and everything["final_scene_loss"] > 0
+    with pytest.raises(ConfigError, match="TinyLLMConfig.scene_scope: got 'most'"):
+        ensure_shapes_world_llm(tmp_path / "bad", world, TinyLLMConfig(scene_scope="most"))
 
 
 def test_bad_inputs_raise_clear_errors(tmp_path):

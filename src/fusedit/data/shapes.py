@@ -28,14 +28,17 @@ from fusedit.data.config import ShapesWorldConfig
 from fusedit.data.shapes_grammar import (  # noqa: F401  (re-exported: the world's grammar)
     CATEGORIES,
     COLORS,
+    FULL_SCENE_FIELDS,
     LLM_CORPORA,
     NO_SCENE_TARGET,
     RELATIONS,
     SCENE_FIELDS,
+    SCENE_SCOPES,
     SHAPES,
     ObjectSpec,
     PromptSpec,
     enumerate_prompts,
+    full_scene_labels,
     make_spec,
     parse_prompt,
     restatement,
@@ -214,11 +217,15 @@ class ShapesWorld:
             return self.caption_corpus()
         return [f"{s.text} . {restatement(s)}" for s in self.training_prompts()]
 
-    def llm_scene_labels(self) -> tuple[list[str], list[tuple[int, ...]]]:
-        """The training captions and their :func:`scene_labels`, in the order of :meth:`llm_corpus`'s lines (each
-        line starts with its caption)."""
+    def llm_scene_labels(self, scope: str = "position") -> tuple[list[str], list[tuple[int, ...]]]:
+        """The training captions and their scene labels, in the order of :meth:`llm_corpus`'s lines (each line
+        starts with its caption): :func:`scene_labels` (``scope="position"``) or :func:`full_scene_labels`
+        (``"all"``)."""
+        if scope not in SCENE_SCOPES:
+            raise ValueError(f"unknown scene scope {scope!r}; expected one of {SCENE_SCOPES}")
+        label = scene_labels if scope == "position" else full_scene_labels
         specs = self.training_prompts()
-        return [s.text for s in specs], [scene_labels(s) for s in specs]
+        return [s.text for s in specs], [label(s) for s in specs]
 
     def spec(self, text: str) -> PromptSpec:
         """The :class:`PromptSpec` of a prompt string of this world."""

@@ -58,6 +58,22 @@ SCENE_FIELDS: tuple[tuple[str, int], ...] = (
 #: :func:`scene_labels` of a caption that has no spatial relation: no target in any field.
 NO_SCENE_TARGET = -100
 
+#: Fields of every caption's full scene read-out (:func:`full_scene_labels`) and their number of classes: the first
+#: and second object (color, shape, count; the second's shape has a class "none" for captions with one object) and
+#: the relation (left/right, above/below, none).
+FULL_SCENE_FIELDS: tuple[tuple[str, int], ...] = (
+    ("first_color", len(COLORS)),
+    ("first_shape", len(SHAPES)),
+    ("first_count", 4),  # 1..4 objects
+    ("second_color", len(COLORS)),
+    ("second_shape", len(SHAPES) + 1),  # the last class: no second object
+    ("relation", 3),  # 0: left/right, 1: above/below, 2: none
+)
+
+#: Which captions the tiny LLM's scene objective describes: ``position`` captions only (:func:`scene_labels`), or
+#: ``all`` of them (:func:`full_scene_labels`).
+SCENE_SCOPES: tuple[str, ...] = ("position", "all")
+
 
 @dataclass(frozen=True)
 class ObjectSpec:
@@ -171,6 +187,37 @@ def restatement(spec: PromptSpec) -> str:
         (obj,) = spec.objects
         return f"count {_NUMBER_WORDS[obj.count]} . color {obj.color} . shape {obj.shape} ."
     return " ".join(f"the {o.shape} is {o.color} ." if o.color else f"there is one {o.shape} ." for o in spec.objects)
+
+
+def full_scene_labels(spec: PromptSpec) -> tuple[int, ...]:
+    """What any caption describes, as one class index per field of :data:`FULL_SCENE_FIELDS`.
+
+    ``position`` captions take their objects in spatial order, as :func:`scene_labels` does; the others in caption
+    order. A color the caption leaves open has :data:`NO_SCENE_TARGET`: ``a circle`` → ``(-, circle, 1, -, none,
+    none)``; ``three green triangles`` → ``(green, triangle, 3, -, none, none)``; ``a red circle and a blue square``
+    → ``(red, circle, 1, blue, square, none)``.
+    """
+    objects = list(spec.objects)
+    if spec.category == "position" and spec.relation is not None:
+        subject, reference = objects
+        objects = [subject, reference] if spec.relation in ("left of", "above") else [reference, subject]
+        relation = 0 if spec.relation in ("left of", "right of") else 1
+    else:
+        relation = 2
+    first = objects[0]
+    second = objects[1] if len(objects) > 1 else None
+
+    def color(obj: ObjectSpec | None) -> int:
+        return COLORS.index(obj.color) if obj is not None and obj.color is not None else NO_SCENE_TARGET
+
+    return (
+        color(first),
+        SHAPES.index(first.shape),
+        first.count - 1,
+        color(second),
+        SHAPES.index(second.shape) if second is not None else len(SHAPES),
+        relation,
+    )
 
 
 def scene_labels(spec: PromptSpec) -> tuple[int, ...]:

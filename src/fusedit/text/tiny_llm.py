@@ -41,7 +41,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
 
 from fusedit.config import require
-from fusedit.data.shapes import LLM_CORPORA, SCENE_FIELDS
+from fusedit.data.shapes import FULL_SCENE_FIELDS, LLM_CORPORA, SCENE_FIELDS, SCENE_SCOPES
 from fusedit.text.scene_objective import SceneObjective, SceneReadout, scene_positions
 
 #: Special tokens in id order: ``<pad>``=0, ``<eos>``=1, ``<bos>``=2, ``<unk>``=3.
@@ -78,6 +78,10 @@ class TinyLLMConfig:
             LLM has no reason to tell apart; measured in ``docs/results/demo.md``).
         scene_loss_weight: weight of the :class:`SceneObjective` next to the next-token loss when a pretraining has
             one (:func:`ensure_shapes_world_llm` always gives it the shapes world's); 0 turns it off.
+        scene_scope: which captions the shapes world's scene objective describes: ``position`` (where the two
+            objects of a position caption go, :func:`~fusedit.data.shapes.scene_labels`) or ``all`` (every caption's
+            objects, colors, counts and relation, :func:`~fusedit.data.shapes.full_scene_labels`; measured in
+            ``docs/results/demo.md``).
     """
 
     hidden_size: int = 128
@@ -94,6 +98,7 @@ class TinyLLMConfig:
     tie_word_embeddings: bool = False
     corpus: str = "restated"
     scene_loss_weight: float = 1.0
+    scene_scope: str = "position"
 
     def validate(self) -> None:
         for name in (
@@ -125,6 +130,10 @@ class TinyLLMConfig:
             f"TinyLLMConfig.max_length: got {self.max_length!r}, expected an integer >= 4",
         )
         require(self.corpus in LLM_CORPORA, f"TinyLLMConfig.corpus: got {self.corpus!r}, expected one of {LLM_CORPORA}")
+        require(
+            self.scene_scope in SCENE_SCOPES,
+            f"TinyLLMConfig.scene_scope: got {self.scene_scope!r}, expected one of {SCENE_SCOPES}",
+        )
         require(
             isinstance(self.scene_loss_weight, (int, float))
             and math.isfinite(self.scene_loss_weight)
@@ -403,6 +412,7 @@ def ensure_shapes_world_llm(out_dir: str | os.PathLike, world, config: TinyLLMCo
     :class:`SceneObjective` (:func:`~fusedit.data.shapes.scene_labels` of every caption)."""
     config = config if config is not None else TinyLLMConfig()
     config.validate()
-    captions, labels = world.llm_scene_labels()
-    scene = SceneObjective(captions, labels, tuple(n for _, n in SCENE_FIELDS))
+    captions, labels = world.llm_scene_labels(config.scene_scope)
+    fields = SCENE_FIELDS if config.scene_scope == "position" else FULL_SCENE_FIELDS
+    scene = SceneObjective(captions, labels, tuple(n for _, n in fields))
     return ensure_tiny_llm(out_dir, world.llm_corpus(config.corpus), config, scene)
