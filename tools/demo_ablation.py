@@ -1,7 +1,8 @@
 """Train one variant of the demo and probe how well it follows the prompts (the measurements of docs/results/demo.md).
 
     python tools/demo_ablation.py OUT [--llm-corpus restated|captions] [--llm-steps 300] [--llm-scene-weight 1]
-                                  [--probe-only] [--cfg CFG] [--positions] [--placement-cfg CFG ...] [key=value ...]
+                                  [--llm-scene-scope position|all] [--probe-only] [--cfg CFG] [--suite]
+                                  [--positions] [--placement-cfg CFG ...] [key=value ...]
 
 1. pretrains (or reuses) the tiny LLM on the shapes world's ``--llm-corpus`` text into ``OUT/tiny-llm``;
 2. trains the demo config with the overrides into ``OUT/fusedit`` (one torch thread, so two variants can run side
@@ -17,6 +18,12 @@
    prompt's side? It needs no sampling, so it shows a layout being learned before samples do).
    ``--placement-cfg 4 10`` adds the same breakdown over every held-out position prompt with two colors, two images
    each, at each guidance scale given (``PLACEMENT`` lines; about a minute per scale).
+
+``--suite`` scores the run on the held-out suite with the benchmark's detector instead of the probe: every held-out
+prompt, one image each and at least 50 per category (376 images; ``fusedit eval OUT/fusedit --suite shapes
+--no-controls --per-prompt 1 --no-pixel-fd [--cfg CFG]``), and prints a ``SUITE`` JSON line (overall with its CI,
+per-category accuracy, color-following F1, background error). This is how the variants of docs/results/demo.md are
+compared; the demo's own evaluation uses the full suite (760 images) with its controls.
 
 The probe is smaller and softer than ``fusedit eval RUN --suite shapes`` (all 149 held-out prompts × 4): it is
 meant to rank variants quickly (about a minute), not to report a model's score.
@@ -211,6 +218,25 @@ def layout_signal(
     }
 
 
+def quick_suite(run: Path, guidance_scale: float | None = None) -> dict:
+    """The held-out suite at one image per prompt (at least 50 per category), no controls: overall with its CI, the
+    categories, color-following F1 and background error (see the module docstring)."""
+    from fusedit.eval.shapes_eval import ShapesEvalSettings, evaluate_shapes, world_from_config
+    from fusedit.sampling.loading import load_pipeline
+
+    pipe = load_pipeline(run, device="cpu")
+    settings = ShapesEvalSettings(per_prompt=1, guidance_scale=guidance_scale, controls=False, pixel_fd=False)
+    scores = evaluate_shapes(pipe, world_from_config(pipe.experiment), run / "eval-suite", settings)
+    return {
+        "overall": round(scores["overall"], 3),
+        "ci95": [round(v, 3) for v in scores["ci95"]],
+        **{name: round(v["accuracy"], 3) for name, v in scores["categories"].items()},
+        "color_f1": round(scores["color_following"]["f1"], 3),
+        "background_error": round(scores["background_error"], 2),
+        "images": scores["num_images"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
@@ -223,7 +249,16 @@ def main() -> None:
         default=TinyLLMConfig().scene_loss_weight,
         help="weight of the tiny LLM's scene objective (0: next-token loss only)",
     )
+    parser.add_argument(
+        "--llm-scene-scope",
+        default=TinyLLMConfig().scene_scope,
+        choices=["position", "all"],
+        help="captions the tiny LLM's scene objective describes",
+    )
     parser.add_argument("--cfg", type=float, default=None, help="probe guidance scale (default: the run's)")
+    parser.add_argument(
+        "--suite", action="store_true", help="score the held-out suite (376 images) instead of the probe"
+    )
     parser.add_argument("--probe-only", action="store_true")
     parser.add_argument(
         "--positions",
@@ -252,13 +287,19 @@ def main() -> None:
         base = load_experiment("demo", args.overrides)
         world = ShapesWorld(base.data.shapes, base.data.resolution)
         llm_config = TinyLLMConfig(
-            corpus=args.llm_corpus, steps=args.llm_steps, scene_loss_weight=args.llm_scene_weight
+            corpus=args.llm_corpus,
+            steps=args.llm_steps,
+            scene_loss_weight=args.llm_scene_weight,
+            scene_scope=args.llm_scene_scope,
         )
         llm = ensure_shapes_world_llm(args.out / "tiny-llm", world, llm_config)
         config = load_experiment("demo", args.overrides + [f"text.llm={llm}"])
         shutil.rmtree(run, ignore_errors=True)
         train_run(config, run, device="cpu", progress=False)
-    print("PROBE", json.dumps(probe(run, args.cfg)), flush=True)
+    if args.suite:
+        print("SUITE", json.dumps(quick_suite(run, args.cfg)), flush=True)
+    else:
+        print("PROBE", json.dumps(probe(run, args.cfg)), flush=True)
     if args.positions:
         for split in ("held_out", "train"):
             print("POSITIONS", json.dumps(position_breakdown(run, split)), flush=True)
