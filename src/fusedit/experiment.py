@@ -61,7 +61,12 @@ def guidance_interval_problem(interval) -> str | None:
 
 @dataclass
 class ExperimentConfig:
-    """Everything a run needs. Load with :func:`load_experiment` (YAML + ``base:`` + ``key=value`` overrides)."""
+    """Everything a run needs. Load with :func:`load_experiment` (YAML + ``base:`` + ``key=value`` overrides).
+
+    Attributes:
+        name: the run's name; ``fusedit train`` writes the run to ``runs/<name>`` unless ``--run-dir`` is given.
+        model, text, data, train, sample: the sections (their keys are listed by ``fusedit configs --keys``).
+    """
 
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
