@@ -38,7 +38,10 @@ class SampleConfig:
         require(
             self.num_inference_steps > 0, f"sample.num_inference_steps: got {self.num_inference_steps}, expected > 0"
         )
-        require(self.guidance_scale >= 0, f"sample.guidance_scale: got {self.guidance_scale}, expected >= 0")
+        require(
+            self.guidance_scale >= 1,
+            f"sample.guidance_scale: got {self.guidance_scale}, expected >= 1 (1 = no guidance)",
+        )
         require(self.shift > 0, f"sample.shift: got {self.shift}, expected > 0")
         if self.guidance_interval is not None:
             problem = guidance_interval_problem(self.guidance_interval)

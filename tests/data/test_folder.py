@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fusedit.data.errors import NoUsableDataError
 from fusedit.data.folder import ImageFolderDataset, read_captions
 
 
@@ -89,7 +90,7 @@ def test_prescan(tmp_path):
 def test_all_bad_raises(tmp_path):
     make_folder(tmp_path, n=2, bad=(0, 1))
     ds = ImageFolderDataset(tmp_path, resolution=8)
-    with pytest.raises(RuntimeError, match="no readable image"):
+    with pytest.raises(NoUsableDataError, match="no readable image in .*: all 2 image"):
         ds[0]
 
 

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import fusedit.data.webdataset as wdmod
+from fusedit.data.errors import NoUsableDataError
 from fusedit.data.webdataset import STREAM_POS_KEY, WebShardDataset, expand_shards, index_tar
 
 
@@ -200,7 +201,7 @@ def test_spec_errors(tmp_path):
 
 def test_all_corrupt_forever_raises(tmp_path):
     write_shard(tmp_path / "bad.tar", [("k", {"image.jpg": b"nope", "synthetic_caption.txt": b"x"})])
-    with pytest.raises(RuntimeError, match="no usable sample"):
+    with pytest.raises(NoUsableDataError, match="no usable sample in 1 shard"):
         next(iter(WebShardDataset(str(tmp_path / "bad.tar"), 8)))
 
 

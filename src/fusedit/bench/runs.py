@@ -335,7 +335,7 @@ def run_bench(
         process's RSS peak) and, with ``vs_dense``, ``dense`` and ``speedup_vs_dense`` (median of paired ratios).
     """
     p = get_preset(preset)
-    batch = batch_size or p.batch_size
+    batch = p.batch_size if batch_size is None else batch_size
     dev, dtype_name = _check_arguments(mode, device, dtype, llm_attention, iters, warmup, batch, threads)
     if threads is not None:
         torch.set_num_threads(threads)

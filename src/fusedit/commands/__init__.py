@@ -71,6 +71,16 @@ def _check_device(args: argparse.Namespace) -> None:
         check_device(device)
 
 
+def one_line(error: BaseException) -> str:
+    """``error``'s message; for an error re-raised from a DataLoader worker (whose message is the worker's whole
+    traceback), the original error's own message."""
+    text = str(error)
+    if "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def _disk_full_message(error: BaseException) -> str | None:
     """The one-line message of a full disk anywhere in ``error``'s chain, else None."""
     from fusedit.atomic import DiskFullError, is_disk_full
@@ -101,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as error:
         if debug:
             raise
-        print(f"error: {_disk_full_message(error) or error}", file=sys.stderr)
+        print(f"error: {_disk_full_message(error) or one_line(error)}", file=sys.stderr)
         return 2
     except Exception as error:
         message = _disk_full_message(error)

@@ -8,6 +8,7 @@ import json
 import sys
 
 from fusedit.bench.presets import PRESETS
+from fusedit.commands.values import non_negative_int, positive_int
 
 NAME = "bench"
 HELP = "training / sampling throughput benchmark"
@@ -22,9 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("mode", choices=("train", "sample"), help="train: optimiser steps; sample: 25 Euler steps with CFG")
     p.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per iteration (default: the preset's)")
-    p.add_argument("--iters", type=int, default=5, help="timed iterations (default: 5)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up iterations (default: 2)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="images per iteration (default: the preset's)")
+    p.add_argument("--iters", type=positive_int, default=5, help="timed iterations (default: 5)")
+    p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed warm-up iterations (default: 2)")
     p.add_argument(
         "--dtype",
         choices=("float32", "bfloat16"),
@@ -46,8 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="reference",
         help="LLM attention: reference (plain softmax, like the reference's fused layers) or hf",
     )
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for PyTorch (default: PyTorch's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fusedit.commands.values import positive_int
+
 NAME = "cache-latents"
 HELP = "precompute VAE latents into shards"
 DESCRIPTION = (
@@ -25,13 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--folder", help="image folder with captions.jsonl/csv (instead of --config)")
     parser.add_argument("--vae", help="diffusers VAE folder or hub id (with --folder)")
     parser.add_argument("--subfolder", default=None, help="VAE subfolder, e.g. 'vae' inside a pipeline folder")
-    parser.add_argument("--resolution", type=int, help="image side in pixels (with --folder)")
+    parser.add_argument("--resolution", type=positive_int, help="image side in pixels (with --folder)")
     parser.add_argument("--out", required=True, help="output folder of the cache")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per VAE call (default 16)")
+    parser.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard (default 1000)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per VAE call (default 16)")
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="storage dtype of latents")
     parser.add_argument("--tokenizer", help="also store token ids of the captions (tokenizer folder or hub id)")
-    parser.add_argument("--max-length", type=int, default=None, help="truncate stored token ids to this length")
+    parser.add_argument("--max-length", type=positive_int, default=None, help="truncate stored token ids to this length")
     parser.add_argument("--device", default=None, help="where the VAE runs (default: cuda if available)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing cache in --out")
 

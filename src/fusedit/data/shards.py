@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fusedit.data.errors import NoUsableDataError
 from fusedit.data.transforms import CorruptImageError
 
 __all__ = [
@@ -358,9 +359,10 @@ class ShardStream(torch.utils.data.IterableDataset):
                     yielded += 1
                     yield sample
             if self.epochs is None and full_epoch and not yielded:  # would spin forever
-                raise RuntimeError(
-                    f"rank {self.rank} worker {worker}: epoch {epoch} over {len(shards)} shard(s) "
-                    f"gave no usable sample ({count.skipped} skipped so far); check the shards and keys"
+                raise NoUsableDataError(
+                    f"no usable sample in {len(shards)} shard(s) ({', '.join(self.shards[i] for i in shards[:3])}"
+                    f"{', ...' if len(shards) > 3 else ''}): {count.skipped} corrupt or incomplete sample(s) skipped "
+                    f"(rank {self.rank}, worker {worker}); check the shards and the data.*_key settings"
                 )
             first = False
             epoch += 1

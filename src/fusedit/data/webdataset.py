@@ -22,6 +22,16 @@ def _alternatives(key: str) -> list[str]:
     return [k.strip() for k in key.split(";") if k.strip()]
 
 
+def _text(data: bytes, ext: str) -> str:
+    """A caption member as stripped text; bytes that are not UTF-8 make the sample corrupt (skipped and counted)."""
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise CorruptSampleError(
+            f"caption member {ext} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        ) from None
+
+
 class WebShardDataset(ShardStream):
     """Image/caption shards in the reference's layout → ``{"image": (3, r, r) float32 in [-1, 1], "caption": str,
     "stream_pos": int64 (6,)}``.
@@ -94,13 +104,13 @@ class WebShardDataset(ShardStream):
         caption_ext = self._first(record, self.caption_keys)
         if caption_ext is None:
             raise CorruptSampleError(f"no caption member ({' or '.join(self.caption_keys)})")
-        caption = read(caption_ext).decode("utf-8").strip()
+        caption = _text(read(caption_ext), caption_ext)
         if not caption:
             raise CorruptSampleError(f"empty caption ({caption_ext})")
         use_original = float(torch.rand((), generator=generator)) < self.original_caption_rate
         original_ext = self._first(record, self.original_caption_keys)
         if use_original and original_ext is not None:
-            original = read(original_ext).decode("utf-8").strip()
+            original = _text(read(original_ext), original_ext)
             caption = original or caption
         image = decode_image(read(image_ext), name=f"{record.key}.{image_ext}")
         return {"image": self.transform(image, generator), "caption": caption}

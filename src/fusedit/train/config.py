@@ -111,3 +111,4 @@ class TrainConfig:
         require(self.keep_checkpoints >= 1, f"train.keep_checkpoints: got {self.keep_checkpoints}, expected >= 1")
         require(self.warmup_steps >= 0, f"train.warmup_steps: got {self.warmup_steps}, expected >= 0")
         require(self.sample_steps > 0, f"train.sample_steps: got {self.sample_steps}, expected > 0")
+        require(self.sample_cfg >= 1, f"train.sample_cfg: got {self.sample_cfg}, expected >= 1 (1 = no guidance)")
