@@ -21,7 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fusedit.atomic import naming_full_disk
     from fusedit.demo import run_demo
 
-    run_demo(Path(args.out), device=args.device, steps=args.steps, overrides=args.overrides)
+    with naming_full_disk(args.out):
+        run_demo(Path(args.out), device=args.device, steps=args.steps, overrides=args.overrides)
     return 0

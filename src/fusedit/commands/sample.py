@@ -49,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from fusedit.atomic import naming_full_disk
     from fusedit.sampling.loading import load_pipeline
 
     check_image_path(args.out)
@@ -74,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         paths = [target.with_name(f"{target.stem}-{i}{target.suffix}") for i in range(len(images))]
     for image, path in zip(images, paths, strict=True):
-        image.save(path)
+        with naming_full_disk(path, cleanup=path):
+            image.save(path)
     if out.num_truncated:
         print(f"note: {out.num_truncated} prompt(s) were longer than the maximum text length and were truncated")
     for path in paths:

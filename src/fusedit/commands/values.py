@@ -73,6 +73,8 @@ def check_image_path(path: str | Path, option: str = "--out") -> None:
     """Raise ``ValueError`` unless PIL can write an image named ``path`` (its extension: ``.png``, ``.jpg`` ...)."""
     from PIL import Image
 
+    if Path(path).is_dir():
+        raise ValueError(f"{option} {str(path)!r} is a folder; name an image file, e.g. {Path(path) / 'out.png'}")
     suffix = Path(path).suffix.lower()
     known = Image.registered_extensions()
     if suffix in known and known[suffix] in Image.SAVE:
