@@ -204,7 +204,6 @@ class FuseDiTPipeline:
         self, request: _Request, max_sequence_length: int | None, use_text_cache: bool
     ) -> tuple[VelocityFn, int]:
         """The velocity function of the request's steps and the number of truncated prompts."""
-        inputs.optional_positive_int(max_sequence_length, "max_sequence_length")
         guided = request.guidance > 1.0
         negatives = request.negatives or [request.negative] * len(request.prompts)
         if not use_text_cache:
@@ -295,6 +294,7 @@ class FuseDiTPipeline:
             num_images_per_prompt,
         )
         self.check_inputs(request.prompts, request.height, request.width, output_type, latents, request.steps)
+        inputs.optional_positive_int(max_sequence_length, "max_sequence_length")
         velocity, num_truncated = self.text_conditioning(request, max_sequence_length, use_text_cache)
         if num_truncated:
             logger.warning("%d prompt(s) were longer than the maximum text length and were truncated", num_truncated)
