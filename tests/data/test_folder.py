@@ -151,3 +151,21 @@ def test_on_bad_raise(tmp_path):
     assert ds.skipped == 1
     with pytest.raises(ValueError, match="on_bad"):
         ImageFolderDataset(tmp_path, 8, on_bad="ignore")
+
+
+@pytest.mark.parametrize(
+    "name,text,where",
+    [
+        ("captions.jsonl", b'{"file": "a.jpg", "caption": "ok"}\n{"file": "b.jpg", "caption": "caf\xe9"}\n', ":2:"),
+        ("captions.csv", b"file,caption\na.jpg,ok\nb.jpg,ok\nc.jpg,caf\xe9 au lait\n", ":4:"),
+    ],
+)
+def test_captions_that_are_not_utf8_name_the_file_and_line(tmp_path, name, text, where):
+    """Issue 17, item 9: the error names the file, the line and the byte (it named neither file nor line)."""
+    (tmp_path / name).write_bytes(text)
+    with pytest.raises(ValueError) as caught:
+        read_captions(tmp_path / name)
+    assert str(caught.value).startswith(f"{tmp_path / name}{where} not UTF-8 text (byte 0xe9 at column ")
+    assert "save the captions file as UTF-8" in str(caught.value)
+    (tmp_path / name).write_bytes(text.replace(b"\xe9", "é".encode()))
+    assert read_captions(tmp_path / name)[-1][1].startswith("café")
