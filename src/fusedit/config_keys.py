@@ -40,7 +40,7 @@ def attribute_docs(cls: type) -> dict[str, str]:
         start = next(i for i, line in enumerate(lines) if line.strip() == "Attributes:") + 1
     except StopIteration:
         return {}
-    docs: dict[str, str] = {}
+    docs: dict[str, list[str]] = {}
     indent: int | None = None
     current: list[str] = []
     for line in lines[start:]:
@@ -52,13 +52,12 @@ def attribute_docs(cls: type) -> dict[str, str]:
             break  # the next section
         match = _ENTRY.match(line.strip()) if depth == indent else None
         if match:
-            current = []
+            current = [match["text"]]
             for name in match["names"].split(","):
-                docs[name.strip()] = current  # type: ignore[assignment]  # shared list, joined below
-            current.append(match["text"])
+                docs[name.strip()] = current  # one list shared by the names of a grouped entry
         else:
             current.append(line.strip())
-    return {name: " ".join(parts) for name, parts in docs.items()}  # type: ignore[arg-type]
+    return {name: " ".join(parts) for name, parts in docs.items()}
 
 
 def _yaml(value: Any) -> str:

@@ -211,3 +211,22 @@ def test_attribute_docs_reads_grouped_and_continued_entries():
     assert docs["lr"] == docs["betas"] == "AdamW."
     assert docs["lr_schedule"].startswith("``constant``") and docs["lr_schedule"].endswith("to ``min_lr``).")
     assert "distributed" in docs and attribute_docs(Path) == {}
+
+
+def test_a_full_disk_while_sample_writes_the_image(capsys, monkeypatch, tmp_path):
+    class Image:
+        def save(self, path):
+            Path(path).write_bytes(b"\x89PNG partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    class Pipe:
+        device = torch.device("cpu")
+
+        def __call__(self, *args, **kwargs):
+            return argparse.Namespace(images=[Image()], num_truncated=0)
+
+    monkeypatch.setattr(fusedit.sampling.loading, "load_pipeline", lambda *a, **k: Pipe())
+    out = tmp_path / "img.png"
+    assert exit_code(["sample", "run", "--prompt", "a red circle", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: no space left on device at {out}; free space and resume\n"
+    assert not out.exists()  # the partial image is removed

@@ -71,8 +71,11 @@ def test_a_missing_local_folder_is_reported_at_once(capsys, monkeypatch):
 def test_a_hub_id_offline_and_not_cached_fails_at_once(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("probed the network"))
-    with pytest.raises(LLMLoadError, match=r"'nobody/no-such-llm' is a Hugging Face hub id, it is not in the local "
-                       r"cache .* \(HF_HUB_OFFLINE is set\); download it where there is network"):
+    with pytest.raises(
+        LLMLoadError,
+        match=r"'nobody/no-such-llm' is a Hugging Face hub id, it is not in the local "
+        r"cache .* \(HF_HUB_OFFLINE is set\); download it where there is network",
+    ):
         load_llm_config("nobody/no-such-llm")
     with pytest.raises(LLMLoadError, match="text.tokenizer: 'nobody/no-such-llm' is a Hugging Face hub id"):
         load_tokenizer("nobody/no-such-llm")

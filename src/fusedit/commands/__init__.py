@@ -89,9 +89,8 @@ def _disk_full_message(error: BaseException) -> str | None:
         return str(error)
     if not is_disk_full(error):
         return None
-    where = next(
-        (e.filename for e in (error, error.__cause__, error.__context__) if getattr(e, "filename", None)), None
-    )
+    names = (getattr(e, "filename", None) for e in (error, error.__cause__, error.__context__))
+    where = next((name for name in names if name), None)
     return str(DiskFullError(where or "the output folder"))
 
 

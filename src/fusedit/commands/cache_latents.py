@@ -33,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per VAE call (default 16)")
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="storage dtype of latents")
     parser.add_argument("--tokenizer", help="also store token ids of the captions (tokenizer folder or hub id)")
-    parser.add_argument("--max-length", type=positive_int, default=None, help="truncate stored token ids to this length")
+    parser.add_argument(
+        "--max-length", type=positive_int, default=None, help="truncate stored token ids to this length"
+    )
     parser.add_argument("--device", default=None, help="where the VAE runs (default: cuda if available)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing cache in --out")
 

@@ -44,7 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="shapes: at least this many images per category (more per prompt where needed)",
     )
     parser.add_argument("--seed", type=int, default=0, help="base seed; image k of prompt i uses seed + i*n + k")
-    parser.add_argument("--steps", type=positive_int, default=None, help="Euler steps (default: the model's sample config)")
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="Euler steps (default: the model's sample config)"
+    )
     parser.add_argument(
         "--cfg", type=guidance_scale, default=None, help="guidance scale, >= 1 (default: the model's sample config)"
     )

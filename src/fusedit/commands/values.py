@@ -80,6 +80,4 @@ def check_image_path(path: str | Path, option: str = "--out") -> None:
     if suffix in known and known[suffix] in Image.SAVE:
         return
     kind = f"extension {suffix!r}" if suffix else "no extension"
-    raise ValueError(
-        f"{option} {str(path)!r} has {kind}; name an image file such as out.png (.png, .jpg, .webp, ...)"
-    )
+    raise ValueError(f"{option} {str(path)!r} has {kind}; name an image file such as out.png (.png, .jpg, .webp, ...)")

@@ -223,7 +223,7 @@ class FuseDiTPipeline:
 
     def _request(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | Sequence[str] | None,
         negative_prompt: str | Sequence[str] | None,
         height: int | None,
         width: int | None,
