@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fusedit.sampling.export
 import fusedit.sampling.loading
 from fusedit.cli import build_parser
 from fusedit.cli import main as cli
@@ -146,16 +147,12 @@ def test_an_error_from_a_dataloader_worker_is_one_line(tmp_path):
 
 # ---- item 6: a full disk -------------------------------------------------------------------------------------------
 def test_a_full_disk_is_one_line_naming_the_path(capsys, monkeypatch, tmp_path):
-    import fusedit.commands.export as export_command
-    import fusedit.sampling.export
-
     def fill_disk(path, out, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(fusedit.sampling.export, "export_pipeline", fill_disk)
-    assert export_command.NAME == "export"
     assert exit_code(["export", "some-run", str(tmp_path / "out")]) == 2
-    assert capsys.readouterr().err == (f"error: no space left on device at {tmp_path / 'out'}; free space and resume\n")
+    assert capsys.readouterr().err == f"error: no space left on device at {tmp_path / 'out'}; free space and resume\n"
 
 
 # ---- item 10 (part): help text and the override keys ----------------------------------------------------------------
