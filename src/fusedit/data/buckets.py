@@ -12,7 +12,8 @@ transform that brings an image to its bucket.
 
 Positions: 2D RoPE handles any ``h × w`` patch grid; a sin-cos table (``model.pos_embed: ape`` or
 ``model.absolute_pos_embed``) covers ``pos_embed_max_size`` patches per side, so every bucket's longer side must fit
-it (:func:`check_bucket_config` at config load, :func:`check_bucket_sizes` with the real codec).
+it (:func:`check_bucket_config` at config load in pixel space, :func:`training_buckets` once a VAE is loaded,
+before the first step).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from fusedit.data.transforms import _filter, to_rgb, to_tensor
 
 __all__ = [
     "BucketTransform",
-    "assumed_codec_factor",
     "bucket_multiple",
     "check_bucket_config",
     "check_bucket_sizes",
@@ -176,12 +176,6 @@ class BucketTransform:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def assumed_codec_factor(data: Any) -> int:
-    """The codec's spatial factor as known at config load: 1 in pixel space, else 8 (every diffusers image VAE the
-    project loads; :func:`check_bucket_sizes` checks the loaded one)."""
-    return 1 if data.vae is None else 8
-
-
 def bucket_multiple(config: Any, codec_factor: int) -> int:
     """Sides of every bucket are multiples of this: ``data.buckets.multiple`` or patch size × codec factor."""
     return config.data.buckets.multiple or config.model.patch_size * codec_factor
@@ -215,10 +209,12 @@ def check_bucket_sizes(config: Any, codec_factor: int) -> list[Size]:
 
 
 def check_bucket_config(config: Any) -> None:
-    """Config-load check of an ExperimentConfig's buckets (no-op when ``data.buckets.enabled`` is false; a latent
-    cache's buckets are its stored sizes, checked when it is read)."""
-    if config.data.buckets.enabled and config.data.source != "latents":
-        check_bucket_sizes(config, assumed_codec_factor(config.data))
+    """Config-load check of an ExperimentConfig's buckets where the codec's spatial factor is known without loading
+    it: pixel space (factor 1). With a VAE the same check runs once it is loaded, before training starts
+    (:func:`training_buckets`); a latent cache's buckets are its stored sizes."""
+    data = config.data
+    if data.buckets.enabled and data.source != "latents" and data.vae is None:
+        check_bucket_sizes(config, 1)
 
 
 def training_buckets(config: Any, codec: Any) -> list[Size] | None:

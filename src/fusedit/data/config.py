@@ -61,7 +61,7 @@ class BucketsConfig:
         aspect_range: ``[lowest, highest]`` width/height ratio of generated buckets.
         count: number of generated buckets (aspect ratios spaced evenly in log scale; odd counts include 1:1).
         multiple: bucket sides are multiples of this; ``null``: ``model.patch_size`` × the codec's spatial factor
-            (1 in pixel space, 8 for a VAE, checked against the VAE when it is loaded).
+            (1 in pixel space; a VAE's own factor, read when it is loaded).
     """
 
     enabled: bool = False
