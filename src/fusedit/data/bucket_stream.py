@@ -4,7 +4,7 @@
 (:class:`~fusedit.data.webdataset.WebShardDataset` with buckets, or a latent cache written per bucket) and yields
 whole micro-batches: each worker keeps one buffer per sample size (``image.shape``) and emits a buffer as a batch the
 moment it holds ``batch_size`` samples. Buffers carry over epoch boundaries (the stream is endless), so nothing is
-dropped.
+dropped; a finite inner stream (``epochs`` set) ends with its partial batches.
 
 Position. After a batch, a worker's position is the inner stream's position (after the sample that completed the
 batch) plus the samples still waiting in its buffers, each named by ``(epoch, cursor, offset)`` — where it sits in
@@ -13,6 +13,9 @@ that worker's reading order. A batch carries both: ``stream_pos`` ``(1, 6)`` (se
 worker decodes its pending samples again (:meth:`ShardStream.samples_at`: same bytes, same per-sample generator,
 so the same tensors) into its buffers, then continues the inner stream: the batches that follow are those of the
 uninterrupted run. Ranks read disjoint shards (the inner stream's split), so every rank's batches are its own.
+With DataLoader workers, the loader takes batches from the workers in turn starting at worker 0, so the order is
+exact when the number of batches taken before the checkpoint is a multiple of ``num_workers`` (each worker's own
+sequence is exact either way), as for unbucketed streams.
 """
 
 from __future__ import annotations
@@ -102,7 +105,7 @@ class BucketBatchStream(IterableDataset):
         if not isinstance(buckets, dict) or buckets.get("format") != _FORMAT:
             raise ValueError("load_state_dict: not a bucketed stream state (saved without data.buckets?)")
         pending = {int(k): [list(map(int, r)) for r in rows] for k, rows in buckets.get("pending", {}).items()}
-        if any(pending.values()) and buckets.get("batch_size") != self.batch_size:
+        if buckets.get("batch_size") != self.batch_size:
             raise ValueError(
                 f"load_state_dict: saved with {buckets.get('batch_size')} samples per batch, this run takes "
                 f"{self.batch_size}; the bucket buffers do not apply"
@@ -131,6 +134,7 @@ class BucketBatchStream(IterableDataset):
         buffers: dict[tuple[int, ...], list[tuple[dict[str, Any], tuple[int, int, int]]]] = {}
         for sample, where in self._restore(worker, num_workers):
             buffers.setdefault(tuple(sample["image"].shape), []).append((sample, where))
+        pos = torch.zeros(6, dtype=torch.int64)
         for sample in self.stream:
             pos = sample.pop(STREAM_POS_KEY)
             where = (int(pos[2]), int(pos[3]), int(pos[4]) - 1)
@@ -145,6 +149,14 @@ class BucketBatchStream(IterableDataset):
             batch["pending"] = torch.tensor(rest, dtype=torch.int64).reshape(-1, 3)
             if info is None:
                 self.mark_consumed(batch)
+            yield batch
+        # a finite stream (epochs set, e.g. for caching) ends with its partial batches, each still of one size
+        while buffers:
+            group = buffers.pop(next(iter(buffers)))
+            batch = _collate([s for s, _ in group])
+            batch[STREAM_POS_KEY] = pos.reshape(1, 6)
+            rest = sorted(w for waiting in buffers.values() for _, w in waiting)
+            batch["pending"] = torch.tensor(rest, dtype=torch.int64).reshape(-1, 3)
             yield batch
 
 
