@@ -41,7 +41,16 @@ def test_too_small_a_budget_is_a_clear_error():
 
 @pytest.mark.parametrize(
     "size, expected",
-    [((64, 64), 1), ((100, 50), 2), ((50, 100), 0), ((70, 64), 1), ((90, 64), 1), ((100, 64), 2), ((1000, 10), 2), ((63, 80), 1)],
+    [
+        ((64, 64), 1),
+        ((100, 50), 2),
+        ((50, 100), 0),
+        ((70, 64), 1),
+        ((90, 64), 1),
+        ((100, 64), 2),
+        ((1000, 10), 2),
+        ((63, 80), 1),
+    ],
 )
 def test_each_image_goes_to_the_bucket_nearest_its_aspect_ratio(size, expected):
     buckets = [(48, 24), (32, 32), (24, 48)]  # (height, width): tall 0.5, square, wide 2
@@ -63,7 +72,9 @@ def test_cover_crop_keeps_the_aspect_ratio_and_centres_the_crop():
     tall = cover_crop(image, (30, 10), "nearest")  # must grow to cover 30 rows: 60x30, crop 10 columns
     assert tall.size == (10, 30)
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
-    assert np.array_equal(np.asarray(cover_crop(image, (10, 10), generator=g1)), np.asarray(cover_crop(image, (10, 10), generator=g2)))
+    assert np.array_equal(
+        np.asarray(cover_crop(image, (10, 10), generator=g1)), np.asarray(cover_crop(image, (10, 10), generator=g2))
+    )
 
 
 def test_bucket_transform_gives_the_bucket_size():

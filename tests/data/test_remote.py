@@ -130,7 +130,8 @@ def test_resuming_a_remote_stream_mid_shard_skips_by_headers(tmp_path, monkeypat
         state = first.state_dict()
         decoded = []
         monkeypatch.setattr(
-            "fusedit.data.webdataset.decode_image", lambda data, name: decoded.append(name) or Image.open(io.BytesIO(data))
+            "fusedit.data.webdataset.decode_image",
+            lambda data, name: decoded.append(name) or Image.open(io.BytesIO(data)),
         )
         resumed = stream(url)
         resumed.load_state_dict(state)

@@ -27,7 +27,9 @@ def pipes(tiny_llm_dir, demo_overrides):
         for param in parts.model.parameters():
             param.add_(0.1 * torch.randn(param.shape, generator=generator))
     scheduler = make_scheduler(config.sample.shift)
-    ours = FuseDiTPipeline(parts.model, parts.text_encoder, scheduler, parts.codec, defaults=config.sample, config=config)
+    ours = FuseDiTPipeline(
+        parts.model, parts.text_encoder, scheduler, parts.codec, defaults=config.sample, config=config
+    )
     native = pipeline_from_parts(parts.model, parts.text_encoder, scheduler, parts.codec, config.sample, config)
     native.set_progress_bar_config(disable=True)
     return ours, native
@@ -58,4 +60,3 @@ def test_non_square_samples_in_both_pipelines(pipes, height, width, tmp_path):
     loaded = DiffusionPipeline.from_pretrained(tmp_path / "saved")
     loaded.set_progress_bar_config(disable=True)
     torch.testing.assert_close(sample(loaded, height, width, output_type="pt"), b, atol=0, rtol=0)
-

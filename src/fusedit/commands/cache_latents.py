@@ -67,7 +67,12 @@ def _config_dataset(config, codec) -> tuple:
     elif buckets is not None:
         assert data.path is not None  # the config's validation requires it
         dataset = BucketedImageFolder(
-            data.path, buckets, center_crop=data.center_crop, interpolation=data.interpolation, seed=seed, on_bad="raise"
+            data.path,
+            buckets,
+            center_crop=data.center_crop,
+            interpolation=data.interpolation,
+            seed=seed,
+            on_bad="raise",
         )
     else:
         assert data.path is not None

@@ -41,11 +41,17 @@ class BucketedImageFolder(ImageFolderDataset):
         on_bad: str = "substitute",
     ):
         super().__init__(
-            root, resolution=1, center_crop=center_crop, captions=captions, interpolation=interpolation, seed=seed,
+            root,
+            resolution=1,
+            center_crop=center_crop,
+            captions=captions,
+            interpolation=interpolation,
+            seed=seed,
             on_bad=on_bad,
         )
-        self.transform = BucketTransform(buckets, center_crop, interpolation)  # type: ignore[assignment]
-        self.buckets = self.transform.buckets
+        self.bucket_transform = BucketTransform(buckets, center_crop, interpolation)
+        self.transform = self.bucket_transform  # type: ignore[assignment]  # what _item applies
+        self.buckets = self.bucket_transform.buckets
         self.item_buckets = [self._bucket_from_header(i) for i in range(len(self.files))]
         self._members: dict[int, list[int]] = {}
         self._slot: list[int] = []  # index -> its place in its bucket's member list
@@ -65,7 +71,7 @@ class BucketedImageFolder(ImageFolderDataset):
         if width <= 0 or height <= 0:
             self._bad[index] = True
             return -1
-        return self.transform.bucket_of(width, height)
+        return self.bucket_transform.bucket_of(width, height)
 
     def bucket_counts(self) -> dict[tuple[int, int], int]:
         """Images per bucket size (unreadable headers left out)."""

@@ -63,7 +63,6 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-
 class LatentEncoder:
     """Encodes pending ``(image (3, H, W), caption, original caption)`` items in one codec call and writes one sample
     per item; tracks the count and whether latent/image shapes stayed the same (else ``"mixed"``).

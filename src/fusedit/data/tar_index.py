@@ -16,7 +16,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CorruptSampleError", "REMOTE_SCHEMES", "is_remote", "TarRecord", "expand_shards", "index_tar", "local_records", "split_key"]
+__all__ = [
+    "CorruptSampleError",
+    "REMOTE_SCHEMES",
+    "is_remote",
+    "TarRecord",
+    "expand_shards",
+    "index_tar",
+    "local_records",
+    "split_key",
+]
 
 logger = logging.getLogger("fusedit.data")
 

@@ -283,10 +283,11 @@ class TrainingData:
         generator = torch.Generator().manual_seed(self.seed + self.samples_seen)
         pin = self.env.device.type == "cuda"
         if self.is_stream:
+            collate: Any = collate_batch_item if self.yields_batches else collate_batch
             loader = DataLoader(
                 self.dataset,
                 batch_size=None if self.yields_batches else self.micro_batch,
-                collate_fn=collate_batch_item if self.yields_batches else collate_batch,
+                collate_fn=collate,
                 num_workers=self.num_workers,
                 pin_memory=pin,
                 persistent_workers=False,
