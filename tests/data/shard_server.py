@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -35,6 +36,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
         self.wfile.flush()
+        if body is not data:
+            time.sleep(0.3)  # the client takes the samples sent so far before it sees the connection drop
         self.close_connection = True
 
     def do_HEAD(self) -> None:  # noqa: N802
