@@ -18,7 +18,12 @@ from fusedit.data.buckets import (
     nearest_bucket,
     training_buckets,
 )
+from fusedit.data.codec import PixelCodec
+from fusedit.data.latents import cache_latents
+from fusedit.data.webdataset import WebShardDataset
 from fusedit.experiment import load_experiment
+
+from .bucket_data import BUCKETS, write_shards
 
 
 def test_generated_buckets_fit_the_budget_in_whole_cells_and_span_the_aspect_range():
@@ -183,3 +188,16 @@ def test_rope_has_no_table_to_outgrow_and_a_vae_is_checked_once_loaded(tmp_path)
     Codec.spatial_factor = 1
     with pytest.raises(ConfigError, match="largest bucket side is 60 patches"):
         training_buckets(config, Codec())
+
+
+def test_a_bucketed_latent_cache_is_checked_against_the_table(tmp_path):
+    spec = write_shards(tmp_path / "shards", n_shards=1)
+    source = WebShardDataset(spec, resolution=8, image_key="image.png", caption_key="txt", epochs=1, buckets=BUCKETS)
+    cache_latents(source, PixelCodec(), tmp_path / "cache", dtype="float32", per_bucket=True)
+    base = ["data.source=latents", f"data.path={tmp_path / 'cache'}", "data.buckets.enabled=true", "model.patch_size=2"]
+    base.append("model.in_channels=3")
+    fits = load_experiment(None, [*base, "model.pos_embed=ape", "model.pos_embed_max_size=8", "model.sample_size=16"])
+    assert training_buckets(fits, PixelCodec()) is None  # the 16 px side is 8 patches: held
+    small = load_experiment(None, [*base, "model.pos_embed=ape", "model.pos_embed_max_size=6", "model.sample_size=8"])
+    with pytest.raises(ConfigError, match="largest bucket is 8 patches per side, but model.pos_embed_max_size=6"):
+        training_buckets(small, PixelCodec())

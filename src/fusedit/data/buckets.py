@@ -19,12 +19,14 @@ before the first step).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
 from fusedit.config import ConfigError
+from fusedit.data.latents import MANIFEST, read_manifest
 from fusedit.data.transforms import _filter, to_rgb, to_tensor
 
 __all__ = [
@@ -219,7 +221,30 @@ def check_bucket_config(config: Any) -> None:
 
 def training_buckets(config: Any, codec: Any) -> list[Size] | None:
     """The checked buckets of a run with its loaded ``codec`` (``None``: not bucketed, or a latent cache, whose
-    buckets are its stored sizes)."""
-    if not config.data.buckets.enabled or config.data.source == "latents":
+    buckets are its stored sizes: those are checked against the sin-cos table here)."""
+    if not config.data.buckets.enabled:
+        return None
+    if config.data.source == "latents":
+        _check_latent_buckets(config)
         return None
     return check_bucket_sizes(config, codec.spatial_factor)
+
+
+def _check_latent_buckets(config: Any) -> None:
+    """The latent sizes a bucketed cache lists (its manifest's ``buckets``) must be whole patch grids the sin-cos
+    table covers."""
+    path = Path(config.data.path or "")
+    if not (path / MANIFEST).is_file():
+        return  # a bare shard pattern: nothing listed to check
+    model = config.model
+    for bucket in read_manifest(path).get("buckets") or []:
+        h, w = bucket["latent_shape"][-2:]
+        if h % model.patch_size or w % model.patch_size:
+            raise ConfigError(
+                f"data.path: the cache's {h}x{w} latents are not a multiple of model.patch_size={model.patch_size}"
+            )
+        if not model.sincos_table_covers(max(h, w) // model.patch_size):
+            raise ConfigError(
+                f"data.path: the cache's largest bucket is {max(h, w) // model.patch_size} patches per side, but "
+                f"model.pos_embed_max_size={model.pos_embed_max_size}; raise it or cache smaller buckets"
+            )
