@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from fusedit.config import load_config, require
+from fusedit.data.buckets import check_bucket_config
 from fusedit.data.config import DataConfig
 from fusedit.models.config import ModelConfig
 from fusedit.text.config import TextConfig
@@ -85,6 +86,7 @@ class ExperimentConfig:
                 f"model.in_channels: training in pixel space (data.vae is null) needs in_channels=3, "
                 f"got {self.model.in_channels}; set data.vae to a VAE or model.in_channels=3",
             )
+        check_bucket_config(self)  # aspect-ratio buckets: whole patch grids the sin-cos table covers
 
 
 def load_experiment(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:

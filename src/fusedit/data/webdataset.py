@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from fusedit.data.buckets import BucketTransform
 from fusedit.data.shards import STREAM_POS_KEY, CorruptSampleError, ShardStream, TarRecord, expand_shards, index_tar
 from fusedit.data.transforms import ImageTransform, decode_image
 
@@ -43,7 +44,10 @@ class WebShardDataset(ShardStream):
             ``"jpg;png"``).
         original_caption_rate: probability of taking the original caption instead of the synthetic one (when the
             sample has a non-empty original caption).
-        seed, rank, world_size, shuffle, epochs: see :class:`ShardStream`.
+        seed, rank, world_size, shuffle, epochs, remote_retries: see :class:`ShardStream`.
+        buckets: aspect-ratio buckets ``[(height, width), ...]``: each image goes to its nearest bucket (cover +
+            crop, :class:`~fusedit.data.buckets.BucketTransform`) instead of a ``resolution``² square; batch them
+            with :class:`~fusedit.data.bucket_stream.BucketBatchStream`.
     """
 
     def __init__(
@@ -62,11 +66,25 @@ class WebShardDataset(ShardStream):
         world_size: int | None = None,
         shuffle: bool = False,
         epochs: int | None = None,
+        remote_retries: int = 3,
+        buckets: list[tuple[int, int]] | None = None,
     ):
-        super().__init__(shards, seed=seed, rank=rank, world_size=world_size, shuffle=shuffle, epochs=epochs)
+        super().__init__(
+            shards,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            shuffle=shuffle,
+            epochs=epochs,
+            remote_retries=remote_retries,
+        )
         if not 0.0 <= original_caption_rate <= 1.0:
             raise ValueError(f"original_caption_rate: got {original_caption_rate}, expected 0..1")
-        self.transform = ImageTransform(resolution, center_crop, interpolation)
+        self.transform: ImageTransform | BucketTransform = (
+            ImageTransform(resolution, center_crop, interpolation)
+            if buckets is None
+            else BucketTransform(buckets, center_crop, interpolation)
+        )
         self.image_keys = _alternatives(image_key)
         self.caption_keys = _alternatives(caption_key)
         self.original_caption_keys = _alternatives(original_caption_key)
@@ -74,9 +92,17 @@ class WebShardDataset(ShardStream):
 
     @classmethod
     def from_config(
-        cls, cfg, *, seed: int = 0, rank: int | None = None, world_size: int | None = None, epochs: int | None = None
+        cls,
+        cfg,
+        *,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        epochs: int | None = None,
+        buckets: list[tuple[int, int]] | None = None,
     ) -> WebShardDataset:
-        """Build from a :class:`fusedit.data.config.DataConfig` (``source: webdataset``)."""
+        """Build from a :class:`fusedit.data.config.DataConfig` (``source: webdataset``), bucketed when ``buckets``
+        are given."""
         return cls(
             cfg.path,
             cfg.resolution,
@@ -91,6 +117,8 @@ class WebShardDataset(ShardStream):
             world_size=world_size,
             shuffle=getattr(cfg, "shuffle", False),
             epochs=epochs,
+            remote_retries=getattr(cfg, "remote_retries", 3),
+            buckets=buckets,
         )
 
     @staticmethod
