@@ -12,12 +12,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet -e ".[test,serve]"
+	$(PY) -m pip install --quiet -e ".[test,serve,lowmem]"
 	touch $@
 
 # The linters (ruff, mypy) are installed only for `make lint`, not for `make demo`.
 $(VENV)/.lint-installed: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e ".[test,serve,lint]"
+	$(PY) -m pip install --quiet -e ".[test,serve,lowmem,lint]"
 	touch $@
 
 venv: $(VENV)/.installed

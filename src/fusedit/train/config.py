@@ -40,6 +40,8 @@ class TrainConfig:
         checkpoint_every: steps between checkpoints (the last step is always saved).
         keep_checkpoints: how many step checkpoints to keep (the newest).
         activation_checkpointing, compile, fused_adamw: speed/memory options.
+        optimizer: ``adamw`` (PyTorch's) or ``adamw8bit`` (bitsandbytes' 8-bit AdamW: a quarter of the optimizer
+            state's memory; needs ``pip install "fusedit[lowmem]"``; not with ``fsdp`` or ``fused_adamw``).
         distributed: ``none``, ``ddp`` or ``fsdp`` (launched by torchrun).
     """
 
@@ -77,6 +79,7 @@ class TrainConfig:
     compile: bool = False
     fused_adamw: bool = False
     distributed: Literal["none", "ddp", "fsdp"] = "none"
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
 
     def validate(self) -> None:
         require(self.max_steps > 0, f"train.max_steps: got {self.max_steps}, expected a positive integer")
@@ -111,3 +114,10 @@ class TrainConfig:
         require(self.keep_checkpoints >= 1, f"train.keep_checkpoints: got {self.keep_checkpoints}, expected >= 1")
         require(self.warmup_steps >= 0, f"train.warmup_steps: got {self.warmup_steps}, expected >= 0")
         require(self.sample_steps > 0, f"train.sample_steps: got {self.sample_steps}, expected > 0")
+        if self.optimizer == "adamw8bit":
+            require(not self.fused_adamw, "train.fused_adamw applies to train.optimizer=adamw; turn one of them off")
+            require(
+                self.distributed != "fsdp",
+                "train.optimizer=adamw8bit does not shard under train.distributed=fsdp (bitsandbytes' 8-bit state "
+                "is not a DTensor); use train.distributed=ddp or train.optimizer=adamw",
+            )
