@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from fusedit import lowmem
 from fusedit.config import ConfigError
-from fusedit.train import optimizers
 from fusedit.train.config import TrainConfig
 from fusedit.train.optimizers import MIN_8BIT_SIZE, make_optimizer
 from fusedit.train.trainer import Trainer
@@ -100,7 +100,7 @@ def test_bitsandbytes_without_a_kernel_for_the_device_is_one_clear_line(monkeypa
             raise NotImplementedError("no kernel for bitsandbytes::optimizer_update_8bit_blockwise on cpu")
 
     fake = types.SimpleNamespace(optim=types.SimpleNamespace(AdamW8bit=NoKernel))
-    monkeypatch.setattr(optimizers.importlib, "import_module", lambda name: fake)
+    monkeypatch.setattr(lowmem.importlib, "import_module", lambda name: fake)
     with pytest.raises(ConfigError, match=r"cannot run 8-bit AdamW on cpu .*use train.optimizer=adamw"):
         make_optimizer("adamw8bit", [nn.Parameter(torch.zeros(4))], **HYPER)
 

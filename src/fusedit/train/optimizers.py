@@ -8,9 +8,6 @@ install or change.
 
 from __future__ import annotations
 
-import importlib
-import logging
-import sys
 import warnings
 from typing import Any
 
@@ -18,40 +15,13 @@ import torch
 from torch import nn
 
 from fusedit.config import ConfigError
+from fusedit.lowmem import import_bitsandbytes
 
 OPTIMIZERS = ("adamw", "adamw8bit")
 #: bitsandbytes keeps 32-bit state for tensors smaller than this (its ``min_8bit_size`` default).
 MIN_8BIT_SIZE = 4096
 #: elements per block of bitsandbytes' block-wise quantisation (one float32 ``absmax`` per block and state).
 BLOCK_SIZE = 256
-
-
-def import_bitsandbytes(what: str) -> Any:
-    """The ``bitsandbytes`` module, or a :class:`ConfigError` naming ``what`` needs it and how to install it."""
-    # On CPUs with AVX512-BF16, importing bitsandbytes tries to download an optional 4-bit CPU kernel from the
-    # Hugging Face hub through the `kernels` package (a network wait of a minute where the hub is unreachable).
-    # fusedit uses no 4-bit kernel: hide `kernels` during the import so bitsandbytes falls back at once.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    hidden = "kernels" not in sys.modules
-    if hidden:
-        sys.modules["kernels"] = None  # type: ignore[assignment]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return importlib.import_module("bitsandbytes")
-    except ImportError as error:
-        raise ConfigError(
-            f"{what} needs the bitsandbytes package, which is not installed ({error}); "
-            f'install it with pip install "fusedit[lowmem]" (or pip install bitsandbytes)'
-        ) from None
-    except Exception as error:  # a broken install or a missing native library
-        raise ConfigError(
-            f"{what} needs bitsandbytes, which failed to load ({type(error).__name__}: {error}); "
-            f"reinstall it for this machine or use the 32-bit alternative"
-        ) from None
-    finally:
-        if hidden:
-            del sys.modules["kernels"]
 
 
 def make_optimizer(
