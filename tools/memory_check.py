@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(json.loads(args.child), args.steps)))
         return 0
     header = "| case (preset, batch, optimizer, checkpointing, precision) | estimate MiB | measured tensor peak MiB "
-    print(header + "| error | peak phase (estimate) | RSS growth MiB |")
+    print(header + "| error | peak phase (estimate) | RSS growth MiB |", flush=True)
     print("|---|---|---|---|---|---|")
     failed = 0
     for text in args.cases:
@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         child = subprocess.run(
             [sys.executable, __file__, "--child", json.dumps(case), "--steps", str(args.steps)],
             capture_output=True,
+            stdin=subprocess.DEVNULL,
             text=True,
             cwd=ROOT,
         )

@@ -19,9 +19,8 @@ def import_bitsandbytes(what: str) -> Any:
     # Hugging Face hub through the `kernels` package (a network wait of a minute where the hub is unreachable).
     # fusedit uses no 4-bit kernel: hide `kernels` during the import so bitsandbytes falls back at once.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    hidden = "kernels" not in sys.modules
-    if hidden:
-        sys.modules["kernels"] = None  # type: ignore[assignment]
+    kernels = sys.modules.get("kernels")  # transformers may have imported it already
+    sys.modules["kernels"] = None  # type: ignore[assignment]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -37,5 +36,7 @@ def import_bitsandbytes(what: str) -> Any:
             f"reinstall it for this machine or use the 32-bit alternative"
         ) from None
     finally:
-        if hidden:
+        if kernels is None:
             del sys.modules["kernels"]
+        else:
+            sys.modules["kernels"] = kernels
