@@ -165,17 +165,17 @@ def block_activation_bytes(resolved: ResolvedModelConfig, s: MemorySettings, fus
     if config.qk_norm:
         total += 2 * (q + k) * FP32 + (q + k) // resolved.head_dim * FP32
     total += (2 * q + 2 * (k + joint_text)) * c + b * resolved.num_attention_heads * n * FP32  # SDPA
-    if cross:
-        total += x * c + (q * 2 * FP32 if config.qk_norm else 0) + 2 * q * c + 2 * t * c
-        total += b * resolved.num_attention_heads * n * FP32 + (2 * x * FP32 if config.sandwich_norm else 0)
-        total += x * FP32  # the residual after the cross-attention
+    if cross:  # its query projection copies the residual stream, which nothing else then saves
+        total += x * c + ((2 * q + q // resolved.head_dim) * FP32 if config.qk_norm else 0) + 2 * q * c + 2 * t * c
+        total += b * resolved.num_attention_heads * n * FP32
+        total += (2 * x + rows) * FP32 if config.sandwich_norm else 0
     if config.fusion == "shallow" and fused:
         total += 2 * t * FP32 if config.qk_norm else 0  # text keys through the block's key norm
     sandwich = 2 * (2 * x * FP32 + rows * FP32) if config.sandwich_norm else 0
-    total += sandwich + x * FP32  # post-attention residual, saved by the MLP norm
-    total += 2 * x * FP32 + rows * FP32 + 2 * x * c + 4 * f * c  # MLP norm, gate/up copies, GeGLU
+    total += sandwich
+    total += 2 * x * FP32 + rows * FP32 + 2 * x * c + 4 * f * c  # MLP norm (its input: the residual), gate/up, GeGLU
     if config.timestep_conditioning in ("adaln-zero", "adaln-single"):
-        total += 2 * x * FP32 + 2 * x * c  # modulated norm outputs and gated branches
+        total += 4 * x * c  # modulated norm outputs and gated branches (compute dtype)
     if s.precision == "bf16" and config.pos_embed != "ape":
         total += 4 * b * n * resolved.head_dim * 2  # cos/sin cast to bf16 for q and k
     return total

@@ -105,6 +105,8 @@ def plan_for_experiment(config, world_size: int = 1, device: str = "cuda") -> Me
     factor = _spatial_factor(config.data)
     latent = config.data.resolution // factor
     check_options(1, world_size, train.distributed, "fp32", train.optimizer)
+    if world_size > 1 and train.distributed == "none":
+        raise BenchError(f"--world-size {world_size} needs train.distributed=ddp or fsdp in the config")
     micro = train.batch_size // (train.gradient_accumulation_steps * world_size)
     if micro < 1:
         raise BenchError(
