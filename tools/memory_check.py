@@ -72,9 +72,7 @@ def measure(case: dict, steps: int) -> dict:
         step, _ = train_step_fns(setup, optimizer_name=case["optimizer"])
         for _ in range(steps):
             step()
-    events = sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-    )
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     live = peak = 0
     for _, nbytes in events:
         live += nbytes

@@ -85,8 +85,9 @@ def _saved_bytes_of_block(model: DiffusionTransformer, settings: MemorySettings,
 
     size = settings.latent_size
     x = torch.randn(settings.batch, settings.latent_channels, size, size, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.autograd.graph.saved_tensors_hooks(
-        pack, lambda t: t
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
     ):
         model(x, torch.rand(settings.batch) * 1000, context)
     return sum(seen.values())

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from fusedit.models.config import ResolvedModelConfig
+from fusedit.models.dit import DiffusionTransformer
 
 FP32 = 4
 MIN_8BIT_SIZE = 4096  # bitsandbytes' min_8bit_size: smaller tensors keep 32-bit state
@@ -115,8 +116,6 @@ def count_parameters(module: nn.Module) -> ParameterCounts:
 
 def dit_parameter_counts(resolved: ResolvedModelConfig) -> ParameterCounts:
     """The DiT's counts, from a model built on the ``meta`` device."""
-    from fusedit.models.dit import DiffusionTransformer
-
     with torch.device("meta"):
         return count_parameters(DiffusionTransformer(resolved))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from fusedit.bench.inputs import llm_config
 from fusedit.bench.memory import (
     MemoryEstimate,
     MemorySettings,
@@ -17,6 +18,7 @@ from fusedit.bench.memory import (
 from fusedit.bench.presets import BenchError, BenchPreset
 from fusedit.config import ConfigError
 from fusedit.models.config import LLMGeometry, ResolvedModelConfig, resolve_model_config
+from fusedit.text.llm import load_llm_config
 
 LLM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -62,8 +64,6 @@ def check_options(batch: int, world_size: int, sharding: str, precision: str, op
 def plan_for_preset(preset: BenchPreset, batch: int, device: str = "cpu", **options) -> MemoryPlan:
     """The plan of ``fusedit bench train --preset NAME``'s training step (``options``: :class:`MemorySettings`
     fields, e.g. ``optimizer="adamw8bit"``, ``activation_checkpointing=True``, ``precision="bf16"``)."""
-    from fusedit.bench.inputs import llm_config
-
     resolved = resolve_model_config(preset.model_config(), preset.geometry())
     settings = MemorySettings(
         batch=batch,
@@ -97,8 +97,6 @@ def _spatial_factor(data) -> int:
 def plan_for_experiment(config, world_size: int = 1, device: str = "cuda") -> MemoryPlan:
     """The plan of ``fusedit train CONFIG`` on ``world_size`` processes of ``device`` (from the config's ``train``,
     ``text``, ``data`` and ``model`` sections; the prompt length is ``text.max_length``, an upper bound)."""
-    from fusedit.text.llm import load_llm_config
-
     hf_config = load_llm_config(config.text.llm)
     resolved = resolve_model_config(config.model, LLMGeometry.from_hf_config(hf_config))
     train, text = config.train, config.text
