@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fusedit.config import ConfigError
+from fusedit.lowmem import import_bitsandbytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Seconds to wait for a TCP connection to the hub before calling it unreachable.
@@ -175,6 +176,8 @@ def load_llm(
     dtype: torch.dtype = torch.float32,
     attention: Literal["hf", "reference"] = "hf",
     attn_implementation: str | None = None,
+    quantization: Literal["none", "int8"] = "none",
+    device: torch.device | str = "cpu",
 ) -> nn.Module:
     """Load the decoder of a causal LM (or of PaliGemma's language model).
 
@@ -183,6 +186,9 @@ def load_llm(
         dtype: weights dtype.
         attention: ``reference`` patches the config as :func:`reference_attention_config`.
         attn_implementation: transformers attention backend (``sdpa`` default, ``eager``).
+        quantization: ``int8`` loads the linear layers in 8 bits on ``device`` (bitsandbytes' LLM.int8 through
+            ``BitsAndBytesConfig``; :class:`~fusedit.config.ConfigError` where bitsandbytes is missing); the model is
+            then already on ``device``.
     Returns:
         the decoder module (e.g. ``Gemma2Model``), in eval mode.
     """
@@ -194,6 +200,8 @@ def load_llm(
     kwargs = {"config": config, "dtype": dtype, **_check_source(name_or_path, "llm", "config.json")}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    if quantization == "int8":
+        kwargs.update(int8_load_kwargs(device))
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except ValueError:
@@ -208,6 +216,14 @@ def load_llm(
     decoder = extract_decoder(model)
     decoder.eval()
     return decoder
+
+
+def int8_load_kwargs(device: torch.device | str) -> dict:
+    """``from_pretrained`` arguments loading the linear layers in 8 bits (LLM.int8) on ``device``."""
+    import_bitsandbytes("text.quantization=int8")
+    from transformers import BitsAndBytesConfig
+
+    return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": str(torch.device(device))}}
 
 
 def load_tokenizer(name_or_path: str, padding_side: str = "left"):
