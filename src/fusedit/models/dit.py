@@ -205,9 +205,7 @@ class DiffusionTransformer(nn.Module):
         if context.batch_size != b:
             raise ValueError(f"{b} images but {context.batch_size} prompts in the text context")
         h, w = height // p, width // p
-        # the patch embedding returns a transposed view; made contiguous once here, every projection reads it
-        # without copying it first (measured: 8 % more training steps per second on the demo, CPU)
-        tokens = self.patch_embed(x).contiguous()
+        tokens = self.patch_embed(x)
         cond = self.timestep(timestep.to(tokens.device), context.pooled, tokens.dtype)
         if self.adds_timestep_to_tokens:
             tokens = tokens + cond.final[:, None]

@@ -212,7 +212,7 @@ def _deep_velocity(
 ) -> torch.Tensor:
     resolved, p = model.resolved, model.patch_size
     h, w = x.shape[2] // p, x.shape[3] // p
-    tokens = model.patch_embed(x).contiguous()
+    tokens = model.patch_embed(x)
     cond = model.timestep(timestep.to(tokens.device), pooled, tokens.dtype)
     if model.adds_timestep_to_tokens:
         tokens = tokens + cond.final[:, None]
