@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from fusedit.commands import main
 from fusedit.data.codec import PixelCodec
 from fusedit.finetune.adapters import read_adapter
+from fusedit.finetune.init import read_init_weights
 from fusedit.sampling.loading import load_pipeline
 from fusedit.sampling.pipeline import FuseDiTPipeline as Sampler
 from fusedit.sampling.pipeline import make_scheduler
@@ -167,3 +168,14 @@ def test_full_finetuning_from_a_pipeline_folder(tiny_llm_dir, base_folder, base_
     assert not (tmp_path / "full" / "final" / "adapter").exists()
     finished = load_pipeline(tmp_path / "full", device="cpu", use_ema=False).transformer.state_dict()
     assert any(not torch.equal(finished[k], base[k]) for k in base)
+
+
+def test_a_lora_run_as_a_starting_point_gives_its_merged_model(lora_run):
+    run_dir, _ = lora_run
+    pipe = load_pipeline(run_dir, device="cpu")
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    fused = pipe.transformer.state_dict()
+    merged = read_init_weights(run_dir)
+    assert merged.keys() <= fused.keys()
+    assert max((merged[k] - fused[k]).abs().max().item() for k in merged) <= 1e-6
