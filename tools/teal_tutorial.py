@@ -87,7 +87,9 @@ def prompts() -> tuple[list[str], list[tuple[str, str]]]:
     """The teal prompts (one per shape, alone and beside a red object) and the control prompts with the color each
     names."""
     teal = [f"a {NEW_WORD} {shape}" for shape in SHAPES]
-    teal += [f"a {NEW_WORD} {shape} to the left of a red {other}" for shape, other in zip(SHAPES, SHAPES[1:])]
+    teal += [
+        f"a {NEW_WORD} {shape} to the left of a red {other}" for shape, other in zip(SHAPES, SHAPES[1:], strict=False)
+    ]
     control = [(f"a {color} {shape}", color) for color in ("red", "blue", "green") for shape in SHAPES]
     return teal, control
 
@@ -129,8 +131,10 @@ def scores(pipe, per_prompt: int, steps: int, cfg: float) -> tuple[dict[str, flo
     teal_images = sample_images(pipe, teal, per_prompt, steps, cfg)
     control_images = sample_images(pipe, [text for text, _ in control], per_prompt, steps, cfg)
     named = np.concatenate(
-        [color_fraction(control_images[i * per_prompt : (i + 1) * per_prompt], PALETTE[c]) for i, (_, c) in
-         enumerate(control)]
+        [
+            color_fraction(control_images[i * per_prompt : (i + 1) * per_prompt], PALETTE[c])
+            for i, (_, c) in enumerate(control)
+        ]
     )
     return {
         "teal_prompts_teal_fraction": float(color_fraction(teal_images, TEAL).mean()),

@@ -27,8 +27,8 @@ def base_folder(tiny_llm_dir, tmp_path_factory) -> Path:
 
 
 def lora_config(llm_dir: Path, base: Path, *extra: str) -> ExperimentConfig:
-    """The tiny demo config fine-tuning ``base`` with rank-4 adapters (alpha 12: not peft's default 8, so a lost alpha shows) at a high learning rate, so that four
-    steps move the adapted model well away from the base."""
+    """The tiny demo config fine-tuning ``base`` with rank-4 adapters at a high learning rate, so that four steps
+    move the adapted model well away from the base (alpha 12: not peft's default 8, so a lost alpha shows)."""
     overrides = overrides_for(llm_dir) + [
         f"finetune.init_from={base}",
         "finetune.lora.rank=4",

@@ -26,7 +26,10 @@ def test_a_lora_section_loads_typed():
     ("overrides", "message"),
     [
         (["finetune.lora.target_modules=[qkv]"], r"target_modules: unknown target module\(s\) \['qkv'\]; allowed: "),
-        (["finetune.lora.llm_target_modules=[lm_head]"], r"llm_target_modules: unknown target module\(s\) \['lm_head'\]"),
+        (
+            ["finetune.lora.llm_target_modules=[lm_head]"],
+            r"llm_target_modules: unknown target module\(s\) \['lm_head'\]",
+        ),
         (["finetune.lora.target_modules=[]"], "target_modules: empty"),
         (["finetune.lora.target_modules=[mlp, mlp]"], "names a module twice"),
         (["finetune.lora.rank=0"], "finetune.lora.rank: got 0, expected a positive integer"),

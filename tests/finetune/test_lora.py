@@ -102,8 +102,13 @@ def test_llm_adapters_only_when_asked():
 
     decoder = Gemma2Model(
         Gemma2Config(
-            vocab_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-            head_dim=16, intermediate_size=48,
+            vocab_size=16,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            intermediate_size=48,
         )
     )
     assert inject_llm_lora(decoder, LoRAConfig()) is None and not is_adapted(decoder)

@@ -12,16 +12,26 @@ from safetensors.torch import load_file
 
 from fusedit.commands import main
 from fusedit.data.codec import PixelCodec
+from fusedit.experiment import load_experiment
 from fusedit.finetune.adapters import read_adapter
 from fusedit.finetune.init import read_init_weights
+from fusedit.sampling.export import export_pipeline
 from fusedit.sampling.loading import load_pipeline
 from fusedit.sampling.pipeline import FuseDiTPipeline as Sampler
 from fusedit.sampling.pipeline import make_scheduler
-from fusedit.sampling.export import export_pipeline
 from fusedit.train.launch import build_trainer
+from tests.conftest import overrides_for
 from tests.finetune.conftest import lora_config, sample, train
 
 pytestmark = pytest.mark.slow
+
+
+def sampler_of(trainer) -> Sampler:
+    """fusedit's sampler over the trainer's own (adapted) model and text encoder."""
+    config = trainer.experiment
+    return Sampler(
+        trainer.model, trainer.text_encoder, make_scheduler(config.sample.shift), PixelCodec(), config.sample
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +55,12 @@ def test_only_adapters_train_and_they_are_saved_alone(lora_run, base_folder):
             assert torch.equal(tensor, base[name.replace(".base_layer", "")]), name
     for folder in (run_dir / "final", run_dir / "checkpoints" / "step-000004"):
         dit, llm = read_adapter(folder / "adapter")
-        assert llm is None and dit.config["r"] == 4 and dit.config["lora_alpha"] == 12 and dit.config["peft_type"] == "LORA"
+        assert (
+            llm is None
+            and dit.config["r"] == 4
+            and dit.config["lora_alpha"] == 12
+            and dit.config["peft_type"] == "LORA"
+        )
         assert all(k.startswith("base_model.model.layers.") and ".lora_" in k for k in dit.weights)
         assert len(dit.weights) == len(trainer.params)
     saved = load_file(run_dir / "final" / "adapter" / "adapter_model.safetensors")
@@ -58,7 +73,9 @@ def test_only_adapters_train_and_they_are_saved_alone(lora_run, base_folder):
 def test_adapter_round_trip_gives_the_trained_models_samples(lora_run, base_pipe):
     run_dir, trainer = lora_run
     config = trainer.experiment
-    trained = Sampler(trainer.model, trainer.text_encoder, make_scheduler(config.sample.shift), PixelCodec(), config.sample)
+    trained = Sampler(
+        trainer.model, trainer.text_encoder, make_scheduler(config.sample.shift), PixelCodec(), config.sample
+    )
     expected = sample(trained)
     base_pipe.load_lora_weights(run_dir / "final" / "adapter", adapter_name="teal")
     assert base_pipe.get_list_adapters() == {"transformer": ["teal"]}
@@ -128,9 +145,7 @@ def test_sample_command_with_lora_and_its_user_errors(lora_run, base_folder, tmp
 
 
 def test_llm_adapters_train_and_round_trip(tiny_llm_dir, base_folder, base_pipe, tmp_path):
-    config = lora_config(
-        tiny_llm_dir, base_folder, "finetune.lora.llm_target_modules=[attention]", "train.max_steps=2"
-    )
+    config = lora_config(tiny_llm_dir, base_folder, "finetune.lora.llm_target_modules=[attention]", "train.max_steps=2")
     trainer = train(config, tmp_path / "llm")
     llm_params = [name for name in trainer.params if name.startswith("llm.")]
     assert llm_params and all(".lora_" in name for name in llm_params)
@@ -139,7 +154,9 @@ def test_llm_adapters_train_and_round_trip(tiny_llm_dir, base_folder, base_pipe,
     dit, llm = read_adapter(tmp_path / "llm" / "final" / "adapter")
     assert llm is not None and all(k.startswith("base_model.model.layers.") for k in llm.weights)
     trainer.text_encoder.eval()  # the trainer left the LLM in training mode (its adapters train)
-    trained = Sampler(trainer.model, trainer.text_encoder, make_scheduler(config.sample.shift), PixelCodec(), config.sample)
+    trained = Sampler(
+        trainer.model, trainer.text_encoder, make_scheduler(config.sample.shift), PixelCodec(), config.sample
+    )
     expected = sample(trained)
     base = sample(base_pipe)
     base_pipe.load_lora_weights(tmp_path / "llm" / "final" / "adapter", adapter_name="both")
@@ -154,10 +171,6 @@ def test_llm_adapters_train_and_round_trip(tiny_llm_dir, base_folder, base_pipe,
 
 
 def test_full_finetuning_from_a_pipeline_folder(tiny_llm_dir, base_folder, base_pipe, tmp_path):
-    from tests.conftest import overrides_for
-    from fusedit.experiment import load_experiment
-    from fusedit.train.launch import build_trainer
-
     config = load_experiment("demo", overrides_for(tiny_llm_dir) + [f"finetune.init_from={base_folder}"])
     trainer = build_trainer(config, tmp_path / "full", device=torch.device("cpu"), resume=True, progress=False)
     start = {k: v.clone() for k, v in trainer.model.state_dict().items()}

@@ -17,6 +17,7 @@ transformers' adapters on the LLM); this class adds the reading of fusedit's ada
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,7 +50,7 @@ def lora_state_of(dit: AdapterPart, llm: AdapterPart | None = None) -> tuple[dic
 
 def read_lora_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A fusedit adapter folder (:mod:`fusedit.finetune.adapters`) as :func:`lora_state_of` gives it."""
-    return lora_state_of(*read_adapter(path))
+    return lora_state_of(*read_adapter(Path(path)))
 
 
 class FuseDiTLoraLoaderMixin(LoraBaseMixin):
@@ -58,11 +59,13 @@ class FuseDiTLoraLoaderMixin(LoraBaseMixin):
     FuseDiTPipeline` (see the module docstring)."""
 
     _lora_loadable_modules = [TRANSFORMER, TEXT_ENCODER]
+    transformer: Any  # the pipeline's components
+    text_encoder: Any
     transformer_name = TRANSFORMER
     text_encoder_name = TEXT_ENCODER
 
     @classmethod
-    def lora_state_dict(cls, pretrained_model_name_or_path_or_dict: Any, **kwargs: Any) -> Any:
+    def lora_state_dict(cls, pretrained_model_name_or_path_or_dict: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         """``{name: tensor}`` of a fusedit adapter folder, a diffusers LoRA file/folder or a state dict (with
         ``return_lora_metadata=True``: ``(state dict, metadata)``; a state dict's metadata may come as
         ``metadata=``: ``LoraConfig`` keywords under the component's prefix, see :func:`lora_state_of`)."""
@@ -89,7 +92,7 @@ class FuseDiTLoraLoaderMixin(LoraBaseMixin):
             )
         return (state, metadata) if return_metadata else state
 
-    def load_lora_weights(
+    def load_lora_weights(  # type: ignore[override]
         self, pretrained_model_name_or_path_or_dict: Any, adapter_name: str | None = None, **kwargs: Any
     ) -> None:
         """Load LoRA adapters into the transformer (and the LLM, when the adapters have a ``text_encoder`` part)
@@ -129,16 +132,25 @@ class FuseDiTLoraLoaderMixin(LoraBaseMixin):
             )
         self._adapters_changed()
 
-    def fuse_lora(self, components: list[str] | None = None, **kwargs: Any) -> None:  # type: ignore[override]
-        """Merge the active adapters into the weights (``lora_scale``, ``adapter_names`` as in diffusers)."""
-        super().fuse_lora(components=components or list(self._lora_loadable_modules), **kwargs)
+    def fuse_lora(
+        self,
+        components: list[str] | None = None,
+        lora_scale: float = 1.0,
+        safe_fusing: bool = False,
+        adapter_names: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Merge the active adapters (or ``adapter_names``) into the weights of ``components`` (default: the
+        transformer and the LLM), scaled by ``lora_scale``."""
+        components = components or list(self._lora_loadable_modules)
+        super().fuse_lora(components, lora_scale, safe_fusing, adapter_names, **kwargs)
         self._adapters_changed()
 
-    def unfuse_lora(self, components: list[str] | None = None, **kwargs: Any) -> None:  # type: ignore[override]
+    def unfuse_lora(self, components: list[str] | None = None, **kwargs: Any) -> None:
         super().unfuse_lora(components=components or list(self._lora_loadable_modules), **kwargs)
         self._adapters_changed()
 
-    def set_adapters(self, adapter_names: Any, adapter_weights: Any = None) -> None:  # type: ignore[override]
+    def set_adapters(self, adapter_names: Any, adapter_weights: Any = None) -> None:
         super().set_adapters(adapter_names, adapter_weights)
         self._adapters_changed()
 

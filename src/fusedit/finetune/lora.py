@@ -58,7 +58,7 @@ def peft_config(config: LoRAConfig, targets: list[str]) -> LoraConfig:
     """peft's ``LoraConfig`` of ``config`` for the modules ``targets`` (full names: matched exactly by peft)."""
     return LoraConfig(
         r=config.rank,
-        lora_alpha=config.alpha,
+        lora_alpha=config.alpha,  # type: ignore[arg-type]  # peft annotates int; it scales by alpha / r
         lora_dropout=config.dropout,
         target_modules=list(targets),
         init_lora_weights=True,
@@ -68,9 +68,7 @@ def peft_config(config: LoRAConfig, targets: list[str]) -> LoraConfig:
 def inject_dit_lora(model: nn.Module, config: LoRAConfig) -> LoraConfig:
     """Freeze ``model`` and add adapters on its blocks' projections named by ``config.target_modules``; returns the
     peft config (saved with the adapter)."""
-    targets = find_targets(
-        model, config.target_modules, DIT_GROUPS, "finetune.lora.target_modules", DIT_BLOCKS_PREFIX
-    )
+    targets = find_targets(model, config.target_modules, DIT_GROUPS, "finetune.lora.target_modules", DIT_BLOCKS_PREFIX)
     lora = peft_config(config, targets)
     model.requires_grad_(False)
     inject_adapter_in_model(lora, model, adapter_name=ADAPTER_NAME)

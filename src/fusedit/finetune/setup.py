@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,7 +47,7 @@ class FinetuneSetup:
     total: int
 
 
-def apply_finetune(config: FinetuneConfig, model: nn.Module, text_encoder: nn.Module) -> FinetuneSetup:
+def apply_finetune(config: FinetuneConfig, model: nn.Module, text_encoder: Any) -> FinetuneSetup:
     """Load ``config.init_from``'s DiT weights into ``model``, then inject the adapters of ``config.lora`` (the
     LLM's too when it names LLM projections: the text encoder becomes trainable, its adapters only)."""
     if config.init_from:
