@@ -192,3 +192,16 @@ def test_a_lora_run_as_a_starting_point_gives_its_merged_model(lora_run):
     merged = read_init_weights(run_dir)
     assert merged.keys() <= fused.keys()
     assert max((merged[k] - fused[k]).abs().max().item() for k in merged) <= 1e-6
+
+
+def test_adapters_of_another_model_or_no_adapters_are_refused_before_loading(lora_run, tmp_path, tiny_llm_dir):
+    from tests.diffusers_native.conftest import tiny_pipeline
+
+    run_dir, _ = lora_run
+    wider = tiny_pipeline(tiny_llm_dir, overrides_for(tiny_llm_dir) + ["model.dit_hidden_size=64"])
+    with pytest.raises(ValueError, match=r"LoRA weight .transformer\.layers\.0\.\S+ has shape .* adapters of another"):
+        wider.load_lora_weights(run_dir / "final" / "adapter", adapter_name="teal")
+    assert wider.get_list_adapters() == {}, "nothing was loaded"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no LoRA weights"):
+        wider.load_lora_weights(tmp_path / "empty")

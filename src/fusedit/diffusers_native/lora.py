@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from diffusers.loaders.lora_base import LoraBaseMixin, _fetch_state_dict, _load_lora_into_text_encoder
 from diffusers.utils import get_adapter_name
+from torch import nn
 
 from fusedit.finetune.adapters import AdapterPart, is_adapter_folder, lora_kwargs, read_adapter
 
@@ -53,6 +54,31 @@ def read_lora_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     return lora_state_of(*read_adapter(Path(path)))
 
 
+def check_fits(state: dict[str, torch.Tensor], components: dict[str, nn.Module]) -> None:
+    """Raise ``ValueError`` unless every ``<component>.<module>.lora_A/B.weight`` of ``state`` names a linear layer of
+    that component with matching features (adapters trained for another model are refused before any is loaded)."""
+    for key, tensor in state.items():
+        component, _, rest = key.partition(".")
+        kind = ".lora_A." if ".lora_A." in rest else ".lora_B." if ".lora_B." in rest else None
+        if kind is None or not rest.endswith(".weight"):
+            continue
+        module_name = rest.split(kind)[0]
+        try:
+            module = components[component].get_submodule(module_name)
+        except AttributeError:
+            raise ValueError(f"LoRA weight {key!r}: the {component} has no module {module_name!r}") from None
+        base = getattr(module, "base_layer", module)
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"LoRA weight {key!r}: {component}.{module_name} is not a linear layer")
+        expected = base.in_features if kind == ".lora_A." else base.out_features
+        got = tensor.shape[1] if kind == ".lora_A." else tensor.shape[0]
+        if got != expected:
+            raise ValueError(
+                f"LoRA weight {key!r} has shape {tuple(tensor.shape)}, but {component}.{module_name} has "
+                f"{base.in_features} inputs and {base.out_features} outputs: adapters of another model"
+            )
+
+
 class FuseDiTLoraLoaderMixin(LoraBaseMixin):
     """``load_lora_weights`` / ``set_adapters`` / ``fuse_lora`` / ``unfuse_lora`` / ``unload_lora_weights`` /
     ``delete_adapters`` / ``disable_lora`` / ``enable_lora`` of :class:`~fusedit.diffusers_native.pipeline.
@@ -75,6 +101,11 @@ class FuseDiTLoraLoaderMixin(LoraBaseMixin):
             state, metadata = dict(source), kwargs.pop("metadata", None)
         elif is_adapter_folder(source):
             state, metadata = read_lora_folder(source)
+        elif os.path.isdir(source) and not any(name.endswith(".safetensors") for name in os.listdir(source)):
+            raise ValueError(
+                f"{source} holds no LoRA weights: expected a fusedit adapter folder (adapter_config.json and "
+                f"adapter_model.safetensors, e.g. a LoRA run's final/adapter) or a diffusers LoRA .safetensors file"
+            )
         else:
             state, metadata = _fetch_state_dict(
                 pretrained_model_name_or_path_or_dict=source,
@@ -109,6 +140,7 @@ class FuseDiTLoraLoaderMixin(LoraBaseMixin):
                 f"{pretrained_model_name_or_path_or_dict!r}: LoRA keys must start with 'transformer.' or "
                 f"'text_encoder.' (diffusers' naming) or come from a fusedit adapter folder"
             )
+        check_fits(state, {TRANSFORMER: self.transformer, TEXT_ENCODER: self.text_encoder})
         adapter_name = adapter_name or get_adapter_name(self.transformer)
         self.transformer.load_lora_adapter(
             {k: v for k, v in state.items() if k.startswith(f"{TRANSFORMER}.")},
