@@ -30,7 +30,10 @@ def test_an_exported_folder_gives_its_dit(tiny_llm_dir, base_folder):
 
 def test_a_config_that_does_not_fit_is_a_clear_error(tiny_llm_dir, base_folder):
     parts = build_components(load_experiment("demo", overrides_for(tiny_llm_dir) + ["model.dit_hidden_size=64"]))
-    with pytest.raises(ConfigError, match=r"does not fit this config's model\.\*: shapes differ \(.*\(32,\) in the "):
+    message = (
+        r"does not fit this config's model\.\*: shapes differ \(\S+: \(\d+, 32\) in the source, \(\d+, 64\) in this"
+    )
+    with pytest.raises(ConfigError, match=message):
         load_init_weights(parts.model, base_folder)
     with pytest.raises(ConfigError, match="does not exist"):
         read_init_weights(base_folder.parent / "nowhere")
