@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--mode", choices=["lora", "full"], help=argparse.SUPPRESS)  # one measurement (child)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.mode:
         print(json.dumps(child(args.base, args.mode, args.steps, args.overrides)))
         return 0
