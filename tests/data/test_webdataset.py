@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import fusedit.data.webdataset as wdmod
+from fusedit.data.errors import NoUsableDataError
 from fusedit.data.webdataset import STREAM_POS_KEY, WebShardDataset, expand_shards, index_tar
 
 
@@ -200,7 +201,7 @@ def test_spec_errors(tmp_path):
 
 def test_all_corrupt_forever_raises(tmp_path):
     write_shard(tmp_path / "bad.tar", [("k", {"image.jpg": b"nope", "synthetic_caption.txt": b"x"})])
-    with pytest.raises(RuntimeError, match="no usable sample"):
+    with pytest.raises(NoUsableDataError, match="no usable sample in 1 shard"):
         next(iter(WebShardDataset(str(tmp_path / "bad.tar"), 8)))
 
 
@@ -234,3 +235,19 @@ def test_reads_shards_written_by_the_webdataset_library(tmp_path):
     ds2 = WebShardDataset(str(tmp_path / "w-0.tar"), 8, epochs=1)
     ds2.mark_consumed([samples[0]])  # per-sample form
     assert captions(ds2) == ["cap 1", "cap 2"]
+
+
+def test_a_caption_that_is_not_utf8_is_skipped_with_its_reason(tmp_path):
+    write_shard(
+        tmp_path / "s.tar",
+        [
+            ("bad", {"image.jpg": jpeg(1), "synthetic_caption.txt": b"caf\xe9"}),
+            ("good", {"image.jpg": jpeg(2), "synthetic_caption.txt": b"a red circle"}),
+        ],
+    )
+    ds = WebShardDataset(str(tmp_path / "s.tar"), 8, epochs=1)
+    assert captions(ds) == ["a red circle"]
+    assert ds.skipped == 1
+    assert ds.bad_samples == [
+        f"{tmp_path / 's.tar'}:bad: caption member synthetic_caption.txt is not UTF-8 text (byte 0xe9 at offset 3)"
+    ]

@@ -8,10 +8,15 @@ from pathlib import Path
 
 NAME = "train"
 HELP = "train a model from a YAML config (resumes an existing run)"
+#: What ``fusedit train`` without a config says (after the usage line).
+NEEDS_CONFIG = (
+    "a config is needed: a YAML file or a shipped config name, e.g. `fusedit train tiny/base`; "
+    "`fusedit configs` lists the shipped ones, `fusedit train --list-keys` the keys you can override"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML config file or shipped config name (see `fusedit configs`)")
+    p.add_argument("config", nargs="?", help="YAML config file or shipped config name (see `fusedit configs`)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
     p.add_argument("--run-dir", help="run directory (default: runs/<name>)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -22,16 +27,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="fine-tune: start from the DiT of this run, exported folder or reference folder (finetune.init_from; "
         "with finetune.lora.rank=... only LoRA adapters train; docs/finetune.md)",
     )
+    p.add_argument(
+        "--list-keys",
+        action="store_true",
+        help="print every key=value override key with its type, default and meaning, then exit",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.list_keys:
+        from fusedit.commands.configs import print_keys
+
+        return print_keys(args.config)
+    if args.config is None:
+        args.parser.error(NEEDS_CONFIG)
+    from fusedit.atomic import naming_full_disk
     from fusedit.experiment import load_experiment
     from fusedit.train.launch import train_run
 
     overrides = list(args.overrides) + ([f"finetune.init_from={args.init_from}"] if args.init_from else [])
     config = load_experiment(args.config, overrides)
     run_dir = Path(args.run_dir or Path("runs") / config.name)
-    summary = train_run(config, run_dir, device=args.device, resume=not args.no_resume)
+    with naming_full_disk(run_dir):
+        summary = train_run(config, run_dir, device=args.device, resume=not args.no_resume)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
     print(f"run: {run_dir}")

@@ -13,6 +13,7 @@ import yaml
 
 from fusedit.atomic import write_text_atomic
 from fusedit.builders import build_components, check_training_size, default_device, resolve_relative_paths
+from fusedit.data.buckets import training_buckets
 from fusedit.data.factory import build_dataset
 from fusedit.dist.env import current_env, destroy_distributed, init_distributed, is_initialized
 from fusedit.experiment import ExperimentConfig
@@ -62,7 +63,9 @@ def build_trainer(
     parts = build_components(config, device=device)
     finetune = apply_finetune(config.finetune, parts.model, parts.text_encoder)  # init_from, LoRA adapters
     check_training_size(config, parts.codec)
-    dataset = build_dataset(config.data, seed=config.train.seed, codec=parts.codec)
+    dataset = build_dataset(
+        config.data, seed=config.train.seed, codec=parts.codec, buckets=training_buckets(config, parts.codec)
+    )
     if current_env().is_main:
         save_run_config(config, run_dir)
     scheduler = make_scheduler(config.sample.shift)
