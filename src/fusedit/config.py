@@ -169,6 +169,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return _convert(value, option, key)
             except ConfigError as error:
                 errors.append(str(error))
+                if isinstance(value, Mapping) and isinstance(option, type) and dataclasses.is_dataclass(option):
+                    raise  # a mapping for an optional section: the section's own message names the bad key
         raise ConfigError(f"{key}: got {value!r}, expected {_type_name(tp)}")
     if tp is type(None):
         if value is None:

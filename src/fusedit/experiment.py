@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from fusedit.config import load_config, require
 from fusedit.data.buckets import check_bucket_config
 from fusedit.data.config import DataConfig
+from fusedit.finetune.config import FinetuneConfig
 from fusedit.models.config import ModelConfig
 from fusedit.text.config import TextConfig
 from fusedit.train.config import TrainConfig
@@ -78,8 +79,15 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> None:
+        lora = self.finetune.lora
+        require(
+            lora is None or not (lora.llm_target_modules and self.text.trainable),
+            "finetune.lora.llm_target_modules with text.trainable: true: train the LLM either whole or through "
+            "adapters, not both",
+        )
         if self.data.vae is None:
             require(
                 self.model.in_channels == 3,

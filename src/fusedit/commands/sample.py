@@ -44,6 +44,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=positive_int, default=None, help="maximum prompt length in tokens")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N ... (default: CUDA when available)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:WEIGHT]",
+        help="load LoRA adapters (a LoRA run's final/adapter, or a diffusers LoRA file) with this weight (default 1); "
+        "repeat to combine several",
+    )
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """``PATH[:WEIGHT]`` -> ``(PATH, WEIGHT)`` (weight 1.0 when absent); the path must exist."""
+    path, sep, text = spec.rpartition(":")
+    if not sep or Path(spec).exists():
+        path, weight = spec, 1.0
+    else:
+        try:
+            weight = float(text)
+        except ValueError:
+            raise ValueError(f"--lora {spec!r}: {text!r} is not a number; expected PATH or PATH:WEIGHT") from None
+    if not Path(path).exists():
+        raise FileNotFoundError(f"--lora {spec!r}: {path} does not exist")
+    return path, weight
+
+
+def load_loras(pipe, specs: list[tuple[str, float]]) -> None:
+    """Load each ``(path, weight)`` as adapter ``lora<i>`` and activate them with their weights, beside the adapters
+    the model was loaded with (a LoRA run's own, at weight 1)."""
+    if not specs:
+        return
+    names, weights = [], []
+    for i, (path, weight) in enumerate(specs):
+        names.append(f"lora{i}")
+        weights.append(weight)
+        pipe.load_lora_weights(path, adapter_name=names[-1])
+    own = [n for n in pipe.get_list_adapters().get("transformer", []) if n not in names]
+    pipe.set_adapters(own + names, [1.0] * len(own) + weights)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
     from fusedit.sampling.loading import load_pipeline
 
     check_image_path(args.out)
+    specs = [parse_lora(spec) for spec in args.lora]  # checked before the model loads
     pipe = load_pipeline(args.path, device=args.device, use_ema=not args.no_ema)
+    load_loras(pipe, specs)
     generator = torch.Generator(device=pipe.device).manual_seed(args.seed)
     out = pipe(
         args.prompt,

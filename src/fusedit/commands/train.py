@@ -22,6 +22,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if the run has checkpoints")
     p.add_argument(
+        "--init-from",
+        metavar="PATH",
+        help="fine-tune: start from the DiT of this run, exported folder or reference folder (finetune.init_from; "
+        "with finetune.lora.rank=... only LoRA adapters train; docs/finetune.md)",
+    )
+    p.add_argument(
         "--list-keys",
         action="store_true",
         help="print every key=value override key with its type, default and meaning, then exit",
@@ -39,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from fusedit.experiment import load_experiment
     from fusedit.train.launch import train_run
 
-    config = load_experiment(args.config, args.overrides)
+    overrides = list(args.overrides) + ([f"finetune.init_from={args.init_from}"] if args.init_from else [])
+    config = load_experiment(args.config, overrides)
     run_dir = Path(args.run_dir or Path("runs") / config.name)
     with naming_full_disk(run_dir):
         summary = train_run(config, run_dir, device=args.device, resume=not args.no_resume)

@@ -47,6 +47,7 @@ from fusedit.diffusers_native.components import (
     read_sample_defaults,
     read_text_config,
 )
+from fusedit.diffusers_native.lora import FuseDiTLoraLoaderMixin
 from fusedit.diffusers_native.transformer import FuseDiTTransformer2DModel
 from fusedit.experiment import ExperimentConfig, SampleConfig
 from fusedit.progress import track
@@ -73,13 +74,15 @@ class FuseDiTPipelineOutput(BaseOutput):
     num_truncated: int = 0
 
 
-class FuseDiTPipeline(DiffusionPipeline):
+class FuseDiTPipeline(DiffusionPipeline, FuseDiTLoraLoaderMixin):
     """Text-to-image sampling with a fusedit model (deep fusion or a shallow baseline); see the module docstring.
 
     Besides the components, ``pipe.model`` (the transformer), ``pipe.context_encoder`` (the
     :class:`~fusedit.text.encoder.TextEncoder` over ``text_encoder`` and ``tokenizer``), ``pipe.codec``,
     ``pipe.defaults`` (:class:`~fusedit.experiment.SampleConfig`) and ``pipe.experiment`` (the run's
     :class:`~fusedit.experiment.ExperimentConfig`, None for a converted reference folder) are fusedit's views.
+    LoRA adapters load as in diffusers (``load_lora_weights``, ``set_adapters``, ``fuse_lora``,
+    ``unload_lora_weights``; :class:`~fusedit.diffusers_native.lora.FuseDiTLoraLoaderMixin`).
     """
 
     transformer: FuseDiTTransformer2DModel
@@ -214,6 +217,10 @@ class FuseDiTPipeline(DiffusionPipeline):
     ) -> TextContext:
         """The negative prompt's context repeated ``batch_size`` times (cached across calls)."""
         return self._current_sampler().unconditional_context(negative_prompt, batch_size, max_sequence_length)
+
+    def _adapters_changed(self) -> None:
+        """LoRA adapters were loaded, weighted, fused or removed: cached text contexts are stale."""
+        self._current_sampler()._uncond_cache.clear()
 
     def to(self, *args: Any, **kwargs: Any) -> "FuseDiTPipeline":
         """diffusers' ``to`` (device and/or dtype of every component); clears the cached unconditional context."""

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders.peft import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin  # (diffusers also looks ModelMixin up in this module)
 
 from fusedit.config import ConfigError, from_dict, to_dict
@@ -38,9 +39,10 @@ def llm_geometry_from_dict(data: Mapping[str, Any] | None) -> LLMGeometry:
     return LLMGeometry(**dict(data))
 
 
-class FuseDiTTransformer2DModel(DiffusionTransformer, ModelMixin, ConfigMixin):  # type: ignore[misc]
+class FuseDiTTransformer2DModel(DiffusionTransformer, ModelMixin, ConfigMixin, PeftAdapterMixin):  # type: ignore[misc]
     """The diffusion transformer (deep fusion or a shallow baseline) with diffusers' ``save_pretrained`` /
-    ``from_pretrained``.
+    ``from_pretrained``, and diffusers' LoRA adapters (``PeftAdapterMixin``: ``load_lora_adapter``,
+    ``set_adapters``, ``fuse_lora``, ``unload_lora``).
 
     ``forward(x (B, C, H, W), timestep (B,) = σ·1000, context: TextContext) -> velocity (B, C_out, H, W)``, as
     :class:`~fusedit.models.dit.DiffusionTransformer`; the text context comes from the pipeline's text encoder.

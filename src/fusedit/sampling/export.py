@@ -43,6 +43,9 @@ def export_pipeline(
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose a new folder")
     pipe = load_pipeline(run_dir, device="cpu", dtype=torch.float32, use_ema=use_ema)
+    if any(pipe.get_list_adapters().values()):  # a LoRA run: its adapters merged into the exported weights
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
     if pipe.config["run_config"] is not None:
         ema = (run_dir / "config.yaml").is_file() and find_run_weights(run_dir, use_ema).ema
         provenance = {"source": str(run_dir.resolve()), "weights": "ema" if ema else "model", "fusedit": __version__}

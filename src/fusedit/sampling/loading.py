@@ -17,8 +17,11 @@ from fusedit.checkpoint.errors import CheckpointError
 from fusedit.checkpoint.weights import FINAL_DIR, RunWeights, find_run_weights, load_model_weights
 from fusedit.data.codec import load_codec
 from fusedit.diffusers_native.convert import is_diffusers_folder, load_diffusers_folder, pipeline_from_parts
+from fusedit.diffusers_native.lora import lora_state_of
 from fusedit.diffusers_native.pipeline import FuseDiTPipeline
 from fusedit.experiment import SampleConfig, load_experiment
+from fusedit.finetune.init import load_init_weights
+from fusedit.finetune.setup import adapter_name_of, adapter_parts
 from fusedit.reference.importer import is_reference_folder, load_reference_folder
 from fusedit.sampling.pipeline import make_scheduler
 from fusedit.text.encoder import TextEncoder
@@ -95,10 +98,18 @@ def _load_ours(
         raise CheckpointError(f"{config_path} is missing; cannot rebuild the model of {root}")
     config = resolve_relative_paths(load_experiment(config_path), relative_to)
     parts = build_components(config, device=device)
-    load_model_weights(parts.model, parts.text_encoder, weights.read(), weights.source)
+    lora = config.finetune.lora
+    if lora is None:
+        load_model_weights(parts.model, parts.text_encoder, weights.read(), weights.source)
+    else:  # a LoRA run: the base it adapted, then its adapters (named after the run)
+        load_init_weights(parts.model, str(config.finetune.init_from))
     parts.model.to(dtype=dtype)
     scheduler = make_scheduler(config.sample.shift)
-    return _quiet(pipeline_from_parts(parts.model, parts.text_encoder, scheduler, parts.codec, config.sample, config))
+    pipe = pipeline_from_parts(parts.model, parts.text_encoder, scheduler, parts.codec, config.sample, config)
+    if lora is not None:
+        state, metadata = lora_state_of(*adapter_parts(weights.read(), lora))
+        pipe.load_lora_weights(state, adapter_name=adapter_name_of(config.name), metadata=metadata)
+    return _quiet(pipe)
 
 
 def _load_reference(root: Path, device: torch.device, dtype: torch.dtype) -> FuseDiTPipeline:

@@ -17,6 +17,7 @@ from fusedit.data.buckets import training_buckets
 from fusedit.data.factory import build_dataset
 from fusedit.dist.env import current_env, destroy_distributed, init_distributed, is_initialized
 from fusedit.experiment import ExperimentConfig
+from fusedit.finetune.setup import AdapterWriter, apply_finetune
 from fusedit.sampling.pipeline import FuseDiTPipeline, make_scheduler
 from fusedit.train.setup import TrainSummary
 from fusedit.train.trainer import Trainer
@@ -60,6 +61,7 @@ def build_trainer(
     that draws the sample grids."""
     torch.manual_seed(config.train.seed)  # the same initial weights in every process (and every run)
     parts = build_components(config, device=device)
+    finetune = apply_finetune(config.finetune, parts.model, parts.text_encoder)  # init_from, LoRA adapters
     check_training_size(config, parts.codec)
     dataset = build_dataset(
         config.data, seed=config.train.seed, codec=parts.codec, buckets=training_buckets(config, parts.codec)
@@ -81,6 +83,7 @@ def build_trainer(
         device=device,
         resume=resume,
         progress=progress,
+        after_save=AdapterWriter(finetune.lora) if finetune.lora is not None else None,
     )
 
 

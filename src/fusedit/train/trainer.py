@@ -82,6 +82,8 @@ class Trainer:
         resume_from: resume from this checkpoint directory instead (an error if it cannot be loaded).
         num_workers: DataLoader workers (default: ``config.data.num_workers`` for an ExperimentConfig, else 0).
         progress, tensorboard: console progress / TensorBoard on or off.
+        after_save: called by rank 0 with each checkpoint directory and ``final/`` once written (e.g.
+            :class:`fusedit.finetune.setup.AdapterWriter` adds the LoRA adapters in peft's format).
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class Trainer:
         num_workers: int | None = None,
         progress: bool = True,
         tensorboard: bool = True,
+        after_save: Callable[[Path], None] | None = None,
     ) -> None:
         self.experiment, self.cfg = split_config(config)
         check_text_encoder(text_encoder, self.cfg)
@@ -110,6 +113,7 @@ class Trainer:
             self.text_encoder = CachedTextEncoder(text_encoder)
         self.resume, self.resume_from = resume, Path(resume_from) if resume_from is not None else None
         self.progress, self.tensorboard = progress, tensorboard
+        self.after_save = after_save
         self.use_bf16 = cfg.mixed_precision == "bf16" and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
 
         self.model = self._prepare_model(model)
@@ -301,7 +305,7 @@ class Trainer:
 
     def save_checkpoint(self, metrics: dict[str, float] | None = None) -> Path:
         """Write the checkpoint of the current step (atomically; every rank calls it) and return its directory."""
-        return self.state.save(metrics)
+        return self._saved(self.state.save(metrics))
 
     def load_checkpoint(self, path: str | Path) -> Any:
         """Restore the run from checkpoint ``path`` (either format; see :class:`fusedit.train.state.RunState`)."""
@@ -309,7 +313,12 @@ class Trainer:
 
     def export_final(self) -> Path:
         """Write ``run_dir/final`` (every rank calls it; rank 0 writes)."""
-        return self.state.export_final()
+        return self._saved(self.state.export_final())
+
+    def _saved(self, directory: Path) -> Path:
+        if self.after_save is not None and self.plan.env.is_main:
+            self.after_save(directory)
+        return directory
 
     # ------------------------------------------------------------------------------------------------------------
     # the loop
