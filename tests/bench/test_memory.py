@@ -155,7 +155,10 @@ def test_cli_prints_the_table(capsys):
         (["bench", "sample", "--estimate-memory", "--preset", "tiny"], "estimates a training step"),
         (["bench", "train", "--estimate-memory"], "exactly one of --preset"),
         (["bench", "train", "--estimate-memory", "--preset", "huge"], "unknown preset"),
-        (["bench", "train", "--estimate-memory", "--preset", "tiny", "--world-size", "0"], "expected a positive integer"),
+        (
+            ["bench", "train", "--estimate-memory", "--preset", "tiny", "--world-size", "0"],
+            "expected a positive integer",
+        ),
         (["bench", "train", "--preset", "tiny", "--config", "demo"], "--config is for --estimate-memory"),
     ],
 )
