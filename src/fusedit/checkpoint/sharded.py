@@ -4,7 +4,8 @@
 
     run_dir/checkpoints/step-000123/
         dcp/                  DCP files: {"model", "optimizer", "ema"} — every rank writes its shards
-        rank-00000.pt ...     per rank: RNG states (python, numpy, torch CPU, this rank's CUDA device, the trainer's
+        rank-00000.pt ...     per rank (tensors, numbers and containers only, read with weights_only=True): RNG
+                              states (python, numpy, torch CPU, this rank's CUDA device, the trainer's
                               generators) and the data-stream position (shard streams)
         trainer_state.json    written by rank 0: format "fusedit-dcp", step, world_size, LR scheduler, global data
                               position, config, metrics, file sizes
@@ -35,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from fusedit.atomic import fsync_tree
 from fusedit.checkpoint.errors import CheckpointError
+from fusedit.checkpoint.safe_pickle import load_torch_file
 from fusedit.checkpoint.layout import (
     STATE_FILE,
     PathLike,
@@ -46,6 +48,7 @@ from fusedit.checkpoint.layout import (
     verify_file_sizes,
     write_state,
 )
+from fusedit.checkpoint.verify import check_finite
 from fusedit.dist.env import DistEnv, barrier
 
 FORMAT = "fusedit-dcp"
@@ -214,11 +217,7 @@ def load_sharded_checkpoint(
                     tensor.copy_(payload["ema"][name])
     rank_states = []
     for rank in range(state["world_size"]):
-        file = path / rank_file(rank)
-        try:
-            rank_states.append(torch.load(file, map_location="cpu", weights_only=False))
-        except Exception as error:  # truncated/garbled pickles raise many types
-            raise CheckpointError(f"{file}: cannot be loaded ({type(error).__name__}: {error})") from None
+        rank_states.append(load_torch_file(path / rank_file(rank)))
     step = state.pop("step")
     return ShardedCheckpoint(path=path, step=step, world_size=state["world_size"], state=state, rank_states=rank_states)
 
@@ -249,4 +248,6 @@ def read_sharded_weights(path: PathLike, which: str = "model") -> dict[str, torc
         raise CheckpointError(
             f"{path / DCP_DIR}: cannot be read ({type(error).__name__}: {str(error)[:500]})"
         ) from None
-    return {name: tensor.float() for name, tensor in payload[which].items()}
+    weights = {name: tensor.float() for name, tensor in payload[which].items()}
+    check_finite(weights, f"{path} ({which} weights)")
+    return weights
