@@ -373,6 +373,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         path = self.shards[where.shard]
         records = index_tar(path)
         order = _permutation(len(records), self.seed, where.epoch, where.shard) if self.shuffle else None
+        if not records and begin == 0:  # no readable sample at all: counted once (offset 1 marks it counted)
+            count.skipped += 1
+            self._note_bad(path, "*", "the shard holds no readable sample")
+            if where.in_process:
+                self._set(where.worker, where.num_workers, _Position(where.epoch, where.cursor, 1, count.skipped))
         if begin >= len(records):
             return
         with open(path, "rb") as fileobj:
