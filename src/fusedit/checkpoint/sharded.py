@@ -31,10 +31,12 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from fusedit.atomic import fsync_tree
+from fusedit.checkpoint.dcp_safety import SafeLoadPlanner, check_dcp_metadata, checkpoint_error_of
 from fusedit.checkpoint.errors import CheckpointError
 from fusedit.checkpoint.safe_pickle import load_torch_file
 from fusedit.checkpoint.layout import (
@@ -175,9 +177,13 @@ def _verified_state(path: Path) -> dict[str, Any]:
 
 
 def _dcp_load(payload: dict[str, Any], path: Path) -> None:
+    check_dcp_metadata(path / DCP_DIR)  # DCP unpickles it: nothing but its own classes may be in it
     with warnings.catch_warnings():  # loading without a process group is intended (resume in one process)
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(payload, checkpoint_id=str(path / DCP_DIR))
+        try:
+            dcp.load(payload, checkpoint_id=str(path / DCP_DIR), planner=SafeLoadPlanner())
+        except CheckpointException as error:  # a BaseException: DCP's wrapper of every rank's failure
+            raise checkpoint_error_of(error, path / DCP_DIR) from None
 
 
 def load_sharded_checkpoint(
@@ -206,6 +212,8 @@ def load_sharded_checkpoint(
             optim_state_dict=payload["optimizer"],
             options=_state_dict_options(strict=False),
         )
+    except CheckpointError:
+        raise
     except (RuntimeError, KeyError, ValueError) as error:
         raise CheckpointError(
             f"{path / DCP_DIR}: cannot be loaded into this model/optimizer ({type(error).__name__}: {str(error)[:500]})"
@@ -229,6 +237,7 @@ def read_sharded_weights(path: PathLike, which: str = "model") -> dict[str, torc
     state = _verified_state(path)
     if which == "ema" and not state.get("has_ema"):
         raise CheckpointError(f"{path}: the checkpoint was written without EMA")
+    check_dcp_metadata(path / DCP_DIR)
     try:
         metadata = dcp.FileSystemReader(str(path / DCP_DIR)).read_metadata().state_dict_metadata
     except Exception as error:  # unreadable metadata raises many types
@@ -244,6 +253,8 @@ def read_sharded_weights(path: PathLike, which: str = "model") -> dict[str, torc
     payload = {which: wanted}
     try:
         _dcp_load(payload, path)
+    except CheckpointError:
+        raise
     except (RuntimeError, KeyError, ValueError) as error:
         raise CheckpointError(
             f"{path / DCP_DIR}: cannot be read ({type(error).__name__}: {str(error)[:500]})"
