@@ -132,7 +132,9 @@ def test_payload_in_a_dcp_byte_item_is_refused(tmp_path):
         dcp.save({"extra": {"obj": Payload(marker), "lr": 0.5}}, checkpoint_id=str(tmp_path / "dcp"))
         with pytest.raises(CheckpointError, match="extra.obj: refused"):
             try:
-                dcp.load({"extra": {"obj": None, "lr": 0.0}}, checkpoint_id=str(tmp_path / "dcp"), planner=SafeLoadPlanner())
+                dcp.load(
+                    {"extra": {"obj": None, "lr": 0.0}}, checkpoint_id=str(tmp_path / "dcp"), planner=SafeLoadPlanner()
+                )
             except CheckpointException as error:
                 raise checkpoint_error_of(error, tmp_path / "dcp") from None
         safe = {"extra": {"lr": 0.0}}

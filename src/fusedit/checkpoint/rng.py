@@ -34,7 +34,7 @@ def capture_rng_state(
     }
 
 
-def _numpy_state_as_tensor(state: tuple) -> tuple:
+def _numpy_state_as_tensor(state: Any) -> tuple:
     """numpy's legacy RNG state with its key as an int64 tensor (so that the file loads with ``weights_only``)."""
     name, keys, *rest = state
     return (name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), *rest)

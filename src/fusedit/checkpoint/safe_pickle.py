@@ -45,4 +45,6 @@ def load_torch_file(path: Path) -> Any:
                 f"{path}: refused: it holds Python objects that loading would execute, which no fusedit file needs "
                 f"({reason.strip()[:200]}); do not resume from this checkpoint"
             ) from None
-        raise CheckpointError(f"{path}: cannot be loaded with torch.load ({type(error).__name__}: {message[:300]})") from None
+        raise CheckpointError(
+            f"{path}: cannot be loaded with torch.load ({type(error).__name__}: {message[:300]})"
+        ) from None

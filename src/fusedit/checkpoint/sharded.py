@@ -38,7 +38,6 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from fusedit.atomic import fsync_tree
 from fusedit.checkpoint.dcp_safety import SafeLoadPlanner, check_dcp_metadata, checkpoint_error_of
 from fusedit.checkpoint.errors import CheckpointError
-from fusedit.checkpoint.safe_pickle import load_torch_file
 from fusedit.checkpoint.layout import (
     STATE_FILE,
     PathLike,
@@ -50,6 +49,7 @@ from fusedit.checkpoint.layout import (
     verify_file_sizes,
     write_state,
 )
+from fusedit.checkpoint.safe_pickle import load_torch_file
 from fusedit.checkpoint.verify import check_finite
 from fusedit.dist.env import DistEnv, barrier
 

@@ -27,7 +27,6 @@ from safetensors.torch import load_file, save_file
 
 from fusedit.atomic import fsync_dir, fsync_file
 from fusedit.checkpoint.errors import CheckpointError
-from fusedit.checkpoint.safe_pickle import load_torch_file
 from fusedit.checkpoint.layout import (
     STATE_FILE,
     PathLike,
@@ -38,6 +37,7 @@ from fusedit.checkpoint.layout import (
     verify_file_sizes,
     write_state,
 )
+from fusedit.checkpoint.safe_pickle import load_torch_file
 from fusedit.checkpoint.verify import check_finite, check_safetensors_file
 
 MODEL_FILE = "model.safetensors"

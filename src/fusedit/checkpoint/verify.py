@@ -35,7 +35,9 @@ def check_safetensors_file(path: Path) -> dict:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({size} bytes, too short); the file is truncated")
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file ({size} bytes, too short); the file is truncated"
+            )
         length = int.from_bytes(head, "little")
         if length > min(MAX_HEADER_BYTES, size - 8):
             raise CheckpointError(
@@ -46,9 +48,13 @@ def check_safetensors_file(path: Path) -> dict:
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path}: not a readable safetensors file (its header is not valid JSON); the file is corrupt") from None
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (its header is not valid JSON); the file is corrupt"
+        ) from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: not a readable safetensors file (its header is not a JSON object); the file is corrupt")
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (its header is not a JSON object); the file is corrupt"
+        )
     ends = [
         entry["data_offsets"][1]
         for name, entry in header.items()
@@ -81,7 +87,9 @@ def check_same_tensors(expected: Mapping[str, torch.Tensor], written: Mapping[st
     """Raise :class:`CheckpointError` unless ``written`` holds exactly ``expected`` (names, shapes, dtypes, values)."""
     missing, extra = sorted(set(expected) - set(written)), sorted(set(written) - set(expected))
     if missing or extra:
-        raise CheckpointError(f"{source}: written weights differ from the model's: missing {missing[:5]}, extra {extra[:5]}")
+        raise CheckpointError(
+            f"{source}: written weights differ from the model's: missing {missing[:5]}, extra {extra[:5]}"
+        )
     for name, tensor in expected.items():
         other = written[name]
         same = other.shape == tensor.shape and other.dtype == tensor.dtype and torch.equal(other, tensor.cpu())
@@ -113,5 +121,7 @@ def verify_saved_weights(module: torch.nn.Module, folder: Path) -> None:
     missing = sorted(name for name, _ in module.named_parameters() if name not in written)
     extra = sorted(set(written) - set(state))
     if missing or extra:
-        raise CheckpointError(f"{folder}: written weights differ from the model's: missing {missing[:5]}, extra {extra[:5]}")
+        raise CheckpointError(
+            f"{folder}: written weights differ from the model's: missing {missing[:5]}, extra {extra[:5]}"
+        )
     check_same_tensors({name: state[name] for name in written}, written, str(folder))

@@ -115,12 +115,11 @@ class RunState:
             remove_stale_temporaries(self.run_dir)
             remove_stale_run_temporaries(self.run_dir)
         barrier()
+        loaded: CheckpointState | None = None
         if resume_from is not None:
             loaded = self.load(resume_from)
         elif resume:
             loaded = self._load_newest_intact()
-        else:
-            return None
         if loaded is None:
             return None
         saved = loaded.run.get("config", {}).get("train", {})
@@ -145,7 +144,9 @@ class RunState:
                 logger.warning("checkpoint %s cannot be resumed: %s; trying an older one", path.name, error)
                 continue
             if failures:
-                self.notes.append(f"resumed from {path.name}, the newest intact checkpoint (skipped: {'; '.join(failures)})")
+                self.notes.append(
+                    f"resumed from {path.name}, the newest intact checkpoint (skipped: {'; '.join(failures)})"
+                )
             return loaded
         if failures:
             raise CheckpointError(
