@@ -8,10 +8,15 @@ LINTED := src tests tools
 
 .PHONY: venv demo test test-fast lint clean gpu-check gpu-check-cpu gpu-prepare
 
-$(VENV)/.installed: pyproject.toml
+# The demo needs fusedit alone; the tests and the web page need the test and serve extras on top.
+$(VENV)/.installed-core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-core
 	$(PY) -m pip install --quiet -e ".[test,serve]"
 	touch $@
 
@@ -22,7 +27,7 @@ $(VENV)/.lint-installed: $(VENV)/.installed
 
 venv: $(VENV)/.installed
 
-demo: venv
+demo: $(VENV)/.installed-core
 	$(VENV)/bin/fusedit demo
 
 # Everything, the slow end-to-end, demo, distributed and evaluation-command tests included (what CI runs).

@@ -96,10 +96,10 @@ def test_base_chain_and_overrides(tmp_path):
         (["model.shared_attention_layers=[3, 1]"], "strictly increasing"),
         (["model.pos_embed=ape", "model.absolute_pos_embed=true"], "pos_embed 'ape' has it already"),
         (
-            ["model.pos_embed=ape", "model.absolute_pos_embed=false", "model.pos_embed_max_size=4"],
-            "model.pos_embed_max_size: got 4, but model.sample_size=32 is 8 patches per side",
+            ["model.pos_embed=ape", "model.absolute_pos_embed=false", "model.pos_embed_max_size=2"],
+            "model.pos_embed_max_size: got 2, but model.sample_size=32 is 4 patches per side",
         ),
-        (["model.absolute_pos_embed=true", "model.pos_embed_max_size=4"], "the sin-cos table needs at least that many"),
+        (["model.absolute_pos_embed=true", "model.pos_embed_max_size=2"], "the sin-cos table needs at least that many"),
         (["model.initial_layers=2", "model.shared_attention_layers=[1, 2]"], "run text-only"),
         (["data.source=folder"], "data.path: data.source=folder needs data.path"),
         (["model.in_channels=16"], "in_channels=3"),

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -136,11 +135,9 @@ def pretrain_tiny_llm(folder: Path, world: ShapesWorld) -> tuple[Path, bool]:
 def train_demo(config: ExperimentConfig, run_dir: Path, device: str | None, llm_retrained: bool) -> None:
     """Stage 3: train (or resume) the demo's DiT in ``run_dir`` (a stale run is set aside first)."""
     set_aside_stale_run(run_dir, config, llm_retrained=llm_retrained)
-    busy = os.getloadavg()[0] > 1.5 if hasattr(os, "getloadavg") else False
-    if busy and torch.get_num_threads() > 1:
-        # Several processes each spinning two threads on two cores slow every step down many-fold.
-        print(f"      the machine is busy (load average {os.getloadavg()[0]:.1f}): training on 1 thread")
-        torch.set_num_threads(1)
+    # One training thread: at this size a second thread adds synchronisation rather than speed (measured), and the
+    # scenes are drawn by data.num_workers on the other core.
+    torch.set_num_threads(1)
     positions = config.model.pos_embed + (" + sin-cos table" if config.model.absolute_pos_embed else "")
     print(
         f"[3/4] training deep fusion ({positions}, {config.model.timestep_conditioning} timestep "

@@ -54,6 +54,29 @@ def test_resume_continues_exactly(tmp_path, tiny_llm_dir, demo_overrides, traine
         assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
+def test_cached_text_contexts_resume_exactly_and_train_as_the_uncached_run(tmp_path, tiny_llm_dir, demo_overrides):
+    """``train.cache_text_context``: the resumed run starts with an empty cache, and still continues exactly; the
+    losses are those of the uncached run up to float rounding (rows encoded alone instead of batched)."""
+    overrides = demo_overrides(tiny_llm_dir)
+    uncached = train_run(
+        load_experiment("demo", overrides + ["train.cache_text_context=false"]), tmp_path / "uncached", progress=False
+    )
+    cached = overrides + ["train.cache_text_context=true"]
+    full = train_run(load_experiment("demo", cached), tmp_path / "full", device="cpu", progress=False)
+    for step, loss in uncached.losses.items():
+        assert abs(full.losses[step] - loss) <= 1e-4, (step, full.losses[step], loss)
+    crashed = tmp_path / "crashed"
+    shutil.copytree(tmp_path / "full", crashed)
+    shutil.rmtree(crashed / "final")
+    shutil.rmtree(crashed / "checkpoints" / "step-000004")
+    (crashed / "checkpoints" / "latest").write_text("step-000002")
+    resumed = train_run(load_experiment("demo", cached), crashed, device="cpu", progress=False)
+    assert resumed.start_step == 2 and {s: resumed.losses[s] for s in (3, 4)} == {s: full.losses[s] for s in (3, 4)}
+    a = load_file(str(tmp_path / "full" / "final" / "ema.safetensors"))
+    b = load_file(str(crashed / "final" / "ema.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_frozen_llm_is_not_in_checkpoints(trained):
     run, _, summary = trained
     weights = load_file(str(summary.last_checkpoint / "model.safetensors"))

@@ -241,7 +241,8 @@ def _deep_velocity(
                 block, layers[llm_layer], tokens, txt, cond.layer, (text_rope, image_rope), text_mask
             )
         next_llm_layer += 1
-    return unpatchify(model.head(tokens, cond), h, w, p)
+    # the network's output means what model.prediction says (the velocity, or the clean sample it follows from)
+    return model.prediction(unpatchify(model.head(tokens, cond), h, w, p), x, timestep)
 
 
 def joint_velocity(

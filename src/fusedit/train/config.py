@@ -40,6 +40,9 @@ class TrainConfig:
         checkpoint_every: steps between checkpoints (the last step is always saved).
         keep_checkpoints: how many step checkpoints to keep (the newest).
         activation_checkpointing, compile, fused_adamw: speed/memory options.
+        cache_text_context: keep the frozen text encoder's context of every caption seen
+            (:class:`fusedit.text.cache.CachedTextEncoder`; for data sets that repeat their captions, such as the
+            shapes world). Each caption is encoded alone, so results do not depend on batch composition or resume.
         distributed: ``none``, ``ddp`` or ``fsdp`` (launched by torchrun).
     """
 
@@ -76,6 +79,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     fused_adamw: bool = False
+    cache_text_context: bool = False
     distributed: Literal["none", "ddp", "fsdp"] = "none"
 
     def validate(self) -> None:

@@ -57,6 +57,7 @@ from fusedit.dist.env import all_reduce
 from fusedit.dist.parallelize import parallelize
 from fusedit.flow import FlowMatchSchedule, loss_weighting
 from fusedit.rundir.lock import hold_run_dir
+from fusedit.text.cache import CachedTextEncoder
 from fusedit.train.data_order import MicroBatch, TrainingData
 from fusedit.train.ema import EMA
 from fusedit.train.errors import NonFiniteLossError
@@ -107,6 +108,8 @@ class Trainer:
         cfg = self.cfg
         self.run_dir, self.device = Path(run_dir), torch.device(device)
         self.text_encoder, self.codec, self.sample_fn = text_encoder, codec, sample_fn
+        if cfg.cache_text_context:
+            self.text_encoder = CachedTextEncoder(text_encoder)
         self.resume, self.resume_from = resume, Path(resume_from) if resume_from is not None else None
         self.progress, self.tensorboard = progress, tensorboard
         self.use_bf16 = cfg.mixed_precision == "bf16" and self.device.type == "cuda" and torch.cuda.is_bf16_supported()

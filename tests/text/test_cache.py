@@ -1,0 +1,80 @@
+"""The caption cache gives the model what a batched encode gives it, independently of history, and only when frozen."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusedit.builders import build_components
+from fusedit.experiment import load_experiment
+from fusedit.text.cache import CachedTextEncoder
+from fusedit.train.config import TrainConfig
+from fusedit.train.setup import check_text_encoder
+
+# different lengths, an empty caption (dropped captions) and a repeated one
+PROMPTS = [
+    "a red circle to the left of a blue square",
+    "",
+    "two green triangles",
+    "a red circle to the left of a blue square",
+]
+TOLERANCE = 1e-5  # batched vs one-by-one matrix products (measured: about 1e-7)
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_llm_dir, demo_overrides):
+    """The demo's model on the tiny LLM, with weights perturbed so that its output depends on the text."""
+    config = load_experiment("demo", demo_overrides(tiny_llm_dir))
+    torch.manual_seed(0)
+    parts = build_components(config, device="cpu")
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in parts.model.parameters():
+            param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    return parts
+
+
+@torch.no_grad()
+def velocity(parts, context) -> torch.Tensor:
+    x = torch.randn(len(PROMPTS), 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    return parts.model(x, torch.full((len(PROMPTS),), 700.0), context)
+
+
+def test_cached_contexts_give_the_model_what_a_batched_encode_gives_it(parts):
+    cached = CachedTextEncoder(parts.text_encoder)
+    expected = velocity(parts, parts.text_encoder.encode(PROMPTS))
+    first = velocity(parts, cached.encode(PROMPTS))
+    torch.testing.assert_close(first, expected, atol=TOLERANCE, rtol=0)
+    assert (cached.misses, cached.hits, len(cached)) == (3, 1, 3)
+    again = velocity(parts, cached.encode(PROMPTS))  # every row from the cache now
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    assert cached.hits == 5
+    # the model reads the text, so a cache that mixed up its rows would be caught above
+    moved = (velocity(parts, parts.text_encoder.encode(list(reversed(PROMPTS)))) - expected).abs().max().item()
+    assert moved > 1000 * TOLERANCE, moved
+
+
+def test_a_row_does_not_depend_on_the_batch_that_first_asked_for_it(parts):
+    warm = CachedTextEncoder(parts.text_encoder)
+    warm.encode(["two green triangles", "a purple circle above a white square"])
+    fresh = CachedTextEncoder(parts.text_encoder, max_entries=1)  # keeps almost nothing: encodes again, alone
+    a, b = warm.encode(PROMPTS), fresh.encode(PROMPTS)
+    assert len(fresh) == 1
+    for layer in a.keys:
+        assert torch.equal(a.keys[layer], b.keys[layer]) and torch.equal(a.values[layer], b.values[layer])
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.pooled, b.pooled)
+
+
+def test_a_trainable_encoder_is_not_cached(parts):
+    class Trainable:
+        trainable = True
+
+        def encode(self, prompts):
+            raise AssertionError("not called")
+
+    with pytest.raises(ValueError, match="trainable text encoder cannot be cached"):
+        CachedTextEncoder(Trainable())
+    with pytest.raises(ValueError, match="train.cache_text_context=true with a trainable text encoder"):
+        check_text_encoder(Trainable(), TrainConfig(cache_text_context=True))
+    with pytest.raises(ValueError, match="non-empty list"):
+        CachedTextEncoder(parts.text_encoder).encode("a red circle")
