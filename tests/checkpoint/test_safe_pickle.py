@@ -44,7 +44,7 @@ def test_payload_in_a_torch_file_is_refused_and_not_run(tmp_path):
         load_torch_file(tmp_path / "rank-00000.pt")
     assert not marker.exists()
     # a raw pickle (not torch's zip format) is refused too
-    (tmp_path / "raw.pt").write_bytes(pickle.dumps(Payload(marker)))
+    (tmp_path / "raw.pt").write_bytes(pickle.dumps(Payload(marker), protocol=2))
     with pytest.raises(CheckpointError):
         load_torch_file(tmp_path / "raw.pt")
     assert not marker.exists()

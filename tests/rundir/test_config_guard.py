@@ -81,7 +81,7 @@ def test_allowed_changes_need_the_flag_and_are_recorded(tmp_path):
 
 
 def test_execution_keys_change_freely(tmp_path):
-    write_config_once(tmp_path, experiment())
+    write_config_once(tmp_path, experiment("data.num_workers=0"))
     assert resume_changes(tmp_path, experiment("data.num_workers=2")) == {"data.num_workers": (0, 2)}
     assert key_kind("train.distributed") == "execution"
     assert key_kind("sample.guidance_scale") == "allowed" and key_kind("model.fusion") == "fixed"
