@@ -42,11 +42,11 @@ def test_second_owner_is_refused_naming_the_first_and_a_killed_owner_is_taken_ov
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    # the kernel released the flock; the file still names the dead owner: taken over with a message
+    # the kernel released the lock; the file still names the dead owner: taken over with a message
     assert json.loads((run / lock.LOCK_FILE).read_text())["pid"] == holder.pid
     with caplog.at_level("WARNING", logger="fusedit.train"):
-        with hold_run_dir(run):
-            assert json.loads((run / lock.LOCK_FILE).read_text())["pid"] == os.getpid()
+        with hold_run_dir(run):  # (read through the holder's descriptor: closing another one would release it)
+            assert lock._owner_of_fd(lock._HELD[run.resolve()].fd)["pid"] == os.getpid()
     assert f"left by pid {holder.pid}" in caplog.text and "no longer running" in caplog.text
     assert not (run / lock.LOCK_FILE).exists()  # a clean release removes the file
 

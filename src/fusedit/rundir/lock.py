@@ -1,7 +1,8 @@
 """An advisory lock on a run directory: one process group trains in it at a time.
 
-The lock is ``run_dir/.fusedit.lock``, held with ``fcntl.flock`` (released by the kernel when its holder exits, even
-after ``kill -9``) and naming its owner inside (``{"pid", "host", "started", "command"}``) so that a refused second
+The lock is ``run_dir/.fusedit.lock``, held with a POSIX record lock (``fcntl.lockf``: released by the kernel when its
+holder exits, even after ``kill -9``, and not inherited by forked children such as DataLoader workers, which may
+outlive a killed trainer by a few seconds) and naming its owner inside (``{"pid", "host", "started", "command"}``) so that a refused second
 trainer can say who holds the run. A lock file whose owner is gone (a killed trainer) is taken over, with a message
 naming the previous owner. Under torchrun rank 0 holds the lock for the whole process group.
 
@@ -49,10 +50,23 @@ def lock_path(run_dir: str | os.PathLike) -> Path:
 
 
 def read_owner(path: Path) -> dict:
-    """The owner recorded in a lock file (``{}`` when empty or unreadable)."""
+    """The owner recorded in a lock file (``{}`` when empty or unreadable). Never call it in the process holding
+    the lock: closing any descriptor of the file releases a POSIX lock (the holder reads through its own, see
+    :func:`_owner_of_fd`)."""
     try:
-        owner = json.loads(path.read_text() or "{}")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return _parse_owner(path.read_bytes())
+    except OSError:
+        return {}
+
+
+def _owner_of_fd(fd: int) -> dict:
+    return _parse_owner(os.pread(fd, 65536, 0))
+
+
+def _parse_owner(raw: bytes) -> dict:
+    try:
+        owner = json.loads(raw.decode() or "{}")
+    except (UnicodeDecodeError, json.JSONDecodeError):
         return {}
     return owner if isinstance(owner, dict) else {}
 
@@ -82,11 +96,11 @@ def _owner_record() -> str:
 
 
 def _open_locked(path: Path) -> int:
-    """Open ``path`` and take its exclusive flock; the file is the one at ``path`` when this returns."""
+    """Open ``path`` and take its exclusive lock; the file is the one at ``path`` when this returns."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             os.close(fd)
             if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
@@ -116,7 +130,7 @@ def acquire(run_dir: str | os.PathLike) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = lock_path(run_dir)
     fd = _open_locked(path)
-    previous = read_owner(path)
+    previous = _owner_of_fd(fd)
     if previous and previous.get("pid") != os.getpid():
         logger.warning(
             "taking over the lock of %s left by %s, which is no longer running", run_dir, describe_owner(previous)
