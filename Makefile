@@ -17,12 +17,12 @@ $(VENV)/.installed-core: pyproject.toml
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.installed-core
-	$(PY) -m pip install --quiet -e ".[test,serve]"
+	$(PY) -m pip install --quiet -e ".[test,serve,lowmem]"
 	touch $@
 
 # The linters (ruff, mypy) are installed only for `make lint`, not for `make demo`.
 $(VENV)/.lint-installed: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e ".[test,serve,lint]"
+	$(PY) -m pip install --quiet -e ".[test,serve,lowmem,lint]"
 	touch $@
 
 venv: $(VENV)/.installed

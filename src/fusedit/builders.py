@@ -9,6 +9,7 @@ import torch
 
 from fusedit.config import ConfigError
 from fusedit.data.codec import load_codec
+from fusedit.devices import check_device
 from fusedit.experiment import ExperimentConfig
 from fusedit.models.config import LLMGeometry
 from fusedit.models.dit import DiffusionTransformer, build_model
@@ -17,9 +18,10 @@ from fusedit.text.llm import load_llm_config
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
-    """``device``, else CUDA when available, else CPU."""
+    """``device`` (checked: :class:`~fusedit.devices.DeviceError` when unusable), else CUDA when available, else
+    CPU."""
     if device is not None:
-        return torch.device(device)
+        return check_device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from fusedit.config import load_config, require
+from fusedit.data.buckets import check_bucket_config
 from fusedit.data.config import DataConfig
 from fusedit.models.config import ModelConfig
 from fusedit.text.config import TextConfig
@@ -38,7 +39,10 @@ class SampleConfig:
         require(
             self.num_inference_steps > 0, f"sample.num_inference_steps: got {self.num_inference_steps}, expected > 0"
         )
-        require(self.guidance_scale >= 0, f"sample.guidance_scale: got {self.guidance_scale}, expected >= 0")
+        require(
+            self.guidance_scale >= 1,
+            f"sample.guidance_scale: got {self.guidance_scale}, expected >= 1 (1 = no guidance)",
+        )
         require(self.shift > 0, f"sample.shift: got {self.shift}, expected > 0")
         if self.guidance_interval is not None:
             problem = guidance_interval_problem(self.guidance_interval)
@@ -61,7 +65,12 @@ def guidance_interval_problem(interval) -> str | None:
 
 @dataclass
 class ExperimentConfig:
-    """Everything a run needs. Load with :func:`load_experiment` (YAML + ``base:`` + ``key=value`` overrides)."""
+    """Everything a run needs. Load with :func:`load_experiment` (YAML + ``base:`` + ``key=value`` overrides).
+
+    Attributes:
+        name: the run's name; ``fusedit train`` writes the run to ``runs/<name>`` unless ``--run-dir`` is given.
+        model, text, data, train, sample: the sections (their keys are listed by ``fusedit configs --keys``).
+    """
 
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -77,6 +86,7 @@ class ExperimentConfig:
                 f"model.in_channels: training in pixel space (data.vae is null) needs in_channels=3, "
                 f"got {self.model.in_channels}; set data.vae to a VAE or model.in_channels=3",
             )
+        check_bucket_config(self)  # aspect-ratio buckets: whole patch grids the sin-cos table covers
 
 
 def load_experiment(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fusedit.data.errors import NoUsableDataError
 from fusedit.data.folder import ImageFolderDataset, read_captions
 
 
@@ -89,7 +90,7 @@ def test_prescan(tmp_path):
 def test_all_bad_raises(tmp_path):
     make_folder(tmp_path, n=2, bad=(0, 1))
     ds = ImageFolderDataset(tmp_path, resolution=8)
-    with pytest.raises(RuntimeError, match="no readable image"):
+    with pytest.raises(NoUsableDataError, match="no readable image in .*: all 2 image"):
         ds[0]
 
 
@@ -150,3 +151,21 @@ def test_on_bad_raise(tmp_path):
     assert ds.skipped == 1
     with pytest.raises(ValueError, match="on_bad"):
         ImageFolderDataset(tmp_path, 8, on_bad="ignore")
+
+
+@pytest.mark.parametrize(
+    "name,text,where",
+    [
+        ("captions.jsonl", b'{"file": "a.jpg", "caption": "ok"}\n{"file": "b.jpg", "caption": "caf\xe9"}\n', ":2:"),
+        ("captions.csv", b"file,caption\na.jpg,ok\nb.jpg,ok\nc.jpg,caf\xe9 au lait\n", ":4:"),
+    ],
+)
+def test_captions_that_are_not_utf8_name_the_file_and_line(tmp_path, name, text, where):
+    """Issue 17, item 9: the error names the file, the line and the byte (it named neither file nor line)."""
+    (tmp_path / name).write_bytes(text)
+    with pytest.raises(ValueError) as caught:
+        read_captions(tmp_path / name)
+    assert str(caught.value).startswith(f"{tmp_path / name}{where} not UTF-8 text (byte 0xe9 at column ")
+    assert "save the captions file as UTF-8" in str(caught.value)
+    (tmp_path / name).write_bytes(text.replace(b"\xe9", "é".encode()))
+    assert read_captions(tmp_path / name)[-1][1].startswith("café")

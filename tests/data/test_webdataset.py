@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import fusedit.data.webdataset as wdmod
+from fusedit.data.errors import NoUsableDataError
 from fusedit.data.webdataset import STREAM_POS_KEY, WebShardDataset, expand_shards, index_tar
 
 
@@ -200,7 +201,7 @@ def test_spec_errors(tmp_path):
 
 def test_all_corrupt_forever_raises(tmp_path):
     write_shard(tmp_path / "bad.tar", [("k", {"image.jpg": b"nope", "synthetic_caption.txt": b"x"})])
-    with pytest.raises(RuntimeError, match="no usable sample"):
+    with pytest.raises(NoUsableDataError, match="no usable sample in 1 shard"):
         next(iter(WebShardDataset(str(tmp_path / "bad.tar"), 8)))
 
 
@@ -247,3 +248,19 @@ def test_shard_with_no_readable_sample_is_counted_once(tmp_path):
     resumed = WebShardDataset(str(tmp_path / "train-{0000..0002}.tar"), resolution=8, epochs=1, shuffle=False)
     resumed.load_state_dict(ds.state_dict())
     assert list(resumed) == [] and resumed.skipped == 1
+
+
+def test_a_caption_that_is_not_utf8_is_skipped_with_its_reason(tmp_path):
+    write_shard(
+        tmp_path / "s.tar",
+        [
+            ("bad", {"image.jpg": jpeg(1), "synthetic_caption.txt": b"caf\xe9"}),
+            ("good", {"image.jpg": jpeg(2), "synthetic_caption.txt": b"a red circle"}),
+        ],
+    )
+    ds = WebShardDataset(str(tmp_path / "s.tar"), 8, epochs=1)
+    assert captions(ds) == ["a red circle"]
+    assert ds.skipped == 1
+    assert ds.bad_samples == [
+        f"{tmp_path / 's.tar'}:bad: caption member synthetic_caption.txt is not UTF-8 text (byte 0xe9 at offset 3)"
+    ]

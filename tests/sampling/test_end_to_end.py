@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import fusedit
@@ -182,6 +183,14 @@ def test_cli_sample_and_user_errors(trained, tmp_path, capsys):
         == 2
     )
     assert "guidance_interval: got [0.5, 0.1], expected 0 <= sigma_low <= sigma_high <= 1" in capsys.readouterr().err
+
+
+def test_cli_samples_at_a_non_square_bucket_size(trained, tmp_path):
+    run, _, _ = trained
+    target = tmp_path / "wide.png"
+    argv = ["sample", str(run), "--prompt", "a red circle", "--out", str(target), "--steps", "2"]
+    assert cli([*argv, "--height", "16", "--width", "32"]) == 0
+    assert Image.open(target).size == (32, 16)
 
 
 @pytest.mark.parametrize(

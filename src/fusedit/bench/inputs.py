@@ -51,10 +51,9 @@ class NoTokenizer:
         return SimpleNamespace(input_ids=[])
 
 
-def build_llm(preset: BenchPreset, device: torch.device, dtype: torch.dtype, attention: str = "reference") -> nn.Module:
-    """A randomly initialised Hugging Face ``Gemma2Model`` of the preset's geometry (``attention: reference``: plain
-    softmax attention, as in the reference's fused layers)."""
-    config = Gemma2Config(
+def llm_config(preset: BenchPreset) -> Gemma2Config:
+    """The Hugging Face config of the preset's LLM (Gemma 2 layout)."""
+    return Gemma2Config(
         vocab_size=preset.vocab_size,
         hidden_size=preset.llm_hidden_size,
         intermediate_size=preset.llm_intermediate_size,
@@ -69,6 +68,12 @@ def build_llm(preset: BenchPreset, device: torch.device, dtype: torch.dtype, att
         bos_token_id=BOS_ID,
         eos_token_id=1,
     )
+
+
+def build_llm(preset: BenchPreset, device: torch.device, dtype: torch.dtype, attention: str = "reference") -> nn.Module:
+    """A randomly initialised Hugging Face ``Gemma2Model`` of the preset's geometry (``attention: reference``: plain
+    softmax attention, as in the reference's fused layers)."""
+    config = llm_config(preset)
     if attention == "reference":
         config = reference_attention_config(config)
     with torch.device(device):

@@ -40,6 +40,7 @@ from fusedit.sampling.text import CachedText, JointText
 from fusedit.text.config import TextConfig
 from fusedit.text.context import TextContext
 from fusedit.text.encoder import TextEncoder, TokenizedPrompts
+from fusedit.train.optimizers import make_optimizer
 from fusedit.train.step import flow_loss, train_step
 
 MODES = ("train", "sample")
@@ -134,13 +135,18 @@ def compile_blocks_(model: DiffusionTransformer) -> None:
         block.compile()
 
 
-def train_step_fns(setup: BenchSetup, compile_blocks: bool = False) -> tuple[Callable[[], None], Callable[[], None]]:
+def train_step_fns(
+    setup: BenchSetup, compile_blocks: bool = False, optimizer_name: str = "adamw"
+) -> tuple[Callable[[], None], Callable[[], None]]:
     """``(ours, dense)``: closures running one optimiser step of each formulation, both through the trainer's
-    :func:`~fusedit.train.step.flow_loss` and :func:`~fusedit.train.step.train_step`."""
+    :func:`~fusedit.train.step.flow_loss` and :func:`~fusedit.train.step.train_step` (``optimizer_name``: as
+    ``train.optimizer``)."""
     model, dev, b = setup.model, setup.device, setup.batch
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, fused=dev.type == "cuda")
+    optimizer = make_optimizer(
+        optimizer_name, params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4, fused=dev.type == "cuda"
+    )
     g = torch.Generator(device="cpu").manual_seed(1)
     c, s = model.resolved.config.in_channels, setup.preset.latent_size
     x0 = torch.randn(b, c, s, s, generator=g).to(dev)
@@ -335,7 +341,7 @@ def run_bench(
         process's RSS peak) and, with ``vs_dense``, ``dense`` and ``speedup_vs_dense`` (median of paired ratios).
     """
     p = get_preset(preset)
-    batch = batch_size or p.batch_size
+    batch = p.batch_size if batch_size is None else batch_size
     dev, dtype_name = _check_arguments(mode, device, dtype, llm_attention, iters, warmup, batch, threads)
     if threads is not None:
         torch.set_num_threads(threads)

@@ -13,6 +13,7 @@ construction (:class:`TrainedObjects`); everything else travels in a :class:`Che
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from fusedit.atomic import DiskFullError, is_disk_full
 from fusedit.checkpoint.errors import CheckpointError
-from fusedit.checkpoint.layout import PathLike
+from fusedit.checkpoint.layout import PathLike, checkpoint_dir, step_name
 from fusedit.checkpoint.sharded import is_sharded_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint
 from fusedit.checkpoint.single import load_checkpoint, save_checkpoint
 from fusedit.checkpoint.weights import load_trainable_weights
@@ -95,7 +97,23 @@ class Checkpointer:
         self.keep = keep
 
     def save(self, step: int, state: CheckpointState) -> Path:
-        """Write checkpoint ``step`` atomically (every process calls it) and return its directory."""
+        """Write checkpoint ``step`` atomically (every process calls it) and return its directory.
+
+        A full disk raises :class:`~fusedit.atomic.DiskFullError` naming the checkpoint once its partial write is
+        removed; the older checkpoints stay complete, so the run resumes from them when space is freed.
+        """
+        final = checkpoint_dir(self.run_dir) / step_name(step)
+        try:
+            return self._write(step, state)
+        except Exception as error:
+            if not is_disk_full(error, final.parent):
+                raise
+            if self.env.is_main:
+                for partial in final.parent.glob(f".{final.name}.tmp-*"):
+                    shutil.rmtree(partial, ignore_errors=True)
+            raise DiskFullError(final) from error
+
+    def _write(self, step: int, state: CheckpointState) -> Path:
         if len(state.ranks) != 1:
             raise ValueError(f"save() takes this process's rank state alone, got {len(state.ranks)}")
         objects, rank = self.objects, state.ranks[0]

@@ -63,14 +63,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_device(args: argparse.Namespace) -> None:
+    """Refuse a ``--device`` this machine cannot use before the command loads anything."""
+    device = getattr(args, "device", None)
+    if device is not None:
+        from fusedit.devices import check_device
+
+        check_device(device)
+
+
+def one_line(error: BaseException) -> str:
+    """``error``'s message; for an error re-raised from a DataLoader worker (whose message is the worker's whole
+    traceback), the original error's own message."""
+    text = str(error)
+    if "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
+def _disk_full_message(error: BaseException) -> str | None:
+    """The one-line message of a full disk anywhere in ``error``'s chain, else None."""
+    from fusedit.atomic import DiskFullError, is_disk_full
+
+    if isinstance(error, DiskFullError):
+        return str(error)
+    if not is_disk_full(error):
+        return None
+    names = (getattr(e, "filename", None) for e in (error, error.__cause__, error.__context__))
+    where = next((name for name in names if name), None)
+    return str(DiskFullError(where or "the output folder"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``fusedit ARGS``; returns the exit code (2 for user errors, 130 when interrupted)."""
+    """Run ``fusedit ARGS``; returns the exit code (2 for user errors and a full disk, 130 when interrupted)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers", "diffusers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     debug = args.debug or os.environ.get("FUSEDIT_DEBUG") == "1"
     try:
+        _check_device(args)
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -78,5 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as error:
         if debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_disk_full_message(error) or one_line(error)}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        message = _disk_full_message(error)
+        if message is None or debug:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2

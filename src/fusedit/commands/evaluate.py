@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fusedit.commands import evaluate_shapes
+from fusedit.commands.values import guidance_scale, non_negative_int, positive_int
 
 NAME = "eval"
 HELP = "evaluate a model or images (shapes, geneval, dpgbench, fid, clip)"
@@ -33,34 +34,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="training run, exported pipeline folder or reference folder "
         "(for --suite clip: the folder of sampled images; unused by --suite fid)",
     )
-    parser.add_argument("--suite", required=True, choices=SUITES)
+    parser.add_argument("--suite", required=True, choices=SUITES, help="what to evaluate (see the description above)")
     parser.add_argument("--out", help="output folder (default: <path>/eval-<suite>)")
-    parser.add_argument("--per-prompt", type=int, default=4, help="images per prompt (shapes, geneval)")
+    parser.add_argument("--per-prompt", type=positive_int, default=4, help="images per prompt (shapes, geneval)")
     parser.add_argument(
         "--min-per-category",
-        type=int,
+        type=non_negative_int,
         default=50,
         help="shapes: at least this many images per category (more per prompt where needed)",
     )
     parser.add_argument("--seed", type=int, default=0, help="base seed; image k of prompt i uses seed + i*n + k")
-    parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's sample config)")
-    parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's sample config)")
-    parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--batch-size", type=int, default=None, help="images per pipeline call")
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="Euler steps (default: the model's sample config)"
+    )
+    parser.add_argument(
+        "--cfg", type=guidance_scale, default=None, help="guidance scale, >= 1 (default: the model's sample config)"
+    )
+    parser.add_argument("--negative-prompt", default=None, help="negative prompt (default: the model's)")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="images per pipeline call")
     parser.add_argument(
         "--resolution",
-        type=int,
+        type=positive_int,
         default=None,
         help="image side for geneval/dpgbench (default: the model's default size)",
     )
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N ... (default: CUDA when available)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     parser.add_argument("--metadata", help="geneval: evaluation_metadata.jsonl")
     parser.add_argument("--prompts", help="dpgbench: folder of NAME.txt prompts")
     parser.add_argument("--real", help="fid: folder of real images")
     parser.add_argument("--fake", help="fid: folder of generated images")
     parser.add_argument("--inception-weights", help="fid: local weights-inception-2015-12-05-6726825d.pth")
-    parser.add_argument("--image-size", type=int, default=299, help="fid: feature extractor input size")
+    parser.add_argument("--image-size", type=positive_int, default=299, help="fid: feature extractor input size")
     parser.add_argument("--clip-model", help="clip: local Hugging Face CLIP folder")
     evaluate_shapes.add_arguments(parser)
 
@@ -89,7 +94,7 @@ def _sampling_kwargs(args: argparse.Namespace, pipe: Any) -> dict:
         seed=args.seed,
         height=size,
         width=size,
-        num_inference_steps=args.steps or pipe.defaults.num_inference_steps,
+        num_inference_steps=pipe.defaults.num_inference_steps if args.steps is None else args.steps,
         guidance_scale=pipe.defaults.guidance_scale if args.cfg is None else args.cfg,
         negative_prompt=pipe.defaults.negative_prompt if args.negative_prompt is None else args.negative_prompt,
         generator_device=str(pipe.device),

@@ -21,7 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fusedit.atomic import naming_full_disk
     from fusedit.sampling.export import export_pipeline
 
-    print(export_pipeline(args.path, args.out, use_ema=not args.no_ema, max_shard_size=args.max_shard_size))
+    with naming_full_disk(args.out):
+        print(export_pipeline(args.path, args.out, use_ema=not args.no_ema, max_shard_size=args.max_shard_size))
     return 0

@@ -6,6 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
+from fusedit.commands.values import positive_int
+
 NAME = "serve"
 HELP = "a web page to try a model (Gradio; pip install 'fusedit[serve]')"
 DEFAULT_MODEL = "runs/demo/fusedit"
@@ -24,9 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--runs-dir", default="runs", help="the model picker lists the models under this folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: CUDA when available)")
-    p.add_argument("--max-images", type=int, default=4, help="the most images one request may ask for")
+    p.add_argument("--max-images", type=positive_int, default=4, help="the most images one request may ask for")
 
 
 def run(args: argparse.Namespace) -> int:

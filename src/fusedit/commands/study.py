@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from fusedit.commands.values import positive_int
+
 NAME = "study"
 HELP = "train and evaluate a grid of variants × seeds"
 DESCRIPTION = (
@@ -21,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-only", action="store_true", help="rewrite report.md from finished runs only")
     p.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=None,
         help="torch CPU threads (1 on a CPU shared with other work; default: torch's choice)",
     )

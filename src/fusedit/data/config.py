@@ -50,6 +50,49 @@ class ShapesWorldConfig:
 
 
 @dataclass
+class BucketsConfig:
+    """Aspect-ratio buckets (:mod:`fusedit.data.buckets`): each image goes to the bucket nearest its aspect ratio
+    (resize to cover, centre crop) and every micro-batch is drawn from one bucket.
+
+    Attributes:
+        enabled: bucket the images (else every image is a ``resolution``² square crop).
+        sizes: explicit buckets as ``[height, width]`` pixel pairs; empty: generate ``count`` buckets.
+        pixel_budget: most pixels of a bucket (``height·width``); ``null``: ``data.resolution²``.
+        aspect_range: ``[lowest, highest]`` width/height ratio of generated buckets.
+        count: number of generated buckets (aspect ratios spaced evenly in log scale; odd counts include 1:1).
+        multiple: bucket sides are multiples of this; ``null``: ``model.patch_size`` × the codec's spatial factor
+            (1 in pixel space; a VAE's own factor, read when it is loaded).
+    """
+
+    enabled: bool = False
+    sizes: list[list[int]] = field(default_factory=list)
+    pixel_budget: int | None = None
+    aspect_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    count: int = 7
+    multiple: int | None = None
+
+    def validate(self) -> None:
+        for pair in self.sizes:
+            require(
+                isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, int) and v > 0 for v in pair),
+                f"data.buckets.sizes: got {pair!r}, expected [height, width] with positive integers",
+            )
+        require(
+            self.pixel_budget is None or self.pixel_budget > 0,
+            f"data.buckets.pixel_budget: got {self.pixel_budget}, expected a positive integer or null",
+        )
+        require(
+            len(self.aspect_range) == 2 and 0 < self.aspect_range[0] <= self.aspect_range[1],
+            f"data.buckets.aspect_range: got {self.aspect_range}, expected [low, high] with 0 < low <= high",
+        )
+        require(self.count >= 1, f"data.buckets.count: got {self.count}, expected a positive integer")
+        require(
+            self.multiple is None or self.multiple > 0,
+            f"data.buckets.multiple: got {self.multiple}, expected a positive integer or null",
+        )
+
+
+@dataclass
 class DataConfig:
     """Where training images and captions come from.
 
@@ -70,6 +113,9 @@ class DataConfig:
         shuffle: for shard sources (``webdataset``, ``latents``): permute the shard order and the samples inside
             each shard every epoch (deterministic in the seed and epoch; resumable without replay).
         vae_sample_mode: latent of an image: the VAE posterior's ``mean`` or a ``sample`` from it.
+        buckets: aspect-ratio buckets (``folder``, ``webdataset`` and ``latents`` sources).
+        remote_retries: how many times a remote shard (``https://``, ``s3://``, ``gs://``, ``pipe:``) is reopened
+            after its connection fails mid-shard before the rest of the shard is skipped and counted.
     """
 
     source: Literal["shapes", "folder", "webdataset", "latents"] = "shapes"
@@ -87,6 +133,8 @@ class DataConfig:
     interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
     shuffle: bool = True
     vae_sample_mode: Literal["mean", "sample"] = "mean"
+    buckets: BucketsConfig = field(default_factory=BucketsConfig)
+    remote_retries: int = 3
 
     def validate(self) -> None:
         require(self.resolution > 0, f"data.resolution: got {self.resolution}, expected a positive integer")
@@ -104,6 +152,13 @@ class DataConfig:
             self.vae_sample_mode in ("mean", "sample"),
             f"data.vae_sample_mode: got {self.vae_sample_mode!r}, expected 'mean' or 'sample'",
         )
+        require(self.remote_retries >= 0, f"data.remote_retries: got {self.remote_retries}, expected >= 0")
+        if self.buckets.enabled:
+            require(
+                self.source in ("folder", "webdataset", "latents"),
+                f"data.buckets.enabled: the {self.source!r} source has no aspect ratios; use a folder, webdataset "
+                f"or latents source, or set data.buckets.enabled=false",
+            )
         if self.source != "shapes":
             require(
                 bool(self.path), f"data.path: data.source={self.source} needs data.path (a folder or shard pattern)"

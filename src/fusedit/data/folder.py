@@ -28,6 +28,7 @@ so an item's crop does not depend on worker assignment or on resuming.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fusedit.data.errors import NoUsableDataError
 from fusedit.data.transforms import CorruptImageError, ImageTransform, load_image
 
 __all__ = ["ImageFolderDataset", "read_captions", "CAPTION_FILES"]
@@ -55,12 +57,27 @@ def _pick(row: dict, keys: tuple[str, ...]):
     return None
 
 
+def _read_utf8(path: Path) -> str:
+    """The text of ``path``; bytes that are not UTF-8 raise ``ValueError`` naming the file, line and byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at column {column}); save the captions "
+            f"file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
 def read_captions(path: str | os.PathLike) -> list[tuple[str, str]]:
     """Read ``(file, caption)`` pairs from a ``.jsonl`` or ``.csv`` captions file, in file order.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: unknown format, invalid JSON, missing ``file``/``caption`` columns or keys (with the line).
+        ValueError: unknown format, text that is not UTF-8, invalid JSON, missing ``file``/``caption`` columns or
+            keys (with the line).
     """
     path = Path(path)
     if not path.is_file():
@@ -68,24 +85,23 @@ def read_captions(path: str | os.PathLike) -> list[tuple[str, str]]:
     suffix = path.suffix.lower()
     pairs: list[tuple[str, str]] = []
     if suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                file, caption = _pick(row, _FILE_KEYS), _pick(row, _CAPTION_KEYS)
-                if file is None or caption is None:
-                    raise ValueError(
-                        f"{path}:{lineno}: needs keys 'file' (or 'image') and 'caption' (or 'text'); got {sorted(row)}"
-                    )
-                pairs.append((str(file), str(caption)))
+        for lineno, line in enumerate(_read_utf8(path).split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            file, caption = _pick(row, _FILE_KEYS), _pick(row, _CAPTION_KEYS)
+            if file is None or caption is None:
+                raise ValueError(
+                    f"{path}:{lineno}: needs keys 'file' (or 'image') and 'caption' (or 'text'); got {sorted(row)}"
+                )
+            pairs.append((str(file), str(caption)))
     elif suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
+        with io.StringIO(_read_utf8(path), newline="") as f:
             reader = csv.DictReader(f)
             columns = [c.strip() for c in (reader.fieldnames or [])]
             reader.fieldnames = columns
@@ -215,7 +231,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             image = self._try_load(j)
             if image is not None:
                 return self._item(j, image)
-        raise RuntimeError(f"no readable image in {self.root} ({n} listed, all unreadable)")
+        raise NoUsableDataError(
+            f"no readable image in {self.root}: all {n} image(s) listed in {self.captions_path.name} are missing or "
+            f"unreadable (e.g. {self.files[index]}: see the warnings above); fix or replace the images"
+        )
 
     def _item(self, index: int, image) -> dict:
         seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(2, dtype=np.uint64)[0]

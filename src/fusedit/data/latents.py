@@ -9,6 +9,8 @@ Cache layout (``out_dir``)::
       000000000.caption.txt       UTF-8 caption
       000000000.original_caption.txt   (when the source items have ``"original_caption"``)
       000000000.input_ids.npy     (with a tokenizer) int32 token ids, unpadded, truncated to ``max_length``
+    latents-32x48-000000.tar    (``per_bucket=True``, aspect-ratio buckets) one shard series per latent size ``h×w``,
+                                listed in the manifest's ``buckets``
 
 Stored latents are *normalised* (``(z - shift_factor)·scaling_factor``); the manifest's codec entry says how to
 decode them. With ``sample_mode="mean"`` (the default codec mode) the cache is deterministic; with ``"sample"`` it
@@ -26,7 +28,6 @@ import io
 import json
 import logging
 import os
-import tarfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fusedit.data.latent_writer import DTYPES, LatentEncoder, TarShardWriter
 from fusedit.data.shards import CorruptSampleError, ShardStream, TarRecord
 from fusedit.data.transforms import CorruptImageError
 
@@ -44,58 +46,12 @@ logger = logging.getLogger("fusedit.data")
 
 MANIFEST = "manifest.json"
 _FORMAT = "fusedit-latents"
-_DTYPES = {"float16": np.float16, "float32": np.float32}
+_DTYPES = DTYPES
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------------------------------------
-
-
-class _TarShardWriter:
-    """Writes ``{prefix}-{n:06d}.tar`` shards of at most ``shard_size`` samples (each shard atomically)."""
-
-    def __init__(self, out_dir: Path, prefix: str, shard_size: int):
-        self.out_dir, self.prefix, self.shard_size = out_dir, prefix, shard_size
-        self.shards: list[dict[str, Any]] = []
-        self._tar: tarfile.TarFile | None = None
-        self._tmp: Path | None = None
-        self._count = 0
-
-    def _open(self) -> tarfile.TarFile:
-        name = f"{self.prefix}-{len(self.shards):06d}.tar"
-        self._tmp = self.out_dir / (name + ".tmp")
-        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
-        self.shards.append({"file": name, "count": 0})
-        self._count = 0
-        return self._tar
-
-    def write(self, key: str, members: dict[str, bytes]) -> None:
-        tar = self._tar if self._tar is not None else self._open()
-        for ext, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            tar.addfile(info, io.BytesIO(data))
-        self._count += 1
-        self.shards[-1]["count"] = self._count
-        if self._count >= self.shard_size:
-            self._finish()
-
-    def _finish(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-            assert self._tmp is not None
-            os.replace(self._tmp, self.out_dir / self.shards[-1]["file"])
-            self._tar = None
-
-    def close(self) -> None:
-        self._finish()
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
 
 
 def _items(data, bad: list[str]) -> Iterable[dict]:
@@ -152,6 +108,7 @@ def cache_latents(
     prefix: str = "latents",
     generator: torch.Generator | None = None,
     overwrite: bool = False,
+    per_bucket: bool = False,
 ) -> dict[str, Any]:
     """Encode every image of ``data`` with ``codec`` and write latent shards + ``manifest.json`` into ``out_dir``.
 
@@ -171,17 +128,15 @@ def cache_latents(
         dtype: ``float16`` (default, half the disk) or ``float32`` storage of the latents.
         generator: drives ``codec.encode`` when the codec samples the posterior.
         overwrite: replace an existing cache in ``out_dir``.
+        per_bucket: one shard series per latent size (aspect-ratio buckets), listed in the manifest's ``buckets``.
 
     Returns:
         the manifest (also written to ``out_dir/manifest.json``).
     """
-    if shard_size < 1 or batch_size < 1:
-        raise ValueError(f"cache_latents: shard_size ({shard_size}) and batch_size ({batch_size}) must be >= 1")
-    if dtype not in _DTYPES:
-        raise ValueError(f"cache_latents: dtype got {dtype!r}, expected one of {sorted(_DTYPES)}")
+    _check_args(shard_size, batch_size, dtype)
     out = _empty_cache_dir(Path(out_dir), prefix, overwrite)
-    writer = _TarShardWriter(out, prefix, shard_size)
-    encoder = _LatentEncoder(codec, writer, dtype, tokenizer, max_length, generator)
+    writer = TarShardWriter(out, prefix, shard_size)
+    encoder = LatentEncoder(codec, writer, dtype, tokenizer, max_length, generator, per_bucket=per_bucket)
     started = time.time()
     bad: list[str] = []
     try:
@@ -190,7 +145,7 @@ def cache_latents(
                 encoder.add(image, caption, original, batch_size)
         encoder.flush()
     finally:
-        writer.close()
+        encoder.close()
     if encoder.count == 0:
         raise ValueError("cache_latents: the data set yielded no images")
     manifest = _manifest(codec, dtype, encoder, writer, bad, data, tokenizer, max_length, time.time() - started)
@@ -200,11 +155,18 @@ def cache_latents(
     return manifest
 
 
+def _check_args(shard_size: int, batch_size: int, dtype: str) -> None:
+    if shard_size < 1 or batch_size < 1:
+        raise ValueError(f"cache_latents: shard_size ({shard_size}) and batch_size ({batch_size}) must be >= 1")
+    if dtype not in _DTYPES:
+        raise ValueError(f"cache_latents: dtype got {dtype!r}, expected one of {sorted(_DTYPES)}")
+
+
 def _manifest(
     codec: Any,
     dtype: str,
-    encoder: _LatentEncoder,
-    writer: _TarShardWriter,
+    encoder: LatentEncoder,
+    writer: TarShardWriter,
     bad: list[str],
     data: Any,
     tokenizer: Any,
@@ -231,7 +193,8 @@ def _manifest(
         "skipped": len(bad),
         "bad_items": bad[:100],
         "source_skipped": int(getattr(data, "skipped", 0) or 0),
-        "shards": writer.shards,
+        "shards": encoder.shards,
+        "buckets": encoder.buckets(),
         "tokenizer": None
         if tokenizer is None
         else {"name": getattr(tokenizer, "name_or_path", type(tokenizer).__name__), "max_length": max_length},
@@ -248,60 +211,6 @@ def _empty_cache_dir(out: Path, prefix: str, overwrite: bool) -> Path:
     for path in existing:
         path.unlink()
     return out
-
-
-class _LatentEncoder:
-    """Encodes pending ``(image (3, H, W), caption, original caption)`` items in one codec call and writes one sample
-    per item; tracks the count and whether latent/image shapes stayed the same (else ``"mixed"``)."""
-
-    def __init__(
-        self,
-        codec: Any,
-        writer: _TarShardWriter,
-        dtype: str,
-        tokenizer: Any,
-        max_length: int | None,
-        generator: torch.Generator | None,
-    ) -> None:
-        self.codec, self.writer, self.dtype = codec, writer, dtype
-        self.tokenizer, self.max_length, self.generator = tokenizer, max_length, generator
-        self.pending: list[tuple[torch.Tensor, str, str | None]] = []
-        self.count = 0
-        self.latent_shape: Any = None
-        self.image_size: Any = None
-
-    def add(self, image: torch.Tensor, caption: Any, original: str | None, batch_size: int) -> None:
-        """Queue one image; encode the queue when it holds ``batch_size`` images or the image size changes."""
-        if not isinstance(caption, str):
-            raise ValueError(f"cache_latents: caption must be a str, got {type(caption).__name__}")
-        if self.pending and self.pending[0][0].shape != image.shape:
-            self.flush()
-        self.pending.append((image, caption, original))
-        if len(self.pending) >= batch_size:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        images = torch.stack([p[0] for p in self.pending])
-        latents = self.codec.encode(images, generator=self.generator)
-        latents = latents.detach().float().cpu().numpy().astype(_DTYPES[self.dtype])
-        shape = list(latents.shape[1:])
-        self.latent_shape = shape if self.latent_shape in (None, shape) else "mixed"
-        size = list(images.shape[-2:])
-        self.image_size = size if self.image_size in (None, size) else "mixed"
-        for latent, (_, caption, original) in zip(latents, self.pending, strict=True):
-            members = {"latent.npy": _npy_bytes(np.ascontiguousarray(latent)), "caption.txt": caption.encode("utf-8")}
-            if original is not None:
-                members["original_caption.txt"] = str(original).encode("utf-8")
-            if self.tokenizer is not None:
-                ids = self.tokenizer(caption, truncation=self.max_length is not None, max_length=self.max_length)[
-                    "input_ids"
-                ]
-                members["input_ids.npy"] = _npy_bytes(np.asarray(ids, dtype=np.int32))
-            self.writer.write(f"{self.count:09d}", members)
-            self.count += 1
-        self.pending.clear()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -373,6 +282,7 @@ class LatentShardDataset(ShardStream):
         world_size: int | None = None,
         shuffle: bool = False,
         epochs: int | None = None,
+        remote_retries: int = 3,
     ):
         root = Path(path)
         shards: str | os.PathLike | list[str]
@@ -384,7 +294,15 @@ class LatentShardDataset(ShardStream):
             shards = path
             candidate = Path(str(path)).parent / MANIFEST
             self.manifest = read_manifest(candidate) if candidate.is_file() else None
-        super().__init__(shards, seed=seed, rank=rank, world_size=world_size, shuffle=shuffle, epochs=epochs)
+        super().__init__(
+            shards,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            shuffle=shuffle,
+            epochs=epochs,
+            remote_retries=remote_retries,
+        )
         if not 0.0 <= original_caption_rate <= 1.0:
             raise ValueError(f"original_caption_rate: got {original_caption_rate}, expected 0..1")
         if codec is not None:
@@ -416,6 +334,7 @@ class LatentShardDataset(ShardStream):
             world_size=world_size,
             shuffle=getattr(cfg, "shuffle", False),
             epochs=epochs,
+            remote_retries=getattr(cfg, "remote_retries", 3),
         )
 
     def decode(self, record: TarRecord, read, generator: torch.Generator) -> dict[str, Any]:

@@ -32,17 +32,17 @@ batch the training loop takes; ``state_dict()`` then holds the position of every
 list, seed, shuffle, world size, rank and number of workers; a mismatch raises ``ValueError``. Corrupt samples
 between the last consumed sample and a checkpoint may be counted again after resuming.
 
-Only local (seekable) files are supported; a shard spec is a path, a brace pattern
-(``data/train-{0000..0099}.tar``), a glob, a folder (its ``*.tar``) or a list of those.
+A shard spec is a path, a brace pattern (``data/train-{0000..0099}.tar``), a glob, a folder (its ``*.tar``), a URL
+(``https://``, ``s3://``, ``gs://``) or ``pipe:CMD``, or a list of those (:mod:`fusedit.data.tar_index`). Remote
+shards are read sequentially (:mod:`fusedit.data.remote`): samples in tar order (``shuffle`` permutes the shard
+order only), resume re-reads the shard skipping samples by their headers, a broken connection is retried
+``remote_retries`` times and then the rest of the shard is skipped, logged and counted in ``skipped``.
 """
 
 from __future__ import annotations
 
 import collections
-import glob
 import logging
-import os
-import re
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -51,6 +51,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from fusedit.data.errors import NoUsableDataError
+from fusedit.data.remote import RemoteShardError, remote_records
+from fusedit.data.tar_index import (
+    CorruptSampleError,
+    TarRecord,
+    expand_shards,
+    index_tar,
+    is_remote,
+    local_records,
+)
 from fusedit.data.transforms import CorruptImageError
 
 __all__ = [
@@ -68,95 +78,13 @@ logger = logging.getLogger("fusedit.data")
 #: Key of the per-sample position tensor ``[worker, num_workers, epoch, cursor, offset, skipped]``.
 STREAM_POS_KEY = "stream_pos"
 _STATE_FORMAT = "fusedit-shard-stream"
-_KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")
 _MAX_BAD_SAMPLES = 100
 _MAX_WARNINGS = 20
-
-
-class CorruptSampleError(ValueError):
-    """A sample of a shard cannot be used (the message says why); it is skipped and counted."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # shard lists and tar indexes
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def _brace_expand(pattern: str) -> list[str]:
-    try:
-        from braceexpand import braceexpand
-    except ImportError:  # pragma: no cover - braceexpand ships with webdataset
-        return [pattern]
-    return list(braceexpand(pattern))
-
-
-def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Resolve a shard spec to a list of existing tar paths (order kept; folders and globs sorted).
-
-    Raises:
-        FileNotFoundError: a listed shard, folder or pattern matches nothing.
-    """
-    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
-    paths: list[str] = []
-    for item in specs:
-        for name in _brace_expand(os.path.expanduser(os.fspath(item))):
-            if os.path.isdir(name):
-                found = sorted(glob.glob(os.path.join(name, "*.tar")))
-                if not found:
-                    raise FileNotFoundError(f"no *.tar shards in folder {name}")
-                paths += found
-            elif any(c in name for c in "*?["):
-                found = sorted(glob.glob(name))
-                if not found:
-                    raise FileNotFoundError(f"shard pattern {name} matches no files")
-                paths += found
-            elif os.path.isfile(name):
-                paths.append(name)
-            else:
-                raise FileNotFoundError(f"shard not found: {name}")
-    if not paths:
-        raise FileNotFoundError(f"shard spec {spec!r} names no shards")
-    return paths
-
-
-@dataclass
-class TarRecord:
-    """One sample of a shard: its key and members (extension → ``TarInfo``), read on demand."""
-
-    key: str
-    members: dict[str, tarfile.TarInfo]
-
-    def has(self, ext: str) -> bool:
-        return ext in self.members
-
-
-def index_tar(path: str) -> list[TarRecord]:
-    """Group a shard's members into samples by reading tar headers only (no member data is read).
-
-    A damaged tail (truncated archive) ends the index where it breaks; the damage is logged.
-    """
-    with open(path, "rb") as f:
-        magic = f.read(6)
-    if magic.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ")):
-        raise ValueError(f"shard {path} is compressed; only uncompressed .tar shards can be read by seeking")
-    records: list[TarRecord] = []
-    current: TarRecord | None = None
-    try:
-        with tarfile.open(path, mode="r:") as tf:
-            for info in tf:
-                if not info.isfile():
-                    continue
-                match = _KEY_RE.match(info.name)
-                if match is None:
-                    continue
-                key, ext = match.groups()
-                if current is None or current.key != key:
-                    current = TarRecord(key, {})
-                    records.append(current)
-                current.members[ext] = info
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        logger.warning("shard %s: archive damaged after %d samples (%s)", path, len(records), exc)
-    return records
 
 
 def sample_generator(seed: int, epoch: int, shard: int, index: int) -> torch.Generator:
@@ -191,8 +119,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         seed: seed of the shard/sample permutations and of per-sample randomness.
         rank, world_size: this process's data-parallel rank and the number of ranks (default: from
             ``torch.distributed`` when initialised, else 0 and 1).
-        shuffle: permute shards and samples within shards per epoch (deterministic in ``seed`` and epoch).
+        shuffle: permute shards and samples within shards per epoch (deterministic in ``seed`` and epoch; the
+            samples of remote shards stay in tar order).
         epochs: number of epochs, or ``None`` to repeat forever (training).
+        remote_retries: reopenings of a remote shard whose stream broke before the rest of it is skipped.
     """
 
     def __init__(
@@ -204,9 +134,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         world_size: int | None = None,
         shuffle: bool = False,
         epochs: int | None = None,
+        remote_retries: int = 3,
     ):
         super().__init__()
         self.shards = expand_shards(shards)
+        self.remote_retries = int(remote_retries)
         if rank is None or world_size is None:
             dist = torch.distributed
             initialised = dist.is_available() and dist.is_initialized()
@@ -358,54 +290,89 @@ class ShardStream(torch.utils.data.IterableDataset):
                     yielded += 1
                     yield sample
             if self.epochs is None and full_epoch and not yielded:  # would spin forever
-                raise RuntimeError(
-                    f"rank {self.rank} worker {worker}: epoch {epoch} over {len(shards)} shard(s) "
-                    f"gave no usable sample ({count.skipped} skipped so far); check the shards and keys"
+                raise NoUsableDataError(
+                    f"no usable sample in {len(shards)} shard(s) ({', '.join(self.shards[i] for i in shards[:3])}"
+                    f"{', ...' if len(shards) > 3 else ''}): {count.skipped} corrupt or incomplete sample(s) skipped "
+                    f"(rank {self.rank}, worker {worker}); check the shards and the data.*_key settings"
                 )
             first = False
             epoch += 1
             if in_process:
                 self._set(worker, num_workers, _Position(epoch, 0, 0, count.skipped))
 
+    def _records(self, epoch: int, shard: int, begin: int) -> Iterator[tuple[int, int, TarRecord, Any]]:
+        """``(offset, index, record, read)`` of shard ``shard``'s samples from ``begin`` on in ``epoch``'s order:
+        local shards by seeking (permuted when ``shuffle``), remote ones as a stream in tar order."""
+        path = self.shards[shard]
+        if not is_remote(path):
+            order_of = (lambda n: _permutation(n, self.seed, epoch, shard)) if self.shuffle else (lambda n: None)
+            yield from local_records(path, order_of, begin)
+            return
+        for index, key, members in remote_records(path, begin, self.remote_retries):
+            yield index, index, TarRecord(key, members), _bytes_reader(key, members)
+
     def _shard_samples(self, where: _Where, begin: int, count: _SkipCount) -> Iterator[dict[str, Any]]:
         """The decoded samples of one shard from sample ``begin`` on (in the epoch's order), each with its position
-        after it; corrupt samples are skipped, noted and counted."""
+        after it; corrupt samples are skipped, noted and counted (a remote shard lost mid-way counts once)."""
         path = self.shards[where.shard]
-        records = index_tar(path)
-        order = _permutation(len(records), self.seed, where.epoch, where.shard) if self.shuffle else None
-        if not records and begin == 0:  # no readable sample at all: counted once (offset 1 marks it counted)
-            count.skipped += 1
-            self._note_bad(path, "*", "the shard holds no readable sample")
-            if where.in_process:
-                self._set(where.worker, where.num_workers, _Position(where.epoch, where.cursor, 1, count.skipped))
-        if begin >= len(records):
-            return
-        with open(path, "rb") as fileobj:
-            for offset in range(begin, len(records)):
-                index = order[offset] if order is not None else offset
-                record = records[index]
-                generator = sample_generator(self.seed, where.epoch, where.shard, index)
-                try:
-                    sample = self.decode(record, _reader(fileobj, record), generator)
-                except _CORRUPT as exc:
+        records = self._records(where.epoch, where.shard, begin)
+        offset = begin - 1
+        while True:
+            try:
+                offset, index, record, read = next(records)
+            except StopIteration:
+                if begin == 0 and offset < 0:  # no readable sample at all: counted once (offset 1 marks it counted)
                     count.skipped += 1
-                    self._note_bad(path, record.key, _reason(exc))
+                    self._note_bad(path, "*", "the shard holds no readable sample")
                     if where.in_process:
                         self._set(
-                            where.worker,
-                            where.num_workers,
-                            _Position(where.epoch, where.cursor, offset + 1, count.skipped),
+                            where.worker, where.num_workers, _Position(where.epoch, where.cursor, 1, count.skipped)
                         )
-                    continue
-                if where.in_process:
-                    self._set(
-                        where.worker, where.num_workers, _Position(where.epoch, where.cursor, offset + 1, count.skipped)
-                    )
-                sample[STREAM_POS_KEY] = torch.tensor(
-                    [where.worker, where.num_workers, where.epoch, where.cursor, offset + 1, count.skipped],
-                    dtype=torch.int64,
+                return
+            except RemoteShardError as exc:
+                count.skipped += 1
+                self._note_bad(path, f"sample {offset + 1}+", str(exc))
+                return
+            generator = sample_generator(self.seed, where.epoch, where.shard, index)
+            try:
+                sample = self.decode(record, read, generator)
+            except _CORRUPT as exc:
+                count.skipped += 1
+                self._note_bad(path, record.key, _reason(exc))
+                sample = None
+            if where.in_process:
+                self._set(
+                    where.worker, where.num_workers, _Position(where.epoch, where.cursor, offset + 1, count.skipped)
                 )
-                yield sample
+            if sample is None:
+                continue
+            sample[STREAM_POS_KEY] = torch.tensor(
+                [where.worker, where.num_workers, where.epoch, where.cursor, offset + 1, count.skipped],
+                dtype=torch.int64,
+            )
+            yield sample
+
+    def samples_at(self, epoch: int, shard: int, offsets: Sequence[int]) -> list[dict[str, Any]]:
+        """Decode again the samples at ``offsets`` (positions in ``epoch``'s order) of shard ``shard``, exactly as
+        they were first decoded (same per-sample generator), in the order of ``offsets``.
+
+        Raises:
+            ValueError: one of them is now missing or unreadable (the shard changed since it was read).
+        """
+        wanted, found = set(offsets), {}
+        if wanted:
+            for offset, index, record, read in self._records(epoch, shard, min(wanted)):
+                if offset in wanted:
+                    try:
+                        found[offset] = self.decode(record, read, sample_generator(self.seed, epoch, shard, index))
+                    except _CORRUPT as exc:
+                        raise ValueError(f"{self.shards[shard]}:{record.key}: {_reason(exc)}") from None
+                if offset >= max(wanted):
+                    break
+        missing = sorted(wanted - set(found))
+        if missing:
+            raise ValueError(f"{self.shards[shard]}: samples {missing} of epoch {epoch} are gone (shard changed?)")
+        return [found[o] for o in offsets]
 
 
 #: Errors that mark one sample as corrupt (it is skipped, the stream goes on).
@@ -435,15 +402,10 @@ def _reason(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, CorruptSampleError) else f"{type(exc).__name__}: {exc}"
 
 
-def _reader(fileobj, record: TarRecord):
+def _bytes_reader(key: str, members: dict[str, bytes]):
     def read(ext: str) -> bytes:
-        info = record.members.get(ext)
-        if info is None:
-            raise CorruptSampleError(f"missing member {record.key}.{ext}")
-        fileobj.seek(info.offset_data)
-        data = fileobj.read(info.size)
-        if len(data) != info.size:
-            raise EOFError(f"member {record.key}.{ext} truncated ({len(data)} of {info.size} bytes)")
-        return data
+        if ext not in members:
+            raise CorruptSampleError(f"missing member {key}.{ext}")
+        return members[ext]
 
     return read

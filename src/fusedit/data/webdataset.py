@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from fusedit.data.buckets import BucketTransform
 from fusedit.data.shards import STREAM_POS_KEY, CorruptSampleError, ShardStream, TarRecord, expand_shards, index_tar
 from fusedit.data.transforms import ImageTransform, decode_image
 
@@ -22,6 +23,16 @@ def _alternatives(key: str) -> list[str]:
     return [k.strip() for k in key.split(";") if k.strip()]
 
 
+def _text(data: bytes, ext: str) -> str:
+    """A caption member as stripped text; bytes that are not UTF-8 make the sample corrupt (skipped and counted)."""
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise CorruptSampleError(
+            f"caption member {ext} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        ) from None
+
+
 class WebShardDataset(ShardStream):
     """Image/caption shards in the reference's layout → ``{"image": (3, r, r) float32 in [-1, 1], "caption": str,
     "stream_pos": int64 (6,)}``.
@@ -33,7 +44,10 @@ class WebShardDataset(ShardStream):
             ``"jpg;png"``).
         original_caption_rate: probability of taking the original caption instead of the synthetic one (when the
             sample has a non-empty original caption).
-        seed, rank, world_size, shuffle, epochs: see :class:`ShardStream`.
+        seed, rank, world_size, shuffle, epochs, remote_retries: see :class:`ShardStream`.
+        buckets: aspect-ratio buckets ``[(height, width), ...]``: each image goes to its nearest bucket (cover +
+            crop, :class:`~fusedit.data.buckets.BucketTransform`) instead of a ``resolution``² square; batch them
+            with :class:`~fusedit.data.bucket_stream.BucketBatchStream`.
     """
 
     def __init__(
@@ -52,11 +66,25 @@ class WebShardDataset(ShardStream):
         world_size: int | None = None,
         shuffle: bool = False,
         epochs: int | None = None,
+        remote_retries: int = 3,
+        buckets: list[tuple[int, int]] | None = None,
     ):
-        super().__init__(shards, seed=seed, rank=rank, world_size=world_size, shuffle=shuffle, epochs=epochs)
+        super().__init__(
+            shards,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            shuffle=shuffle,
+            epochs=epochs,
+            remote_retries=remote_retries,
+        )
         if not 0.0 <= original_caption_rate <= 1.0:
             raise ValueError(f"original_caption_rate: got {original_caption_rate}, expected 0..1")
-        self.transform = ImageTransform(resolution, center_crop, interpolation)
+        self.transform: ImageTransform | BucketTransform = (
+            ImageTransform(resolution, center_crop, interpolation)
+            if buckets is None
+            else BucketTransform(buckets, center_crop, interpolation)
+        )
         self.image_keys = _alternatives(image_key)
         self.caption_keys = _alternatives(caption_key)
         self.original_caption_keys = _alternatives(original_caption_key)
@@ -64,9 +92,17 @@ class WebShardDataset(ShardStream):
 
     @classmethod
     def from_config(
-        cls, cfg, *, seed: int = 0, rank: int | None = None, world_size: int | None = None, epochs: int | None = None
+        cls,
+        cfg,
+        *,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        epochs: int | None = None,
+        buckets: list[tuple[int, int]] | None = None,
     ) -> WebShardDataset:
-        """Build from a :class:`fusedit.data.config.DataConfig` (``source: webdataset``)."""
+        """Build from a :class:`fusedit.data.config.DataConfig` (``source: webdataset``), bucketed when ``buckets``
+        are given."""
         return cls(
             cfg.path,
             cfg.resolution,
@@ -81,6 +117,8 @@ class WebShardDataset(ShardStream):
             world_size=world_size,
             shuffle=getattr(cfg, "shuffle", False),
             epochs=epochs,
+            remote_retries=getattr(cfg, "remote_retries", 3),
+            buckets=buckets,
         )
 
     @staticmethod
@@ -94,13 +132,13 @@ class WebShardDataset(ShardStream):
         caption_ext = self._first(record, self.caption_keys)
         if caption_ext is None:
             raise CorruptSampleError(f"no caption member ({' or '.join(self.caption_keys)})")
-        caption = read(caption_ext).decode("utf-8").strip()
+        caption = _text(read(caption_ext), caption_ext)
         if not caption:
             raise CorruptSampleError(f"empty caption ({caption_ext})")
         use_original = float(torch.rand((), generator=generator)) < self.original_caption_rate
         original_ext = self._first(record, self.original_caption_keys)
         if use_original and original_ext is not None:
-            original = read(original_ext).decode("utf-8").strip()
+            original = _text(read(original_ext), original_ext)
             caption = original or caption
         image = decode_image(read(image_ext), name=f"{record.key}.{image_ext}")
         return {"image": self.transform(image, generator), "caption": caption}

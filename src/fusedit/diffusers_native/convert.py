@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from fusedit.atomic import naming_full_disk
 from fusedit.checkpoint.errors import CheckpointError
 from fusedit.checkpoint.verify import verify_saved_weights
 from fusedit.config import to_dict
@@ -97,7 +98,8 @@ def save_pipeline(pipe: FuseDiTPipeline, out_dir: str | os.PathLike, max_shard_s
     tmp = out_dir.with_name(out_dir.name + ".tmp-export")
     if tmp.exists():
         shutil.rmtree(tmp)
-    pipe.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
+    with naming_full_disk(out_dir, cleanup=tmp):  # a full disk: the partial folder goes, the message names out_dir
+        pipe.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
     try:
         verify_saved_weights(pipe.transformer, tmp / "transformer")
     except CheckpointError:

@@ -51,6 +51,7 @@ from fusedit.diffusers_native.transformer import FuseDiTTransformer2DModel
 from fusedit.experiment import ExperimentConfig, SampleConfig
 from fusedit.progress import track
 from fusedit.sampling.denoise import denoise
+from fusedit.sampling.inputs import optional_positive_int
 from fusedit.sampling.pipeline import FuseDiTPipeline as Sampler
 from fusedit.sampling.pipeline import postprocess
 from fusedit.text.context import TextContext
@@ -307,9 +308,7 @@ class FuseDiTPipeline(DiffusionPipeline):
         there), ``progress`` (see :meth:`_steps`). Returns :class:`FuseDiTPipelineOutput`, or ``(images,)`` with
         ``return_dict=False``.
         """
-        if prompt is None:
-            raise ValueError("no prompt given: pass a string or a non-empty list of strings")
-        sampler = self._current_sampler()
+        sampler = self._current_sampler()  # its request and checks refuse bad arguments (fusedit.sampling.inputs)
         request = sampler._request(
             prompt,
             negative_prompt,
@@ -321,6 +320,7 @@ class FuseDiTPipeline(DiffusionPipeline):
             num_images_per_prompt,
         )
         sampler.check_inputs(request.prompts, request.height, request.width, output_type, latents, request.steps)
+        optional_positive_int(max_sequence_length, "max_sequence_length")
         on_step_end = self._on_step_end(callback_on_step_end, callback_on_step_end_tensor_inputs)
         self._guidance_scale, self._num_timesteps, self._interrupt = request.guidance, request.steps, False
         velocity, num_truncated = sampler.text_conditioning(request, max_sequence_length, use_text_cache)

@@ -89,8 +89,8 @@ class ShapesEvalSettings:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.num_inference_steps is not None and self.num_inference_steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.num_inference_steps}")
-        if self.guidance_scale is not None and self.guidance_scale < 0:
-            raise ValueError(f"cfg must be >= 0, got {self.guidance_scale}")
+        if self.guidance_scale is not None and not self.guidance_scale >= 1:
+            raise ValueError(f"cfg must be >= 1 (1 = no guidance), got {self.guidance_scale}")
         if self.min_per_category < 0:
             raise ValueError(f"min_per_category must be >= 0, got {self.min_per_category}")
         if self.grid_prompts < 1:

@@ -3,8 +3,8 @@
 The lock is ``run_dir/.fusedit.lock``, held with a POSIX record lock (``fcntl.lockf``: released by the kernel when its
 holder exits, even after ``kill -9``, and not inherited by forked children such as DataLoader workers, which may
 outlive a killed trainer by a few seconds) and naming its owner inside (``{"pid", "host", "started", "command"}``)
-so that a refused second trainer can say who holds the run. A lock file whose owner is gone (a killed trainer) is taken over, with a message
-naming the previous owner. Under torchrun rank 0 holds the lock for the whole process group.
+so that a refused second trainer can say who holds the run. A lock file whose owner is gone (a killed trainer) is
+taken over, with a message naming the previous owner. Under torchrun rank 0 holds the lock for the whole process group.
 
 The lock is reentrant within a process (:func:`hold_run_dir` nested for the same directory takes it once), so that
 ``train_run`` and the ``Trainer`` it builds can both hold it.

@@ -25,6 +25,7 @@ from PIL import Image
 from torch import nn
 
 from fusedit.experiment import SampleConfig, guidance_interval_problem
+from fusedit.sampling import inputs
 from fusedit.sampling.denoise import VelocityFn, denoise
 from fusedit.sampling.text import CachedText, JointText
 from fusedit.text.context import TextContext
@@ -141,11 +142,9 @@ class FuseDiTPipeline:
         steps: int,
     ) -> None:
         """Raise ``ValueError``/``TypeError`` naming the problem for bad prompts, sizes, output types or latents."""
-        if len(prompts) == 0:
-            raise ValueError("no prompt given: pass a string or a non-empty list of strings")
+        prompts = inputs.prompt_list(prompts)
+        height, width = inputs.positive_int(height, "height"), inputs.positive_int(width, "width")
         for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str):
-                raise TypeError(f"prompt {i} is a {type(prompt).__name__}, expected a string")
             if not prompt.strip():
                 raise ValueError(
                     f"prompt {i} is empty; describe the image to generate (the empty string is the "
@@ -167,8 +166,7 @@ class FuseDiTPipeline:
             )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
-        if steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
+        inputs.positive_int(steps, "num_inference_steps")
         if latents is not None:
             f = self.codec.spatial_factor
             expected = (len(prompts), self.codec.channels, height // f, width // f)
@@ -225,7 +223,7 @@ class FuseDiTPipeline:
 
     def _request(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | Sequence[str] | None,
         negative_prompt: str | Sequence[str] | None,
         height: int | None,
         width: int | None,
@@ -234,7 +232,12 @@ class FuseDiTPipeline:
         guidance_interval: Sequence[float] | None,
         num_images_per_prompt: int,
     ) -> _Request:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = inputs.prompt_list(prompt)
+        height, width = inputs.optional_positive_int(height, "height"), inputs.optional_positive_int(width, "width")
+        steps = inputs.optional_positive_int(steps, "num_inference_steps")
+        num_images_per_prompt = inputs.positive_int(num_images_per_prompt, "num_images_per_prompt")
+        if guidance_scale is not None:
+            guidance_scale = inputs.guidance_scale(guidance_scale)
         negatives = None
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             negatives = list(negative_prompt)
@@ -255,9 +258,9 @@ class FuseDiTPipeline:
             prompts=[p for p in prompts for _ in range(num_images_per_prompt)],
             negatives=negatives,
             negative=d.negative_prompt if negative_prompt is None else negative_prompt,
-            height=height or self.default_size,
-            width=width or self.default_size,
-            steps=steps or d.num_inference_steps,
+            height=self.default_size if height is None else height,
+            width=self.default_size if width is None else width,
+            steps=d.num_inference_steps if steps is None else steps,
             guidance=d.guidance_scale if guidance_scale is None else guidance_scale,
             interval=interval,
         )
@@ -291,6 +294,7 @@ class FuseDiTPipeline:
             num_images_per_prompt,
         )
         self.check_inputs(request.prompts, request.height, request.width, output_type, latents, request.steps)
+        inputs.optional_positive_int(max_sequence_length, "max_sequence_length")
         velocity, num_truncated = self.text_conditioning(request, max_sequence_length, use_text_cache)
         if num_truncated:
             logger.warning("%d prompt(s) were longer than the maximum text length and were truncated", num_truncated)

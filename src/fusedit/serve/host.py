@@ -123,8 +123,8 @@ class ModelHost:
         if steps < 1:
             raise RequestError(f"Steps must be at least 1 (got {steps}).")
         cfg = number(request.guidance_scale, "CFG scale")
-        if cfg < 0:
-            raise RequestError(f"CFG scale must be at least 0 (got {cfg}); 1 or less samples without guidance.")
+        if cfg < 1:
+            raise RequestError(f"CFG scale must be at least 1 (got {cfg}); 1 samples without guidance.")
         seed = random.randint(0, MAX_SEED) if request.randomize_seed else whole_number(request.seed, "Seed")
         if not 0 <= seed < 2**63:
             raise RequestError(f"Seed must be between 0 and 2^63 - 1 (got {seed}).")

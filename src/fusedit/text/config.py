@@ -32,6 +32,12 @@ class TextConfig:
             last hidden state) or ``clip`` (a CLIP text model's projected embedding, from ``clip_model``).
         clip_model: path or hub id of a CLIP text model (for ``pooled: clip``).
         trim: drop key/value columns that are padding in every prompt of the batch (exact; faster attention).
+        quantization: ``none`` or ``int8``: the frozen LLM's linear layers in 8 bits (bitsandbytes' LLM.int8 through
+            transformers' ``BitsAndBytesConfig``; ``pip install "fusedit[lowmem]"``), about a quarter of fp32's
+            weight memory; embeddings and norms stay in ``dtype``. Frozen LLMs only.
+        offload: keep the frozen LLM's weights on the CPU and move them to the training device only to encode a
+            batch (back right after), so the DiT step has the device memory the LLM would hold. Costs one
+            host-device copy of the LLM per step; a no-op on a CPU-only run.
     """
 
     llm: str = ""
@@ -47,8 +53,18 @@ class TextConfig:
     pooled: Literal["none", "llm-mean", "clip"] = "none"
     clip_model: str | None = None
     trim: bool = True
+    quantization: Literal["none", "int8"] = "none"
+    offload: bool = False
 
     def validate(self) -> None:
         require(self.max_length > 0, f"text.max_length: got {self.max_length}, expected a positive integer")
         if self.pooled == "clip":
             require(bool(self.clip_model), "text.pooled: clip needs text.clip_model (a path or hub id of a CLIP model)")
+        if self.trainable:
+            require(self.quantization == "none", "text.quantization=int8 is for a frozen LLM; set text.trainable=false")
+            require(not self.offload, "text.offload is for a frozen LLM; set text.trainable=false")
+        require(
+            not (self.offload and self.quantization == "int8"),
+            "text.offload and text.quantization=int8 do not combine (an 8-bit LLM stays where it was loaded, at a "
+            "quarter of its fp32 size); choose one",
+        )

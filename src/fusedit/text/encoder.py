@@ -166,8 +166,11 @@ class TextEncoder(nn.Module):
         config: TextConfig,
         requirements: TextRequirements,
         pooled_encoder: nn.Module | None = None,
+        execution_device: torch.device | str | None = None,
     ):
         super().__init__()
+        #: ``text.offload``: the device the LLM runs on; its weights rest where they are (the CPU) between batches
+        self.execution_device = torch.device(execution_device) if config.offload and execution_device else None
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.config = config
@@ -187,13 +190,17 @@ class TextEncoder(nn.Module):
     def from_config(cls, config: TextConfig, requirements: TextRequirements, device="cpu") -> TextEncoder:
         """Load the LLM and tokenizer named by ``config`` (local path or hub id)."""
         dtype = resolve_dtype(config.dtype, device)
-        decoder = load_llm(config.llm, dtype=dtype, attention=config.attention).to(device)
+        decoder = load_llm(
+            config.llm, dtype=dtype, attention=config.attention, quantization=config.quantization, device=device
+        )
+        if config.quantization == "none":  # an 8-bit model is loaded on its device
+            decoder = decoder.to("cpu" if config.offload else device)
         tokenizer = load_tokenizer(config.tokenizer or config.llm, padding_side=config.padding_side)
         pooled = None
         if requirements.pooled and config.pooled == "clip":
             assert config.clip_model is not None  # TextConfig.validate requires it
             pooled = load_clip_pooler(config.clip_model, device=device)
-        return cls(decoder, tokenizer, config, requirements, pooled_encoder=pooled)
+        return cls(decoder, tokenizer, config, requirements, pooled_encoder=pooled, execution_device=device)
 
     def _truncate_unused_layers(self) -> None:
         """Keep only the LLM layers the model reads (a deep-fusion model never needs the layers past its map)."""
@@ -205,7 +212,22 @@ class TextEncoder(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.decoder.parameters()).device
+        """Where the LLM runs and the context is returned (with ``text.offload``, not where its weights rest)."""
+        return self.execution_device or next(self.decoder.parameters()).device
+
+    @contextlib.contextmanager
+    def _on_execution_device(self):
+        """``text.offload``: the LLM's weights on the execution device for the duration of one encoding, then back
+        on the device they rest on (also after an error)."""
+        if self.execution_device is None:
+            yield
+            return
+        resting = next(self.decoder.parameters()).device
+        self.decoder.to(self.execution_device)
+        try:
+            yield
+        finally:
+            self.decoder.to(resting)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -260,7 +282,7 @@ class TextEncoder(nn.Module):
         ``position_offset``: position of column 0 (non-zero when leading padding columns were dropped).
         """
         grad = torch.enable_grad() if (self.trainable and torch.is_grad_enabled()) else torch.no_grad()
-        with grad:
+        with grad, self._on_execution_device():
             return self._encode(input_ids, attention_mask.bool(), position_offset)
 
     def _encode(self, input_ids: torch.Tensor, mask: torch.Tensor, position_offset: int) -> TextContext:

@@ -8,8 +8,11 @@ model. Only the decoder is kept (no LM head).
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import os
+import socket
+import urllib.parse
 from pathlib import Path
 from typing import Literal
 
@@ -17,8 +20,11 @@ import torch
 from torch import nn
 
 from fusedit.config import ConfigError
+from fusedit.lowmem import import_bitsandbytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Seconds to wait for a TCP connection to the hub before calling it unreachable.
+HUB_PROBE_TIMEOUT = 3.0
 
 
 class LLMLoadError(RuntimeError):
@@ -34,21 +40,97 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
     return DTYPES[name]
 
 
-def _check_source(name_or_path: str, what: str) -> None:
+def looks_like_local_path(name: str) -> bool:
+    """Whether ``text.llm``/``text.tokenizer`` value ``name`` names a local folder rather than a hub id.
+
+    The rule: a hub id is ``NAME`` or ``OWNER/NAME``. Anything else is a local path: a name that exists on disk,
+    starts with ``.``, ``/`` or ``~`` (``./llm``, ``../llm``, ``/models/llm``, ``~/llm``), contains a backslash
+    (or the platform's separator when it is not ``/``), has more than one ``/`` (``runs/demo/tiny-llm``), or whose
+    first component is an existing local folder (``runs/tiny-llm`` when ``runs/`` exists here).
+    """
+    if Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or "\\" in name:
+        return True
+    if os.sep != "/" and os.sep in name:
+        return True
+    return name.count("/") > 1 or ("/" in name and Path(name.split("/", 1)[0]).is_dir())
+
+
+def _missing_folder(name: str, what: str) -> LLMLoadError:
+    path = Path(name).expanduser()
+    existing = next((p for p in path.parents if p != Path(".") and p.exists()), None)
+    where = f" ({existing} exists, {path.relative_to(existing).parts[0]!r} is not in it)" if existing else ""
+    return LLMLoadError(
+        f"text.{what}: the local folder {name!r} does not exist{where}; give the folder of a saved model "
+        f"(save_pretrained) or a hub id like OWNER/NAME"
+    )
+
+
+def _offline_env() -> bool:
+    return any(
+        os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _hub_probe() -> str | None:
+    """Why a TCP connection to the hub fails from here, or None when it succeeds (or a proxy decides: then the hub
+    client finds out). Probed once per process."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    from huggingface_hub import constants
+
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT).close()
+    except OSError as error:
+        return f"no network: {host}:{port} is unreachable ({error})"
+    return None
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be used now (``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` set, or no
+    connection), or None."""
+    if _offline_env():
+        return "HF_HUB_OFFLINE is set"
+    return _hub_probe()
+
+
+def _check_source(name_or_path: str, what: str, probe_file: str) -> dict:
+    """Check ``text.<what>`` before transformers sees it; returns extra ``from_pretrained`` arguments.
+
+    A missing local folder (see :func:`looks_like_local_path`) is reported at once. A hub id that the hub cannot
+    serve right now (offline mode, no network) loads from the local cache when ``probe_file`` is there
+    (``local_files_only``), else fails at once instead of retrying the connection.
+    """
     if not name_or_path:
         raise ConfigError(f"text.{what}: empty; expected a local path or a Hugging Face hub id of a decoder-only LLM")
-    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 2)[-1]
-    if looks_local and not Path(name_or_path).expanduser().exists():
-        raise LLMLoadError(f"text.{what}: {name_or_path!r} does not exist (expected a model folder or a hub id)")
+    if looks_like_local_path(name_or_path):
+        if not Path(name_or_path).expanduser().exists():
+            raise _missing_folder(name_or_path, what)
+        return {}
+    why = hub_unreachable()
+    if why is None:
+        return {}
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name_or_path, probe_file), str):
+        return {"local_files_only": True}
+    raise LLMLoadError(
+        f"text.{what}: {name_or_path!r} is a Hugging Face hub id, it is not in the local cache "
+        f"({constants.HF_HUB_CACHE}) and the hub cannot be reached ({why}); download it where there is network "
+        f"(`hf download {name_or_path}`) and give its local folder, or set HF_HOME to a cache that has it"
+    )
 
 
 def load_llm_config(name_or_path: str):
     """The Hugging Face config of the model at ``name_or_path`` (text config for multimodal models)."""
     from transformers import AutoConfig
 
-    _check_source(name_or_path, "llm")
+    hub = _check_source(name_or_path, "llm", "config.json")
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(name_or_path, **hub)
     except Exception as error:  # transformers raises OSError/ValueError with long texts
         raise LLMLoadError(f"could not read the LLM config at {name_or_path!r}: {error}") from None
     return config
@@ -94,6 +176,8 @@ def load_llm(
     dtype: torch.dtype = torch.float32,
     attention: Literal["hf", "reference"] = "hf",
     attn_implementation: str | None = None,
+    quantization: Literal["none", "int8"] = "none",
+    device: torch.device | str = "cpu",
 ) -> nn.Module:
     """Load the decoder of a causal LM (or of PaliGemma's language model).
 
@@ -102,6 +186,9 @@ def load_llm(
         dtype: weights dtype.
         attention: ``reference`` patches the config as :func:`reference_attention_config`.
         attn_implementation: transformers attention backend (``sdpa`` default, ``eager``).
+        quantization: ``int8`` loads the linear layers in 8 bits on ``device`` (bitsandbytes' LLM.int8 through
+            ``BitsAndBytesConfig``; :class:`~fusedit.config.ConfigError` where bitsandbytes is missing); the model is
+            then already on ``device``.
     Returns:
         the decoder module (e.g. ``Gemma2Model``), in eval mode.
     """
@@ -110,9 +197,11 @@ def load_llm(
     config = load_llm_config(name_or_path)
     if attention == "reference":
         config = reference_attention_config(config)
-    kwargs = {"config": config, "dtype": dtype}
+    kwargs = {"config": config, "dtype": dtype, **_check_source(name_or_path, "llm", "config.json")}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    if quantization == "int8":
+        kwargs.update(int8_load_kwargs(device))
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except ValueError:
@@ -129,13 +218,21 @@ def load_llm(
     return decoder
 
 
+def int8_load_kwargs(device: torch.device | str) -> dict:
+    """``from_pretrained`` arguments loading the linear layers in 8 bits (LLM.int8) on ``device``."""
+    import_bitsandbytes("text.quantization=int8")
+    from transformers import BitsAndBytesConfig
+
+    return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": str(torch.device(device))}}
+
+
 def load_tokenizer(name_or_path: str, padding_side: str = "left"):
     """Load a tokenizer and set its padding side; a missing pad token falls back to EOS (reported in the name)."""
     from transformers import AutoTokenizer
 
-    _check_source(name_or_path, "tokenizer")
+    hub = _check_source(name_or_path, "tokenizer", "tokenizer_config.json")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub)
     except Exception as error:
         raise LLMLoadError(f"could not load the tokenizer from {name_or_path!r}: {error}") from None
     tokenizer.padding_side = padding_side

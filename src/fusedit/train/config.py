@@ -43,6 +43,8 @@ class TrainConfig:
         cache_text_context: keep the frozen text encoder's context of every caption seen
             (:class:`fusedit.text.cache.CachedTextEncoder`; for data sets that repeat their captions, such as the
             shapes world). Each caption is encoded alone, so results do not depend on batch composition or resume.
+        optimizer: ``adamw`` (PyTorch's) or ``adamw8bit`` (bitsandbytes' 8-bit AdamW: a quarter of the optimizer
+            state's memory; needs ``pip install "fusedit[lowmem]"``; not with ``fsdp`` or ``fused_adamw``).
         distributed: ``none``, ``ddp`` or ``fsdp`` (launched by torchrun).
     """
 
@@ -81,6 +83,7 @@ class TrainConfig:
     fused_adamw: bool = False
     cache_text_context: bool = False
     distributed: Literal["none", "ddp", "fsdp"] = "none"
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
 
     def validate(self) -> None:
         require(self.max_steps > 0, f"train.max_steps: got {self.max_steps}, expected a positive integer")
@@ -115,3 +118,11 @@ class TrainConfig:
         require(self.keep_checkpoints >= 1, f"train.keep_checkpoints: got {self.keep_checkpoints}, expected >= 1")
         require(self.warmup_steps >= 0, f"train.warmup_steps: got {self.warmup_steps}, expected >= 0")
         require(self.sample_steps > 0, f"train.sample_steps: got {self.sample_steps}, expected > 0")
+        require(self.sample_cfg >= 1, f"train.sample_cfg: got {self.sample_cfg}, expected >= 1 (1 = no guidance)")
+        if self.optimizer == "adamw8bit":
+            require(not self.fused_adamw, "train.fused_adamw applies to train.optimizer=adamw; turn one of them off")
+            require(
+                self.distributed != "fsdp",
+                "train.optimizer=adamw8bit does not shard under train.distributed=fsdp (bitsandbytes' 8-bit state "
+                "is not a DTensor); use train.distributed=ddp or train.optimizer=adamw",
+            )

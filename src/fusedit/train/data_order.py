@@ -10,6 +10,13 @@ Resumable streams (an ``IterableDataset`` with ``state_dict``/``load_state_dict`
 :class:`~fusedit.data.webdataset.WebShardDataset`, :class:`~fusedit.data.latents.LatentShardDataset`) are split
 shard-per-rank by the stream itself; every batch taken is passed to ``mark_consumed`` (its ``stream_pos`` rows), and
 ``state_dict()`` is checkpointed per rank.
+
+Aspect-ratio buckets (``data.buckets``): a map-style data set with ``item_buckets`` (each item's bucket,
+:class:`~fusedit.data.bucket_folder.BucketedImageFolder`) is read by :class:`BucketBatchSampler`: each epoch's
+permutation is cut into global micro-batches within one bucket, a pure function of ``(seed, epoch)``, so the position
+is the number of global batches taken. A stream with ``yields_batches``
+(:class:`~fusedit.data.bucket_stream.BucketBatchStream`) yields whole same-bucket micro-batches and carries its
+pending samples in ``MicroBatch.pending``.
 """
 
 from __future__ import annotations
@@ -77,6 +84,70 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
             yield batch[lo : lo + share]
 
 
+def bucket_epoch_batches(item_buckets: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The global micro-batches of ``epoch``, each within one bucket: walk ``epoch_permutation``, put each item in its
+    bucket's buffer (items of bucket ``-1`` are left out) and emit a buffer when it holds ``batch_size`` items; at the
+    end each partial buffer is completed with the first items of its bucket in this epoch's order (an item may then
+    come twice in an epoch; nothing is dropped)."""
+    order = epoch_permutation(len(item_buckets), seed, epoch).tolist()
+    buffers: dict[int, list[int]] = {}
+    batches: list[list[int]] = []
+    for index in order:
+        bucket = item_buckets[index]
+        if bucket < 0:
+            continue
+        buffer = buffers.setdefault(bucket, [])
+        buffer.append(index)
+        if len(buffer) == batch_size:
+            batches.append(buffer)
+            buffers[bucket] = []
+    for bucket, buffer in buffers.items():
+        if buffer:
+            members = [i for i in order if item_buckets[i] == bucket]
+            batches.append(buffer + [members[k % len(members)] for k in range(batch_size - len(buffer))])
+    return batches
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """An endless stream of index batches within one bucket (:func:`bucket_epoch_batches`), starting after
+    ``start_batches`` global batches. Rank ``r`` of ``world_size`` yields the ``r``-th contiguous slice of each global
+    batch (so every rank's micro-batch has the same size); ``with_epoch`` as in :class:`ResumableBatchSampler`."""
+
+    def __init__(
+        self,
+        item_buckets: Sequence[int],
+        batch_size: int,
+        seed: int,
+        start_batches: int = 0,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        with_epoch: bool = False,
+    ) -> None:
+        if not any(b >= 0 for b in item_buckets):
+            raise ValueError("the dataset has no readable item in any bucket")
+        if batch_size % world_size:
+            raise ValueError(f"global batch {batch_size} cannot be split over {world_size} ranks")
+        self.item_buckets, self.batch_size, self.seed = list(item_buckets), batch_size, seed
+        self.start_batches, self.rank, self.world_size, self.with_epoch = start_batches, rank, world_size, with_epoch
+
+    def __iter__(self) -> Iterator[list]:
+        epoch, skip = 0, self.start_batches
+        batches = bucket_epoch_batches(self.item_buckets, self.batch_size, self.seed, epoch)
+        while skip >= len(batches):
+            skip -= len(batches)
+            epoch += 1
+            batches = bucket_epoch_batches(self.item_buckets, self.batch_size, self.seed, epoch)
+        share = self.batch_size // self.world_size
+        lo = self.rank * share
+        while True:
+            for batch in batches[skip:]:
+                mine = batch[lo : lo + share]
+                yield [(epoch, i) for i in mine] if self.with_epoch else mine
+            epoch, skip = epoch + 1, 0
+            batches = bucket_epoch_batches(self.item_buckets, self.batch_size, self.seed, epoch)
+
+
 class EpochIndexed(Dataset):
     """A map-style data set read with ``(epoch, index)`` keys: calls ``dataset.set_epoch(epoch)`` when the epoch
     changes (in whichever process reads the item, so DataLoader workers see it too), then returns
@@ -106,6 +177,7 @@ class MicroBatch:
     captions: list[str]
     is_latent: bool = False
     stream_pos: torch.Tensor | None = None
+    pending: torch.Tensor | None = None
 
 
 def collate_batch(items: Sequence[Mapping[str, Any]]) -> MicroBatch:
@@ -131,6 +203,18 @@ def collate_batch(items: Sequence[Mapping[str, Any]]) -> MicroBatch:
         captions=[item["caption"] for item in items],
         is_latent=latent == {True},
         stream_pos=stream_pos,
+    )
+
+
+def collate_batch_item(item: Mapping[str, Any]) -> MicroBatch:
+    """A :class:`MicroBatch` of a batch a stream yielded whole (``BucketBatchStream``: ``image`` ``(B, C, h, w)``,
+    ``caption`` list, ``is_latent``, ``stream_pos``, ``pending``)."""
+    return MicroBatch(
+        images=item["image"],
+        captions=list(item["caption"]),
+        is_latent=bool(item.get("is_latent", False)),
+        stream_pos=item.get("stream_pos"),
+        pending=item.get("pending"),
     )
 
 
@@ -188,6 +272,10 @@ class TrainingData:
         self.global_micro_batch = global_micro_batch
         self.micro_batch = global_micro_batch // env.world_size
         self.samples_seen = 0
+        self.yields_batches = self.is_stream and bool(getattr(dataset, "yields_batches", False))
+        if self.yields_batches:
+            dataset.configure_batches(self.micro_batch)
+        self.item_buckets = None if self.is_stream else getattr(dataset, "item_buckets", None)
 
     def batches(self) -> Iterator[MicroBatch]:
         """This rank's micro-batches from the current position on (an endless iterator)."""
@@ -195,10 +283,11 @@ class TrainingData:
         generator = torch.Generator().manual_seed(self.seed + self.samples_seen)
         pin = self.env.device.type == "cuda"
         if self.is_stream:
+            collate: Any = collate_batch_item if self.yields_batches else collate_batch
             loader = DataLoader(
                 self.dataset,
-                batch_size=self.micro_batch,
-                collate_fn=collate_batch,
+                batch_size=None if self.yields_batches else self.micro_batch,
+                collate_fn=collate,
                 num_workers=self.num_workers,
                 pin_memory=pin,
                 persistent_workers=False,
@@ -206,7 +295,7 @@ class TrainingData:
             )
             return _endless(loader)
         with_epoch = callable(getattr(self.dataset, "set_epoch", None))
-        sampler = ResumableBatchSampler(
+        sampler: torch.utils.data.Sampler = ResumableBatchSampler(
             len(self.dataset),
             self.global_micro_batch,
             self.seed,
@@ -215,6 +304,16 @@ class TrainingData:
             world_size=self.env.world_size,
             with_epoch=with_epoch,
         )
+        if self.item_buckets is not None:
+            sampler = BucketBatchSampler(
+                self.item_buckets,
+                self.global_micro_batch,
+                self.seed,
+                self.samples_seen // self.global_micro_batch,
+                rank=self.env.rank,
+                world_size=self.env.world_size,
+                with_epoch=with_epoch,
+            )
         source = EpochIndexed(self.dataset) if with_epoch else self.dataset
         loader = DataLoader(
             source,
@@ -233,7 +332,10 @@ class TrainingData:
         if self.is_stream:
             if batch.stream_pos is None:
                 raise KeyError("the data stream's items carry no 'stream_pos'; its position cannot be tracked")
-            self.dataset.mark_consumed({"stream_pos": batch.stream_pos})
+            taken = {"stream_pos": batch.stream_pos}
+            if batch.pending is not None:
+                taken["pending"] = batch.pending
+            self.dataset.mark_consumed(taken)
 
     @property
     def epoch(self) -> float | None:
@@ -245,13 +347,16 @@ class TrainingData:
         if self.is_stream:
             return {"kind": "stream", "samples_seen": self.samples_seen}
         n = len(self.dataset)
-        return {
+        position = {
             "kind": "map",
             "samples_seen": self.samples_seen,
             "num_items": n,
             "epoch": self.samples_seen // n,
             "index": self.samples_seen % n,
         }
+        if self.item_buckets is not None:
+            position["bucket_batch"] = self.global_micro_batch
+        return position
 
     def stream_state(self) -> Any:
         """This rank's stream position (``None`` for map-style data)."""
@@ -271,6 +376,17 @@ class TrainingData:
             raise CheckpointError(
                 f"{path}: saved with a dataset of {position['num_items']} items, this one has "
                 f"{len(self.dataset)}; the data position cannot be resumed"
+            )
+        saved_batch = position.get("bucket_batch")
+        if kind == "map" and (saved_batch is not None) != (self.item_buckets is not None):
+            raise CheckpointError(
+                f"{path}: saved {'with' if saved_batch else 'without'} aspect-ratio buckets, this run reads "
+                f"{'with' if self.item_buckets is not None else 'without'} them; the data position cannot be resumed"
+            )
+        if saved_batch is not None and saved_batch != self.global_micro_batch:
+            raise CheckpointError(
+                f"{path}: saved with bucketed micro-batches of {saved_batch} samples, this run takes "
+                f"{self.global_micro_batch}; the data position cannot be resumed"
             )
         self.samples_seen = position["samples_seen"]
         if not self.is_stream:

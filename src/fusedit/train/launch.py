@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from fusedit.builders import build_components, check_training_size, default_device, resolve_relative_paths
+from fusedit.data.buckets import training_buckets
 from fusedit.data.factory import build_dataset
 from fusedit.dist.env import barrier, destroy_distributed, init_distributed, is_initialized
 from fusedit.experiment import ExperimentConfig
@@ -65,7 +66,9 @@ def build_trainer(
     torch.manual_seed(config.train.seed)  # the same initial weights in every process (and every run)
     parts = build_components(config, device=device)
     check_training_size(config, parts.codec)
-    dataset = build_dataset(config.data, seed=config.train.seed, codec=parts.codec)
+    dataset = build_dataset(
+        config.data, seed=config.train.seed, codec=parts.codec, buckets=training_buckets(config, parts.codec)
+    )
     scheduler = make_scheduler(config.sample.shift)
     pipeline = FuseDiTPipeline(
         parts.model, parts.text_encoder, scheduler, parts.codec, defaults=config.sample, config=config

@@ -12,6 +12,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from fusedit.train.config import TrainConfig
+from fusedit.train.optimizers import make_optimizer
 from fusedit.train.schedules import build_lr_scheduler
 
 
@@ -79,14 +80,16 @@ def training_generators(seed: int, device: torch.device) -> dict[str, torch.Gene
 
 
 def build_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> tuple[torch.optim.Optimizer, LRScheduler]:
-    """AdamW over ``params`` (in this order: checkpoints number the parameters by it) and its LR schedule."""
-    optimizer = torch.optim.AdamW(
+    """AdamW (``train.optimizer``: PyTorch's or bitsandbytes' 8-bit) over ``params`` (in this order: checkpoints
+    number the parameters by it) and its LR schedule."""
+    optimizer = make_optimizer(
+        cfg.optimizer,
         params,
         lr=cfg.lr,
         betas=(cfg.betas[0], cfg.betas[1]),
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
-        fused=True if cfg.fused_adamw else None,
+        fused=cfg.fused_adamw,
     )
     scheduler = build_lr_scheduler(
         optimizer,
