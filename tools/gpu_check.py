@@ -14,7 +14,8 @@ bench-train              ``fusedit bench train --preset fusedit-2b --device cuda
 bench-sample             ``fusedit bench sample --preset fusedit-2b --device cuda`` (eager)
 fsdp-train               ``torchrun -m fusedit.cli train demo ... train.distributed=fsdp``: 100 bf16 steps of a small
                          config on the shapes world, checkpoint at 50 and 100
-fsdp-resume              the same command with ``train.max_steps=150``: resumes from step 100, continues to 150
+fsdp-resume              the same command with ``train.max_steps=150 --allow-change train.max_steps``: resumes
+                         from step 100, continues to 150
 fsdp-sample              ``fusedit sample RUN`` (25 steps, CFG) -> a PNG
 bench-train-vs-dense     ``--vs-dense`` at batch 4 (the reference's dense formulation, same weights)
 bench-train-compile      as bench-train with ``--compile``
@@ -282,6 +283,8 @@ def cmd_fsdp_resume(ctx: Context) -> list[list[str]]:
                 "train",
                 "demo",
                 *train_overrides(ctx, second),
+                "--allow-change",
+                "train.max_steps",
                 "--run-dir",
                 str(ctx.run_dir),
                 "--device",

@@ -237,6 +237,19 @@ def test_reads_shards_written_by_the_webdataset_library(tmp_path):
     assert captions(ds2) == ["cap 1", "cap 2"]
 
 
+def test_shard_with_no_readable_sample_is_counted_once(tmp_path):
+    """Issue 17, item 10: a shard with no readable sample counts in ``skipped`` (``data_skipped``), once per epoch,
+    also across a resume."""
+    spec, good = make_shards(tmp_path, n_shards=2, corrupt=False)
+    (tmp_path / "train-0002.tar").write_bytes(b"this is not a tar archive" * 40)
+    ds = WebShardDataset(str(tmp_path / "train-{0000..0002}.tar"), resolution=8, epochs=1, shuffle=False)
+    assert captions(ds) == good
+    assert ds.skipped == 1 and any("no readable sample" in b for b in ds.bad_samples)
+    resumed = WebShardDataset(str(tmp_path / "train-{0000..0002}.tar"), resolution=8, epochs=1, shuffle=False)
+    resumed.load_state_dict(ds.state_dict())
+    assert list(resumed) == [] and resumed.skipped == 1
+
+
 def test_a_caption_that_is_not_utf8_is_skipped_with_its_reason(tmp_path):
     write_shard(
         tmp_path / "s.tar",

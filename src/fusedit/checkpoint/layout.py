@@ -97,7 +97,7 @@ def find_latest(run_dir: PathLike) -> Path | None:
             raise CheckpointError(
                 f"{pointer} is missing but {root} holds {[p.name for p in existing]}; the pointer is written last, "
                 f"so the newest directory may be complete but was never confirmed. Resume explicitly from one of "
-                f"them (resume_from=...) or remove them"
+                f"them (fusedit train --resume-from PATH, or resume_from=...) or remove them"
             )
         return None
     try:
@@ -110,6 +110,26 @@ def find_latest(run_dir: PathLike) -> Path | None:
     if not target.is_dir():
         raise CheckpointError(f"{pointer} names {name!r}, but {target} does not exist")
     return target
+
+
+def _step_of(path: Path) -> int:
+    match = _STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def resume_candidates(run_dir: PathLike, problems: list[str]) -> list[Path]:
+    """The checkpoints a resume tries, in order: the one ``latest`` names, then the older step directories, newest
+    first. When the pointer is missing or unusable, every step directory, newest first (and the pointer's problem
+    is appended to ``problems``). Empty when the run has no checkpoint."""
+    existing = list_checkpoints(run_dir)
+    try:
+        latest = find_latest(run_dir)
+    except CheckpointError as error:
+        problems.append(str(error))
+        return list(reversed(existing))
+    if latest is None:
+        return []
+    return [latest, *(p for p in reversed(existing) if _step_of(p) < _step_of(latest))]
 
 
 def state_json_default(value: Any) -> Any:

@@ -27,11 +27,24 @@ def capture_rng_state(
         cuda = torch.cuda.get_rng_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": _numpy_state_as_tensor(np.random.get_state()),
         "torch": torch.get_rng_state(),
         "cuda": cuda,
         "generators": {name: g.get_state() for name, g in (generators or {}).items()},
     }
+
+
+def _numpy_state_as_tensor(state: Any) -> tuple:
+    """numpy's legacy RNG state with its key as an int64 tensor (so that the file loads with ``weights_only``)."""
+    name, keys, *rest = state
+    return (name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), *rest)
+
+
+def _numpy_state_from_saved(state: Any) -> tuple:
+    """The inverse of :func:`_numpy_state_as_tensor` (also accepts the older array form)."""
+    name, keys, *rest = state
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    return (name, keys.astype(np.uint32), *rest)
 
 
 def restore_rng_state(
@@ -45,7 +58,7 @@ def restore_rng_state(
     from an all-devices state saved by a single-process run.
     """
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(_numpy_state_from_saved(state["numpy"]))
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available():

@@ -4,7 +4,8 @@
 
     run_dir/checkpoints/step-000123/
         dcp/                  DCP files: {"model", "optimizer", "ema"} — every rank writes its shards
-        rank-00000.pt ...     per rank: RNG states (python, numpy, torch CPU, this rank's CUDA device, the trainer's
+        rank-00000.pt ...     per rank (tensors, numbers and containers only, read with weights_only=True): RNG
+                              states (python, numpy, torch CPU, this rank's CUDA device, the trainer's
                               generators) and the data-stream position (shard streams)
         trainer_state.json    written by rank 0: format "fusedit-dcp", step, world_size, LR scheduler, global data
                               position, config, metrics, file sizes
@@ -30,10 +31,12 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from fusedit.atomic import fsync_tree
+from fusedit.checkpoint.dcp_safety import SafeLoadPlanner, check_dcp_metadata, checkpoint_error_of
 from fusedit.checkpoint.errors import CheckpointError
 from fusedit.checkpoint.layout import (
     STATE_FILE,
@@ -46,6 +49,8 @@ from fusedit.checkpoint.layout import (
     verify_file_sizes,
     write_state,
 )
+from fusedit.checkpoint.safe_pickle import load_torch_file
+from fusedit.checkpoint.verify import check_finite
 from fusedit.dist.env import DistEnv, barrier
 
 FORMAT = "fusedit-dcp"
@@ -172,9 +177,13 @@ def _verified_state(path: Path) -> dict[str, Any]:
 
 
 def _dcp_load(payload: dict[str, Any], path: Path) -> None:
+    check_dcp_metadata(path / DCP_DIR)  # DCP unpickles it: nothing but its own classes may be in it
     with warnings.catch_warnings():  # loading without a process group is intended (resume in one process)
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(payload, checkpoint_id=str(path / DCP_DIR))
+        try:
+            dcp.load(payload, checkpoint_id=str(path / DCP_DIR), planner=SafeLoadPlanner())
+        except CheckpointException as error:  # a BaseException: DCP's wrapper of every rank's failure
+            raise checkpoint_error_of(error, path / DCP_DIR) from None
 
 
 def load_sharded_checkpoint(
@@ -203,6 +212,8 @@ def load_sharded_checkpoint(
             optim_state_dict=payload["optimizer"],
             options=_state_dict_options(strict=False),
         )
+    except CheckpointError:
+        raise
     except (RuntimeError, KeyError, ValueError) as error:
         raise CheckpointError(
             f"{path / DCP_DIR}: cannot be loaded into this model/optimizer ({type(error).__name__}: {str(error)[:500]})"
@@ -214,11 +225,7 @@ def load_sharded_checkpoint(
                     tensor.copy_(payload["ema"][name])
     rank_states = []
     for rank in range(state["world_size"]):
-        file = path / rank_file(rank)
-        try:
-            rank_states.append(torch.load(file, map_location="cpu", weights_only=False))
-        except Exception as error:  # truncated/garbled pickles raise many types
-            raise CheckpointError(f"{file}: cannot be loaded ({type(error).__name__}: {error})") from None
+        rank_states.append(load_torch_file(path / rank_file(rank)))
     step = state.pop("step")
     return ShardedCheckpoint(path=path, step=step, world_size=state["world_size"], state=state, rank_states=rank_states)
 
@@ -230,6 +237,7 @@ def read_sharded_weights(path: PathLike, which: str = "model") -> dict[str, torc
     state = _verified_state(path)
     if which == "ema" and not state.get("has_ema"):
         raise CheckpointError(f"{path}: the checkpoint was written without EMA")
+    check_dcp_metadata(path / DCP_DIR)
     try:
         metadata = dcp.FileSystemReader(str(path / DCP_DIR)).read_metadata().state_dict_metadata
     except Exception as error:  # unreadable metadata raises many types
@@ -245,8 +253,12 @@ def read_sharded_weights(path: PathLike, which: str = "model") -> dict[str, torc
     payload = {which: wanted}
     try:
         _dcp_load(payload, path)
+    except CheckpointError:
+        raise
     except (RuntimeError, KeyError, ValueError) as error:
         raise CheckpointError(
             f"{path / DCP_DIR}: cannot be read ({type(error).__name__}: {str(error)[:500]})"
         ) from None
-    return {name: tensor.float() for name, tensor in payload[which].items()}
+    weights = {name: tensor.float() for name, tensor in payload[which].items()}
+    check_finite(weights, f"{path} ({which} weights)")
+    return weights

@@ -37,6 +37,8 @@ from fusedit.checkpoint.layout import (
     verify_file_sizes,
     write_state,
 )
+from fusedit.checkpoint.safe_pickle import load_torch_file
+from fusedit.checkpoint.verify import check_finite, check_safetensors_file
 
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
@@ -111,20 +113,15 @@ def save_checkpoint(
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file; :class:`CheckpointError` naming the file when it is missing or corrupt."""
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing")
+    """The tensors of a safetensors file, verified (:mod:`fusedit.checkpoint.verify`: size against the header, no
+    NaN/inf); :class:`CheckpointError` naming the file when it is missing or corrupt."""
+    check_safetensors_file(path)
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{path}: not a readable safetensors file ({error}); the file is corrupt") from None
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises many types for truncated/garbled pickles and zips
-        raise CheckpointError(f"{path}: cannot be loaded with torch.load ({type(error).__name__}: {error})") from None
+    check_finite(tensors, str(path))
+    return tensors
 
 
 def load_checkpoint(path: PathLike) -> Checkpoint:
@@ -147,8 +144,8 @@ def load_checkpoint(path: PathLike) -> Checkpoint:
 
     model = read_safetensors(path / MODEL_FILE)
     ema = read_safetensors(path / EMA_FILE) if EMA_FILE in state["files"] else None
-    optimizer = _torch_load(path / OPTIMIZER_FILE)
-    rng = _torch_load(path / RNG_FILE)
+    optimizer = load_torch_file(path / OPTIMIZER_FILE)
+    rng = load_torch_file(path / RNG_FILE)
     if not isinstance(optimizer, dict) or "state" not in optimizer or "param_groups" not in optimizer:
         raise CheckpointError(f"{path / OPTIMIZER_FILE}: not an optimizer state_dict")
     if not isinstance(rng, dict) or "torch" not in rng:

@@ -38,10 +38,11 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, F
 def _user_errors() -> tuple[type[BaseException], ...]:
     from fusedit.checkpoint.errors import CheckpointError
     from fusedit.config import ConfigError
+    from fusedit.rundir.lock import RunDirLockedError
     from fusedit.text.llm import LLMLoadError
     from fusedit.train.errors import NonFiniteLossError
 
-    return (ConfigError, CheckpointError, NonFiniteLossError, LLMLoadError) + USER_ERRORS
+    return (ConfigError, CheckpointError, NonFiniteLossError, LLMLoadError, RunDirLockedError) + USER_ERRORS
 
 
 def build_parser() -> argparse.ArgumentParser:

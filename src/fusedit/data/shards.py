@@ -321,6 +321,13 @@ class ShardStream(torch.utils.data.IterableDataset):
             try:
                 offset, index, record, read = next(records)
             except StopIteration:
+                if begin == 0 and offset < 0:  # no readable sample at all: counted once (offset 1 marks it counted)
+                    count.skipped += 1
+                    self._note_bad(path, "*", "the shard holds no readable sample")
+                    if where.in_process:
+                        self._set(
+                            where.worker, where.num_workers, _Position(where.epoch, where.cursor, 1, count.skipped)
+                        )
                 return
             except RemoteShardError as exc:
                 count.skipped += 1

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 
 from fusedit.atomic import naming_full_disk
+from fusedit.checkpoint.errors import CheckpointError
+from fusedit.checkpoint.verify import verify_saved_weights
 from fusedit.config import to_dict
 from fusedit.diffusers_native.components import match_config_to_layers, run_config_of, text_config_for_folder
 from fusedit.diffusers_native.pipeline import FuseDiTPipeline
@@ -88,7 +90,8 @@ def load_diffusers_folder(path: str | os.PathLike, device: torch.device, dtype: 
 
 def save_pipeline(pipe: FuseDiTPipeline, out_dir: str | os.PathLike, max_shard_size: str | int = "10GB") -> Path:
     """Write ``pipe`` with ``save_pretrained`` into ``out_dir`` (which must not exist or be empty) through a temporary
-    sibling, so that a failure leaves no half-written folder."""
+    sibling, so that a failure leaves no half-written folder. The transformer's weights are read back and compared
+    with the model's before the folder is renamed into place."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose a new folder")
@@ -97,6 +100,11 @@ def save_pipeline(pipe: FuseDiTPipeline, out_dir: str | os.PathLike, max_shard_s
         shutil.rmtree(tmp)
     with naming_full_disk(out_dir, cleanup=tmp):  # a full disk: the partial folder goes, the message names out_dir
         pipe.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
+    try:
+        verify_saved_weights(pipe.transformer, tmp / "transformer")
+    except CheckpointError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out_dir.exists():
         out_dir.rmdir()
     tmp.rename(out_dir)

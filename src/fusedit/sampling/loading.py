@@ -14,6 +14,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from fusedit.builders import build_components, default_device, resolve_relative_paths
 from fusedit.checkpoint.errors import CheckpointError
+from fusedit.checkpoint.verify import check_finite_parameters
 from fusedit.checkpoint.weights import FINAL_DIR, RunWeights, find_run_weights, load_model_weights
 from fusedit.data.codec import load_codec
 from fusedit.diffusers_native.convert import is_diffusers_folder, load_diffusers_folder, pipeline_from_parts
@@ -68,6 +69,13 @@ def load_pipeline(
     device = default_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    pipe = _load_any(root, device, dtype, use_ema)
+    # every format: a corrupt weight file that still parsed must not sample black images
+    check_finite_parameters(pipe.transformer.named_parameters(), f"{root} (transformer weights)")
+    return pipe
+
+
+def _load_any(root: Path, device: torch.device, dtype: torch.dtype, use_ema: bool) -> FuseDiTPipeline:
     if is_reference_folder(root):
         return _load_reference(root, device, dtype)
     if is_diffusers_folder(root):

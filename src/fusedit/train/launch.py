@@ -3,21 +3,22 @@ and data, then hand them to the :class:`~fusedit.train.trainer.Trainer` (what ``
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from fusedit.atomic import write_text_atomic
 from fusedit.builders import build_components, check_training_size, default_device, resolve_relative_paths
 from fusedit.data.buckets import training_buckets
 from fusedit.data.factory import build_dataset
-from fusedit.dist.env import current_env, destroy_distributed, init_distributed, is_initialized
+from fusedit.dist.env import barrier, destroy_distributed, init_distributed, is_initialized
 from fusedit.experiment import ExperimentConfig
 from fusedit.finetune.setup import AdapterWriter, apply_finetune
+from fusedit.rundir.config_guard import CONFIG_FILE, record_changes, write_config_once
+from fusedit.rundir.lock import hold_run_dir
+from fusedit.rundir.opening import open_run
 from fusedit.sampling.pipeline import FuseDiTPipeline, make_scheduler
 from fusedit.train.setup import TrainSummary
 from fusedit.train.trainer import Trainer
@@ -26,11 +27,10 @@ logger = logging.getLogger(__name__)
 
 
 def save_run_config(config: ExperimentConfig, run_dir: Path) -> Path:
-    """Write ``run_dir/config.yaml`` (what ``fusedit sample``/``export``/``eval`` rebuild the model from)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "config.yaml"
-    write_text_atomic(path, yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-    return path
+    """Write ``run_dir/config.yaml`` (what ``fusedit sample``/``export``/``eval`` rebuild the model from) if the run
+    has none: a run's config is written once (:mod:`fusedit.rundir.config_guard`)."""
+    write_config_once(Path(run_dir), config)
+    return Path(run_dir) / CONFIG_FILE
 
 
 def make_sample_fn(pipeline: FuseDiTPipeline, config: ExperimentConfig, seed: int = 0):
@@ -54,11 +54,16 @@ def make_sample_fn(pipeline: FuseDiTPipeline, config: ExperimentConfig, seed: in
 
 
 def build_trainer(
-    config: ExperimentConfig, run_dir: Path, *, device: torch.device, resume: bool, progress: bool
+    config: ExperimentConfig,
+    run_dir: Path,
+    *,
+    device: torch.device,
+    resume: bool,
+    progress: bool,
+    resume_from: Path | None = None,
 ) -> Trainer:
     """The :class:`Trainer` of ``config`` on ``device``: model, text encoder and codec built from the config (with
-    the same initial weights in every process), the data set, ``run_dir/config.yaml`` (rank 0), and the pipeline
-    that draws the sample grids."""
+    the same initial weights in every process), the data set, and the pipeline that draws the sample grids."""
     torch.manual_seed(config.train.seed)  # the same initial weights in every process (and every run)
     parts = build_components(config, device=device)
     finetune = apply_finetune(config.finetune, parts.model, parts.text_encoder)  # init_from, LoRA adapters
@@ -66,8 +71,6 @@ def build_trainer(
     dataset = build_dataset(
         config.data, seed=config.train.seed, codec=parts.codec, buckets=training_buckets(config, parts.codec)
     )
-    if current_env().is_main:
-        save_run_config(config, run_dir)
     scheduler = make_scheduler(config.sample.shift)
     pipeline = FuseDiTPipeline(
         parts.model, parts.text_encoder, scheduler, parts.codec, defaults=config.sample, config=config
@@ -82,6 +85,7 @@ def build_trainer(
         sample_fn=make_sample_fn(pipeline, config),
         device=device,
         resume=resume,
+        resume_from=resume_from,
         progress=progress,
         after_save=AdapterWriter(finetune.lora) if finetune.lora is not None else None,
     )
@@ -94,8 +98,17 @@ def train_run(
     device: Any = None,
     resume: bool = True,
     progress: bool = True,
+    resume_from: str | Path | None = None,
+    allow_change: Sequence[str] = (),
 ) -> TrainSummary:
     """Train ``config`` in ``run_dir`` (resuming from its latest checkpoint) and return the ``TrainSummary``.
+
+    The run directory is locked for the whole call (rank 0 holds the lock for the process group; a second trainer
+    on it fails with :class:`~fusedit.rundir.lock.RunDirLockedError`). ``resume=False`` moves an existing run aside
+    to ``<run_dir>.previous-<timestamp>``. A resume whose config differs from the run's is refused before anything
+    is written unless every difference may change (:mod:`fusedit.rundir.config_guard`; ``allow_change``: the keys
+    named with ``--allow-change``). ``resume_from``: a checkpoint directory to resume from instead of the newest
+    intact one.
 
     With ``train.distributed`` ``ddp``/``fsdp`` this runs in every process started by torchrun: it initialises the
     process group from torchrun's environment (``device``: ``cuda``/``cpu`` or ``None`` = CUDA when available; each
@@ -114,8 +127,20 @@ def train_run(
     else:
         device, is_main = default_device(device), True
     try:
-        trainer = build_trainer(config, run_dir, device=device, resume=resume, progress=progress and is_main)
-        summary = trainer.fit()
+        with hold_run_dir(run_dir, enabled=is_main):
+            opening = open_run(run_dir, config, resume=resume, allow_change=tuple(allow_change)) if is_main else None
+            barrier()
+            trainer = build_trainer(
+                config,
+                run_dir,
+                device=device,
+                resume=resume,
+                progress=progress and is_main,
+                resume_from=Path(resume_from) if resume_from is not None else None,
+            )
+            if opening is not None:
+                trainer.on_started = lambda step: record_changes(run_dir, opening.changes, step, opening.allowed)
+            summary = trainer.fit()
     finally:
         if created_group:
             destroy_distributed()

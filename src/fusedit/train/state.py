@@ -11,6 +11,7 @@ rank's global RNGs from rank ``r mod N``'s, and a shard stream restarts at the n
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -22,13 +23,16 @@ from torch.optim.lr_scheduler import LRScheduler
 from fusedit.atomic import write_dir_atomic
 from fusedit.checkpoint.checkpointer import Checkpointer, CheckpointState
 from fusedit.checkpoint.errors import CheckpointError
-from fusedit.checkpoint.layout import find_latest, remove_stale_temporaries
+from fusedit.checkpoint.layout import remove_stale_temporaries, resume_candidates
 from fusedit.checkpoint.rng import capture_rng_state, restore_generators, restore_rng_state
 from fusedit.checkpoint.weights import FINAL_DIR
 from fusedit.dist.env import barrier
 from fusedit.dist.parallelize import ParallelPlan, full_tensor
+from fusedit.rundir.opening import remove_stale_run_temporaries
 from fusedit.train.data_order import TrainingData
 from fusedit.train.ema import EMA
+
+logger = logging.getLogger("fusedit.train")
 
 
 class RunState:
@@ -104,17 +108,20 @@ class RunState:
         return loaded
 
     def resume(self, resume_from: Path | None, resume: bool, train_config: Mapping[str, Any]) -> Path | None:
-        """Load ``resume_from``, else the run's ``latest`` checkpoint when ``resume``; returns the path loaded.
-        ``train_config``: this run's ``train`` section, compared with the checkpoint's (changes become notes)."""
+        """Load ``resume_from``, else the newest intact checkpoint of the run when ``resume``; returns the path
+        loaded. ``train_config``: this run's ``train`` section, compared with the checkpoint's (changes become
+        notes). Temporaries of killed writers are removed first (rank 0)."""
         if self.plan.env.is_main:
             remove_stale_temporaries(self.run_dir)
+            remove_stale_run_temporaries(self.run_dir)
         barrier()
-        path = resume_from
-        if path is None and resume:
-            path = find_latest(self.run_dir)
-        if path is None:
+        loaded: CheckpointState | None = None
+        if resume_from is not None:
+            loaded = self.load(resume_from)
+        elif resume:
+            loaded = self._load_newest_intact()
+        if loaded is None:
             return None
-        loaded = self.load(path)
         saved = loaded.run.get("config", {}).get("train", {})
         changed = sorted(k for k, v in train_config.items() if k in saved and saved[k] != v)
         if changed:
@@ -124,6 +131,29 @@ class RunState:
             )
         self.notes.append(f"resumed from {loaded.path} (step {self.step}, {self.data.samples_seen} samples seen)")
         return loaded.path
+
+    def _load_newest_intact(self) -> CheckpointState | None:
+        """Load the checkpoint ``latest`` names; when it (or the pointer) is unusable, the newest older checkpoint
+        that loads, with a message. ``None`` when the run has no checkpoint."""
+        failures: list[str] = []
+        for path in resume_candidates(self.run_dir, failures):
+            try:
+                loaded = self.load(path)
+            except CheckpointError as error:
+                failures.append(str(error))
+                logger.warning("checkpoint %s cannot be resumed: %s; trying an older one", path.name, error)
+                continue
+            if failures:
+                self.notes.append(
+                    f"resumed from {path.name}, the newest intact checkpoint (skipped: {'; '.join(failures)})"
+                )
+            return loaded
+        if failures:
+            raise CheckpointError(
+                f"no checkpoint of {self.run_dir} can be resumed ({'; '.join(failures)}); resume from a copy with "
+                f"--resume-from PATH, or start over with --no-resume (the run is moved aside)"
+            )
+        return None
 
     def _gather_full(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Whole float32 CPU copies of (possibly sharded) tensors; a collective under FSDP (rank 0 keeps them)."""

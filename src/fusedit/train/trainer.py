@@ -56,6 +56,7 @@ from fusedit.checkpoint.weights import trainable_named_parameters
 from fusedit.dist.env import all_reduce
 from fusedit.dist.parallelize import parallelize
 from fusedit.flow import FlowMatchSchedule, loss_weighting
+from fusedit.rundir.lock import hold_run_dir
 from fusedit.text.cache import CachedTextEncoder
 from fusedit.train.data_order import MicroBatch, TrainingData
 from fusedit.train.ema import EMA
@@ -78,7 +79,8 @@ class Trainer:
         run_dir: the run directory (created).
         device: where the model trains; the text encoder and codec place their outputs themselves. Distributed:
             this rank's device (``cuda:LOCAL_RANK`` or ``cpu``).
-        resume: resume from ``run_dir/checkpoints/latest`` if it exists.
+        resume: resume from the newest intact checkpoint of ``run_dir`` (``checkpoints/latest``; when it is
+            corrupt, the newest older one that loads, with a message).
         resume_from: resume from this checkpoint directory instead (an error if it cannot be loaded).
         num_workers: DataLoader workers (default: ``config.data.num_workers`` for an ExperimentConfig, else 0).
         progress, tensorboard: console progress / TensorBoard on or off.
@@ -133,6 +135,8 @@ class Trainer:
         self.schedule = FlowMatchSchedule(shift=cfg.shift)
         self.generators = training_generators(cfg.seed, self.device)
         self.state = self._run_state()
+        #: called on rank 0 with the starting step once the run has resumed (or started), before training
+        self.on_started: Callable[[int], None] | None = None
         if cfg.mixed_precision == "bf16" and not self.use_bf16:
             self.notes.append(
                 f"train.mixed_precision=bf16 is not supported on device {self.device}; training in float32"
@@ -387,10 +391,19 @@ class Trainer:
 
     def fit(self) -> TrainSummary:
         """Train until ``train.max_steps`` (resuming first, see the constructor), checkpoint the last step and
-        export ``run_dir/final``. Returns a :class:`TrainSummary`."""
+        export ``run_dir/final``. Returns a :class:`TrainSummary`.
+
+        The run directory is locked meanwhile (:mod:`fusedit.rundir.lock`; rank 0 holds it for the process group):
+        a second trainer on it fails with :class:`~fusedit.rundir.lock.RunDirLockedError`."""
+        with hold_run_dir(self.run_dir, enabled=self.plan.env.is_main):
+            return self._fit()
+
+    def _fit(self) -> TrainSummary:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._seed_everything()
         resumed_from = self.state.resume(self.resume_from, self.resume, dataclasses.asdict(self.cfg))
+        if self.on_started is not None and self.plan.env.is_main:
+            self.on_started(self.step)
         log = self._open_log()
         try:
             for note in self.notes:
