@@ -78,6 +78,7 @@ def test_quick_cpu_run_passes_every_step(tmp_path):
     assert "===== fsdp-resume" in log
 
 
+@pytest.mark.slow  # several seconds: subprocesses / the full control set
 def test_planted_failure_exits_nonzero(tmp_path):
     code, records, stderr = run_check(
         tmp_path,
@@ -99,6 +100,7 @@ def test_planted_failure_exits_nonzero(tmp_path):
     assert records[-1]["ok"] is False and records[-1]["failed"] == ["bench-train"]
 
 
+@pytest.mark.slow  # several seconds: subprocesses / the full control set
 def test_planted_hang_is_killed_at_the_step_timeout(tmp_path):
     code, records, _ = run_check(
         tmp_path,
@@ -121,6 +123,7 @@ def test_planted_hang_is_killed_at_the_step_timeout(tmp_path):
     assert records[-1]["failed"] == ["parity"]
 
 
+@pytest.mark.slow  # several seconds: subprocesses / the full control set
 def test_exhausted_budget_skips_steps_and_fails(tmp_path):
     code, records, _ = run_check(tmp_path, "--device", "cpu", "--quick", "--only", "bench-train", "--budget", "1")
     assert code == 1
@@ -130,6 +133,7 @@ def test_exhausted_budget_skips_steps_and_fails(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine may have a GPU")
+@pytest.mark.slow  # several seconds: subprocesses / the full control set
 def test_cuda_run_without_cuda_fails_fast(tmp_path):
     """On a machine without CUDA the environment step fails and every other step is skipped at once."""
     code, records, _ = run_check(tmp_path, "--only", "bench-train", timeout=120)

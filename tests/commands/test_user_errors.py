@@ -146,6 +146,7 @@ def test_an_error_from_a_dataloader_worker_is_one_line(tmp_path):
 
 
 # ---- item 6: a full disk -------------------------------------------------------------------------------------------
+@pytest.mark.slow  # several seconds: subprocesses / the full control set
 def test_a_full_disk_is_one_line_naming_the_path(capsys, monkeypatch, tmp_path):
     def fill_disk(path, out, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

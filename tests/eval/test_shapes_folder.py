@@ -97,6 +97,7 @@ def test_cli_scores_a_folder_and_writes_the_summary_json(folder, tmp_path, capsy
     assert len(manifest["prompt_set_hash"]) == 64 and "commit" in manifest and "dirty" in manifest
 
 
+@pytest.mark.slow  # several seconds: subprocesses / the full control set
 def test_cli_controls_alone(tmp_path, capsys):
     target = tmp_path / "controls.json"
     assert (
