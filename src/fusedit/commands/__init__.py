@@ -95,12 +95,24 @@ def _disk_full_message(error: BaseException) -> str | None:
     return str(DiskFullError(where or "the output folder"))
 
 
+def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse ``fusedit ARGS``. ``key=value`` overrides may also follow an option (``fusedit train demo --no-resume
+    train.max_steps=10``): argparse leaves them over, and they join the command's ``overrides``."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(list(argv))
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides or []) + extra
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``fusedit ARGS``; returns the exit code (2 for user errors and a full disk, 130 when interrupted)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers", "diffusers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parse_arguments(list(sys.argv[1:] if argv is None else argv))
     debug = args.debug or os.environ.get("FUSEDIT_DEBUG") == "1"
     try:
         _check_device(args)
