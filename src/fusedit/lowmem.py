@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import sys
 import warnings
@@ -40,3 +41,16 @@ def import_bitsandbytes(what: str) -> Any:
             del sys.modules["kernels"]
         else:
             sys.modules["kernels"] = kernels
+
+
+def preload_bitsandbytes_quietly() -> None:
+    """Import an installed ``bitsandbytes`` now, the quiet way of :func:`import_bitsandbytes`, so that a later import
+    through ``peft`` or ``transformers`` finds it loaded instead of printing a line about (or waiting for) the 4-bit
+    kernel it cannot fetch. Nothing happens when it is not installed or is already imported; a broken install is left
+    for the feature that needs it to report."""
+    if "bitsandbytes" in sys.modules or importlib.util.find_spec("bitsandbytes") is None:
+        return
+    try:
+        import_bitsandbytes("preloading")
+    except ConfigError:
+        pass

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fusedit.experiment import ExperimentConfig, load_experiment
-from fusedit.train.launch import build_trainer
+from fusedit.train.launch import build_trainer, save_run_config
 from fusedit.train.trainer import Trainer
 from tests.conftest import overrides_for
 from tests.diffusers_native.conftest import tiny_pipeline
@@ -41,6 +41,7 @@ def lora_config(llm_dir: Path, base: Path, *extra: str) -> ExperimentConfig:
 
 
 def train(config: ExperimentConfig, run_dir: Path) -> Trainer:
+    save_run_config(config, run_dir)  # what train_run writes first, and loading a run reads
     trainer = build_trainer(config, run_dir, device=torch.device("cpu"), resume=True, progress=False)
     trainer.tensorboard = False
     trainer.fit()

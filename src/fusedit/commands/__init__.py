@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from fusedit.commands import bench, cache_latents, configs, demo, evaluate, export, sample, serve, study, train
+from fusedit.lowmem import preload_bitsandbytes_quietly
 
 #: The commands, in the order ``fusedit --help`` lists them.
 COMMANDS: tuple[ModuleType, ...] = (
@@ -113,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers", "diffusers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = parse_arguments(list(sys.argv[1:] if argv is None else argv))
+    preload_bitsandbytes_quietly()  # before peft or transformers import it and print about a 4-bit kernel
     debug = args.debug or os.environ.get("FUSEDIT_DEBUG") == "1"
     try:
         _check_device(args)
