@@ -59,6 +59,20 @@ def overrides_for(llm_dir: Path | str) -> list[str]:
     ]
 
 
+def text_dependent_components(config):
+    """:func:`fusedit.builders.build_components` of ``config`` (seed 0) with every model weight moved by 0.1 x noise
+    (seed 1): the initialisation zeroes the output and AdaLN layers, so the model would ignore the text."""
+    from fusedit.builders import build_components
+
+    torch.manual_seed(0)
+    parts = build_components(config, device="cpu")
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in parts.model.parameters():
+            param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    return parts
+
+
 @pytest.fixture(scope="session")
 def demo_overrides() -> Callable[[Path | str], list[str]]:
     """:func:`overrides_for`, as a fixture."""

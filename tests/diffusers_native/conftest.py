@@ -4,23 +4,17 @@ output depends on the text), built without training."""
 from __future__ import annotations
 
 import pytest
-import torch
 
-from fusedit.builders import build_components
 from fusedit.diffusers_native.convert import pipeline_from_parts
 from fusedit.diffusers_native.pipeline import FuseDiTPipeline
 from fusedit.experiment import load_experiment
 from fusedit.sampling.pipeline import make_scheduler
+from tests.conftest import text_dependent_components
 
 
 def tiny_pipeline(llm_dir, overrides: list[str]) -> FuseDiTPipeline:
     config = load_experiment("demo", overrides)
-    torch.manual_seed(0)
-    parts = build_components(config, device="cpu")
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # the initialisation zeroes the output and AdaLN layers: the model would ignore the text
-        for param in parts.model.parameters():
-            param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    parts = text_dependent_components(config)
     pipe = pipeline_from_parts(
         parts.model, parts.text_encoder, make_scheduler(config.sample.shift), parts.codec, config.sample, config
     )

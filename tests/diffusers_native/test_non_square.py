@@ -7,10 +7,10 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from fusedit.builders import build_components
 from fusedit.diffusers_native.convert import pipeline_from_parts
 from fusedit.experiment import load_experiment
 from fusedit.sampling.pipeline import FuseDiTPipeline, make_scheduler
+from tests.conftest import text_dependent_components
 
 PROMPTS = ["a red circle to the left of a blue square", "two green triangles"]
 SIZES = [(16, 32), (32, 8)]
@@ -20,12 +20,7 @@ SIZES = [(16, 32), (32, 8)]
 def pipes(tiny_llm_dir, demo_overrides):
     """fusedit's pipeline and the diffusers-native one over the same randomised demo model."""
     config = load_experiment("demo", demo_overrides(tiny_llm_dir))
-    torch.manual_seed(0)
-    parts = build_components(config, device="cpu")
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in parts.model.parameters():
-            param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    parts = text_dependent_components(config)
     scheduler = make_scheduler(config.sample.shift)
     ours = FuseDiTPipeline(
         parts.model, parts.text_encoder, scheduler, parts.codec, defaults=config.sample, config=config

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import fusedit.sampling.text as sampling_text
-from fusedit.builders import build_components
 from fusedit.experiment import load_experiment
 from fusedit.sampling.pipeline import FuseDiTPipeline, make_scheduler
 from fusedit.text.encoder import TextEncoder
+from tests.conftest import text_dependent_components
 
 PROMPTS = ["a red circle to the left of a blue square", "two green triangles"]
 OTHER_PROMPTS = ["a white square above a yellow circle", "a purple circle"]
@@ -32,12 +32,7 @@ def pipe(tiny_llm_dir, demo_overrides) -> FuseDiTPipeline:
     """The demo's model (deep fusion, 2D RoPE + sin-cos table, AdaLN-Zero, pooled-text modulation) on the tiny
     Gemma 2 LLM, with random weights large enough that the output depends on the text."""
     config = load_experiment("demo", demo_overrides(tiny_llm_dir))
-    torch.manual_seed(0)
-    parts = build_components(config, device="cpu")
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # the initialisation zeroes the output and AdaLN layers: the model would ignore the text
-        for param in parts.model.parameters():
-            param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    parts = text_dependent_components(config)
     return FuseDiTPipeline(
         parts.model,
         parts.text_encoder,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusedit.builders import build_components
 from fusedit.experiment import load_experiment
 from fusedit.text.cache import CachedTextEncoder
 from fusedit.train.config import TrainConfig
 from fusedit.train.setup import check_text_encoder
+from tests.conftest import text_dependent_components
 
 # different lengths, an empty caption (dropped captions) and a repeated one
 PROMPTS = [
@@ -25,12 +25,7 @@ TOLERANCE = 1e-5  # batched vs one-by-one matrix products (measured: about 1e-7)
 def parts(tiny_llm_dir, demo_overrides):
     """The demo's model on the tiny LLM, with weights perturbed so that its output depends on the text."""
     config = load_experiment("demo", demo_overrides(tiny_llm_dir))
-    torch.manual_seed(0)
-    parts = build_components(config, device="cpu")
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in parts.model.parameters():
-            param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    parts = text_dependent_components(config)
     return parts
 
 
