@@ -166,6 +166,7 @@ def all_actions(parser: argparse.ArgumentParser, prog: str = "fusedit"):
             yield prog, action
 
 
+@pytest.mark.slow  # builds every command's parser (imports each command's modules): several seconds
 def test_every_option_of_every_command_has_help():
     actions = list(all_actions(build_parser()))
     assert len({prog for prog, _ in actions}) == 11  # fusedit + its 10 commands
