@@ -32,9 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from fusedit.study.grid import load_grid, plan_study
+    from fusedit.study.grid import eval_settings, load_grid, plan_study
     from fusedit.study.report import write_report
-    from fusedit.study.runner import collect_run, run_study
+    from fusedit.study.runner import collect_run, run_study, variant_costs
 
     if args.threads is not None:
         if args.threads < 1:
@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         missing = [str(r.run_dir) for r in runs if not (r.trained and r.evaluated)]
         if missing:
             raise FileNotFoundError(f"--report-only needs every run trained and evaluated; missing: {missing}")
-        print(write_report(grid, out, runs, [collect_run(r) for r in runs]))
+        results = [collect_run(r) for r in runs]
+        print(write_report(grid, out, runs, results, costs=variant_costs(runs, eval_settings(grid))))
         return 0
     run_study(grid, out, progress=sys.stderr.isatty(), log=lambda m: print(m, flush=True))
     print(out / "report.md")

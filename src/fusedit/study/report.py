@@ -7,13 +7,14 @@ import json
 import math
 import shlex
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from scipy import stats as scipy_stats
 
 from fusedit.eval.plots import plot_loss_curves, plot_scores
 from fusedit.study.grid import PlannedRun, StudyGrid, eval_settings
+from fusedit.study.report_sections import confidence_section, controls_section, cost_section, manifest_section
 
 #: Metric name → (label, higher is better).
 METRIC_INFO = {
@@ -28,10 +29,19 @@ METRIC_INFO = {
     "color_recall": ("color recall ↑", True),
     "color_precision": ("color precision ↑", True),
     "fd_pixels": ("pixel FD ↓", False),
+    "background_error": ("background error /255 ↓", False),
     "final_loss": ("final loss ↓", False),
     "img_per_s": ("train img/s ↑", True),
     "params_m": ("trained params (M)", None),
+    "train_min": ("train min", None),
+    "eval_min": ("eval min", None),
 }
+
+#: Metrics compared variant against variant (verdicts and Welch tests).
+VERDICT_METRICS = ("overall", "color_recall", "color_precision", "fd_pixels", "background_error", "final_loss")
+
+#: Metrics of the main table (the cost metrics have their own section).
+SCORE_METRICS = tuple(m for m in METRIC_INFO if m not in ("img_per_s", "params_m", "train_min", "eval_min"))
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -68,13 +78,13 @@ def summarize(results: Sequence[dict], variants: Sequence[str]) -> dict[str, dic
 def _fmt(metric: str, mean: float, std: float) -> str:
     if metric == "params_m":
         return f"{mean:.3f}" if std == 0 else f"{mean:.3f} ± {std:.3f}"
-    digits = 1 if metric == "img_per_s" else 3 if not metric.startswith("fd") else 4
+    digits = 1 if metric in ("img_per_s", "train_min", "eval_min") else 3 if not metric.startswith("fd") else 4
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def verdict_lines(
     summary: dict[str, dict[str, dict]],
-    metrics: Sequence[str] = ("overall", "color_recall", "color_precision", "fd_pixels", "final_loss"),
+    metrics: Sequence[str] = VERDICT_METRICS,
 ) -> list[str]:
     """For each metric: the best variant by mean, and against every other variant the difference, Welch's p and
     whether the per-seed ranges overlap — a plain statement of how sure the seeds let us be."""
@@ -103,9 +113,9 @@ def verdict_lines(
     return lines
 
 
-def markdown_table(summary: dict[str, dict[str, dict]], num_seeds: int) -> str:
-    """Rows: variants; columns: metrics as ``mean ± std`` over seeds."""
-    metrics = [m for m in METRIC_INFO if any(m in s for s in summary.values())]
+def markdown_table(summary: dict[str, dict[str, dict]], num_seeds: int, shown: Sequence[str] = SCORE_METRICS) -> str:
+    """Rows: variants; columns: the ``shown`` metrics as ``mean ± std`` over seeds."""
+    metrics = [m for m in shown if any(m in s for s in summary.values())]
     lines = ["| variant | " + " | ".join(METRIC_INFO[m][0] for m in metrics) + " |", "|---|" + "---|" * len(metrics)]
     for variant, stats in summary.items():
         cells = [_fmt(m, stats[m]["mean"], stats[m]["std"]) if m in stats else "–" for m in metrics]
@@ -117,7 +127,7 @@ def markdown_table(summary: dict[str, dict[str, dict]], num_seeds: int) -> str:
 
 def comparison_lines(
     summary: dict[str, dict[str, dict]],
-    metrics: Sequence[str] = ("overall", "color_recall", "color_precision", "fd_pixels", "final_loss"),
+    metrics: Sequence[str] = VERDICT_METRICS,
 ) -> list[str]:
     """Welch t-tests of every variant against the first one, for ``metrics``."""
     variants = list(summary)
@@ -229,11 +239,18 @@ def _reproduce_section(grid: StudyGrid, runs: Sequence[PlannedRun], out: Path) -
     return lines
 
 
-def write_report(grid: StudyGrid, out: Path, runs: Sequence[PlannedRun], results: Sequence[dict]) -> Path:
-    """``report.md``, ``results.json``, plots and per-variant grids."""
+def write_report(
+    grid: StudyGrid,
+    out: Path,
+    runs: Sequence[PlannedRun],
+    results: Sequence[dict],
+    costs: Mapping[str, Mapping[str, float] | None] | None = None,
+) -> Path:
+    """``report.md``, ``results.json``, plots and per-variant grids; ``costs`` are the variants' FLOPs
+    (:func:`fusedit.study.runner.variant_costs`)."""
     summary = summarize(results, list(grid.variants))
     (out / "results.json").write_text(
-        json.dumps({"grid": str(grid.path), "summary": summary, "runs": results}, indent=1) + "\n"
+        json.dumps({"grid": str(grid.path), "summary": summary, "costs": costs or {}, "runs": results}, indent=1) + "\n"
     )
     plots = out / "plots"
     loss_png = plot_loss_curves(results, list(grid.variants), plots / "loss.png")
@@ -243,6 +260,9 @@ def write_report(grid: StudyGrid, out: Path, runs: Sequence[PlannedRun], results
     if grid.description:
         lines += [grid.description.strip(), ""]
     lines += _results_section(grid, runs, summary, out)
+    lines += confidence_section(results, list(grid.variants))
+    lines += controls_section(results)
+    lines += cost_section(costs or {}, summary)
     lines += _per_seed_section(grid, results)
     lines += [
         "",
@@ -259,6 +279,7 @@ def write_report(grid: StudyGrid, out: Path, runs: Sequence[PlannedRun], results
         lines.append(f"**{variant}**: " + ", ".join(f"[{c}]({p.relative_to(out)})" for c, p in files.items()))
         lines.append("")
     lines += _reproduce_section(grid, runs, out)
+    lines += manifest_section(results)
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

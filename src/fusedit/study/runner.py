@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from safetensors import safe_open
 
-from fusedit.eval.shapes_eval import evaluate_shapes, world_from_config
+from fusedit.eval.shapes_eval import evaluate_shapes, world_from_config, write_json_atomic
 from fusedit.sampling.loading import load_pipeline
+from fusedit.study.costs import measure_costs
 from fusedit.study.grid import PlannedRun, StudyGrid, check_reusable, eval_settings, plan_study
 from fusedit.study.report import write_report
+from fusedit.study.stats import correctness_by_category
 from fusedit.train.launch import train_run
 from fusedit.train.logging import read_metrics
 
@@ -37,12 +39,15 @@ def run_study(
     *,
     train_fn: Callable = default_train,
     eval_fn: Callable = default_evaluate,
+    cost_fn: Callable | None = None,
     progress: bool = False,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Train, evaluate and report every run of ``grid`` in ``out``; returns the per-run results.
 
-    ``train_fn(run, progress=)`` and ``eval_fn(run, settings) -> scores`` are injectable (tests use fakes).
+    ``train_fn(run, progress=)``, ``eval_fn(run, settings) -> scores`` and ``cost_fn(runs, settings) -> {variant:
+    costs}`` are injectable (tests use fakes; the default cost function is :func:`variant_costs`). Each run's wall
+    time of training and evaluation accumulates in its ``study_timing.json`` (across resumes).
     """
     out.mkdir(parents=True, exist_ok=True)
     settings = eval_settings(grid)
@@ -71,15 +76,18 @@ def run_study(
                 train_fn(run, progress=progress)
                 trained_seconds += time.perf_counter() - t0
                 trained_count += 1
+                add_timing(run, "train_seconds", time.perf_counter() - t0)
                 if not run.trained:
                     raise RuntimeError(f"training {run.run_dir} finished without writing final/")
             log(f"{label} — evaluating (shapes suite) into {run.eval_dir}")
+            t0 = time.perf_counter()
             eval_fn(run, settings)
+            add_timing(run, "eval_seconds", time.perf_counter() - t0)
             if not run.evaluated:
                 raise RuntimeError(f"evaluation of {run.run_dir} did not write {run.scores_path}")
         results.append(collect_run(run))
     log(f"all {len(runs)} runs done in {(time.perf_counter() - started) / 60:.1f} min; writing the report")
-    write_report(grid, out, runs, results)
+    write_report(grid, out, runs, results, costs=(cost_fn or variant_costs)(runs, settings))
     return results
 
 
@@ -104,14 +112,74 @@ def collect_run(run: PlannedRun) -> dict:
     params = count_parameters(run.run_dir / "final" / "model.safetensors")
     if params is not None:
         metrics["params_m"] = params / 1e6
+    if "background_error" in scores:
+        metrics["background_error"] = scores["background_error"]
+    timing = run_timing(run)
+    for stage in ("train", "eval"):
+        if f"{stage}_seconds" in timing:
+            metrics[f"{stage}_min"] = timing[f"{stage}_seconds"] / 60
     return {
         "variant": run.variant,
         "seed": run.seed,
         "run_dir": str(run.run_dir),
         "metrics": metrics,
+        "timing_source": timing.get("source"),
         "loss_curve": [[r["step"], r["loss"]] for r in records],
         "grids": scores.get("grids", {}),
+        "correct": {c: v.tolist() for c, v in correctness_by_category(scores.get("per_prompt", [])).items()},
+        "controls": scores.get("controls", {}),
+        "controls_pass": scores.get("controls_pass"),
+        "manifest": scores.get("manifest", {}),
     }
+
+
+TIMING_NAME = "study_timing.json"
+
+
+def add_timing(run: PlannedRun, key: str, seconds: float) -> None:
+    """Add ``seconds`` to ``key`` of the run's ``study_timing.json`` (training resumed later adds up)."""
+    path = run.run_dir / TIMING_NAME
+    timing = json.loads(path.read_text()) if path.is_file() else {}
+    timing[key] = timing.get(key, 0.0) + seconds
+    write_json_atomic(path, timing)
+
+
+def run_timing(run: PlannedRun) -> dict:
+    """``{"train_seconds", "eval_seconds", "source"}``: what the study recorded, or — for a run trained before the
+    study recorded times — the span between its files: ``config.yaml`` (written when training starts) to ``final/``,
+    and ``final/`` to ``scores.json`` (exact for a run trained in one go, too long for one that was interrupted)."""
+    path = run.run_dir / TIMING_NAME
+    if path.is_file():
+        return {**json.loads(path.read_text()), "source": "recorded"}
+    config, final = run.run_dir / "config.yaml", run.run_dir / "final"
+    if not (config.is_file() and final.exists() and run.scores_path.is_file()):
+        return {}
+    return {
+        "train_seconds": final.stat().st_mtime - config.stat().st_mtime,
+        "eval_seconds": run.scores_path.stat().st_mtime - final.stat().st_mtime,
+        "source": "file times",
+    }
+
+
+def variant_costs(runs: Sequence[PlannedRun], settings) -> dict[str, dict | None]:
+    """:func:`~fusedit.study.costs.measure_costs` of each variant's first trained run (``None`` for a variant whose
+    runs hold no model weights), over the first held-out prompt of each category at the study's sampling."""
+    costs: dict[str, dict | None] = {}
+    for run in runs:
+        if run.variant in costs or not (run.run_dir / "final" / "model.safetensors").is_file():
+            continue
+        scores = json.loads(run.scores_path.read_text())
+        prompts = list({e["category"]: e["prompt"] for e in reversed(scores.get("per_prompt", []))}.values())
+        saved = scores.get("settings", {})
+        pipe = load_pipeline(run.run_dir)
+        costs[run.variant] = measure_costs(
+            pipe,
+            prompts,
+            saved.get("num_inference_steps") or pipe.defaults.num_inference_steps,
+            saved.get("guidance_scale") or pipe.defaults.guidance_scale,
+            text_trainable=run.config.text.trainable,
+        )
+    return {variant: costs.get(variant) for variant in dict.fromkeys(r.variant for r in runs)}
 
 
 def count_parameters(path: Path) -> int | None:

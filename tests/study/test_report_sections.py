@@ -1,0 +1,81 @@
+"""report.md's confidence, controls, cost and manifest sections, and the per-run timing a study records."""
+
+from __future__ import annotations
+
+import json
+
+from fusedit.study import grid as study_grid
+from fusedit.study import report_sections
+from fusedit.study import runner as study_runner
+from tests.study.test_study import Fakes, write_grid
+
+CONTROLS = {"ground_truth": 1.0, "blur": 0.97, "blobs": 0.012, "solid": 0.0}
+MANIFEST = {"commit": "abcdef0123456789", "dirty": False, "config_hash": "c" * 16, "checkpoint_hash": "d" * 16}
+
+
+class RichFakes(Fakes):
+    """Fakes whose scores.json carry per-image outcomes, controls and a manifest, like the real evaluation."""
+
+    def evaluate(self, run, settings) -> dict:
+        scores = super().evaluate(run, settings)
+        rate = scores["overall"]
+        correct = [i < rate * 60 for i in range(60)]
+        scores["per_prompt"] = [
+            {"prompt": f"p-{c}", "category": c, "seeds": list(range(60)), "correct": correct} for c in ("x", "y")
+        ]
+        scores.update(controls=CONTROLS, controls_pass=True, manifest={**MANIFEST, "steps": 2, "cfg": 2.0})
+        run.scores_path.write_text(json.dumps(scores))
+        return scores
+
+
+def fake_costs(runs, settings):
+    return {
+        "deep": {
+            "dit_forward_gflops": 0.5,
+            "text_forward_gflops": 0.25,
+            "train_gflops_per_image": 1.75,
+            "sample_gflops_per_image": 2.25,
+        },
+        "shallow": None,
+    }
+
+
+def test_report_has_intervals_controls_costs_timing_and_manifests(tmp_path):
+    out, fakes = tmp_path / "study", RichFakes()
+    grid = study_grid.load_grid(write_grid(tmp_path))
+    results = study_runner.run_study(
+        grid, out, train_fn=fakes.train, eval_fn=fakes.evaluate, cost_fn=fake_costs, log=lambda m: None
+    )
+    report = (out / "report.md").read_text()
+    # the hierarchical bootstrap row of each variant and the difference from the first
+    assert "| deep | 0.600 |" in report and "| shallow | 0.250 |" in report and "| deep − shallow |" in report
+    assert "## Controls" in report and "the best garbage (`blobs`) scores **0.012**" in report
+    assert "| deep | – | 0.5000 | 0.2500 | 1.7500 | 2.2500 |" in report
+    assert "| shallow | – | – | – | – | – |" in report
+    assert "| deep | 0 | abcdef0123 | False | cccccccccccc | dddddddddddd |" in report
+    # every run's training and evaluation time was recorded and reported
+    for result in results:
+        assert result["timing_source"] == "recorded"
+        assert result["metrics"]["train_min"] >= 0 and result["metrics"]["eval_min"] >= 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["costs"]["deep"]["train_gflops_per_image"] == 1.75
+    assert saved["runs"][0]["correct"]["x"][:2] == [True, True]
+
+
+def test_timing_accumulates_across_resumed_training(tmp_path):
+    grid = study_grid.load_grid(write_grid(tmp_path))
+    run = study_grid.plan_study(grid, tmp_path / "study")[0]
+    run.run_dir.mkdir(parents=True)
+    study_runner.add_timing(run, "train_seconds", 30.0)
+    study_runner.add_timing(run, "train_seconds", 12.0)
+    assert study_runner.run_timing(run) == {"train_seconds": 42.0, "source": "recorded"}
+
+
+def test_controls_section_flags_failing_or_differing_controls():
+    results = [
+        {"controls": CONTROLS, "controls_pass": True},
+        {"controls": {**CONTROLS, "blobs": 0.2}, "controls_pass": False},
+    ]
+    text = "\n".join(report_sections.controls_section(results))
+    assert "NOT every" in text and "differ between runs" in text
+    assert report_sections.controls_section([{"controls": {}}]) == []
