@@ -9,9 +9,22 @@ the same explicitly).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 __version__ = "0.1.0"
+
+
+class _UnusedKernelNotice(logging.Filter):
+    """Drops bitsandbytes' warning that it could not fetch its optional 4-bit CPU kernel from the Hugging Face hub
+    (printed on import on CPUs with AVX512-BF16, whoever imports it first: diffusers, peft or transformers).
+    fusedit uses no 4-bit kernel, so the line only misleads; every other bitsandbytes message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_UnusedKernelNotice())
 
 __all__ = ["FuseDiTPipeline", "FuseDiTTransformer2DModel", "__version__", "load_pipeline"]
 
