@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import Gemma2ForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class SceneObjective:
     for every layer but the first (whose values see one token only), a linear head reads that layer's values
     (``v_proj`` output, all key/value heads concatenated) at the caption's last token and predicts each field; the
     cross-entropies, summed over fields and layers, are added to the next-token loss with
-    ``TinyLLMConfig.scene_loss_weight``. The heads are not saved: the result is a plain ``Gemma2ForCausalLM``.
+    ``TinyLLMConfig.scene_loss_weight``. The heads are not saved: the result is a plain causal LM of its family.
     """
 
     captions: tuple[str, ...]
@@ -76,7 +76,7 @@ class SceneReadout(torch.nn.Module):
     """The :class:`SceneObjective` heads: one linear map per layer (but the first) from that layer's values at the
     caption's last token to the concatenated class logits. Captures the values with forward hooks on ``v_proj``."""
 
-    def __init__(self, model: Gemma2ForCausalLM, classes: Sequence[int], seed: int):
+    def __init__(self, model: PreTrainedModel, classes: Sequence[int], seed: int):
         super().__init__()
         layers = model.model.layers
         if len(layers) < 2:

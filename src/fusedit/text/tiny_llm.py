@@ -1,4 +1,5 @@
-"""A tiny, real Hugging Face decoder-only LLM (Gemma 2 architecture) pretrained on shapes-world captions.
+"""A tiny, real Hugging Face decoder-only LLM (Gemma 2, Llama or Qwen 3 architecture) pretrained on shapes-world
+captions.
 
 The demo needs a frozen LLM whose hidden states carry the captions' meaning, without downloading weights. This
 module builds one in about a minute on a CPU:
@@ -6,7 +7,7 @@ module builds one in about a minute on a CPU:
 * :func:`train_caption_tokenizer`: a word-level ``tokenizers`` tokenizer (lower-cased words and punctuation) wrapped
   as a ``transformers`` fast tokenizer; special ids ``<pad>``=0, ``<eos>``=1, ``<bos>``=2, ``<unk>``=3; ``<bos>`` is
   prepended by the post-processor (like Gemma's); left padding.
-* :func:`pretrain_tiny_llm`: next-token training of a small ``Gemma2ForCausalLM`` on ``<bos> caption <eos>``
+* :func:`pretrain_tiny_llm`: next-token training of a small ``PreTrainedModel`` on ``<bos> caption <eos>``
   sequences, optionally with a :class:`SceneObjective` (linear heads on the values of the caption's last token must
   predict the scene it describes; the heads are dropped afterwards), then ``save_pretrained`` of model and tokenizer
   plus a marker JSON (:data:`MARKER_NAME`).
@@ -38,108 +39,43 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from fusedit.config import require
-from fusedit.data.shapes import FULL_SCENE_FIELDS, LLM_CORPORA, SCENE_FIELDS, SCENE_SCOPES
+from fusedit.data.shapes import FULL_SCENE_FIELDS, SCENE_FIELDS
 from fusedit.text.scene_objective import SceneObjective, SceneReadout, scene_positions
+from fusedit.text.tiny_llm_config import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    SPECIAL_TOKENS,
+    TINY_LLM_FAMILIES,
+    UNK_ID,
+    TinyLLMConfig,
+    build_tiny_llm,
+)
 
-#: Special tokens in id order: ``<pad>``=0, ``<eos>``=1, ``<bos>``=2, ``<unk>``=3.
-SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<eos>", "<bos>", "<unk>")
-PAD_ID, EOS_ID, BOS_ID, UNK_ID = range(4)
+__all__ = [
+    "BOS_ID",
+    "EOS_ID",
+    "MARKER_NAME",
+    "PAD_ID",
+    "SPECIAL_TOKENS",
+    "TINY_LLM_FAMILIES",
+    "UNK_ID",
+    "TinyLLMConfig",
+    "build_tiny_llm",
+    "corpus_hash",
+    "corpus_loss",
+    "ensure_shapes_world_llm",
+    "ensure_tiny_llm",
+    "marker_matches",
+    "pretrain_tiny_llm",
+    "read_marker",
+    "train_caption_tokenizer",
+]
 
 #: Name of the marker file written next to the saved model.
 MARKER_NAME = "fusedit_tiny_llm.json"
-
-
-@dataclass
-class TinyLLMConfig:
-    """Size and training recipe of the tiny LLM.
-
-    Attributes:
-        hidden_size: model width.
-        num_hidden_layers: decoder layers.
-        num_attention_heads, num_key_value_heads, head_dim: attention geometry (grouped-query attention; a FuseDiT
-            built on this LLM copies it).
-        intermediate_size: GeGLU MLP width.
-        steps: optimizer steps of next-token training.
-        batch_size: captions per step.
-        lr: peak AdamW learning rate (short linear warm-up, cosine decay to 10%).
-        seed: seed of the initial weights and of batch sampling.
-        tie_word_embeddings: tie input and output embeddings. Off by default: in the caption language all color
-            (and shape) words are interchangeable for next-token prediction, and tied embeddings collapse them
-            (measured: keys of "a green square" and "a red square" differ by 4 % at layer 0 tied, 15 % untied),
-            which leaves the DiT nothing to condition on.
-        max_length: tokenizer ``model_max_length`` and the longest training sequence (``<bos>`` + text +
-            ``<eos>``); the Gemma 2 sliding window is set to at least this, so every layer sees the whole prompt.
-        corpus: which shapes-world text :func:`ensure_shapes_world_llm` pretrains on
-            (:meth:`~fusedit.data.shapes.ShapesWorld.llm_corpus`): ``restated`` (each caption followed by a
-            restatement of its content; the default) or ``captions`` (the captions alone, whose color words the
-            LLM has no reason to tell apart; measured in ``docs/results/demo.md``).
-        scene_loss_weight: weight of the :class:`SceneObjective` next to the next-token loss when a pretraining has
-            one (:func:`ensure_shapes_world_llm` always gives it the shapes world's); 0 turns it off.
-        scene_scope: which captions the shapes world's scene objective describes: ``position`` (where the two
-            objects of a position caption go, :func:`~fusedit.data.shapes.scene_labels`) or ``all`` (every caption's
-            objects, colors, counts and relation, :func:`~fusedit.data.shapes.full_scene_labels`; measured in
-            ``docs/results/demo.md``).
-    """
-
-    hidden_size: int = 128
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    head_dim: int = 32
-    intermediate_size: int = 256
-    steps: int = 300
-    batch_size: int = 64
-    lr: float = 3e-3
-    seed: int = 0
-    max_length: int = 40
-    tie_word_embeddings: bool = False
-    corpus: str = "restated"
-    scene_loss_weight: float = 1.0
-    scene_scope: str = "position"
-
-    def validate(self) -> None:
-        for name in (
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "intermediate_size",
-            "batch_size",
-        ):
-            value = getattr(self, name)
-            require(
-                isinstance(value, int) and value > 0,
-                f"TinyLLMConfig.{name}: got {value!r}, expected a positive integer",
-            )
-        require(
-            self.num_attention_heads % self.num_key_value_heads == 0,
-            f"TinyLLMConfig: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-            f"num_key_value_heads ({self.num_key_value_heads})",
-        )
-        require(self.head_dim % 2 == 0, f"TinyLLMConfig.head_dim: got {self.head_dim}, expected an even number (RoPE)")
-        require(
-            isinstance(self.steps, int) and self.steps >= 0, f"TinyLLMConfig.steps: got {self.steps!r}, expected >= 0"
-        )
-        require(self.lr > 0, f"TinyLLMConfig.lr: got {self.lr}, expected > 0")
-        require(
-            isinstance(self.max_length, int) and self.max_length >= 4,
-            f"TinyLLMConfig.max_length: got {self.max_length!r}, expected an integer >= 4",
-        )
-        require(self.corpus in LLM_CORPORA, f"TinyLLMConfig.corpus: got {self.corpus!r}, expected one of {LLM_CORPORA}")
-        require(
-            self.scene_scope in SCENE_SCOPES,
-            f"TinyLLMConfig.scene_scope: got {self.scene_scope!r}, expected one of {SCENE_SCOPES}",
-        )
-        require(
-            isinstance(self.scene_loss_weight, (int, float))
-            and math.isfinite(self.scene_loss_weight)
-            and self.scene_loss_weight >= 0,
-            f"TinyLLMConfig.scene_loss_weight: got {self.scene_loss_weight!r}, expected a number >= 0",
-        )
 
 
 def _check_corpus(corpus: Sequence[str]) -> list[str]:
@@ -179,36 +115,6 @@ def train_caption_tokenizer(corpus: Sequence[str], max_length: int = 32) -> PreT
     )
 
 
-def build_tiny_llm(config: TinyLLMConfig, vocab_size: int) -> Gemma2ForCausalLM:
-    """A randomly initialised ``Gemma2ForCausalLM`` of ``config``'s size (seeded by ``config.seed``).
-
-    Gemma 2 defaults are kept (logit soft-capping, alternating sliding/global layers, tied embeddings) except:
-    ``sliding_window`` and ``max_position_embeddings`` cover ``max_length``, and ``query_pre_attn_scalar`` =
-    ``head_dim`` (attention scale ``head_dim^-0.5``, as in Gemma-2-2B where head_dim is 256).
-    """
-    config.validate()
-    hf_config = Gemma2Config(
-        vocab_size=vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        query_pre_attn_scalar=config.head_dim,
-        max_position_embeddings=max(512, config.max_length),
-        sliding_window=max(512, config.max_length),
-        pad_token_id=PAD_ID,
-        eos_token_id=EOS_ID,
-        bos_token_id=BOS_ID,
-        tie_word_embeddings=config.tie_word_embeddings,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        model = Gemma2ForCausalLM(hf_config)
-    return model
-
-
 def corpus_hash(corpus: Sequence[str]) -> str:
     """SHA-256 of the caption list (order-sensitive)."""
     return hashlib.sha256(json.dumps(list(corpus), ensure_ascii=False).encode("utf-8")).hexdigest()
@@ -242,7 +148,7 @@ def _lr_factor(step: int, steps: int) -> float:
 
 
 @torch.no_grad()
-def corpus_loss(model: Gemma2ForCausalLM, data: dict[str, torch.Tensor], batch_size: int = 512) -> float:
+def corpus_loss(model: PreTrainedModel, data: dict[str, torch.Tensor], batch_size: int = 512) -> float:
     """Mean next-token loss over every real token of an encoded corpus."""
     model.eval()
     total, count = 0.0, 0
@@ -269,7 +175,7 @@ class _TrainingLog:
 
 
 def _train_tiny_llm(
-    model: Gemma2ForCausalLM,
+    model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerFast,
     data: dict[str, torch.Tensor],
     config: TinyLLMConfig,
@@ -380,6 +286,15 @@ def read_marker(out_dir: str | os.PathLike) -> dict | None:
         return None
 
 
+def marker_matches(marker: dict, config: TinyLLMConfig) -> bool:
+    """Whether a marker's ``config`` is ``config``. Fields the marker lacks (it was written before they existed)
+    count as their defaults, which reproduce what those older pretrainings did."""
+    saved = marker.get("config")
+    if not isinstance(saved, dict):
+        return False
+    return {**dataclasses.asdict(TinyLLMConfig()), **saved} == dataclasses.asdict(config)
+
+
 def ensure_tiny_llm(
     out_dir: str | os.PathLike,
     corpus: Sequence[str],
@@ -398,7 +313,7 @@ def ensure_tiny_llm(
     if (
         complete
         and marker is not None
-        and marker.get("config") == dataclasses.asdict(config)
+        and marker_matches(marker, config)
         and marker.get("corpus_sha256") == corpus_hash(corpus)
         and marker.get("scene_sha256") == scene_sha
     ):
@@ -409,10 +324,15 @@ def ensure_tiny_llm(
 def ensure_shapes_world_llm(out_dir: str | os.PathLike, world, config: TinyLLMConfig | None = None) -> Path:
     """:func:`ensure_tiny_llm` on the shapes world's ``config.corpus`` text (a
     :class:`~fusedit.data.shapes.ShapesWorld`'s training prompts only), with the world's
-    :class:`SceneObjective` (:func:`~fusedit.data.shapes.scene_labels` of every caption)."""
+    :class:`SceneObjective` (:func:`~fusedit.data.shapes.scene_labels` of every caption). A
+    ``config.instruction`` starts every line."""
     config = config if config is not None else TinyLLMConfig()
     config.validate()
     captions, labels = world.llm_scene_labels(config.scene_scope)
     fields = SCENE_FIELDS if config.scene_scope == "position" else FULL_SCENE_FIELDS
+    corpus = world.llm_corpus(config.corpus)
+    prefix = config.instruction.strip()
+    if prefix:  # the instruction starts every line, so the captions the scene objective finds start with it too
+        corpus, captions = [f"{prefix} {line}" for line in corpus], [f"{prefix} {c}" for c in captions]
     scene = SceneObjective(captions, labels, tuple(n for _, n in fields))
-    return ensure_tiny_llm(out_dir, world.llm_corpus(config.corpus), config, scene)
+    return ensure_tiny_llm(out_dir, corpus, config, scene)
