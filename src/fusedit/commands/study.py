@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from fusedit.study.grid import eval_settings, load_grid, plan_study
+    from fusedit.study.grid import describe_tiny_llm, eval_settings, load_grid, plan_study, plan_tiny_llms
     from fusedit.study.report import write_report
     from fusedit.study.runner import collect_run, run_study, variant_costs
 
@@ -54,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
                 f"run {number}/{len(runs)}: {planned.variant} seed {planned.seed} [{state}] "
                 + " ".join(o for o in planned.overrides if not o.startswith("name="))
             )
+        llms = plan_tiny_llms(grid, out)
+        for number, llm in enumerate(llms, 1):
+            state = "pretrained" if llm.pretrained else "to pretrain"
+            print(f"tiny LLM {number}/{len(llms)}: {llm.folder} [{state}] {describe_tiny_llm(llm)}")
         return 0
     if args.report_only:
         runs = plan_study(grid, out, build_llm=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,10 +16,12 @@ from fusedit.config import ConfigError, from_dict, parse_override, read_yaml_map
 from fusedit.data.shapes import ShapesWorld
 from fusedit.eval.shapes_eval import ShapesEvalSettings
 from fusedit.experiment import load_experiment
-from fusedit.text.tiny_llm import TinyLLMConfig, ensure_shapes_world_llm
+from fusedit.text.tiny_llm import TinyLLMConfig, ensure_shapes_world_llm, marker_matches, read_marker
 
 GRID_KEYS = ("name", "base", "tiny_llm", "overrides", "budget", "seeds", "variants", "eval", "description")
 EVAL_DIR = "eval-shapes"
+#: Folder of the study's tiny LLM (the grid's ``tiny_llm:``); a variant's own one is ``tiny-llm-<hash>``.
+TINY_LLM_DIR = "tiny-llm"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -37,9 +40,11 @@ class StudyGrid:
         overrides: ``key=value`` overrides applied to every run.
         budget: ``key=value`` overrides fixing the training budget (the same for every variant).
         seeds: training seeds.
-        variants: variant name → ``key=value`` overrides.
+        variants: variant name → ``key=value`` overrides (``tiny_llm.<field>=<value>`` entries change that
+            variant's tiny LLM: see :func:`variant_tiny_llm`).
         eval: keyword arguments of :class:`~fusedit.eval.shapes_eval.ShapesEvalSettings`.
-        tiny_llm: ``TinyLLMConfig`` fields when the study pretrains the shapes-world tiny LLM, else ``None``.
+        tiny_llm: ``TinyLLMConfig`` fields when the study pretrains the shapes-world tiny LLM, else ``None``
+            (validated at load).
         description: free text for the report.
     """
 
@@ -117,6 +122,48 @@ def _variants(variants: Any, budget: list[str], path: Path) -> dict[str, list[st
     return parsed
 
 
+def split_tiny_llm(overrides: Sequence[str], where: str) -> tuple[list[str], dict[str, Any]]:
+    """``(experiment overrides, {TinyLLMConfig field: value})`` of a variant's override list.
+
+    ``tiny_llm.<field>=<value>`` entries go to the second; ``tiny_llm.a.b=...`` (no such nesting) is refused.
+    """
+    rest, fields = [], {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys[0] != "tiny_llm":
+            rest.append(text)
+            continue
+        if len(keys) != 2:
+            raise ConfigError(f"{where}: {text!r}: expected tiny_llm.<field>=<value> (a TinyLLMConfig field)")
+        fields[keys[1]] = value
+    return rest, fields
+
+
+def _check_tiny_llm(grid_fields: dict[str, Any] | None, variants: dict[str, list[str]], path: Path) -> None:
+    """Build every variant's :class:`TinyLLMConfig` once, so that unknown fields and bad values fail at load."""
+    if grid_fields is not None:
+        _tiny_config(grid_fields, {}, f"grid {path}: tiny_llm")
+    for name, overrides in variants.items():
+        rest, fields = split_tiny_llm(overrides, f"grid {path}: variant {name!r}")
+        if not fields:
+            continue
+        if grid_fields is None:
+            raise ConfigError(
+                f"grid {path}: variant {name!r} sets tiny_llm.* but the grid pretrains no tiny LLM; add "
+                f"'tiny_llm: {{}}' (the defaults) to the grid"
+            )
+        if "text.llm" in _override_keys(rest):
+            raise ConfigError(f"grid {path}: variant {name!r} sets both tiny_llm.* and text.llm; choose one")
+        _tiny_config(grid_fields, fields, f"grid {path}: variant {name!r}")
+
+
+def _tiny_config(grid_fields: dict[str, Any], fields: dict[str, Any], where: str) -> TinyLLMConfig:
+    try:
+        return from_dict(TinyLLMConfig, {**grid_fields, **fields}, prefix="tiny_llm")
+    except (ConfigError, TypeError, ValueError) as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
 def load_grid(path: str | Path) -> StudyGrid:
     """Read and check a grid file (structure only; :func:`plan_study` checks every run's config)."""
     path = Path(path)
@@ -144,6 +191,7 @@ def load_grid(path: str | Path) -> StudyGrid:
     tiny = data.get("tiny_llm")
     if tiny is not None and not isinstance(tiny, dict):
         raise ConfigError(f"grid {path}: tiny_llm must be a mapping of TinyLLMConfig fields ({{}} for the defaults)")
+    _check_tiny_llm(tiny, parsed_variants, path)
     return StudyGrid(
         name=str(data.get("name") or path.stem),
         path=path.resolve(),
@@ -214,25 +262,99 @@ class PlannedRun:
         ]
 
 
-def tiny_llm_overrides(grid: StudyGrid, out: Path, *, build: bool) -> list[str]:
-    """``[text.llm=<folder>]`` of the study's tiny LLM (pretrained into ``out/tiny-llm`` when ``build``)."""
+@dataclass
+class PlannedLLM:
+    """A tiny LLM the study pretrains: its config, its folder and the variants whose ``text.llm`` it is.
+
+    Attributes:
+        config: the validated :class:`TinyLLMConfig` (the grid's ``tiny_llm:`` plus the variant's ``tiny_llm.*``).
+        folder: ``OUT/tiny-llm`` for the grid's own config, ``OUT/tiny-llm-<hash>`` for another
+            (:func:`tiny_llm_hash`), so one folder per distinct config and variants with the same one share it.
+        changes: ``tiny_llm.*`` fields in which it differs from the grid's ``tiny_llm:`` (empty for the grid's).
+        variants: the variants that use it, in grid order.
+    """
+
+    config: TinyLLMConfig
+    folder: Path
+    changes: dict[str, Any]
+    variants: list[str]
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether ``folder`` holds a finished pretraining of ``config`` (its marker; the corpus is checked when the
+        study ensures it)."""
+        marker = read_marker(self.folder)
+        return marker is not None and marker_matches(marker, self.config) and (self.folder / "config.json").is_file()
+
+
+def tiny_llm_hash(config: TinyLLMConfig) -> str:
+    """First 8 hex digits of the SHA-256 of ``config``'s fields (sorted JSON): names a variant's tiny-LLM folder."""
+    payload = json.dumps(dataclasses.asdict(config), sort_keys=True)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:8]
+
+
+def variant_tiny_llm(grid: StudyGrid, variant: str) -> tuple[TinyLLMConfig, dict[str, Any]] | None:
+    """``(config, changed fields)`` of the tiny LLM ``variant`` uses, or ``None`` when the grid pretrains none."""
     if grid.tiny_llm is None:
-        return []
-    folder = (out / "tiny-llm").resolve()
-    if build:
-        base = load_experiment(grid.base, grid.overrides + grid.budget + [f"text.llm={folder}"])
+        return None
+    where = f"grid {grid.path}: variant {variant!r}"
+    _, fields = split_tiny_llm(grid.variants[variant], where)
+    config = _tiny_config(grid.tiny_llm, fields, where)
+    base = dataclasses.asdict(_tiny_config(grid.tiny_llm, {}, f"grid {grid.path}: tiny_llm"))
+    changes = {k: v for k, v in dataclasses.asdict(config).items() if base[k] != v}
+    return config, changes
+
+
+def plan_tiny_llms(grid: StudyGrid, out: Path) -> list[PlannedLLM]:
+    """The study's tiny LLMs, one per distinct config, in the order their first variant appears (nothing built)."""
+    planned: dict[Path, PlannedLLM] = {}
+    for variant in grid.variants:
+        found = variant_tiny_llm(grid, variant)
+        if found is None:
+            return []
+        config, changes = found
+        name = TINY_LLM_DIR if not changes else f"{TINY_LLM_DIR}-{tiny_llm_hash(config)}"
+        folder = (out / name).resolve()
+        if folder not in planned:
+            planned[folder] = PlannedLLM(config, folder, changes, [])
+        planned[folder].variants.append(variant)
+    return list(planned.values())
+
+
+def ensure_tiny_llms(grid: StudyGrid, out: Path, log=print) -> list[PlannedLLM]:
+    """Pretrain every tiny LLM of :func:`plan_tiny_llms` that its folder does not hold yet (finished ones are
+    reused, so a resumed study pretrains only what an interruption left undone) on the shapes world of the grid's
+    base config and common overrides."""
+    llms = plan_tiny_llms(grid, out)
+    for number, llm in enumerate(llms, 1):
+        label = f"tiny LLM {number}/{len(llms)} ({describe_tiny_llm(llm)})"
+        log(f"{label} — {'reusing' if llm.pretrained else 'pretraining into'} {llm.folder}")
+        base = load_experiment(grid.base, grid.overrides + grid.budget + [f"text.llm={llm.folder}"])
         world = ShapesWorld(base.data.shapes, base.data.resolution)
-        ensure_shapes_world_llm(folder, world, from_dict(TinyLLMConfig, grid.tiny_llm, prefix="tiny_llm"))
-    return [f"text.llm={folder}"]
+        ensure_shapes_world_llm(llm.folder, world, llm.config)
+    return llms
+
+
+def describe_tiny_llm(llm: PlannedLLM) -> str:
+    """``the grid's tiny_llm`` or its changed fields, and the variants that use it."""
+    what = " ".join(f"tiny_llm.{k}={v}" for k, v in llm.changes.items()) or "the grid's tiny_llm"
+    return f"{what}; for {', '.join(llm.variants)}"
 
 
 def plan_study(grid: StudyGrid, out: Path, *, build_llm: bool = False) -> list[PlannedRun]:
-    """Every (variant, seed) with its validated config; raises :class:`ConfigError` for any invalid override."""
-    llm = tiny_llm_overrides(grid, out, build=build_llm)
+    """Every (variant, seed) with its validated config; raises :class:`ConfigError` for any invalid override.
+
+    ``build_llm``: pretrain the study's tiny LLMs first (:func:`ensure_tiny_llms`); else only their folders are
+    planned. A variant's ``text.llm`` is its tiny LLM's folder.
+    """
+    llms = ensure_tiny_llms(grid, out) if build_llm else plan_tiny_llms(grid, out)
+    folders = {variant: llm.folder for llm in llms for variant in llm.variants}
     runs = []
     for seed in grid.seeds:  # seed-major: an interrupted study has every variant at its first seeds
         for variant, overrides in grid.variants.items():
-            full = grid.overrides + llm + grid.budget + overrides + [f"train.seed={seed}", f"name={variant}-seed{seed}"]
+            rest, _ = split_tiny_llm(overrides, f"variant {variant!r}")
+            llm = [f"text.llm={folders[variant]}"] if variant in folders else []
+            full = grid.overrides + llm + grid.budget + rest + [f"train.seed={seed}", f"name={variant}-seed{seed}"]
             try:
                 config = load_experiment(grid.base, full)
             except ConfigError as error:

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from fusedit.eval.shapes_eval import evaluate_shapes, world_from_config, write_json_atomic
 from fusedit.sampling.loading import load_pipeline
 from fusedit.study.costs import measure_costs
-from fusedit.study.grid import PlannedRun, StudyGrid, check_reusable, eval_settings, plan_study
+from fusedit.study.grid import PlannedRun, StudyGrid, check_reusable, ensure_tiny_llms, eval_settings, plan_study
 from fusedit.study.report import write_report
 from fusedit.study.stats import correctness_by_category
 from fusedit.train.launch import train_run
@@ -51,9 +51,10 @@ def run_study(
     """
     out.mkdir(parents=True, exist_ok=True)
     settings = eval_settings(grid)
-    runs = plan_study(grid, out, build_llm=True)
+    runs = plan_study(grid, out)
     for run in runs:
         check_reusable(run)
+    ensure_tiny_llms(grid, out, log=log)  # after the checks: a refused run costs no pretraining
     started, trained_seconds, trained_count = time.perf_counter(), 0.0, 0
     results = []
     for number, run in enumerate(runs, 1):
