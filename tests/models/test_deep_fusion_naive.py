@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import get_timestep_embedding
-from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from fusedit.config import ConfigError
 from fusedit.models.config import LLMGeometry, ModelConfig
@@ -80,7 +80,31 @@ def llama_decoder():
     return model
 
 
-DECODERS = {"gemma2": gemma2_decoder(), "llama": llama_decoder()}
+def qwen3_decoder():
+    """Llama's layout plus per-head RMSNorm of the text queries and keys (before RoPE)."""
+    config = Qwen3Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=LLM_LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        rope_theta=100.0,
+        pad_token_id=0,
+    )
+    torch.manual_seed(3)
+    model = Qwen3ForCausalLM(config).model.eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1, 0.3)
+    return model
+
+
+#: every family the tiny LLM comes in (TinyLLMConfig.family), each with its own layer arithmetic in NaiveText
+DECODERS = {"gemma2": gemma2_decoder(), "llama": llama_decoder(), "qwen3": qwen3_decoder()}
+FAMILIES = list(DECODERS)
 
 
 from .naive_reference import gemma_rms, heads, image_rope, rope_tables, rotate, softmax_attention  # noqa: E402
@@ -105,7 +129,10 @@ class NaiveText:
     def qkv(self, layer, h):
         attn = self.decoder.layers[layer].self_attn
         x = self.norm(self.decoder.layers[layer].input_layernorm, h)
-        return heads(attn.q_proj(x), HEADS), heads(attn.k_proj(x), KV_HEADS), heads(attn.v_proj(x), KV_HEADS)
+        q, k = heads(attn.q_proj(x), HEADS), heads(attn.k_proj(x), KV_HEADS)
+        if self.family == "qwen3":  # per-head RMSNorm of queries and keys
+            q, k = self.norm(attn.q_norm, q), self.norm(attn.k_norm, k)
+        return q, k, heads(attn.v_proj(x), KV_HEADS)
 
     def finish(self, layer, h, attn_out):
         block = self.decoder.layers[layer]
@@ -294,7 +321,8 @@ COMBOS = list(
 
 @pytest.mark.parametrize("attention,pos_embed,timestep,sandwich,layer_map", COMBOS)
 def test_matches_naive_joint_attention(attention, pos_embed, timestep, sandwich, layer_map):
-    family = "gemma2" if COMBOS.index((attention, pos_embed, timestep, sandwich, layer_map)) % 2 else "llama"
+    index = COMBOS.index((attention, pos_embed, timestep, sandwich, layer_map))
+    family = FAMILIES[(index + index // len(LAYER_MAPS)) % len(FAMILIES)]  # every family meets every layer map
     decoder = copy.deepcopy(DECODERS[family])  # the encoder may drop unused layers of its decoder
     config = ModelConfig(
         fusion="deep",
@@ -319,7 +347,7 @@ def test_matches_naive_joint_attention(attention, pos_embed, timestep, sandwich,
         torch.testing.assert_close(ours, naive, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["gemma2", "llama"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("timestep", ["adaln-zero", "adaln-single", "addition"])
 def test_text_modulation_matches_naive(family, timestep):
     decoder = copy.deepcopy(DECODERS[family])

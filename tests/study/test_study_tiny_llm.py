@@ -110,6 +110,8 @@ def test_bad_tiny_llm_overrides_fail_at_grid_load(tmp_path, variant, message):
 def test_grid_tiny_llm_fields_are_checked_at_load_and_needed_by_variants(tmp_path):
     with pytest.raises(ConfigError, match="tiny_llm: unknown key 'tiny_llm.layers'"):
         study_grid.load_grid(write(tmp_path, GRID.replace("steps: 1,", "steps: 1, layers: 2,")))
+    with pytest.raises(ConfigError, match="tiny_llm: TinyLLMConfig.family: got 'mistral', expected one of gemma2, "):
+        study_grid.load_grid(write(tmp_path, GRID.replace("steps: 1,", "steps: 1, family: mistral,")))
     without = GRID.replace(f"tiny_llm: {TINY}\n", "overrides: [text.llm=/nonexistent]\n")
     with pytest.raises(ConfigError, match="variant 'same' sets tiny_llm.* but the grid pretrains no tiny LLM"):
         study_grid.load_grid(write(tmp_path, without))
