@@ -213,3 +213,18 @@ def test_shipped_grids_plan(tmp_path):
         grid = study_grid.load_grid(path)
         runs = study_grid.plan_study(grid, tmp_path / grid.name)
         assert len(runs) == len(grid.variants) * len(grid.seeds)
+
+
+@pytest.mark.parametrize(
+    "name", sorted(p.stem for p in (Path(study_grid.__file__).parents[1] / "configs" / "studies").glob("*.yaml"))
+)
+def test_every_shipped_grid_passes_its_dry_run(name, tmp_path, capsys):
+    """`fusedit study GRID --dry-run` succeeds for every shipped grid (what a user runs first)."""
+    from fusedit.config import SHIPPED_CONFIGS
+
+    grid = SHIPPED_CONFIGS / "studies" / f"{name}.yaml"
+    assert cli_main(["study", str(grid), "--out", str(tmp_path / name), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    loaded = study_grid.load_grid(grid)
+    assert f"{len(loaded.variants) * len(loaded.seeds)} runs" in text and "[to train]" in text
+    assert len(loaded.seeds) >= 3, "a shipped study compares variants over at least 3 seeds"

@@ -337,7 +337,10 @@ def ensure_tiny_llms(grid: StudyGrid, out: Path, log=print) -> list[PlannedLLM]:
 
 def describe_tiny_llm(llm: PlannedLLM) -> str:
     """``the grid's tiny_llm`` or its changed fields, and the variants that use it."""
-    what = " ".join(f"tiny_llm.{k}={v}" for k, v in llm.changes.items()) or "the grid's tiny_llm"
+    shown = {
+        k: repr(v) if isinstance(v, str) and (not v or " " in v or ":" in v) else v for k, v in llm.changes.items()
+    }
+    what = " ".join(f"tiny_llm.{k}={v}" for k, v in shown.items()) or "the grid's tiny_llm"
     return f"{what}; for {', '.join(llm.variants)}"
 
 
