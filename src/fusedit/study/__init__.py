@@ -13,6 +13,7 @@ A grid file (YAML)::
     variants:                     # name -> list of key=value overrides
       deep: [model.fusion=deep]
       shallow-self: [model.fusion=shallow, model.attention=self]
+      llama: [tiny_llm.family=llama]   # tiny_llm.<field>=...: this variant's own tiny LLM (OUT/tiny-llm-<hash>)
     eval: {per_prompt: 2, seed: 1234, steps: 20, cfg: 4.0}   # the shapes suite (ShapesEvalSettings)
 
 Every (variant, seed) trains with :func:`fusedit.train.launch.train_run` in ``OUT/runs/<variant>/seed-<seed>`` and is
@@ -20,6 +21,9 @@ evaluated with the shapes suite into ``.../eval-shapes/``. Resumable: a run with
 reused; a run with ``final/`` only is evaluated; a partial run resumes from its latest checkpoint (``train_run``);
 a run evaluated with other sampling settings than the grid's ``eval`` is evaluated again (not retrained).
 A run whose saved ``config.yaml`` differs from what the grid asks for is an error (never silently reused).
+
+The study pretrains one tiny LLM per distinct ``TinyLLMConfig`` (the grid's ``tiny_llm:`` plus a variant's
+``tiny_llm.*`` overrides) and points each variant's ``text.llm`` at it; finished ones are reused on resume.
 
 ``OUT`` gets ``report.md`` (mean ± std over seeds per metric and variant, Welch t-tests against the first variant,
 configs and commands to reproduce), ``results.json``, ``plots/loss.png``, ``plots/scores.png`` and
