@@ -12,7 +12,7 @@ import pytest
 from fusedit.cli import main as cli_main
 from fusedit.config import ConfigError
 from fusedit.study import grid as study_grid
-from fusedit.text.tiny_llm import MARKER_NAME, read_marker
+from fusedit.text.tiny_llm import MARKER_NAME, TinyLLMConfig, read_marker
 from tests.study import test_study
 from tests.study.test_study import Fakes, run
 
@@ -52,6 +52,8 @@ def test_one_tiny_llm_per_distinct_config_each_variant_pointed_at_its_own(tmp_pa
     assert llms[0].folder == (out / "tiny-llm").resolve() and llms[0].changes == {}
     assert llms[1].changes == {"seed": 1} and llms[2].changes == {"family": "llama", "seed": 1}
     assert len({llm.folder for llm in llms}) == 3 and all(llm.folder.parent == out.resolve() for llm in llms)
+    assert llms[2].folder.name == f"tiny-llm-{study_grid.tiny_llm_hash(llms[2].config)}"
+    assert study_grid.tiny_llm_hash(TinyLLMConfig(family="llama")) != study_grid.tiny_llm_hash(TinyLLMConfig())
     runs = {r.variant: r for r in study_grid.plan_study(grid, out)}
     for llm in llms:
         for variant in llm.variants:

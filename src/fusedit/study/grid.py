@@ -288,8 +288,11 @@ class PlannedLLM:
 
 
 def tiny_llm_hash(config: TinyLLMConfig) -> str:
-    """First 8 hex digits of the SHA-256 of ``config``'s fields (sorted JSON): names a variant's tiny-LLM folder."""
-    payload = json.dumps(dataclasses.asdict(config), sort_keys=True)
+    """First 8 hex digits of the SHA-256 of ``config``'s fields that differ from the defaults (sorted JSON): names a
+    variant's tiny-LLM folder (a field added to :class:`TinyLLMConfig` later, at its default, keeps the name)."""
+    defaults = dataclasses.asdict(TinyLLMConfig())
+    changed = {k: v for k, v in dataclasses.asdict(config).items() if defaults[k] != v}
+    payload = json.dumps(changed, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:8]
 
 
