@@ -49,6 +49,7 @@ def test_report_has_intervals_controls_costs_timing_and_manifests(tmp_path):
     report = (out / "report.md").read_text()
     # the hierarchical bootstrap row of each variant and the difference from the first
     assert "| deep | 0.600 |" in report and "| shallow | 0.250 |" in report and "| deep − shallow |" in report
+    assert "**shallow** (the grid's overrides: `model.fusion=shallow model.attention=cross`)" in report
     assert "## Controls" in report and "the best garbage (`blobs`) scores **0.012**" in report
     assert "| deep | – | 0.5000 | 0.2500 | 1.7500 | 2.2500 |" in report
     assert "| shallow | – | – | – | – | – |" in report

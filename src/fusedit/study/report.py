@@ -228,7 +228,12 @@ def _reproduce_section(grid: StudyGrid, runs: Sequence[PlannedRun], out: Path) -
     for variant in grid.variants:
         example = next(r for r in runs if r.variant == variant)
         shown = [o for o in example.overrides if not o.startswith("name=")]
-        lines.append(f"* **{variant}**: `" + " ".join(shlex.quote(o) for o in shown) + "` (seed varies)")
+        asked = " ".join(shlex.quote(o) for o in grid.variants[variant]) or "nothing: the base"
+        lines.append(
+            f"* **{variant}** (the grid's overrides: `{asked}`): `"
+            + " ".join(shlex.quote(o) for o in shown)
+            + "` (seed varies)"
+        )
     lines += [
         "",
         "Exact configs: `runs/<variant>/seed-<seed>/config.yaml`. Budget: "
