@@ -22,7 +22,7 @@ BATCH=${BATCH:-32}
 LR=${LR:-3e-3}
 RANK=${RANK:-4}
 TARGETS=${TARGETS:-[attention, mlp]}   # the DiT projections that get adapters
-CAPTION_DROPOUT=${CAPTION_DROPOUT:-0.1}
+CAPTION_DROPOUT=${CAPTION_DROPOUT:-0}  # 0: the empty caption (the unconditional side of CFG) never sees teal
 PER_PROMPT=${PER_PROMPT:-4}            # scored samples per prompt
 SAMPLE_STEPS=${SAMPLE_STEPS:-25}
 

@@ -1,16 +1,19 @@
 """The fine-tuning tutorial's data and scores (docs/finetune.md): a color the shapes world never had, "teal".
 
-    python tools/teal_tutorial.py data data/teal --count 300 --resolution 32
+    python tools/teal_tutorial.py data data/teal --count 300 --prior 200 --resolution 32
         writes data/teal/00000.png ... and data/teal/captions.jsonl ({"file", "caption"}: the folder source's format):
         the shapes world's scenes with one object repainted teal and its caption saying "teal" (single objects,
-        colored objects, two objects in a relation)
+        colored objects, two objects in a relation); with --prior N also N of the world's own scenes with their own
+        captions (prior-00000.png ...: prior preservation, so that the adapters keep the colors the model knew)
 
     python tools/teal_tutorial.py score runs/demo/fusedit --lora runs/teal/final/adapter --out docs/finetune
-        samples the same prompts and seeds with the base model, then with the adapters loaded
-        (pipe.load_lora_weights), writes before/after grids (PNG) and scores.json, and prints the scores:
-        the mean fraction of pixels within TEAL_RADIUS of teal (RGB) for prompts that name teal (higher is better)
-        and for prompts that do not (control: should stay near 0), and for the control prompts the fraction of
-        pixels of the color they name (should not drop)
+        samples the same prompts and seeds with the base model ("before"), then with the adapters loaded
+        (pipe.load_lora_weights, "after"), and renders the same prompts with the shapes world itself at the model's
+        resolution ("ground_truth": what a perfect model would score); writes grids of the teal and the control
+        prompts per row (PNG), scores.json and scores.md, and prints the table: the mean fraction of pixels within
+        TEAL_RADIUS of teal (RGB) for prompts that name teal (higher is better) and for prompts that do not
+        (control: should stay near 0), and for the control prompts the fraction of pixels of the color they name
+        (should not drop); each with a 95 % bootstrap interval over the images and the number of images
 
 The tiny demo LLM's word-level tokenizer has never seen "teal" either: it reads it as <unk>. A real LLM has a token
 for it; either way the DiT's adapters learn what the LLM's keys and values of such prompts mean.
