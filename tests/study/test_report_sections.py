@@ -80,3 +80,36 @@ def test_controls_section_flags_failing_or_differing_controls():
     text = "\n".join(report_sections.controls_section(results))
     assert "NOT every" in text and "differ between runs" in text
     assert report_sections.controls_section([{"controls": {}}]) == []
+
+
+def test_study_manifests_name_the_commit_loaded_at_start(tmp_path, monkeypatch):
+    """A commit made while a study runs must not be attributed to the code the study had loaded: git is asked once,
+    when the study starts, and every evaluation's manifest names that commit."""
+    import subprocess
+
+    from fusedit.eval import manifest
+
+    head = {"commit": "loaded-at-start"}
+
+    def fake_git(command, **kwargs):
+        stdout = head["commit"] if "rev-parse" in command else ""
+        return subprocess.CompletedProcess(command, 0, stdout=stdout, stderr="")
+
+    def train(run, *, progress):
+        Fakes().train(run, progress=progress)
+        head["commit"] = f"committed-while-training-{run.variant}-{run.seed}"
+
+    manifest._code_version_at_first_call.cache_clear()
+    monkeypatch.setattr(manifest.subprocess, "run", fake_git)
+    seen = []
+
+    def evaluate(run, settings):
+        seen.append(manifest.code_version()["commit"])
+        return RichFakes().evaluate(run, settings)
+
+    try:
+        grid = study_grid.load_grid(write_grid(tmp_path))
+        study_runner.run_study(grid, tmp_path / "s", train_fn=train, eval_fn=evaluate, log=lambda m: None)
+    finally:
+        manifest._code_version_at_first_call.cache_clear()
+    assert seen == ["loaded-at-start"] * 4

@@ -11,6 +11,7 @@ Hashes are SHA-256 hex digests:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import subprocess
@@ -29,7 +30,13 @@ def _sha256_json(value: Any) -> str:
 
 def code_version() -> dict[str, Any]:
     """``{"package_version", "commit", "dirty"}`` of the fusedit source in use (commit/dirty are None outside a git
-    checkout)."""
+    checkout). Read once per process and remembered: a long job (a study) calls it when it starts, so that commits
+    made while it runs are not attributed to the code it had loaded."""
+    return dict(_code_version_at_first_call())
+
+
+@functools.cache
+def _code_version_at_first_call() -> dict[str, Any]:
     source = Path(fusedit.__file__).resolve().parent
     info: dict[str, Any] = {"package_version": getattr(fusedit, "__version__", None), "commit": None, "dirty": None}
     try:

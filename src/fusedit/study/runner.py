@@ -10,6 +10,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from fusedit.eval.manifest import code_version
 from fusedit.eval.shapes_eval import evaluate_shapes, world_from_config, write_json_atomic
 from fusedit.sampling.loading import load_pipeline
 from fusedit.study.costs import measure_costs
@@ -50,6 +51,7 @@ def run_study(
     time of training and evaluation accumulates in its ``study_timing.json`` (across resumes).
     """
     out.mkdir(parents=True, exist_ok=True)
+    code_version()  # the code this process loaded, recorded in every evaluation's manifest even if HEAD moves
     settings = eval_settings(grid)
     runs = plan_study(grid, out)
     for run in runs:
