@@ -59,8 +59,9 @@ def gemma2_decoder():
     return model
 
 
-def llama_decoder():
-    config = LlamaConfig(
+def _decoder(config_class, model_class, seed: int):
+    """A small decoder of ``model_class`` with non-trivial norm weights (mean 1, std 0.3)."""
+    config = config_class(
         vocab_size=64,
         hidden_size=32,
         intermediate_size=48,
@@ -71,35 +72,22 @@ def llama_decoder():
         rope_theta=100.0,
         pad_token_id=0,
     )
-    torch.manual_seed(2)
-    model = LlamaForCausalLM(config).model.eval()
+    torch.manual_seed(seed)
+    model = model_class(config).model.eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.normal_(1, 0.3)
     return model
+
+
+def llama_decoder():
+    return _decoder(LlamaConfig, LlamaForCausalLM, 2)
 
 
 def qwen3_decoder():
     """Llama's layout plus per-head RMSNorm of the text queries and keys (before RoPE)."""
-    config = Qwen3Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=LLM_LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        head_dim=HEAD_DIM,
-        rope_theta=100.0,
-        pad_token_id=0,
-    )
-    torch.manual_seed(3)
-    model = Qwen3ForCausalLM(config).model.eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1, 0.3)
-    return model
+    return _decoder(Qwen3Config, Qwen3ForCausalLM, 3)
 
 
 #: every family the tiny LLM comes in (TinyLLMConfig.family), each with its own layer arithmetic in NaiveText
