@@ -25,7 +25,8 @@ from fusedit.experiment import load_experiment
 from fusedit.finetune.lora import count_parameters
 from fusedit.train.launch import build_trainer
 
-LORA = ["finetune.lora.rank=4", "finetune.lora.alpha=4", "finetune.lora.target_modules=[attention]"]
+#: The LoRA settings of the tutorial's recipe (docs/finetune.md); ``--lora-targets`` changes the target modules.
+LORA = ["finetune.lora.rank=4", "finetune.lora.alpha=4"]
 
 
 def rss_mib() -> float:
@@ -34,12 +35,13 @@ def rss_mib() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
-def child(base: str, mode: str, steps: int, overrides: list[str]) -> dict:
+def child(base: str, mode: str, steps: int, overrides: list[str], targets: str = "[attention, mlp]") -> dict:
     """Train ``steps`` steps in this process; the numbers of the module docstring."""
     torch.set_num_threads(1)
     extra = [f"finetune.init_from={base}", f"train.max_steps={steps}", "train.sample_every=0"]
     extra += [f"train.checkpoint_every={steps}", "train.log_every=1000"]
-    config = load_experiment(Path(base) / "config.yaml", extra + (LORA if mode == "lora" else []) + overrides)
+    lora = [*LORA, f"finetune.lora.target_modules={targets}"] if mode == "lora" else []
+    config = load_experiment(Path(base) / "config.yaml", extra + lora + overrides)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = build_trainer(config, Path(run_dir), device=torch.device("cpu"), resume=False, progress=False)
         trainer.tensorboard = False
@@ -62,14 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("base", help="the base training run")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--lora-targets", default="[attention, mlp]", help="finetune.lora.target_modules of LoRA")
     parser.add_argument("--mode", choices=["lora", "full"], help=argparse.SUPPRESS)  # one measurement (child)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
     if args.mode:
-        print(json.dumps(child(args.base, args.mode, args.steps, args.overrides)))
+        print(json.dumps(child(args.base, args.mode, args.steps, args.overrides, args.lora_targets)))
         return 0
     for mode in ("lora", "full"):
-        command = [sys.executable, __file__, args.base, "--steps", str(args.steps), "--mode", mode, *args.overrides]
+        command = [sys.executable, __file__, args.base, "--steps", str(args.steps), "--mode", mode]
+        command += ["--lora-targets", args.lora_targets, *args.overrides]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode:
             print(done.stderr, file=sys.stderr)
