@@ -33,14 +33,11 @@ from PIL import Image
 
 from fusedit.data.config import ShapesWorldConfig
 from fusedit.data.shapes import (
-    BACKGROUND,
     PALETTE,
     SHAPES,
     PlacedObject,
     ShapesWorld,
-    object_side,
     parse_prompt,
-    shape_mask,
 )
 from fusedit.sampling.loading import load_pipeline
 
@@ -55,14 +52,7 @@ ADAPTER_NAME = "teal"
 def paint(world: ShapesWorld, objects: list[PlacedObject], recolor: str | None) -> np.ndarray:
     """``objects`` drawn as :meth:`ShapesWorld.draw` draws them, except those of color ``recolor``, which are
     painted teal: ``np.uint8 (R, R, 3)``."""
-    image = np.empty((world.resolution, world.resolution, 3), dtype=np.uint8)
-    image[:] = BACKGROUND
-    for obj in objects:
-        side = obj.side or object_side(obj.size, world.resolution)
-        mask = shape_mask(obj.shape, side, side)
-        region = image[obj.y : obj.y + side, obj.x : obj.x + side]
-        region[mask] = TEAL if obj.color == recolor else PALETTE[obj.color]
-    return image
+    return world.draw(objects, palette={**PALETTE, recolor: TEAL} if recolor else PALETTE)
 
 
 def teal_example(world: ShapesWorld, index: int, seed: int) -> tuple[np.ndarray, str]:

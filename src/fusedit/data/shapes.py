@@ -17,7 +17,7 @@ downwards), so "above" means a smaller ``y``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -305,8 +305,11 @@ class ShapesWorld:
         main, perp = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[relation]
         return main >= (a[2] + b[2]) / 2 + self._gap and abs(perp) <= 0.5 * main
 
-    def draw(self, objects: Sequence[PlacedObject]) -> np.ndarray:
-        """Rasterise placed objects onto the background: ``np.uint8 (R, R, 3)``."""
+    def draw(
+        self, objects: Sequence[PlacedObject], palette: Mapping[str, tuple[int, int, int]] = PALETTE
+    ) -> np.ndarray:
+        """Rasterise placed objects onto the background: ``np.uint8 (R, R, 3)``; each object in ``palette[color]``
+        (the world's own colors unless a caller repaints some, e.g. the fine-tuning tutorial's teal)."""
         image = np.empty((self.resolution, self.resolution, 3), dtype=np.uint8)
         image[:] = BACKGROUND
         for obj in objects:
@@ -315,7 +318,7 @@ class ShapesWorld:
             region = image[obj.y : obj.y + side, obj.x : obj.x + side]
             if region.shape[:2] != mask.shape:
                 raise ValueError(f"object {obj} does not fit in a {self.resolution} px image")
-            region[mask] = PALETTE[obj.color]
+            region[mask] = palette[obj.color]
         return image
 
     def render(self, spec: PromptSpec, rng: np.random.Generator) -> np.ndarray:
