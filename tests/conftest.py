@@ -20,22 +20,24 @@ from fusedit.data.config import ShapesWorldConfig
 from fusedit.data.shapes import ShapesWorld
 from fusedit.text.tiny_llm import TinyLLMConfig, pretrain_tiny_llm
 
+#: The tests' tiny LLM: 2 layers, 32 wide, 2 query heads and 1 key/value head of 16, random weights (no training).
+TINY_LLM = TinyLLMConfig(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    intermediate_size=48,
+    steps=0,
+    batch_size=8,
+)
+
 
 @pytest.fixture(scope="session")
 def tiny_llm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved ``Gemma2ForCausalLM`` + tokenizer over the shapes-world caption language (random weights)."""
     corpus = ShapesWorld(ShapesWorldConfig(), 16).caption_corpus()
-    config = TinyLLMConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        intermediate_size=48,
-        steps=0,
-        batch_size=8,
-    )
-    return pretrain_tiny_llm(corpus, tmp_path_factory.mktemp("tiny-llm"), config)
+    return pretrain_tiny_llm(corpus, tmp_path_factory.mktemp("tiny-llm"), TINY_LLM)
 
 
 def overrides_for(llm_dir: Path | str) -> list[str]:

@@ -30,20 +30,10 @@ from fusedit.text.tiny_llm import (
     read_marker,
 )
 from fusedit.train.launch import train_run
-from tests.conftest import overrides_for
+from tests.conftest import TINY_LLM, overrides_for
 
 CORPUS = ["a red circle", "a blue square to the left of a green triangle", "two white squares", "a yellow circle"]
-SMALL = TinyLLMConfig(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=16,
-    intermediate_size=48,
-    steps=3,
-    batch_size=4,
-    max_length=16,
-)
+SMALL = dataclasses.replace(TINY_LLM, steps=3, batch_size=4, max_length=16)
 CLASSES = {"gemma2": "Gemma2ForCausalLM", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
