@@ -61,6 +61,11 @@ class ModelConfig:
             the reference's linear head); see :class:`~fusedit.models.dit.OutputHead`.
         prediction: what the network outputs: ``velocity`` (the reference's) or the clean ``sample``, from which
             the velocity follows (:mod:`fusedit.models.prediction`); ``forward`` returns the velocity either way.
+        text_adapter: (``deep`` only) what stands between the frozen LLM's keys/values and the DiT's attention:
+            ``none`` (the reference: used as the LLM computed them), ``key-norm`` (each text key head vector
+            RMS-normalised, as the DiT's own keys are; RoPE keeps norms, so this equals normalising before RoPE) or
+            ``linear`` (a trainable ``head_dim × head_dim`` map per KV head on the keys and on the values of each
+            fused layer, starting at the identity).
         text_hidden_states_index: (``shallow`` only) which ``hidden_states`` entry of the LLM conditions the baseline.
         rms_norm_eps, rope_theta: ``null``: the LLM's.
     """
@@ -89,6 +94,7 @@ class ModelConfig:
     pos_embed_max_size: int = 64
     prediction: Literal["velocity", "sample"] = "velocity"
     head_hidden: int | None = None
+    text_adapter: Literal["none", "key-norm", "linear"] = "none"
     text_hidden_states_index: int = -1
     rms_norm_eps: float | None = None
     rope_theta: float | None = None
@@ -179,6 +185,15 @@ class ModelConfig:
                 self.head_dim % 4 == 0,
                 f"model.head_dim: {self.pos_embed} needs head_dim divisible by 4, got {self.head_dim}",
             )
+        require(
+            self.text_adapter in ("none", "key-norm", "linear"),
+            f"model.text_adapter: got {self.text_adapter!r}, expected 'none', 'key-norm' or 'linear'",
+        )
+        require(
+            self.text_adapter == "none" or self.fusion == "deep",
+            f"model.text_adapter: {self.text_adapter!r} adapts the LLM's own keys/values, which only deep fusion "
+            "reads (the shallow baselines project the text with their own weights); set it to 'none'",
+        )
         self._validate_prediction()
 
     def _validate_prediction(self) -> None:

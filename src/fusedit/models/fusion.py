@@ -18,7 +18,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from fusedit.models.attention import CrossAttention, LLMLayerKV, ProjectedKV, TextInputs
+from fusedit.models.attention import (
+    CrossAttention,
+    LLMLayerKV,
+    ProjectedKV,
+    TextInputs,
+    TextKeyNorm,
+    TextLinearAdapter,
+)
 from fusedit.models.config import ResolvedModelConfig
 from fusedit.models.layers import RMSNorm, SelfInitializing
 from fusedit.text.context import TextContext, TextRequirements
@@ -93,8 +100,18 @@ class DeepFusion(TextPath):
         if llm_layer is None:
             return None, None
         if self.resolved.config.attention == "self":
-            return LLMLayerKV(llm_layer), None
-        return None, self._cross_attention(LLMLayerKV(llm_layer, raw=True), key_norm=False)
+            return LLMLayerKV(llm_layer, adapter=self._adapter()), None
+        return None, self._cross_attention(LLMLayerKV(llm_layer, raw=True, adapter=self._adapter()), key_norm=False)
+
+    def _adapter(self) -> nn.Module | None:
+        """One block's ``model.text_adapter`` (None for ``none``, the reference)."""
+        resolved = self.resolved
+        kind = resolved.config.text_adapter
+        if kind == "key-norm":
+            return TextKeyNorm(resolved.rms_norm_eps)
+        if kind == "linear":
+            return TextLinearAdapter(resolved.num_key_value_heads, resolved.head_dim)
+        return None
 
     def prepare(self, context: TextContext) -> list[TextInputs]:
         """Per block: its LLM layer's keys/values ``(B, H_kv, L, D)`` and the key mask ``(B, L)`` (None without
