@@ -162,7 +162,7 @@ def naive_forward(model, decoder, family, x, timestep, ids, mask, pooled=None):
     h = text.embed(ids)
     n_real = mask.sum(1)
     text_cos, text_sin = rope_tables(torch.arange(n_text)[None].expand(b, -1), HEAD_DIM, theta)
-    img_rope = image_rope(c.pos_embed, gh, gw, n_real, HEAD_DIM, theta)
+    img_rope = image_rope(c.pos_embed, gh, gw, n_real if c.text_key_rope else 0 * n_real, HEAD_DIM, theta)
     causal = torch.tril(torch.ones(n_text, n_text, dtype=torch.bool))
     text_rows = causal[None] & mask[:, None, :]
     n_img = gh * gw
@@ -209,9 +209,11 @@ def naive_forward(model, decoder, family, x, timestep, ids, mask, pooled=None):
             continue
         block = model.layers[fused[layer]]
         qi, ki, vi, mods = image_attention_inputs(block, z)
-        if c.attention == "self" and c.text_adapter != "none":
-            # the image rows read adapted text keys/values; the text rows (the LLM's own) do not
-            ka, va = naive_text_adapter(c.text_adapter, block.self_attn.text_source, kt_rot, vt, eps)
+        if c.attention == "self" and (c.text_adapter != "none" or not c.text_key_rope):
+            # the image rows read adapted (or un-rotated) text keys/values; the text rows (the LLM's own) do not
+            ka, va = kt_rot if c.text_key_rope else kt, vt
+            if c.text_adapter != "none":
+                ka, va = naive_text_adapter(c.text_adapter, block.self_attn.text_source, ka, va, eps)
             h_new = text.finish(layer, h, softmax_attention(qt, kt_rot, vt, text_rows))
             allowed = torch.cat(
                 [mask[:, None, :].expand(b, n_img, n_text), torch.ones(b, n_img, n_img, dtype=torch.bool)], 2
@@ -482,6 +484,27 @@ def test_linear_text_adapter_starts_as_the_reference(attention):
     x, t, ids, mask = inputs(8, "right")
     context = encode(decoder, plain, ids, mask)
     torch.testing.assert_close(adapted(x, t, context), plain(x, t, context))
+
+
+@pytest.mark.parametrize("adapter", ["none", "linear"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unrotated_text_keys_match_naive(adapter, family):
+    """``text_key_rope: false``: the image rows read the LLM's pre-RoPE keys, image positions start at 0."""
+    decoder = copy.deepcopy(DECODERS[family])
+    model = _adapter_model("self", adapter, decoder, text_key_rope=False)
+    randomize(model, 9)
+    assert not model.image_follows_text
+    for padding_side in ("left", "right"):
+        x, t, ids, mask = inputs(10, padding_side)
+        ours = model(x, t, encode(decoder, model, ids, mask))
+        naive = naive_forward(model, decoder, family, x, t, ids, mask)
+        torch.testing.assert_close(ours, naive, atol=2e-5, rtol=1e-4)
+
+
+def test_unrotated_text_keys_need_deep_self_attention():
+    for fusion, attention in (("deep", "cross"), ("shallow", "self")):
+        with pytest.raises(ConfigError, match="text_key_rope"):
+            ModelConfig(fusion=fusion, attention=attention, text_key_rope=False, in_channels=3).validate()
 
 
 def test_text_adapter_needs_deep_fusion():

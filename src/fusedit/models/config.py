@@ -66,6 +66,10 @@ class ModelConfig:
             RMS-normalised, as the DiT's own keys are; RoPE keeps norms, so this equals normalising before RoPE) or
             ``linear`` (a trainable ``head_dim × head_dim`` map per KV head on the keys and on the values of each
             fused layer, starting at the identity).
+        text_key_rope: (``deep``, ``attention: self`` only) whether the image queries meet the text keys as the LLM
+            rotated them, with the image placed after the prompt (true: the reference), or the keys before RoPE
+            with image positions from 0 (false: the shallow baselines' convention, where a text key carries no
+            position).
         text_hidden_states_index: (``shallow`` only) which ``hidden_states`` entry of the LLM conditions the baseline.
         rms_norm_eps, rope_theta: ``null``: the LLM's.
     """
@@ -95,6 +99,7 @@ class ModelConfig:
     prediction: Literal["velocity", "sample"] = "velocity"
     head_hidden: int | None = None
     text_adapter: Literal["none", "key-norm", "linear"] = "none"
+    text_key_rope: bool = True
     text_hidden_states_index: int = -1
     rms_norm_eps: float | None = None
     rope_theta: float | None = None
@@ -193,6 +198,11 @@ class ModelConfig:
             self.text_adapter == "none" or self.fusion == "deep",
             f"model.text_adapter: {self.text_adapter!r} adapts the LLM's own keys/values, which only deep fusion "
             "reads (the shallow baselines project the text with their own weights); set it to 'none'",
+        )
+        require(
+            self.text_key_rope or (self.fusion == "deep" and self.attention == "self"),
+            "model.text_key_rope: false un-rotates the LLM keys that deep fusion's self-attention reads; the "
+            "cross-attention variant and the shallow baselines use un-rotated text keys already; set it to true",
         )
         self._validate_prediction()
 

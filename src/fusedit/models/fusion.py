@@ -85,13 +85,19 @@ class TextPath:
 class DeepFusion(TextPath):
     """FuseDiT: DiT block ``i`` attends to the keys/values of LLM layer ``resolved.layer_map[i]`` (``None``: a DiT
     layer past the map, image tokens only). ``attention: self`` joins them to the image keys/values (post-RoPE keys);
-    ``attention: cross`` reads them through a cross-attention (pre-RoPE keys, no key norm)."""
+    ``attention: cross`` reads them through a cross-attention (pre-RoPE keys, no key norm). ``model.text_key_rope:
+    false`` gives the self-attention pre-RoPE keys and image positions from 0."""
 
-    image_follows_text = True
+    def __init__(self, resolved: ResolvedModelConfig) -> None:
+        super().__init__(resolved)
+        config = resolved.config
+        #: the self-attention variant reads post-RoPE keys unless model.text_key_rope is false
+        self.rotated_keys = config.attention == "self" and config.text_key_rope
+        self.image_follows_text = config.text_key_rope
 
     def requirements(self) -> TextRequirements:
         config, fused = self.resolved.config, self.resolved.fused_llm_layers
-        if config.attention == "self":
+        if self.rotated_keys:
             return TextRequirements(kv_layers=fused, pooled=config.text_modulation)
         return TextRequirements(raw_key_layers=fused, pooled=config.text_modulation)
 
@@ -100,7 +106,7 @@ class DeepFusion(TextPath):
         if llm_layer is None:
             return None, None
         if self.resolved.config.attention == "self":
-            return LLMLayerKV(llm_layer, adapter=self._adapter()), None
+            return LLMLayerKV(llm_layer, raw=not self.rotated_keys, adapter=self._adapter()), None
         return None, self._cross_attention(LLMLayerKV(llm_layer, raw=True, adapter=self._adapter()), key_norm=False)
 
     def _adapter(self) -> nn.Module | None:
@@ -117,7 +123,7 @@ class DeepFusion(TextPath):
         """Per block: its LLM layer's keys/values ``(B, H_kv, L, D)`` and the key mask ``(B, L)`` (None without
         padding)."""
         key_mask = context.mask if context.has_padding else None
-        keys = context.keys if self.resolved.config.attention == "self" else context.raw_keys
+        keys = context.keys if self.rotated_keys else context.raw_keys
         return [
             TextInputs(hidden=None, key_mask=key_mask, keys=keys[layer], values=context.values[layer])
             if layer is not None
