@@ -190,6 +190,11 @@ class ModelConfig:
                 self.head_dim % 4 == 0,
                 f"model.head_dim: {self.pos_embed} needs head_dim divisible by 4, got {self.head_dim}",
             )
+        self._validate_text_options()
+        self._validate_prediction()
+
+    def _validate_text_options(self) -> None:
+        """``text_adapter`` and ``text_key_rope``: what stands between the LLM's keys and the image queries."""
         require(
             self.text_adapter in ("none", "key-norm", "linear"),
             f"model.text_adapter: got {self.text_adapter!r}, expected 'none', 'key-norm' or 'linear'",
@@ -204,7 +209,6 @@ class ModelConfig:
             "model.text_key_rope: false un-rotates the LLM keys that deep fusion's self-attention reads; the "
             "cross-attention variant and the shallow baselines use un-rotated text keys already; set it to true",
         )
-        self._validate_prediction()
 
     def _validate_prediction(self) -> None:
         require(
