@@ -1,7 +1,7 @@
 """Train one variant of the demo and probe how well it follows the prompts (the measurements of docs/results/demo.md).
 
     python tools/demo_ablation.py OUT [--llm-corpus restated|captions] [--llm-steps 300] [--llm-scene-weight 1]
-                                  [--llm-scene-scope position|all] [--probe-only] [--cfg CFG] [--suite]
+                                  [--llm-scene-scope position|all] [--llm-layers 4] [--probe-only] [--cfg CFG] [--suite]
                                   [--positions] [--placement-cfg CFG ...] [key=value ...]
 
 1. pretrains (or reuses) the tiny LLM on the shapes world's ``--llm-corpus`` text into ``OUT/tiny-llm``;
@@ -255,6 +255,12 @@ def main() -> None:
         choices=["position", "all"],
         help="captions the tiny LLM's scene objective describes",
     )
+    parser.add_argument(
+        "--llm-layers",
+        type=int,
+        default=TinyLLMConfig().num_hidden_layers,
+        help="depth of the tiny LLM (deep fusion: set model.shared_attention_layers to match the DiT's depth)",
+    )
     parser.add_argument("--cfg", type=float, default=None, help="probe guidance scale (default: the run's)")
     parser.add_argument(
         "--suite", action="store_true", help="score the held-out suite (376 images) instead of the probe"
@@ -291,6 +297,7 @@ def main() -> None:
             steps=args.llm_steps,
             scene_loss_weight=args.llm_scene_weight,
             scene_scope=args.llm_scene_scope,
+            num_hidden_layers=args.llm_layers,
         )
         llm = ensure_shapes_world_llm(args.out / "tiny-llm", world, llm_config)
         config = load_experiment("demo", args.overrides + [f"text.llm={llm}"])

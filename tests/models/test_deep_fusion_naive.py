@@ -162,7 +162,7 @@ def naive_forward(model, decoder, family, x, timestep, ids, mask, pooled=None):
     h = text.embed(ids)
     n_real = mask.sum(1)
     text_cos, text_sin = rope_tables(torch.arange(n_text)[None].expand(b, -1), HEAD_DIM, theta)
-    img_rope = image_rope(c.pos_embed, gh, gw, n_real, HEAD_DIM, theta)
+    img_rope = image_rope(c.pos_embed, gh, gw, n_real if c.text_key_rope else 0 * n_real, HEAD_DIM, theta)
     causal = torch.tril(torch.ones(n_text, n_text, dtype=torch.bool))
     text_rows = causal[None] & mask[:, None, :]
     n_img = gh * gw
@@ -209,7 +209,18 @@ def naive_forward(model, decoder, family, x, timestep, ids, mask, pooled=None):
             continue
         block = model.layers[fused[layer]]
         qi, ki, vi, mods = image_attention_inputs(block, z)
-        if c.attention == "self":
+        if c.attention == "self" and (c.text_adapter != "none" or not c.text_key_rope):
+            # the image rows read adapted (or un-rotated) text keys/values; the text rows (the LLM's own) do not
+            ka, va = kt_rot if c.text_key_rope else kt, vt
+            if c.text_adapter != "none":
+                ka, va = naive_text_adapter(c.text_adapter, block.self_attn.text_source, ka, va, eps)
+            h_new = text.finish(layer, h, softmax_attention(qt, kt_rot, vt, text_rows))
+            allowed = torch.cat(
+                [mask[:, None, :].expand(b, n_img, n_text), torch.ones(b, n_img, n_img, dtype=torch.bool)], 2
+            )
+            image_out = softmax_attention(qi, torch.cat([ka, ki], 2), torch.cat([va, vi], 2), allowed)
+            z = image_finish(block, z, image_out, mods)
+        elif c.attention == "self":
             # ONE joint attention over [text ; image] with the reference's dense mask
             q = torch.cat([qt, qi], 2)
             k = torch.cat([kt_rot, ki], 2)
@@ -226,6 +237,8 @@ def naive_forward(model, decoder, family, x, timestep, ids, mask, pooled=None):
             h_new = text.finish(layer, h, softmax_attention(qt, kt_rot, vt, text_rows))
             image_self = softmax_attention(qi, ki, vi, torch.ones(b, n_img, n_img, dtype=torch.bool))
             ca = block.cross_attn
+            if c.text_adapter != "none":
+                kt, vt = naive_text_adapter(c.text_adapter, ca.text_source, kt, vt, eps)
 
             def cross(z_res, kt=kt, vt=vt, ca=ca):
                 qc = heads(ca.q_proj(z_res), HEADS)
@@ -256,6 +269,16 @@ def naive_forward(model, decoder, family, x, timestep, ids, mask, pooled=None):
     if c.prediction == "sample":  # the network predicts x_0; the velocity is (x_t - x_0) / max(sigma, 0.05)
         out = (x - out) / (timestep / 1000).clamp(min=0.05).view(-1, 1, 1, 1)
     return out
+
+
+def naive_text_adapter(kind, source, keys, values, eps):
+    """``model.text_adapter`` written out: unit-RMS keys, or per-KV-head matrices on keys and values."""
+    if kind == "key-norm":
+        return keys * torch.rsqrt(keys.pow(2).mean(-1, keepdim=True) + eps), values
+    key_map, value_map = source.adapter.key_map, source.adapter.value_map
+    keys = torch.stack([keys[:, i] @ key_map[i] for i in range(keys.shape[1])], 1)
+    values = torch.stack([values[:, i] @ value_map[i] for i in range(values.shape[1])], 1)
+    return keys, values
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -417,6 +440,76 @@ def test_absolute_pos_embed_adds_the_sincos_table_on_top_of_rope(pos_embed):
         atol=1e-5,
         rtol=1e-5,
     )
+
+
+def _adapter_model(attention, adapter, decoder, **extra):
+    config = ModelConfig(
+        fusion="deep",
+        attention=attention,
+        pos_embed="2d-rope",
+        timestep_conditioning="adaln-zero",
+        text_adapter=adapter,
+        in_channels=3,
+        sample_size=8,
+        patch_size=2,
+        dit_hidden_size=24,
+        dit_intermediate_size=40,
+        **extra,
+    )
+    return build_model(config, LLMGeometry.from_hf_config(decoder.config)).eval()
+
+
+@pytest.mark.parametrize("attention", ["self", "cross"])
+@pytest.mark.parametrize("adapter", ["key-norm", "linear"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_text_adapters_match_naive(attention, adapter, family):
+    """The image rows read the adapted LLM keys/values (random, non-identity maps), the LLM's own rows do not."""
+    decoder = copy.deepcopy(DECODERS[family])
+    model = _adapter_model(attention, adapter, decoder, **LAYER_MAPS["extra-dit"])
+    randomize(model, 5)
+    x, t, ids, mask = inputs(6, "left")
+    ours = model(x, t, encode(decoder, model, ids, mask))
+    torch.testing.assert_close(ours, naive_forward(model, decoder, family, x, t, ids, mask), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("attention", ["self", "cross"])
+def test_linear_text_adapter_starts_as_the_reference(attention):
+    """At initialisation the linear adapter is the identity: the same weights give the reference's output."""
+    decoder = copy.deepcopy(DECODERS["gemma2"])
+    plain = _adapter_model(attention, "none", decoder)
+    randomize(plain, 7)
+    adapted = _adapter_model(attention, "linear", decoder)
+    missing, unexpected = adapted.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all("adapter" in name for name in missing)
+    x, t, ids, mask = inputs(8, "right")
+    context = encode(decoder, plain, ids, mask)
+    torch.testing.assert_close(adapted(x, t, context), plain(x, t, context))
+
+
+@pytest.mark.parametrize("adapter", ["none", "linear"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unrotated_text_keys_match_naive(adapter, family):
+    """``text_key_rope: false``: the image rows read the LLM's pre-RoPE keys, image positions start at 0."""
+    decoder = copy.deepcopy(DECODERS[family])
+    model = _adapter_model("self", adapter, decoder, text_key_rope=False)
+    randomize(model, 9)
+    assert not model.image_follows_text
+    for padding_side in ("left", "right"):
+        x, t, ids, mask = inputs(10, padding_side)
+        ours = model(x, t, encode(decoder, model, ids, mask))
+        naive = naive_forward(model, decoder, family, x, t, ids, mask)
+        torch.testing.assert_close(ours, naive, atol=2e-5, rtol=1e-4)
+
+
+def test_unrotated_text_keys_need_deep_self_attention():
+    for fusion, attention in (("deep", "cross"), ("shallow", "self")):
+        with pytest.raises(ConfigError, match="text_key_rope"):
+            ModelConfig(fusion=fusion, attention=attention, text_key_rope=False, in_channels=3).validate()
+
+
+def test_text_adapter_needs_deep_fusion():
+    with pytest.raises(ConfigError, match="text_adapter"):
+        ModelConfig(fusion="shallow", text_adapter="linear", in_channels=3).validate()
 
 
 def test_trimming_padding_changes_nothing():

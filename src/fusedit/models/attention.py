@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fusedit.models.layers import RMSNorm, Rope, apply_rope, attend, merge_heads, split_heads
+from fusedit.models.layers import RMSNorm, Rope, SelfInitializing, apply_rope, attend, merge_heads, split_heads
 
 
 @dataclass
@@ -32,21 +32,61 @@ class TextInputs:
     values: torch.Tensor | None = None
 
 
+class TextKeyNorm(nn.Module):
+    """``model.text_adapter: key-norm``: every text key head vector ``(…, D)`` scaled to unit RMS (no parameters).
+
+    RoPE rotates pairs of dimensions and keeps the vector's norm, so normalising post-RoPE keys equals RoPE of
+    normalised keys: relative positions are untouched. Values pass unchanged."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return nn.functional.rms_norm(keys, (keys.shape[-1],), eps=self.eps), values
+
+
+class TextLinearAdapter(SelfInitializing, nn.Module):
+    """``model.text_adapter: linear``: a trainable ``D × D`` map per KV head on the keys and on the values,
+    ``(B, H_kv, L, D) -> (B, H_kv, L, D)``, starting at the identity (the reference's keys/values at step 0)."""
+
+    def __init__(self, kv_heads: int, head_dim: int):
+        super().__init__()
+        self.key_map = nn.Parameter(torch.empty(kv_heads, head_dim, head_dim))
+        self.value_map = nn.Parameter(torch.empty(kv_heads, head_dim, head_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        eye = torch.eye(self.key_map.shape[-1]).expand_as(self.key_map)
+        with torch.no_grad():
+            self.key_map.copy_(eye)
+            self.value_map.copy_(eye)
+
+    def forward(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = torch.einsum("bhld,hde->bhle", keys, self.key_map.to(keys.dtype))
+        values = torch.einsum("bhld,hde->bhle", values, self.value_map.to(values.dtype))
+        return keys, values
+
+
 class LLMLayerKV(nn.Module):
-    """Deep fusion: the keys/values of LLM layer ``layer`` (post-RoPE, or pre-RoPE with ``raw=True``).
+    """Deep fusion: the keys/values of LLM layer ``layer`` (post-RoPE, or pre-RoPE with ``raw=True``), through the
+    block's ``adapter`` (``model.text_adapter``; None: as the LLM computed them, the reference).
 
     :class:`~fusedit.models.fusion.DeepFusion` puts them into the block's :class:`TextInputs`; ``forward`` hands them
-    over (no parameters: the LLM computed them).
+    over.
     """
 
-    def __init__(self, layer: int, raw: bool = False):
+    def __init__(self, layer: int, raw: bool = False, adapter: nn.Module | None = None):
         super().__init__()
         self.layer, self.raw = layer, raw
+        self.adapter = adapter
 
     def forward(self, text: TextInputs, k_norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         if text.keys is None or text.values is None:
             raise ValueError(f"LLM layer {self.layer}: the block's text inputs hold no keys/values")
-        return text.keys, text.values
+        if self.adapter is None:
+            return text.keys, text.values
+        return self.adapter(text.keys, text.values)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, raw={self.raw}"

@@ -61,6 +61,15 @@ class ModelConfig:
             the reference's linear head); see :class:`~fusedit.models.dit.OutputHead`.
         prediction: what the network outputs: ``velocity`` (the reference's) or the clean ``sample``, from which
             the velocity follows (:mod:`fusedit.models.prediction`); ``forward`` returns the velocity either way.
+        text_adapter: (``deep`` only) what stands between the frozen LLM's keys/values and the DiT's attention:
+            ``none`` (the reference: used as the LLM computed them), ``key-norm`` (each text key head vector
+            RMS-normalised, as the DiT's own keys are; RoPE keeps norms, so this equals normalising before RoPE) or
+            ``linear`` (a trainable ``head_dim × head_dim`` map per KV head on the keys and on the values of each
+            fused layer, starting at the identity).
+        text_key_rope: (``deep``, ``attention: self`` only) whether the image queries meet the text keys as the LLM
+            rotated them, with the image placed after the prompt (true: the reference), or the keys before RoPE
+            with image positions from 0 (false: the shallow baselines' convention, where a text key carries no
+            position).
         text_hidden_states_index: (``shallow`` only) which ``hidden_states`` entry of the LLM conditions the baseline.
         rms_norm_eps, rope_theta: ``null``: the LLM's.
     """
@@ -89,6 +98,8 @@ class ModelConfig:
     pos_embed_max_size: int = 64
     prediction: Literal["velocity", "sample"] = "velocity"
     head_hidden: int | None = None
+    text_adapter: Literal["none", "key-norm", "linear"] = "none"
+    text_key_rope: bool = True
     text_hidden_states_index: int = -1
     rms_norm_eps: float | None = None
     rope_theta: float | None = None
@@ -179,7 +190,25 @@ class ModelConfig:
                 self.head_dim % 4 == 0,
                 f"model.head_dim: {self.pos_embed} needs head_dim divisible by 4, got {self.head_dim}",
             )
+        self._validate_text_options()
         self._validate_prediction()
+
+    def _validate_text_options(self) -> None:
+        """``text_adapter`` and ``text_key_rope``: what stands between the LLM's keys and the image queries."""
+        require(
+            self.text_adapter in ("none", "key-norm", "linear"),
+            f"model.text_adapter: got {self.text_adapter!r}, expected 'none', 'key-norm' or 'linear'",
+        )
+        require(
+            self.text_adapter == "none" or self.fusion == "deep",
+            f"model.text_adapter: {self.text_adapter!r} adapts the LLM's own keys/values, which only deep fusion "
+            "reads (the shallow baselines project the text with their own weights); set it to 'none'",
+        )
+        require(
+            self.text_key_rope or (self.fusion == "deep" and self.attention == "self"),
+            "model.text_key_rope: false un-rotates the LLM keys that deep fusion's self-attention reads; the "
+            "cross-attention variant and the shallow baselines use un-rotated text keys already; set it to true",
+        )
 
     def _validate_prediction(self) -> None:
         require(

@@ -18,7 +18,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from fusedit.models.attention import CrossAttention, LLMLayerKV, ProjectedKV, TextInputs
+from fusedit.models.attention import (
+    CrossAttention,
+    LLMLayerKV,
+    ProjectedKV,
+    TextInputs,
+    TextKeyNorm,
+    TextLinearAdapter,
+)
 from fusedit.models.config import ResolvedModelConfig
 from fusedit.models.layers import RMSNorm, SelfInitializing
 from fusedit.text.context import TextContext, TextRequirements
@@ -78,13 +85,19 @@ class TextPath:
 class DeepFusion(TextPath):
     """FuseDiT: DiT block ``i`` attends to the keys/values of LLM layer ``resolved.layer_map[i]`` (``None``: a DiT
     layer past the map, image tokens only). ``attention: self`` joins them to the image keys/values (post-RoPE keys);
-    ``attention: cross`` reads them through a cross-attention (pre-RoPE keys, no key norm)."""
+    ``attention: cross`` reads them through a cross-attention (pre-RoPE keys, no key norm). ``model.text_key_rope:
+    false`` gives the self-attention pre-RoPE keys and image positions from 0."""
 
-    image_follows_text = True
+    def __init__(self, resolved: ResolvedModelConfig) -> None:
+        super().__init__(resolved)
+        config = resolved.config
+        #: the self-attention variant reads post-RoPE keys unless model.text_key_rope is false
+        self.rotated_keys = config.attention == "self" and config.text_key_rope
+        self.image_follows_text = config.text_key_rope
 
     def requirements(self) -> TextRequirements:
         config, fused = self.resolved.config, self.resolved.fused_llm_layers
-        if config.attention == "self":
+        if self.rotated_keys:
             return TextRequirements(kv_layers=fused, pooled=config.text_modulation)
         return TextRequirements(raw_key_layers=fused, pooled=config.text_modulation)
 
@@ -93,14 +106,24 @@ class DeepFusion(TextPath):
         if llm_layer is None:
             return None, None
         if self.resolved.config.attention == "self":
-            return LLMLayerKV(llm_layer), None
-        return None, self._cross_attention(LLMLayerKV(llm_layer, raw=True), key_norm=False)
+            return LLMLayerKV(llm_layer, raw=not self.rotated_keys, adapter=self._adapter()), None
+        return None, self._cross_attention(LLMLayerKV(llm_layer, raw=True, adapter=self._adapter()), key_norm=False)
+
+    def _adapter(self) -> nn.Module | None:
+        """One block's ``model.text_adapter`` (None for ``none``, the reference)."""
+        resolved = self.resolved
+        kind = resolved.config.text_adapter
+        if kind == "key-norm":
+            return TextKeyNorm(resolved.rms_norm_eps)
+        if kind == "linear":
+            return TextLinearAdapter(resolved.num_key_value_heads, resolved.head_dim)
+        return None
 
     def prepare(self, context: TextContext) -> list[TextInputs]:
         """Per block: its LLM layer's keys/values ``(B, H_kv, L, D)`` and the key mask ``(B, L)`` (None without
         padding)."""
         key_mask = context.mask if context.has_padding else None
-        keys = context.keys if self.resolved.config.attention == "self" else context.raw_keys
+        keys = context.keys if self.rotated_keys else context.raw_keys
         return [
             TextInputs(hidden=None, key_mask=key_mask, keys=keys[layer], values=context.values[layer])
             if layer is not None
