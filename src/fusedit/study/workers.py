@@ -120,6 +120,7 @@ class _Pool:
     def outcome(self, worker: _Worker, kind: str, value: Any, trace: str | None = None) -> None:
         """Record ``worker``'s job as done (``value``) or failed (``value``: the error, ``trace``: its traceback)."""
         index, worker.index = worker.index, None
+        assert index is not None, "an outcome arrived from a worker with no job"
         minutes = (time.perf_counter() - worker.started) / 60
         left = f"{len(self.waiting) + len(self.busy())} of {len(self.jobs)} runs left"
         if kind == "done":
@@ -162,7 +163,7 @@ def run_jobs(jobs: Sequence[Job], workers: int, log: Callable[[str], None] = pri
                 for conn in wait([w.conn for w in pool.workers]):
                     pool.receive(next(w for w in pool.workers if w.conn is conn))
         except BaseException as error:
-            busy = ", ".join(pool.jobs[w.index].label for w in pool.busy())
+            busy = ", ".join(pool.jobs[w.index].label for w in pool.busy() if w.index is not None)
             why = "interrupted" if isinstance(error, (KeyboardInterrupt, SystemExit)) else type(error).__name__
             _stop(pool.workers, grace=0.0)
             log(f"{why}: stopping {len(pool.workers)} worker process(es); running: {busy or 'none'}")
