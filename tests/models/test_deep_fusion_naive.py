@@ -319,6 +319,15 @@ def inputs(seed, padding_side):
     return x, t, ids, mask
 
 
+def small_deep_model(decoder, **fields):
+    """A small deep-fusion FuseDiT on ``decoder`` (8 px pixels, patch 2, 24 wide) with ``fields`` of ModelConfig."""
+    geometry = dict(
+        fusion="deep", in_channels=3, sample_size=8, patch_size=2, dit_hidden_size=24, dit_intermediate_size=40
+    )
+    config = ModelConfig(**{**geometry, **fields})
+    return build_model(config, LLMGeometry.from_hf_config(decoder.config)).eval()
+
+
 COMBOS = list(
     itertools.product(
         ["self", "cross"],
@@ -335,21 +344,15 @@ def test_matches_naive_joint_attention(attention, pos_embed, timestep, sandwich,
     index = COMBOS.index((attention, pos_embed, timestep, sandwich, layer_map))
     family = FAMILIES[(index + index // len(LAYER_MAPS)) % len(FAMILIES)]  # every family meets every layer map
     decoder = copy.deepcopy(DECODERS[family])  # the encoder may drop unused layers of its decoder
-    config = ModelConfig(
-        fusion="deep",
+    model = small_deep_model(
+        decoder,
         attention=attention,
         pos_embed=pos_embed,
         timestep_conditioning=timestep,
         sandwich_norm=sandwich,
         qk_norm=True,
-        in_channels=3,
-        sample_size=8,
-        patch_size=2,
-        dit_hidden_size=24,
-        dit_intermediate_size=40,
         **LAYER_MAPS[layer_map],
     )
-    model = build_model(config, LLMGeometry.from_hf_config(decoder.config)).eval()
     randomize(model, 3)
     for padding_side in ("left", "right"):
         x, t, ids, mask = inputs(4, padding_side)
@@ -443,20 +446,14 @@ def test_absolute_pos_embed_adds_the_sincos_table_on_top_of_rope(pos_embed):
 
 
 def _adapter_model(attention, adapter, decoder, **extra):
-    config = ModelConfig(
-        fusion="deep",
+    return small_deep_model(
+        decoder,
         attention=attention,
         pos_embed="2d-rope",
         timestep_conditioning="adaln-zero",
         text_adapter=adapter,
-        in_channels=3,
-        sample_size=8,
-        patch_size=2,
-        dit_hidden_size=24,
-        dit_intermediate_size=40,
         **extra,
     )
-    return build_model(config, LLMGeometry.from_hf_config(decoder.config)).eval()
 
 
 @pytest.mark.parametrize("attention", ["self", "cross"])
