@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ from fusedit.cli import main as cli_main
 from fusedit.data.shapes import ShapesWorld
 from fusedit.eval.images import sampled_pairs
 from fusedit.experiment import load_experiment
-from fusedit.text.tiny_llm import TinyLLMConfig, ensure_tiny_llm
+from fusedit.text.tiny_llm import ensure_tiny_llm
+from tests.conftest import TINY_LLM as CONFTEST_TINY_LLM
 
 pytestmark = pytest.mark.slow
 
@@ -27,17 +29,8 @@ TRAIN = [
     "train.checkpoint_every=2",
     "train.log_every=1",
 ]
-TINY_LLM = TinyLLMConfig(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=16,
-    intermediate_size=64,
-    steps=5,
-    batch_size=8,
-    max_length=16,
-)
+#: the session's tiny LLM geometry with a wider MLP, a few training steps and shorter prompts
+TINY_LLM = replace(CONFTEST_TINY_LLM, intermediate_size=64, steps=5, max_length=16)
 
 
 @pytest.fixture(scope="module")

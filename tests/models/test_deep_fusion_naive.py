@@ -162,7 +162,7 @@ def naive_forward(model, decoder, family, x, timestep, ids, mask, pooled=None):
     h = text.embed(ids)
     n_real = mask.sum(1)
     text_cos, text_sin = rope_tables(torch.arange(n_text)[None].expand(b, -1), HEAD_DIM, theta)
-    img_rope = image_rope(c.pos_embed, gh, gw, n_real if c.text_key_rope else 0 * n_real, HEAD_DIM, theta)
+    img_rope = image_rope(c.pos_embed, gh, gw, n_real if c.text_key_rope else torch.zeros_like(n_real), HEAD_DIM, theta)
     causal = torch.tril(torch.ones(n_text, n_text, dtype=torch.bool))
     text_rows = causal[None] & mask[:, None, :]
     n_img = gh * gw
