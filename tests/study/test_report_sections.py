@@ -99,7 +99,7 @@ def test_study_manifests_name_the_commit_loaded_at_start(tmp_path, monkeypatch):
         Fakes().train(run, progress=progress)
         head["commit"] = f"committed-while-training-{run.variant}-{run.seed}"
 
-    manifest._code_version_at_first_call.cache_clear()
+    monkeypatch.setattr(manifest, "_loaded_version", None)  # as in a fresh process (restored after the test)
     monkeypatch.setattr(manifest.subprocess, "run", fake_git)
     seen = []
 
@@ -107,9 +107,6 @@ def test_study_manifests_name_the_commit_loaded_at_start(tmp_path, monkeypatch):
         seen.append(manifest.code_version()["commit"])
         return RichFakes().evaluate(run, settings)
 
-    try:
-        grid = study_grid.load_grid(write_grid(tmp_path))
-        study_runner.run_study(grid, tmp_path / "s", train_fn=train, eval_fn=evaluate, log=lambda m: None)
-    finally:
-        manifest._code_version_at_first_call.cache_clear()
+    grid = study_grid.load_grid(write_grid(tmp_path))
+    study_runner.run_study(grid, tmp_path / "s", train_fn=train, eval_fn=evaluate, log=lambda m: None)
     assert seen == ["loaded-at-start"] * 4

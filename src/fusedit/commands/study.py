@@ -25,7 +25,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=positive_int,
         default=None,
-        help="torch CPU threads (1 on a CPU shared with other work; default: torch's choice)",
+        help="torch CPU threads of each training process (1 on a CPU shared with other work; default: torch's choice)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=positive_int,
+        default=1,
+        help="runs trained and evaluated at a time, in a pool of that many worker processes (default 1: one after "
+        "another in this process); with --jobs 2 on 2 cores use --threads 1",
     )
 
 
@@ -35,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from fusedit.study.grid import describe_tiny_llm, eval_settings, load_grid, plan_study, plan_tiny_llms
     from fusedit.study.report import write_report
     from fusedit.study.runner import collect_run, run_study, variant_costs
+    from fusedit.study.workers import RunsFailed
 
     if args.threads is not None:
         if args.threads < 1:
@@ -54,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
                 f"run {number}/{len(runs)}: {planned.variant} seed {planned.seed} [{state}] "
                 + " ".join(o for o in planned.overrides if not o.startswith("name="))
             )
+        todo = sum(not (r.trained and r.evaluated) for r in runs)
+        at_a_time = f"up to {args.jobs} at a time in worker processes" if args.jobs > 1 else "one at a time"
+        print(f"{todo} of {len(runs)} runs to train or evaluate, {at_a_time} (--jobs {args.jobs})")
         llms = plan_tiny_llms(grid, out)
         for number, llm in enumerate(llms, 1):
             state = "pretrained" if llm.pretrained else "to pretrain"
@@ -67,6 +78,17 @@ def run(args: argparse.Namespace) -> int:
         results = [collect_run(r) for r in runs]
         print(write_report(grid, out, runs, results, costs=variant_costs(runs, eval_settings(grid))))
         return 0
-    run_study(grid, out, progress=sys.stderr.isatty(), log=lambda m: print(m, flush=True))
+    try:
+        run_study(
+            grid,
+            out,
+            progress=sys.stderr.isatty(),
+            log=lambda m: print(m, flush=True),
+            jobs=args.jobs,
+            threads=args.threads,
+        )
+    except RunsFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(out / "report.md")
     return 0

@@ -11,7 +11,6 @@ Hashes are SHA-256 hex digests:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import subprocess
@@ -31,12 +30,27 @@ def _sha256_json(value: Any) -> str:
 def code_version() -> dict[str, Any]:
     """``{"package_version", "commit", "dirty"}`` of the fusedit source in use (commit/dirty are None outside a git
     checkout). Read once per process and remembered: a long job (a study) calls it when it starts, so that commits
-    made while it runs are not attributed to the code it had loaded."""
-    return dict(_code_version_at_first_call())
+    made while it runs are not attributed to the code it had loaded; a process it starts is given that version with
+    :func:`pin_code_version`."""
+    global _loaded_version
+    if _loaded_version is None:
+        _loaded_version = _read_code_version()
+    return dict(_loaded_version)
 
 
-@functools.cache
-def _code_version_at_first_call() -> dict[str, Any]:
+def pin_code_version(version: dict[str, Any]) -> None:
+    """Make :func:`code_version` return ``version`` in this process from now on: a worker process of a study records
+    the code its parent loaded (the version the parent's :func:`code_version` returned), not the checkout's HEAD of
+    the moment it starts."""
+    global _loaded_version
+    _loaded_version = dict(version)
+
+
+#: What :func:`code_version` returns in this process (None until its first call or :func:`pin_code_version`).
+_loaded_version: dict[str, Any] | None = None
+
+
+def _read_code_version() -> dict[str, Any]:
     source = Path(fusedit.__file__).resolve().parent
     info: dict[str, Any] = {"package_version": getattr(fusedit, "__version__", None), "commit": None, "dirty": None}
     try:

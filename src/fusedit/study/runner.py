@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
-from fusedit.eval.manifest import code_version
+from fusedit.eval.manifest import code_version, pin_code_version
 from fusedit.eval.shapes_eval import evaluate_shapes, world_from_config, write_json_atomic
 from fusedit.sampling.loading import load_pipeline
 from fusedit.study.costs import measure_costs
 from fusedit.study.grid import PlannedRun, StudyGrid, check_reusable, ensure_tiny_llms, eval_settings, plan_study
 from fusedit.study.report import write_report
 from fusedit.study.stats import correctness_by_category
+from fusedit.study.workers import Job, run_jobs
 from fusedit.train.launch import train_run
 from fusedit.train.logging import read_metrics
 
@@ -43,55 +46,140 @@ def run_study(
     cost_fn: Callable | None = None,
     progress: bool = False,
     log: Callable[[str], None] = print,
+    jobs: int = 1,
+    threads: int | None = None,
 ) -> list[dict]:
     """Train, evaluate and report every run of ``grid`` in ``out``; returns the per-run results.
 
     ``train_fn(run, progress=)``, ``eval_fn(run, settings) -> scores`` and ``cost_fn(runs, settings) -> {variant:
     costs}`` are injectable (tests use fakes; the default cost function is :func:`variant_costs`). Each run's wall
     time of training and evaluation accumulates in its ``study_timing.json`` (across resumes).
+
+    ``jobs``: how many runs train and evaluate at a time. 1: one after another, in this process. More: the parent
+    checks every run and pretrains the tiny LLMs, then the pending runs go to :func:`fusedit.study.workers.run_jobs`,
+    a pool of ``jobs`` spawned worker processes, each running one run at a time: it records this process's
+    :func:`code_version`, sets ``torch.set_num_threads(threads)`` when ``threads`` is given (the caller sets its own)
+    and shows no progress bar. ``train_fn`` and ``eval_fn`` must then pickle (module-level functions), and runs that
+    fail raise :class:`~fusedit.study.workers.RunsFailed` once the others have finished (no report is written).
     """
+    _check_jobs(jobs, threads, train_fn, eval_fn)
     out.mkdir(parents=True, exist_ok=True)
-    code_version()  # the code this process loaded, recorded in every evaluation's manifest even if HEAD moves
+    version = code_version()  # the code this process loaded, recorded in every evaluation's manifest even if HEAD moves
     settings = eval_settings(grid)
     runs = plan_study(grid, out)
     for run in runs:
         check_reusable(run)
     ensure_tiny_llms(grid, out, log=log)  # after the checks: a refused run costs no pretraining
-    started, trained_seconds, trained_count = time.perf_counter(), 0.0, 0
-    results = []
-    for number, run in enumerate(runs, 1):
-        label = f"run {number}/{len(runs)}: {run.variant} seed {run.seed}"
-        changed = run.eval_differences(settings) if run.evaluated else []
-        if changed:
-            log(f"{label} — the grid's eval settings changed ({', '.join(changed)}); evaluating again")
-        if run.trained and run.evaluated and not changed:
-            log(f"{label} — done before, reusing {run.run_dir}")
-        else:
-            if not run.trained:
-                remaining = sum(not r.trained for r in runs[number - 1 :])
-                eta = (
-                    ""
-                    if not trained_count
-                    else f", about {trained_seconds / trained_count * remaining / 60:.0f} min of training left"
-                )
-                log(f"{label} — training {run.config.train.max_steps} steps in {run.run_dir}{eta}")
-                t0 = time.perf_counter()
-                train_fn(run, progress=progress)
-                trained_seconds += time.perf_counter() - t0
-                trained_count += 1
-                add_timing(run, "train_seconds", time.perf_counter() - t0)
-                if not run.trained:
-                    raise RuntimeError(f"training {run.run_dir} finished without writing final/")
-            log(f"{label} — evaluating (shapes suite) into {run.eval_dir}")
-            t0 = time.perf_counter()
-            eval_fn(run, settings)
-            add_timing(run, "eval_seconds", time.perf_counter() - t0)
-            if not run.evaluated:
-                raise RuntimeError(f"evaluation of {run.run_dir} did not write {run.scores_path}")
-        results.append(collect_run(run))
+    started = time.perf_counter()
+    if jobs == 1:
+        results = _run_in_order(runs, settings, train_fn=train_fn, eval_fn=eval_fn, progress=progress, log=log)
+    else:
+        pending = [
+            Job(label, run_in_worker, (run, settings, label, train_fn, eval_fn, threads, version))
+            for label, run in _labelled(runs)
+            if is_pending(run, settings, label, log)
+        ]
+        if pending:
+            each = f", torch threads {threads} each" if threads is not None else ""
+            log(
+                f"{len(pending)} of {len(runs)} runs to train or evaluate, {min(jobs, len(pending))} at a time in "
+                f"worker processes{each}"
+            )
+            run_jobs(pending, jobs, log)
+        results = [collect_run(run) for run in runs]
     log(f"all {len(runs)} runs done in {(time.perf_counter() - started) / 60:.1f} min; writing the report")
     write_report(grid, out, runs, results, costs=(cost_fn or variant_costs)(runs, settings))
     return results
+
+
+def _check_jobs(jobs: int, threads: int | None, train_fn: Callable, eval_fn: Callable) -> None:
+    """Refuse a bad ``jobs``/``threads``, and (for ``jobs`` > 1) functions a worker process could not receive."""
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer (runs trained at a time), got {jobs!r}")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ValueError(f"threads must be None or a positive integer, got {threads!r}")
+    if jobs == 1:
+        return
+    for name, fn in (("train_fn", train_fn), ("eval_fn", eval_fn)):
+        try:
+            pickle.dumps(fn)
+        except (pickle.PicklingError, AttributeError, TypeError) as error:
+            raise TypeError(
+                f"with jobs={jobs}, {name} must be picklable to reach the worker processes (a module-level "
+                f"function, not a lambda or a local function); {fn!r} is not: {error}"
+            ) from None
+
+
+def _labelled(runs: Sequence[PlannedRun]) -> list[tuple[str, PlannedRun]]:
+    """``(label, run)`` with the labels of the log: ``run 3/12: addition seed 0``."""
+    return [(f"run {number}/{len(runs)}: {run.variant} seed {run.seed}", run) for number, run in enumerate(runs, 1)]
+
+
+def is_pending(run: PlannedRun, settings, label: str, log: Callable[[str], None]) -> bool:
+    """Whether ``run`` needs training or evaluating (not trained, not evaluated, or evaluated with other sampling
+    settings than ``settings``); logs why a finished run is evaluated again, or that it is reused."""
+    changed = run.eval_differences(settings) if run.evaluated else []
+    if changed:
+        log(f"{label} — the grid's eval settings changed ({', '.join(changed)}); evaluating again")
+    if run.trained and run.evaluated and not changed:
+        log(f"{label} — done before, reusing {run.run_dir}")
+        return False
+    return True
+
+
+def _run_in_order(runs: Sequence[PlannedRun], settings, *, train_fn, eval_fn, progress, log) -> list[dict]:
+    """``jobs=1``: every pending run trained and evaluated in this process, in order (with an ETA of the training
+    left); returns every run's :func:`collect_run`."""
+    trained_seconds, trained_count = 0.0, 0
+    results = []
+    for number, (label, run) in enumerate(_labelled(runs), 1):
+        if is_pending(run, settings, label, log):
+            eta = ""
+            if not run.trained and trained_count:
+                remaining = sum(not r.trained for r in runs[number - 1 :])
+                eta = f", about {trained_seconds / trained_count * remaining / 60:.0f} min of training left"
+            seconds = train_and_evaluate(
+                run, settings, label=label, train_fn=train_fn, eval_fn=eval_fn, progress=progress, log=log, eta=eta
+            )
+            if seconds is not None:
+                trained_seconds, trained_count = trained_seconds + seconds, trained_count + 1
+        results.append(collect_run(run))
+    return results
+
+
+def train_and_evaluate(
+    run: PlannedRun, settings, *, label: str, train_fn, eval_fn, progress: bool, log, eta: str = ""
+) -> float | None:
+    """One pending run's work, the same with any ``jobs``: train it unless ``final/`` exists (``train_fn`` resumes
+    from its checkpoints), then evaluate it; each stage's wall time is added to its ``study_timing.json``. Returns
+    the seconds of training (None when it was trained before). ``eta`` ends the training line."""
+    trained = None
+    if not run.trained:
+        log(f"{label} — training {run.config.train.max_steps} steps in {run.run_dir}{eta}")
+        t0 = time.perf_counter()
+        train_fn(run, progress=progress)
+        trained = time.perf_counter() - t0
+        add_timing(run, "train_seconds", trained)
+        if not run.trained:
+            raise RuntimeError(f"training {run.run_dir} finished without writing final/")
+    log(f"{label} — evaluating (shapes suite) into {run.eval_dir}")
+    t0 = time.perf_counter()
+    eval_fn(run, settings)
+    add_timing(run, "eval_seconds", time.perf_counter() - t0)
+    if not run.evaluated:
+        raise RuntimeError(f"evaluation of {run.run_dir} did not write {run.scores_path}")
+    return trained
+
+
+def run_in_worker(
+    run: PlannedRun, settings, label: str, train_fn, eval_fn, threads: int | None, version: dict, *, log
+) -> float | None:
+    """A worker process's job (``jobs`` > 1; module-level so that it pickles): record the parent's code version,
+    use ``threads`` torch threads when given, then :func:`train_and_evaluate` without a progress bar."""
+    pin_code_version(version)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return train_and_evaluate(run, settings, label=label, train_fn=train_fn, eval_fn=eval_fn, progress=False, log=log)
 
 
 def collect_run(run: PlannedRun) -> dict:
