@@ -84,6 +84,10 @@ class _Pool:
     def busy(self) -> list[_Worker]:
         return [w for w in self.workers if w.index is not None]
 
+    def running(self) -> list[str]:
+        """Labels of the jobs the workers run."""
+        return [self.jobs[w.index].label for w in self.workers if w.index is not None]
+
     def assign(self) -> None:
         """Give waiting jobs to idle workers, starting workers up to ``size``."""
         for worker in self.workers:
@@ -120,6 +124,8 @@ class _Pool:
     def outcome(self, worker: _Worker, kind: str, value: Any, trace: str | None = None) -> None:
         """Record ``worker``'s job as done (``value``) or failed (``value``: the error, ``trace``: its traceback)."""
         index, worker.index = worker.index, None
+        if index is None:
+            raise RuntimeError(f"worker process {worker.process.pid} sent a {kind!r} outcome without a job")
         minutes = (time.perf_counter() - worker.started) / 60
         left = f"{len(self.waiting) + len(self.busy())} of {len(self.jobs)} runs left"
         if kind == "done":
@@ -162,7 +168,7 @@ def run_jobs(jobs: Sequence[Job], workers: int, log: Callable[[str], None] = pri
                 for conn in wait([w.conn for w in pool.workers]):
                     pool.receive(next(w for w in pool.workers if w.conn is conn))
         except BaseException as error:
-            busy = ", ".join(pool.jobs[w.index].label for w in pool.busy())
+            busy = ", ".join(pool.running())
             why = "interrupted" if isinstance(error, (KeyboardInterrupt, SystemExit)) else type(error).__name__
             _stop(pool.workers, grace=0.0)
             log(f"{why}: stopping {len(pool.workers)} worker process(es); running: {busy or 'none'}")
