@@ -180,9 +180,14 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+#: The study the test stops. It first gives SIGINT Python's KeyboardInterrupt handler, as a terminal's foreground
+#: job has it: a test run started in the background without job control (a CI script's ``cmd &``) has SIGINT
+#: ignored, which its children inherit, and then Ctrl-C stops no study, with or without --jobs.
 STUDY_SCRIPT = """
+import signal
 import sys
 from pathlib import Path
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from fusedit.study import grid, runner
 from tests.study import fake_runs
 study = grid.load_grid(sys.argv[1])
