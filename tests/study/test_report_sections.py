@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import time
+
+import pytest
+import torch
 
 from fusedit.study import grid as study_grid
 from fusedit.study import report_sections
 from fusedit.study import runner as study_runner
+from fusedit.study import timing as study_timing
 from tests.study.test_study import Fakes, write_grid
 
 CONTROLS = {"ground_truth": 1.0, "blur": 0.97, "blobs": 0.012, "solid": 0.0}
@@ -67,9 +72,46 @@ def test_timing_accumulates_across_resumed_training(tmp_path):
     grid = study_grid.load_grid(write_grid(tmp_path))
     run = study_grid.plan_study(grid, tmp_path / "study")[0]
     run.run_dir.mkdir(parents=True)
-    study_runner.add_timing(run, "train_seconds", 30.0)
-    study_runner.add_timing(run, "train_seconds", 12.0)
-    assert study_runner.run_timing(run) == {"train_seconds": 42.0, "source": "recorded"}
+    study_timing.add_timing(run, "train_seconds", 30.0)
+    study_timing.add_timing(run, "train_seconds", 12.0)
+    threads = torch.get_num_threads()
+    assert study_timing.run_timing(run) == {"train_seconds": 42.0, "threads": threads, "source": "recorded"}
+
+
+def test_an_interrupted_training_segment_counts_and_the_call_is_recorded(tmp_path):
+    """Ctrl-C during training: the seconds trained so far are in the run's timing and the call's line says it was
+    interrupted; the resumed call adds its own segment and line; a call that only reuses finished runs adds none."""
+    out, fakes = tmp_path / "study", RichFakes()
+    grid = study_grid.load_grid(write_grid(tmp_path))
+
+    def interrupted(run, *, progress):
+        time.sleep(0.05)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        study_runner.run_study(grid, out, train_fn=interrupted, eval_fn=fakes.evaluate, log=lambda m: None)
+    first = study_grid.plan_study(grid, out)[0]
+    assert study_timing.run_timing(first)["train_seconds"] >= 0.05
+    for _ in range(2):  # resumed, then everything reused
+        study_runner.run_study(
+            grid, out, train_fn=fakes.train, eval_fn=fakes.evaluate, cost_fn=fake_costs, log=lambda m: None
+        )
+    assert study_timing.run_timing(first)["train_seconds"] >= 0.05  # the resumed segment added to it
+    sessions = study_timing.read_sessions(out)
+    assert [(s["runs"], s["finished"], s["jobs"]) for s in sessions] == [(4, False, 1), (4, True, 1)]
+    report = (out / "report.md").read_text()
+    assert "recorded by the study for 4 of 4 runs" in report
+    assert "in 2 call(s)" in report and "(interrupted)" in report
+
+
+def test_wall_time_lines_say_where_times_come_from():
+    results = [{"timing_source": "recorded", "threads": 1}, {"timing_source": "file times"}]
+    sessions = [{"minutes": 61.0, "runs": 2, "jobs": 2, "threads": 1, "finished": True}]
+    text = " ".join(study_timing.wall_time_lines(results, sessions))
+    assert "recorded by the study for 1 of 2 runs, 1 torch thread(s) per run" in text
+    assert "taken from file times for 1" in text
+    assert "**61 min** of wall time in 1 call(s): 61 min for 2 run(s) at 2 at a time, 1 thread(s) each." in text
+    assert study_timing.wall_time_lines([], []) == []
 
 
 def test_controls_section_flags_failing_or_differing_controls():

@@ -23,6 +23,7 @@ from fusedit.cli import main as cli_main
 from fusedit.eval import manifest
 from fusedit.study import grid as study_grid
 from fusedit.study import runner as study_runner
+from fusedit.study import timing as study_timing
 from fusedit.study.workers import RunsFailed
 from tests.study import fake_runs
 from tests.study.test_study import Fakes, write_grid
@@ -39,19 +40,23 @@ def study(tmp_path: Path, out: Path, logs: list[str], **kwargs) -> list[dict]:
 
 
 def comparable(results: list[dict], out: Path) -> str:
-    """The results as JSON without what differs between two studies of the same runs: wall times, the folder."""
+    """The results as JSON without what differs between two studies of the same runs: wall times, torch threads,
+    the folder."""
     kept = []
     for result in results:
         metrics = {k: v for k, v in result["metrics"].items() if k not in ("train_min", "eval_min")}
-        kept.append({**result, "metrics": metrics, "run_dir": str(Path(result["run_dir"]).relative_to(out))})
+        folder = str(Path(result["run_dir"]).relative_to(out))
+        kept.append({**result, "metrics": metrics, "run_dir": folder, "threads": None})
     return json.dumps(kept, sort_keys=True)
 
 
 def report_with_equal_times(tmp_path: Path, out: Path) -> str:
     """``report.md`` rewritten (``--report-only``) after every run's ``study_timing.json`` is set to the same wall
-    times, with the study folder replaced by ``OUT``: what must not differ between two studies of the same runs."""
-    for path in out.glob("runs/*/*/" + study_runner.TIMING_NAME):
+    times and the record of the calls is removed, with the study folder replaced by ``OUT``: what must not differ
+    between two studies of the same runs."""
+    for path in out.glob("runs/*/*/" + study_timing.TIMING_NAME):
         path.write_text(json.dumps({"train_seconds": 60.0, "eval_seconds": 6.0}))
+    (out / study_timing.SESSIONS_NAME).unlink()  # the calls differ: one run at a time or two
     assert cli_main(["study", str(write_grid(tmp_path)), "--out", str(out), "--report-only"]) == 0
     return (out / "report.md").read_text().replace(str(out), "OUT")
 
@@ -76,7 +81,7 @@ def test_two_jobs_give_the_results_and_report_of_one(tmp_path, monkeypatch):
         assert len({c["pid"] for c in calls}) == 1 and calls[0]["pid"] != os.getpid()
         assert {c["commit"] for c in calls} == {PARENT_VERSION["commit"]}
         assert {c["threads"] for c in calls} == {2}
-        timing = json.loads((run.run_dir / study_runner.TIMING_NAME).read_text())
+        timing = json.loads((run.run_dir / study_timing.TIMING_NAME).read_text())
         assert timing["train_seconds"] > 0 and timing["eval_seconds"] > 0
     assert len({fake_runs.calls(run)[0]["pid"] for run in runs}) == 2  # a pool of two workers
     assert {r["manifest"]["commit"] for r in results_two} == {PARENT_VERSION["commit"]}
@@ -107,7 +112,7 @@ def test_a_failed_run_fails_alone_and_is_named(tmp_path):
     assert any("Traceback" in line and "planted failure" in line for line in logs)  # the worker's traceback
     runs = {(r.variant, r.seed): r for r in study_grid.plan_study(study_grid.load_grid(write_grid(tmp_path)), out)}
     for key in (("deep", 0), ("shallow", 1)):  # the others ran to the end
-        assert runs[key].evaluated and (runs[key].run_dir / study_runner.TIMING_NAME).is_file()
+        assert runs[key].evaluated and (runs[key].run_dir / study_timing.TIMING_NAME).is_file()
     assert not runs[("shallow", 0)].trained and not runs[("deep", 1)].trained
     assert not (out / "report.md").exists()
 

@@ -31,6 +31,7 @@ configs and commands to reproduce), ``results.json``, ``plots/loss.png``, ``plot
 
 Modules: :mod:`~fusedit.study.grid` (grid files and the plan), :mod:`~fusedit.study.runner` (training, evaluating,
 collecting), :mod:`~fusedit.study.workers` (``--jobs N``: N runs at a time in a pool of N worker processes),
+:mod:`~fusedit.study.timing` (the wall time of every run and of every call),
 :mod:`~fusedit.study.report` (statistics and ``report.md``). The package sits above
 :mod:`fusedit.train` and :mod:`fusedit.eval`: it trains runs and evaluates them.
 """

@@ -103,8 +103,8 @@ def cost_section(
         "",
         "FLOPs counted by `torch.utils.flop_counter` on each variant's trained model "
         "(`src/fusedit/study/costs.py`): training = 3 × DiT forward + LLM forward per image, "
-        "sampling = one whole call at the study's steps and CFG. Wall time per run on this machine (one torch "
-        "thread; mean ± std over seeds).",
+        "sampling = one whole call at the study's steps and CFG. Wall time per run on this machine, mean ± std "
+        "over seeds (how it was measured: below the table).",
         "",
         "| variant | trained params (M) | DiT forward GFLOPs/img | LLM forward GFLOPs/prompt | train GFLOPs/img | "
         "sample GFLOPs/img | train img/s | train min | eval min |",

@@ -13,12 +13,13 @@ import torch
 from safetensors import safe_open
 
 from fusedit.eval.manifest import code_version, pin_code_version
-from fusedit.eval.shapes_eval import evaluate_shapes, world_from_config, write_json_atomic
+from fusedit.eval.shapes_eval import evaluate_shapes, world_from_config
 from fusedit.sampling.loading import load_pipeline
 from fusedit.study.costs import measure_costs
 from fusedit.study.grid import PlannedRun, StudyGrid, check_reusable, ensure_tiny_llms, eval_settings, plan_study
 from fusedit.study.report import write_report
 from fusedit.study.stats import correctness_by_category
+from fusedit.study.timing import run_timing, study_session, timed
 from fusedit.study.workers import Job, run_jobs
 from fusedit.train.launch import train_run
 from fusedit.train.logging import read_metrics
@@ -70,23 +71,23 @@ def run_study(
     for run in runs:
         check_reusable(run)
     ensure_tiny_llms(grid, out, log=log)  # after the checks: a refused run costs no pretraining
+    pending = [(label, run) for label, run in _labelled(runs) if is_pending(run, settings, label, log)]
     started = time.perf_counter()
-    if jobs == 1:
-        results = _run_in_order(runs, settings, train_fn=train_fn, eval_fn=eval_fn, progress=progress, log=log)
-    else:
-        pending = [
-            Job(label, run_in_worker, (run, settings, label, train_fn, eval_fn, threads, version))
-            for label, run in _labelled(runs)
-            if is_pending(run, settings, label, log)
-        ]
-        if pending:
+    with study_session(out, runs=len(pending), jobs=jobs, threads=threads):
+        if jobs == 1:
+            _run_in_order(pending, settings, train_fn=train_fn, eval_fn=eval_fn, progress=progress, log=log)
+        elif pending:
             each = f", torch threads {threads} each" if threads is not None else ""
             log(
                 f"{len(pending)} of {len(runs)} runs to train or evaluate, {min(jobs, len(pending))} at a time in "
                 f"worker processes{each}"
             )
-            run_jobs(pending, jobs, log)
-        results = [collect_run(run) for run in runs]
+            work = [
+                Job(label, run_in_worker, (run, settings, label, train_fn, eval_fn, threads, version))
+                for label, run in pending
+            ]
+            run_jobs(work, jobs, log)
+    results = [collect_run(run) for run in runs]
     log(f"all {len(runs)} runs done in {(time.perf_counter() - started) / 60:.1f} min; writing the report")
     write_report(grid, out, runs, results, costs=(cost_fn or variant_costs)(runs, settings))
     return results
@@ -127,24 +128,20 @@ def is_pending(run: PlannedRun, settings, label: str, log: Callable[[str], None]
     return True
 
 
-def _run_in_order(runs: Sequence[PlannedRun], settings, *, train_fn, eval_fn, progress, log) -> list[dict]:
-    """``jobs=1``: every pending run trained and evaluated in this process, in order (with an ETA of the training
-    left); returns every run's :func:`collect_run`."""
+def _run_in_order(pending: Sequence[tuple[str, PlannedRun]], settings, *, train_fn, eval_fn, progress, log) -> None:
+    """``jobs=1``: the pending ``(label, run)`` pairs trained and evaluated in this process, in order (with an ETA of
+    the training left)."""
     trained_seconds, trained_count = 0.0, 0
-    results = []
-    for number, (label, run) in enumerate(_labelled(runs), 1):
-        if is_pending(run, settings, label, log):
-            eta = ""
-            if not run.trained and trained_count:
-                remaining = sum(not r.trained for r in runs[number - 1 :])
-                eta = f", about {trained_seconds / trained_count * remaining / 60:.0f} min of training left"
-            seconds = train_and_evaluate(
-                run, settings, label=label, train_fn=train_fn, eval_fn=eval_fn, progress=progress, log=log, eta=eta
-            )
-            if seconds is not None:
-                trained_seconds, trained_count = trained_seconds + seconds, trained_count + 1
-        results.append(collect_run(run))
-    return results
+    for number, (label, run) in enumerate(pending):
+        eta = ""
+        if not run.trained and trained_count:
+            remaining = sum(not r.trained for _, r in pending[number:])
+            eta = f", about {trained_seconds / trained_count * remaining / 60:.0f} min of training left"
+        seconds = train_and_evaluate(
+            run, settings, label=label, train_fn=train_fn, eval_fn=eval_fn, progress=progress, log=log, eta=eta
+        )
+        if seconds is not None:
+            trained_seconds, trained_count = trained_seconds + seconds, trained_count + 1
 
 
 def train_and_evaluate(
@@ -157,15 +154,14 @@ def train_and_evaluate(
     if not run.trained:
         log(f"{label} — training {run.config.train.max_steps} steps in {run.run_dir}{eta}")
         t0 = time.perf_counter()
-        train_fn(run, progress=progress)
+        with timed(run, "train_seconds"):  # an interrupted segment counts too
+            train_fn(run, progress=progress)
         trained = time.perf_counter() - t0
-        add_timing(run, "train_seconds", trained)
         if not run.trained:
             raise RuntimeError(f"training {run.run_dir} finished without writing final/")
     log(f"{label} — evaluating (shapes suite) into {run.eval_dir}")
-    t0 = time.perf_counter()
-    eval_fn(run, settings)
-    add_timing(run, "eval_seconds", time.perf_counter() - t0)
+    with timed(run, "eval_seconds"):
+        eval_fn(run, settings)
     if not run.evaluated:
         raise RuntimeError(f"evaluation of {run.run_dir} did not write {run.scores_path}")
     return trained
@@ -215,40 +211,13 @@ def collect_run(run: PlannedRun) -> dict:
         "run_dir": str(run.run_dir),
         "metrics": metrics,
         "timing_source": timing.get("source"),
+        "threads": timing.get("threads"),
         "loss_curve": [[r["step"], r["loss"]] for r in records],
         "grids": scores.get("grids", {}),
         "correct": {c: v.tolist() for c, v in correctness_by_category(scores.get("per_prompt", [])).items()},
         "controls": scores.get("controls", {}),
         "controls_pass": scores.get("controls_pass"),
         "manifest": scores.get("manifest", {}),
-    }
-
-
-TIMING_NAME = "study_timing.json"
-
-
-def add_timing(run: PlannedRun, key: str, seconds: float) -> None:
-    """Add ``seconds`` to ``key`` of the run's ``study_timing.json`` (training resumed later adds up)."""
-    path = run.run_dir / TIMING_NAME
-    timing = json.loads(path.read_text()) if path.is_file() else {}
-    timing[key] = timing.get(key, 0.0) + seconds
-    write_json_atomic(path, timing)
-
-
-def run_timing(run: PlannedRun) -> dict:
-    """``{"train_seconds", "eval_seconds", "source"}``: what the study recorded, or — for a run trained before the
-    study recorded times — the span between its files: ``config.yaml`` (written when training starts) to ``final/``,
-    and ``final/`` to ``scores.json`` (exact for a run trained in one go, too long for one that was interrupted)."""
-    path = run.run_dir / TIMING_NAME
-    if path.is_file():
-        return {**json.loads(path.read_text()), "source": "recorded"}
-    config, final = run.run_dir / "config.yaml", run.run_dir / "final"
-    if not (config.is_file() and final.exists() and run.scores_path.is_file()):
-        return {}
-    return {
-        "train_seconds": final.stat().st_mtime - config.stat().st_mtime,
-        "eval_seconds": run.scores_path.stat().st_mtime - final.stat().st_mtime,
-        "source": "file times",
     }
 
 
