@@ -7,7 +7,7 @@ import torch
 
 from fusedit.text.config import TextConfig
 from fusedit.text.context import TextRequirements
-from fusedit.text.encoder import PromptFormatter, TextEncoder, trim_padding_columns
+from fusedit.text.encoder import PromptFormatter, TextEncoder, trim_padding_columns, unknown_words
 from fusedit.text.llm import LLMLoadError, load_llm, load_tokenizer
 
 
@@ -32,6 +32,19 @@ def test_chat_template(tokenizer):
     assert formatter.format("a red circle") == "<bos>a red circle"
     ids = formatter(["a red circle"]).input_ids[0]
     assert (ids == tokenizer.bos_token_id).sum() == 1, "the template's BOS only, no second one from the tokenizer"
+
+
+def test_words_the_tokenizer_does_not_know_are_named(tokenizer, caplog):
+    """The shapes world's word-level tokenizer reads unseen words as <unk>: the user is told which words."""
+    assert unknown_words(tokenizer, ["a red circle", "two blue squares"]) == []
+    assert unknown_words(tokenizer, ["a shiny hexagon", "a hexagon"]) == ["shiny", "hexagon"]
+    formatter = PromptFormatter(tokenizer, TextConfig(llm="x", max_length=8))
+    with caplog.at_level("WARNING", logger="fusedit.text.encoder"):
+        formatter(["a red circle"])
+        assert caplog.records == []
+        formatter(["a shiny circle", ""])
+    assert len(caplog.records) == 1
+    assert "does not know 'shiny'" in caplog.text and "<unk>" in caplog.text
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

@@ -9,6 +9,7 @@ cross-attention deep fusion) come from forward hooks on the key projection (or k
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,8 @@ from fusedit.text.config import TextConfig
 from fusedit.text.context import TextContext, TextRequirements
 from fusedit.text.llm import decoder_forward_kwargs, load_llm, load_tokenizer, resolve_dtype
 from fusedit.text.pooled import load_clip_pooler
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -125,6 +128,15 @@ class PromptFormatter:
         if len(prompts) == 0:
             raise ValueError("no prompts given: expected a non-empty list of strings")
         texts = [self.format(p) for p in prompts]
+        unknown = unknown_words(self.tokenizer, texts)
+        if unknown:
+            logger.warning(
+                "the tokenizer does not know %s: read as its unknown token %s, so the model sees no meaning in %s "
+                "(a word-level tokenizer, like the shapes world's tiny LLM's, knows only the words it was built from)",
+                ", ".join(repr(w) for w in unknown),
+                self.tokenizer.unk_token,
+                "it" if len(unknown) == 1 else "them",
+            )
         add_special = not self.config.chat_template
         lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=add_special).input_ids]
         budget = self.max_tokens(max_length)
@@ -149,6 +161,19 @@ class PromptFormatter:
             num_truncated=len(truncated),
             truncated_indices=truncated,
         )
+
+
+def unknown_words(tokenizer, texts: Sequence[str]) -> list[str]:
+    """The distinct pieces of ``texts`` that ``tokenizer`` maps to its unknown token, in order of appearance (none for
+    a tokenizer without one, such as byte-level BPE, or without offsets, i.e. not a fast tokenizer)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or not getattr(tokenizer, "is_fast", False):
+        return []
+    encoded = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    found: dict[str, None] = {}
+    for text, ids, offsets in zip(texts, encoded["input_ids"], encoded["offset_mapping"], strict=True):
+        found.update((text[start:end], None) for token, (start, end) in zip(ids, offsets, strict=True) if token == unk)
+    return list(found)
 
 
 class TextEncoder(nn.Module):
