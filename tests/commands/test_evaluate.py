@@ -305,3 +305,60 @@ class _Recolored:
         )
         image[red], image[green], image[blue] = (40, 200, 60), (230, 40, 40), (240, 220, 40)
         return image
+
+
+class _SeenOnly:
+    """A shapes world whose renders are right for training prompts and empty for held-out ones: a model that
+    memorised its training prompts and generalises to nothing."""
+
+    def __init__(self, world: ShapesWorld):
+        self.world, self.resolution = world, world.resolution
+        self.seen = {s.text for s in world.training_prompts()}
+
+    def spec(self, text: str):
+        return self.world.spec(text)
+
+    def render(self, spec, rng):
+        image = self.world.render(spec, rng).copy()
+        if spec.text not in self.seen:
+            image[:] = (16, 16, 20)
+        return image
+
+
+def test_the_training_prompt_set_tells_memorising_from_generalising(tmp_path):
+    from fusedit.eval.shapes_eval import ShapesEvalSettings, evaluate_shapes
+
+    config = load_experiment("demo", WORLD)
+    world = ShapesWorld(config.data.shapes, config.data.resolution)
+    pipe = PerfectPipe(world)
+    pipe.world = _SeenOnly(world)
+    settings = ShapesEvalSettings(
+        per_prompt=1,
+        seed=3,
+        num_inference_steps=1,
+        guidance_scale=1.0,
+        min_per_category=4,
+        allow_small=True,
+        controls=False,
+        pixel_fd=False,
+    )
+    held_out = evaluate_shapes(pipe, world, tmp_path / "held-out", settings)
+    seen = evaluate_shapes(pipe, world, tmp_path / "training", replace(settings, prompt_set="training"))
+    assert held_out["overall"] == 0.0 and seen["overall"] == 1.0
+    assert [p["prompt"] for p in seen["per_prompt"]] == [s.text for s in world.training_prompts()]
+    assert seen["manifest"]["prompts"] == seen["settings"]["prompts"] == "training"
+    assert held_out["manifest"]["prompts"] == held_out["settings"]["prompts"] == "held_out"
+    with pytest.raises(ValueError, match="prompt set must be one of held_out, training"):
+        ShapesEvalSettings(prompt_set="seen").validate()
+
+
+def test_the_training_prompt_set_from_the_command_line(run_dir, tmp_path, capsys):
+    args = ["eval", str(run_dir), "--suite", "shapes", "--per-prompt", "1", "--steps", "1", "--min-per-category", "0"]
+    assert cli_main(args + ["--allow-small", "--no-controls", "--no-pixel-fd", "--prompt-set", "training"]) == 0
+    scores = json.loads((run_dir / "eval-shapes-training" / "scores.json").read_text())
+    config = load_experiment(run_dir / "config.yaml")
+    world = ShapesWorld(config.data.shapes, config.data.resolution)
+    assert scores["num_images"] == len(world.training_prompts()) and scores["manifest"]["prompts"] == "training"
+    assert "training prompts" in capsys.readouterr().out
+    assert cli_main(args + ["--prompt-set", "training", "--images", str(tmp_path)]) == 2
+    assert "leave --prompt-set out" in capsys.readouterr().err

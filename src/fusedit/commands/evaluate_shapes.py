@@ -1,7 +1,8 @@
 """``fusedit eval --suite shapes``: the shapes benchmark on a model, on a folder of images, or its controls alone.
 
 * ``fusedit eval RUN --suite shapes``: sample every held-out prompt of the run's world and score it next to the
-  controls (:func:`fusedit.eval.shapes_eval.evaluate_shapes`);
+  controls (:func:`fusedit.eval.shapes_eval.evaluate_shapes`); ``--prompt-set training``: its training prompts
+  instead, into ``RUN/eval-shapes-training`` (seen against unseen prompts);
 * ``--images DIR``: score a folder in GenEval's sample layout
   (:func:`fusedit.eval.shapes_folder.evaluate_image_folder`);
 * ``--controls``: the controls alone, on the held-out prompts of RUN's world or of the default world at
@@ -40,6 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="shapes: score categories with fewer than 50 images anyway (wide CIs)",
     )
+    parser.add_argument(
+        "--prompt-set",
+        choices=("held-out", "training"),
+        default="held-out",
+        help="shapes: the prompts sampled: held-out (the benchmark, never seen in training; default) or training "
+        "(what the model was trained on, to tell a failure to draw from a failure to generalise; written to "
+        "<path>/eval-shapes-training by default)",
+    )
     parser.add_argument("--json", dest="json_path", help="shapes: also write the summary document to this file")
 
 
@@ -49,6 +58,11 @@ def run_shapes(args: argparse.Namespace) -> int:
 
     if args.images and args.controls:
         raise ValueError("--images and --controls are two different evaluations; give one of them")
+    if args.prompt_set != "held-out" and (args.images or args.controls):
+        raise ValueError(
+            "--prompt-set chooses the prompts a model is sampled on; --images scores the prompts of its folder and "
+            "--controls uses the held-out prompts: leave --prompt-set out"
+        )
     if args.min_per_category < 0:
         raise ValueError(f"--min-per-category must be >= 0, got {args.min_per_category}")
     if args.images:
@@ -97,14 +111,17 @@ def _sample_and_score(args: argparse.Namespace):
         allow_small=args.allow_small,
         controls=not args.no_controls,
         pixel_fd=not args.no_pixel_fd,
+        prompt_set=args.prompt_set.replace("-", "_"),
         **({"batch_size": args.batch_size} if args.batch_size else {}),
     )
     settings.validate()
     pipe = load_pipeline(path, device=args.device, use_ema=not args.no_ema)
     world = world_from_config(pipe.experiment)
-    out = Path(args.out or path / "eval-shapes")
+    training = settings.prompt_set == "training"
+    out = Path(args.out or path / ("eval-shapes-training" if training else "eval-shapes"))
+    prompts = world.training_prompts() if training else world.held_out_prompts()
     print(
-        f"shapes suite: {len(world.held_out_prompts())} held-out prompts, at least {settings.per_prompt} images "
+        f"shapes suite: {len(prompts)} {args.prompt_set} prompts, at least {settings.per_prompt} images "
         f"each and {settings.min_per_category} per category -> {out}"
     )
     return evaluate_shapes(pipe, world, out, settings, model_path=str(path), progress=True), out

@@ -51,6 +51,9 @@ from fusedit.train.logging import save_image_grid
 
 SCORES_NAME = "scores.json"
 
+#: The shapes suite's prompt sets: the held-out prompts (the benchmark) or the training prompts.
+PROMPT_SETS = ("held_out", "training")
+
 
 @dataclass(frozen=True)
 class ShapesEvalSettings:
@@ -68,6 +71,9 @@ class ShapesEvalSettings:
         min_per_category: at least this many images per category (more images per prompt where needed; 0: off).
         allow_small: score categories with fewer than 50 images anyway (refused otherwise).
         controls: also score every control (:mod:`fusedit.eval.shapes_controls`) on the same prompts.
+        prompt_set: ``held_out`` (the benchmark: prompts never seen in training) or ``training`` (the prompts the
+            model was trained on, each with the same number of images: what it learned to draw, against which the
+            held-out score measures generalisation).
     """
 
     per_prompt: int = 4
@@ -81,8 +87,11 @@ class ShapesEvalSettings:
     min_per_category: int = MIN_IMAGES_PER_CATEGORY
     allow_small: bool = False
     controls: bool = True
+    prompt_set: str = "held_out"
 
     def validate(self) -> None:
+        if self.prompt_set not in PROMPT_SETS:
+            raise ValueError(f"prompt set must be one of {', '.join(PROMPT_SETS)}, got {self.prompt_set!r}")
         if self.per_prompt < 1:
             raise ValueError(f"per_prompt must be >= 1, got {self.per_prompt}")
         if self.batch_size < 1:
@@ -215,8 +224,8 @@ def evaluate_shapes(
     model_path: str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Sample and score every held-out prompt of ``world``, with the controls; write ``scores.json``, ``images.npz``
-    and grids into ``out_dir``.
+    """Sample and score every held-out prompt of ``world`` (or every training prompt: ``settings.prompt_set``), with
+    the controls; write ``scores.json``, ``images.npz`` and grids into ``out_dir``.
 
     Args:
         pipe: a :class:`~fusedit.sampling.pipeline.FuseDiTPipeline` (or any callable with its conventions).
@@ -250,7 +259,7 @@ def evaluate_shapes(
         ),
         "model": model_path,
         "seed_stride": plan.stride,
-        **prompt_manifest(plan.specs, plan.counts, "held_out"),
+        **prompt_manifest(plan.specs, plan.counts, settings.prompt_set),
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -281,13 +290,21 @@ class SamplingPlan:
 
     @classmethod
     def for_world(cls, world: ShapesWorld, settings: ShapesEvalSettings) -> SamplingPlan:
-        """The held-out prompts of ``world``; refuses categories under 50 images unless ``settings.allow_small``."""
+        """The prompts of ``world`` in ``settings.prompt_set``; refuses categories under 50 images unless
+        ``settings.allow_small``."""
+        if settings.prompt_set == "training":
+            return cls.of_specs(world.training_prompts(), settings)
         specs = world.held_out_prompts()
         if not specs:
             raise ValueError(
                 "this shapes world holds out no prompts (data.shapes.held_out_fraction is 0); "
                 "there is nothing to evaluate on"
             )
+        return cls.of_specs(specs, settings)
+
+    @classmethod
+    def of_specs(cls, specs: list[PromptSpec], settings: ShapesEvalSettings) -> SamplingPlan:
+        """``specs`` with their images per prompt and seeds (refusing small categories, as :meth:`for_world`)."""
         counts = images_per_prompt(specs, settings.per_prompt, settings.min_per_category)
         check_category_sizes(category_counts(specs, counts), settings.allow_small)
         stride = max(counts)
@@ -329,7 +346,7 @@ def _settings_record(
     """The ``settings`` entry of ``scores.json`` (what a study compares before reusing an evaluation)."""
     return {
         "model": model_path,
-        "prompts": "held_out",
+        "prompts": resolved.prompt_set,
         "num_prompts": len(plan.specs),
         "per_prompt": resolved.per_prompt,
         "min_per_category": resolved.min_per_category,
