@@ -240,7 +240,7 @@ class PerfectPipe:
 
 
 def test_shapes_suite_scores_a_perfect_model_near_one(tmp_path):
-    from fusedit.eval.shapes_eval import ShapesEvalSettings, evaluate_shapes, images_per_prompt
+    from fusedit.eval.shapes_eval import ShapesEvalSettings, evaluate_shapes, format_scores, images_per_prompt
 
     config = load_experiment("demo", WORLD)
     world = ShapesWorld(config.data.shapes, config.data.resolution)
@@ -268,6 +268,11 @@ def test_shapes_suite_scores_a_perfect_model_near_one(tmp_path):
     recolor.world = _Recolored(world)
     wrong = evaluate_shapes(recolor, world, tmp_path / "wrong", settings)
     assert wrong["accuracy"]["colors"] < 0.5 and wrong["accuracy"]["single_object"] == 1.0
+    # and the scores say why: each wrong image is a right shape in a wrong color
+    assert all(reasons == {} for reasons in scores["failures"].values())
+    assert set(wrong["failures"]["colors"]) == {"color"} and wrong["failures"]["single_object"] == {}
+    assert sum(wrong["failures"]["colors"].values()) == wrong["total"]["colors"] - wrong["correct"]["colors"]
+    assert "colors" in format_scores(wrong) and "wrong: color " in format_scores(wrong)
     assert wrong["color_recall"] < 0.7 and wrong["color_precision"] < 0.7
     # pixel FD: empty images are far from the real ones
     blank = PerfectPipe(world)

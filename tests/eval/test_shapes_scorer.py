@@ -5,8 +5,16 @@ import pytest
 import torch
 
 from fusedit.data.config import ShapesWorldConfig
-from fusedit.data.shapes import CATEGORIES, ObjectSpec, PlacedObject, ShapesWorld, image_to_tensor, make_spec
-from fusedit.eval.shapes_scorer import as_uint8_images, color_following, detect, score_image, score_images
+from fusedit.data.shapes import CATEGORIES, PALETTE, ObjectSpec, PlacedObject, ShapesWorld, image_to_tensor, make_spec
+from fusedit.eval.shapes_scorer import (
+    FAILURES,
+    as_uint8_images,
+    color_following,
+    detect,
+    diagnose,
+    score_image,
+    score_images,
+)
 
 WORLD = ShapesWorld(ShapesWorldConfig(), 64)
 
@@ -82,6 +90,41 @@ def test_unrecognised_objects_make_an_image_wrong():
     image = _scene(RED_CIRCLE)
     image[50:54, 20:60] = (230, 40, 40)  # a red bar: an object of no shape
     assert not score_image(image, _spec("colors", [("circle", "red")]))
+
+
+def _two_colored(image: np.ndarray, color: tuple[int, int, int], columns: int) -> np.ndarray:
+    """``image`` with the pixels of ``color`` from column ``columns`` on repainted in another world color: an object
+    of a known shape and of no one color."""
+    image = image.copy()
+    mask = (image == color).all(-1)
+    mask[:, :columns] = False
+    image[mask] = PALETTE["yellow"] if color != PALETTE["yellow"] else PALETTE["red"]
+    return image
+
+
+def test_diagnose_names_why_an_image_is_wrong():
+    """Each reason on an image made to fail that way and only that way; a right image has none."""
+    right = _scene(RED_CIRCLE, ("square", "blue", "small", 44, 8))
+    left = _spec("position", [("circle", "red"), ("square", "blue")], "left of")
+    bar = _scene(RED_CIRCLE)
+    bar[50:54, 20:60] = (40, 90, 240)  # a blue bar: an object of no shape
+    odd_color = _two_colored(_scene(RED_CIRCLE, ("square", "blue", "small", 44, 8)), (40, 90, 240), columns=51)
+    cases = {
+        None: right,
+        "count": _scene(RED_CIRCLE),
+        "unknown_shape": bar,
+        "unknown_color": odd_color,
+        "shape": _scene(RED_CIRCLE, ("circle", "blue", "small", 44, 8)),
+        "color": _scene(("circle", "blue", "big", 2, 2), ("square", "red", "small", 44, 8)),
+        "relation": _scene(("circle", "red", "big", 36, 2), ("square", "blue", "small", 4, 8)),
+    }
+    assert set(cases) - {None} == set(FAILURES)
+    for reason, image in cases.items():
+        assert diagnose(detect(image), left) == reason, reason
+    # a prompt that names no color: an object of no world color is not a reason (the category ignores colors)
+    odd_circle = _two_colored(_scene(RED_CIRCLE), (230, 40, 40), columns=13)
+    assert detect(odd_circle)[0].shape == "circle" and detect(odd_circle)[0].color is None
+    assert diagnose(detect(odd_circle), _spec("single_object", [("circle",)])) is None
 
 
 def test_color_following_reports_precision_with_recall():

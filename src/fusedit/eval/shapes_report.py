@@ -7,7 +7,8 @@ control (:mod:`fusedit.eval.shapes_controls`) go through it. Its result::
      "categories": {name: {"accuracy", "n", "correct", "ci95"}},
      "color_following": {"recall", "precision", "f1", "n"},     # images of prompts that name colors
      "background_error": float,                                 # mean |pixel - background| off the objects, 0-255
-     "correct": [bool per image]}
+     "correct": [bool per image],
+     "failures": {category: {reason: images}}}                 # why wrong images are wrong (shapes_scorer.FAILURES)
 
 :func:`run_controls` scores every control on the same prompts (same number of images each) and
 :func:`summary_json` assembles the document ``fusedit eval --json`` writes.
@@ -16,6 +17,7 @@ control (:mod:`fusedit.eval.shapes_controls`) go through it. Its result::
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +34,7 @@ from fusedit.eval.shapes_controls import (
     control_passes,
 )
 from fusedit.eval.shapes_detector import analyse
-from fusedit.eval.shapes_scorer import check_objects, color_following
+from fusedit.eval.shapes_scorer import FAILURES, color_following, diagnose
 from fusedit.eval.shapes_stats import summarize
 
 
@@ -41,10 +43,14 @@ def score_image_set(images: Sequence[np.ndarray], specs: Sequence[PromptSpec], *
     if len(images) != len(specs):
         raise ValueError(f"got {len(images)} images but {len(specs)} prompts; expected one prompt per image")
     correct, recalls, precisions, f1s, backgrounds = [], [], [], [], []
+    failures: dict[str, Counter] = {}
     for image, spec in zip(images, specs, strict=False):
         detection = analyse(image)
         objects = detection.objects
-        correct.append(check_objects(objects, spec))
+        reason = diagnose(objects, spec)
+        correct.append(reason is None)
+        if reason is not None:
+            failures.setdefault(spec.category, Counter())[reason] += 1
         following = color_following(objects, spec)
         if following is not None:
             recall, precision = following
@@ -66,6 +72,10 @@ def score_image_set(images: Sequence[np.ndarray], specs: Sequence[PromptSpec], *
     finite = [b for b in backgrounds if not math.isnan(b)]
     result["background_error"] = float(np.mean(finite)) if finite else float("nan")
     result["correct"] = [bool(c) for c in correct]
+    result["failures"] = {
+        c: {reason: failures[c][reason] for reason in FAILURES if failures.get(c, Counter())[reason]}
+        for c in result["categories"]
+    }
     return result
 
 
@@ -88,6 +98,7 @@ def score_and_report(
         "correct": {c: v["correct"] for c, v in categories.items()},
         "total": {c: v["n"] for c, v in categories.items()},
         "num_images": len(images),
+        "failures": scored["failures"],
     }
     if scored["color_following"]:
         tables["color_recall"] = scored["color_following"]["recall"]
@@ -176,6 +187,7 @@ SUMMARY_KEYS = (
     "control_thresholds",
     "color_following",
     "background_error",
+    "failures",
     "fd_pixels",
     "manifest",
 )
@@ -193,9 +205,20 @@ def format_report(document: dict[str, Any]) -> str:
         f"overall {document['overall']:.3f} (95% CI {lo:.3f}-{hi:.3f}) over "
         f"{sum(v['n'] for v in document['categories'].values())} images"
     ]
+    failures = document.get("failures", {})
     for name, v in document["categories"].items():
         clo, chi = v["ci95"]
-        lines.append(f"  {name:<14} {v['accuracy']:.3f} ({clo:.2f}-{chi:.2f}, n={v['n']})")
+        why = failures.get(name)
+        wrong = (
+            ""
+            if not why
+            else "; wrong: "
+            + ", ".join(
+                f"{reason.replace('_', ' ')} {count / v['n']:.0%}"
+                for reason, count in sorted(why.items(), key=lambda item: -item[1])
+            )
+        )
+        lines.append(f"  {name:<14} {v['accuracy']:.3f} ({clo:.2f}-{chi:.2f}, n={v['n']}){wrong}")
     following = document.get("color_following")
     if following:
         lines.append(

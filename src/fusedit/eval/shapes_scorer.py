@@ -15,6 +15,9 @@ the objects a caption names and nothing else, so an image is correct when its ob
 An object of no known shape or color, and any object the prompt does not name, makes the image wrong (GenEval checks
 what a prompt names; in a closed world we can also check that nothing else was drawn). Specks are ignored.
 
+:func:`diagnose` names why a wrong image is wrong (:data:`FAILURES`): a drawing problem (unknown shapes), a binding
+problem (the prompt's shapes and colors, not paired as asked) or a layout problem (the relation).
+
 Color following (:func:`color_following`) compares the set of colors of the detected objects with the prompt's
 colors: precision, recall and their F1, never recall alone (noise "draws" every color).
 """
@@ -38,6 +41,7 @@ __all__ = [
     "check_objects",
     "color_following",
     "detect",
+    "diagnose",
     "score_image",
     "score_images",
 ]
@@ -92,6 +96,33 @@ def check_objects(
             raise ValueError(f"position spec {spec.text!r} needs two objects and a relation")
         return _relation_holds(assigned[0], assigned[1], spec.relation, settings.position_margin)
     return True
+
+
+#: Why an image fails, in the order :func:`diagnose` checks: the wrong number of objects; an object of no known shape;
+#: an object of no known color (prompts that name colors only); the wrong shapes (as a multiset); the right shapes but
+#: not each in its color; the right objects in the wrong relation.
+FAILURES: tuple[str, ...] = ("count", "unknown_shape", "unknown_color", "shape", "color", "relation")
+
+
+def diagnose(
+    objects: Sequence[DetectedObject], spec: PromptSpec, settings: DetectorSettings = DEFAULT_SETTINGS
+) -> str | None:
+    """``None`` when ``objects`` are right for ``spec`` (:func:`check_objects`), else the first reason of
+    :data:`FAILURES` that applies."""
+    if check_objects(objects, spec, settings):
+        return None
+    required = [req for req in spec.objects for _ in range(req.count)]
+    if len(objects) != len(required):
+        return "count"
+    if any(obj.shape is None for obj in objects):
+        return "unknown_shape"
+    if any(req.color is not None for req in required) and any(obj.color is None for obj in objects):
+        return "unknown_color"
+    if Counter(obj.shape for obj in objects) != Counter(req.shape for req in required):
+        return "shape"
+    if _assign(objects, required) is None:
+        return "color"
+    return "relation"
 
 
 def score_image(image: np.ndarray, spec: PromptSpec, settings: DetectorSettings = DEFAULT_SETTINGS) -> bool:
