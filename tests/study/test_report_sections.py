@@ -29,6 +29,8 @@ class RichFakes(Fakes):
             {"prompt": f"p-{c}", "category": c, "seeds": list(range(60)), "correct": correct} for c in ("x", "y")
         ]
         scores.update(controls=CONTROLS, controls_pass=True, manifest={**MANIFEST, "steps": 2, "cfg": 2.0})
+        wrong = sum(not c for c in correct)  # per category: every wrong image a wrong shape, but one a wrong count
+        scores["failures"] = {c: {"count": 1, "shape": wrong - 1} for c in ("x", "y")}
         run.scores_path.write_text(json.dumps(scores))
         return scores
 
@@ -59,6 +61,9 @@ def test_report_has_intervals_controls_costs_timing_and_manifests(tmp_path):
     assert "| deep | – | 0.5000 | 0.2500 | 1.7500 | 2.2500 |" in report
     assert "| shallow | – | – | – | – | – |" in report
     assert "| deep | 0 | abcdef0123 | False | cccccccccccc | dddddddddddd |" in report
+    # why images fail: deep's seeds have 30 and 42 of 60 images right per category, one a wrong count, the rest shape
+    assert "## Why images fail" in report
+    assert "| deep | 0.60 ± 0.14 | 0.02 ± 0.00 | 0.00 ± 0.00 | 0.00 ± 0.00 | 0.38 ± 0.14 | 0.00 ± 0.00 |" in report
     # every run's training and evaluation time was recorded and reported
     for result in results:
         assert result["timing_source"] == "recorded"

@@ -14,7 +14,13 @@ from scipy import stats as scipy_stats
 
 from fusedit.eval.plots import plot_loss_curves, plot_scores
 from fusedit.study.grid import PlannedRun, StudyGrid, eval_settings
-from fusedit.study.report_sections import confidence_section, controls_section, cost_section, manifest_section
+from fusedit.study.report_sections import (
+    confidence_section,
+    controls_section,
+    cost_section,
+    failure_section,
+    manifest_section,
+)
 from fusedit.study.timing import read_sessions, wall_time_lines
 
 #: Metric name → (label, higher is better).
@@ -268,6 +274,7 @@ def write_report(
     lines += _results_section(grid, runs, summary, out)
     lines += confidence_section(results, list(grid.variants))
     lines += controls_section(results)
+    lines += failure_section(results, list(grid.variants))
     lines += cost_section(costs or {}, summary)
     lines += wall_time_lines(results, read_sessions(out))
     lines += _per_seed_section(grid, results)

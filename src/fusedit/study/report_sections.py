@@ -1,5 +1,6 @@
 """Sections of a study's ``report.md`` beyond the score table: confidence intervals over seeds and images, the
-controls the scores must be read against, what each variant costs, and the runs' reproducibility manifests.
+controls the scores must be read against, why images fail, what each variant costs, and the runs' reproducibility
+manifests.
 
 Every function takes the per-run results of :func:`fusedit.study.runner.collect_run` (``variant``, ``seed``,
 ``metrics``, ``correct`` = ``{category: [bool per image]}``, ``controls``, ``manifest``) and returns markdown lines.
@@ -9,7 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+
 from fusedit.eval.shapes_controls import NEGATIVE_CONTROLS, POSITIVE_CONTROLS
+from fusedit.eval.shapes_scorer import FAILURES
 from fusedit.study.stats import difference_ci, overall_ci, seed_t_interval
 
 
@@ -90,6 +94,39 @@ def controls_section(results: Sequence[dict]) -> list[str]:
         f"{'identical in every run' if same else 'they differ between runs (different prompt sets?)'}."
     )
     return lines + [""]
+
+
+def failure_section(results: Sequence[dict], variants: Sequence[str]) -> list[str]:
+    """Per variant: the share of all its images failing for each reason of the shapes scorer (mean ± std over
+    seeds), for the variants whose every run recorded its failures."""
+    grouped = {v: rs for v, rs in _by_variant(results, variants).items() if rs and all("failures" in r for r in rs)}
+    if not grouped:
+        return []
+    lines = [
+        "## Why images fail",
+        "",
+        "Share of all evaluated images failing for each reason (`fusedit.eval.shapes_scorer.FAILURES`, the first that "
+        "applies: wrong number of objects, an object of no shape, of no color, wrong shapes, shapes not in their "
+        "colors, wrong relation), mean ± std over seeds; position prompts are most of the images.",
+        "",
+        "| variant | right | " + " | ".join(r.replace("_", " ") for r in FAILURES) + " |",
+        "|---" * (len(FAILURES) + 2) + "|",
+    ]
+    for variant, runs in grouped.items():
+        cells = []
+        for reason in ("right", *FAILURES):
+            shares = np.array([_failure_share(r, reason) for r in runs])
+            cells.append(f"{shares.mean():.2f} ± {shares.std(ddof=1) if len(shares) > 1 else 0.0:.2f}")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _failure_share(result: Mapping, reason: str) -> float:
+    """The share of a run's images that are right (``reason="right"``) or fail for ``reason``."""
+    images = sum(len(v) for v in result["correct"].values())
+    if reason == "right":
+        return sum(sum(v) for v in result["correct"].values()) / images
+    return sum(counts.get(reason, 0) for counts in result["failures"].values()) / images
 
 
 def cost_section(

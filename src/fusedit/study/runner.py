@@ -215,6 +215,7 @@ def collect_run(run: PlannedRun) -> dict:
         "loss_curve": [[r["step"], r["loss"]] for r in records],
         "grids": scores.get("grids", {}),
         "correct": {c: v.tolist() for c, v in correctness_by_category(scores.get("per_prompt", [])).items()},
+        **({"failures": scores["failures"]} if "failures" in scores else {}),
         "controls": scores.get("controls", {}),
         "controls_pass": scores.get("controls_pass"),
         "manifest": scores.get("manifest", {}),
