@@ -72,3 +72,16 @@ def test_serve_says_what_is_missing(tmp_path, capsys, monkeypatch):
         capsys.readouterr().err
     )
     assert cli(["serve", str(tmp_path / "nope")]) == 2
+
+
+def test_words_the_model_does_not_know_are_named(host):
+    """The page's status line names them (the shapes world's tiny LLM knows only its world's words)."""
+    from fusedit.serve.app import generate_fn
+
+    model_host, folder = host
+    assert model_host.unknown_words(folder, "two green triangles") == []
+    assert model_host.unknown_words(folder, "a shiny green hexagon") == ["shiny", "hexagon"]
+    _, _, status = generate_fn(model_host)(
+        folder, "a shiny circle", "", 1, 1.0, 0, False, 8, 8, 1, progress=lambda *a, **k: None
+    )
+    assert status.startswith("#") and "does not know 'shiny'" in status

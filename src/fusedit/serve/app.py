@@ -69,7 +69,11 @@ def generate_fn(host: ModelHost):
         except RequestError as error:
             raise gr.Error(str(error)) from None
         captions = [(image, f"seed {used} · {image.width}×{image.height}") for image in images]
-        return captions, used, f"#{host.answered}: {len(images)} image(s) of {width}×{height}, seed {used}."
+        status = f"#{host.answered}: {len(images)} image(s) of {width}×{height}, seed {used}."
+        unknown = host.unknown_words(model, prompt)
+        if unknown:
+            status += f" The model does not know {', '.join(repr(w) for w in unknown)}: it saw no meaning in them."
+        return captions, used, status
 
     return generate
 

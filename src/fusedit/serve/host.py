@@ -20,6 +20,7 @@ import torch
 from fusedit.diffusers_native.convert import is_diffusers_folder
 from fusedit.reference.importer import is_reference_folder
 from fusedit.sampling.loading import EXPORT_MARKER, load_pipeline
+from fusedit.text.encoder import unknown_words
 
 #: Highest seed offered by "randomize" (torch generators take any 64-bit seed; this keeps it readable).
 MAX_SEED = 2**31 - 1
@@ -114,6 +115,14 @@ class ModelHost:
         largest = config.pos_embed_max_size * multiple if config.uses_sincos_table else 2 * default
         d = pipe.defaults
         return Limits(multiple, largest, default, d.num_inference_steps, d.guidance_scale, d.negative_prompt)
+
+    def unknown_words(self, path: str, prompt: str) -> list[str]:
+        """Words of ``prompt`` the model's tokenizer reads as its unknown token (the model sees no meaning in them)."""
+        pipe = self.pipeline(path)
+        tokenizer = getattr(pipe, "tokenizer", None)  # a diffusers pipeline's; ours sits on its text encoder
+        if tokenizer is None:
+            tokenizer = getattr(pipe.text_encoder, "tokenizer", None)
+        return unknown_words(tokenizer, [prompt]) if tokenizer is not None else []
 
     def check(self, path: str, request: Request) -> tuple[int, float, int, int, int, int]:
         """``(steps, guidance_scale, seed, width, height, num_images)`` of a request, or :class:`RequestError`."""
