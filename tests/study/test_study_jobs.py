@@ -239,6 +239,11 @@ def test_stopping_the_parent_stops_its_workers(tmp_path, how):
                 "interrupted: stopping 2 worker process(es); running: run 1/4: deep seed 0, run 2/4: shallow seed 0"
             )
             assert stopping in output.read_text()
+            # the two runs stopped mid-training kept the seconds they trained, and the call is recorded as interrupted
+            for variant in ("deep", "shallow"):
+                timing = json.loads((out / "runs" / variant / "seed-0" / study_timing.TIMING_NAME).read_text())
+                assert timing["train_seconds"] > 0, variant
+            assert [s["finished"] for s in study_timing.read_sessions(out)] == [False]
     finally:
         with contextlib.suppress(ProcessLookupError):  # whatever happened, leave no process of the test behind
             os.killpg(parent.pid, signal.SIGKILL)

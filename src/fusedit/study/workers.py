@@ -231,6 +231,7 @@ def _worker_main(conn: Connection) -> None:
     """Run the jobs the parent sends until it sends ``None``; for each, send ``("log", line)`` messages, then
     ``("done", value)`` or ``("failed", error, traceback)``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops the workers
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # ... with SIGTERM, which unwinds the job (its finally blocks)
     _exit_with_parent()
     lock = threading.RLock()  # log records may come from other threads than the job's
 
@@ -255,6 +256,12 @@ def _worker_main(conn: Connection) -> None:
             send(("done", job.fn(*job.args, log=log)))
         except Exception as error:
             send(("failed", f"{type(error).__name__}: {error}", traceback.format_exc()))
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    """A worker told to stop raises ``SystemExit(143)`` in its job, so that what the job does on the way out (a run
+    adds the seconds it trained to its timing) is done; the parent kills a worker that takes too long."""
+    raise SystemExit(128 + signum)
 
 
 class _ForwardHandler(logging.Handler):
