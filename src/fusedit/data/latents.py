@@ -37,7 +37,13 @@ import numpy as np
 import torch
 
 from fusedit.data.latent_writer import DTYPES, LatentEncoder, TarShardWriter
-from fusedit.data.shards import CorruptSampleError, ShardStream, TarRecord
+from fusedit.data.shards import (
+    CorruptSampleError,
+    ShardStream,
+    TarRecord,
+    checked_original_caption_rate,
+    takes_original_caption,
+)
 from fusedit.data.transforms import CorruptImageError
 
 __all__ = ["LatentShardDataset", "MANIFEST", "cache_latents", "read_manifest"]
@@ -303,14 +309,12 @@ class LatentShardDataset(ShardStream):
             epochs=epochs,
             remote_retries=remote_retries,
         )
-        if not 0.0 <= original_caption_rate <= 1.0:
-            raise ValueError(f"original_caption_rate: got {original_caption_rate}, expected 0..1")
         if codec is not None:
             if self.manifest is None:
                 raise ValueError(f"cannot check the codec of {path}: no {MANIFEST} next to the shards")
             _check_codec(self.manifest, codec, str(path))
         self.channels = None if self.manifest is None else int(self.manifest["channels"])
-        self.original_caption_rate = float(original_caption_rate)
+        self.original_caption_rate = checked_original_caption_rate(original_caption_rate)
         self.return_token_ids = return_token_ids
 
     @classmethod
@@ -345,7 +349,7 @@ class LatentShardDataset(ShardStream):
         if latent.ndim != 3 or (self.channels is not None and latent.shape[0] != self.channels):
             raise CorruptSampleError(f"latent of shape {latent.shape}, expected ({self.channels}, h, w)")
         caption = read("caption.txt").decode("utf-8")
-        use_original = float(torch.rand((), generator=generator)) < self.original_caption_rate
+        use_original = takes_original_caption(generator, self.original_caption_rate)
         if use_original and record.has("original_caption.txt"):
             caption = read("original_caption.txt").decode("utf-8") or caption
         sample = {"image": torch.from_numpy(latent.astype(np.float32)), "caption": caption, "is_latent": True}

@@ -93,6 +93,19 @@ def sample_generator(seed: int, epoch: int, shard: int, index: int) -> torch.Gen
     return torch.Generator().manual_seed(int(state[0]) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
+def checked_original_caption_rate(rate: float) -> float:
+    """``rate`` (the probability that a sample takes its stored original caption) as a float, refused outside 0..1."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"original_caption_rate: got {rate}, expected 0..1")
+    return float(rate)
+
+
+def takes_original_caption(generator: torch.Generator, rate: float) -> bool:
+    """Whether a sample takes its original caption (when it has one): always exactly one draw from the sample's
+    generator, so the draws after it do not depend on the rate or on which samples have an original caption."""
+    return float(torch.rand((), generator=generator)) < rate
+
+
 def _permutation(n: int, *entropy: int) -> list[int]:
     return np.random.default_rng(np.random.SeedSequence([int(e) for e in entropy])).permutation(n).tolist()
 

@@ -8,7 +8,16 @@ from typing import Any
 import torch
 
 from fusedit.data.buckets import BucketTransform
-from fusedit.data.shards import STREAM_POS_KEY, CorruptSampleError, ShardStream, TarRecord, expand_shards, index_tar
+from fusedit.data.shards import (
+    STREAM_POS_KEY,
+    CorruptSampleError,
+    ShardStream,
+    TarRecord,
+    checked_original_caption_rate,
+    expand_shards,
+    index_tar,
+    takes_original_caption,
+)
 from fusedit.data.transforms import ImageTransform, decode_image
 
 __all__ = ["STREAM_POS_KEY", "WebShardDataset", "expand_shards", "index_tar"]
@@ -78,8 +87,6 @@ class WebShardDataset(ShardStream):
             epochs=epochs,
             remote_retries=remote_retries,
         )
-        if not 0.0 <= original_caption_rate <= 1.0:
-            raise ValueError(f"original_caption_rate: got {original_caption_rate}, expected 0..1")
         self.transform: ImageTransform | BucketTransform = (
             ImageTransform(resolution, center_crop, interpolation)
             if buckets is None
@@ -88,7 +95,7 @@ class WebShardDataset(ShardStream):
         self.image_keys = _alternatives(image_key)
         self.caption_keys = _alternatives(caption_key)
         self.original_caption_keys = _alternatives(original_caption_key)
-        self.original_caption_rate = float(original_caption_rate)
+        self.original_caption_rate = checked_original_caption_rate(original_caption_rate)
 
     @classmethod
     def from_config(
@@ -135,7 +142,7 @@ class WebShardDataset(ShardStream):
         caption = _text(read(caption_ext), caption_ext)
         if not caption:
             raise CorruptSampleError(f"empty caption ({caption_ext})")
-        use_original = float(torch.rand((), generator=generator)) < self.original_caption_rate
+        use_original = takes_original_caption(generator, self.original_caption_rate)
         original_ext = self._first(record, self.original_caption_keys)
         if use_original and original_ext is not None:
             original = _text(read(original_ext), original_ext)
