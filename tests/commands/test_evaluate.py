@@ -239,22 +239,22 @@ class PerfectPipe:
         return PipelineOutput(images=torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255)
 
 
+def small_settings(**changes):
+    """Shapes-suite settings for a stand-in pipeline on the tiny world: one image per prompt, one step, no CFG, at
+    least 4 images per category, no controls."""
+    from fusedit.eval.shapes_eval import ShapesEvalSettings
+
+    defaults = dict(per_prompt=1, seed=3, num_inference_steps=1, guidance_scale=1.0, min_per_category=4)
+    return ShapesEvalSettings(**{**defaults, "allow_small": True, "controls": False, **changes})
+
+
 def test_shapes_suite_scores_a_perfect_model_near_one(tmp_path):
-    from fusedit.eval.shapes_eval import ShapesEvalSettings, evaluate_shapes, format_scores, images_per_prompt
+    from fusedit.eval.shapes_eval import evaluate_shapes, format_scores, images_per_prompt
 
     config = load_experiment("demo", WORLD)
     world = ShapesWorld(config.data.shapes, config.data.resolution)
     pipe = PerfectPipe(world)
-    settings = ShapesEvalSettings(
-        per_prompt=1,
-        seed=3,
-        num_inference_steps=1,
-        guidance_scale=1.0,
-        batch_size=16,
-        min_per_category=4,
-        allow_small=True,
-        controls=False,
-    )
+    settings = small_settings(batch_size=16)
     scores = evaluate_shapes(pipe, world, tmp_path, settings)
     assert scores["overall"] == 1.0 and scores["background_error"] == 0.0
     assert scores["color_recall"] == 1.0 and scores["color_precision"] == 1.0
@@ -337,16 +337,7 @@ def test_the_training_prompt_set_tells_memorising_from_generalising(tmp_path):
     world = ShapesWorld(config.data.shapes, config.data.resolution)
     pipe = PerfectPipe(world)
     pipe.world = _SeenOnly(world)
-    settings = ShapesEvalSettings(
-        per_prompt=1,
-        seed=3,
-        num_inference_steps=1,
-        guidance_scale=1.0,
-        min_per_category=4,
-        allow_small=True,
-        controls=False,
-        pixel_fd=False,
-    )
+    settings = small_settings(pixel_fd=False)
     held_out = evaluate_shapes(pipe, world, tmp_path / "held-out", settings)
     seen = evaluate_shapes(pipe, world, tmp_path / "training", replace(settings, prompt_set="training"))
     assert held_out["overall"] == 0.0 and seen["overall"] == 1.0
