@@ -45,6 +45,11 @@ def test_words_the_tokenizer_does_not_know_are_named(tokenizer, caplog):
         formatter(["a shiny circle", ""])
     assert len(caplog.records) == 1
     assert "does not know 'shiny'" in caplog.text and "<unk>" in caplog.text
+    with caplog.at_level("WARNING", logger="fusedit.text.encoder"):  # each word once, not at every call
+        formatter(["a shiny square"])
+        formatter(["a shiny hexagon"])
+    assert len(caplog.records) == 2 and "does not know 'hexagon'" in caplog.records[1].getMessage()
+    assert "shiny" not in caplog.records[1].getMessage()
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

@@ -93,6 +93,7 @@ class PromptFormatter:
         self.tokenizer = tokenizer
         self.config = config
         self.instruction_length = self._instruction_length()
+        self._unknown_told: set[str] = set()  # unknown words already named in a warning
 
     def _instruction_length(self) -> int:
         instruction = self.config.instruction.rstrip()
@@ -128,8 +129,9 @@ class PromptFormatter:
         if len(prompts) == 0:
             raise ValueError("no prompts given: expected a non-empty list of strings")
         texts = [self.format(p) for p in prompts]
-        unknown = unknown_words(self.tokenizer, texts)
-        if unknown:
+        unknown = [w for w in unknown_words(self.tokenizer, texts) if w not in self._unknown_told]
+        if unknown:  # once per word (a fine-tuning run encodes the same unknown word at every step)
+            self._unknown_told.update(unknown)
             logger.warning(
                 "the tokenizer does not know %s: read as its unknown token %s, so the model sees no meaning in %s "
                 "(a word-level tokenizer, like the shapes world's tiny LLM's, knows only the words it was built from)",
