@@ -72,7 +72,8 @@ def generate_fn(host: ModelHost):
         status = f"#{host.answered}: {len(images)} image(s) of {width}×{height}, seed {used}."
         unknown = host.unknown_words(model, prompt)
         if unknown:
-            status += f" The model does not know {', '.join(repr(w) for w in unknown)}: it saw no meaning in them."
+            them = "it" if len(unknown) == 1 else "them"
+            status += f" The model does not know {', '.join(repr(w) for w in unknown)}: it saw no meaning in {them}."
         return captions, used, status
 
     return generate
