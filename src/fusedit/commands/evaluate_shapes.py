@@ -95,7 +95,7 @@ def _score_folder(args: argparse.Namespace):
 
 
 def _sample_and_score(args: argparse.Namespace):
-    from fusedit.eval.shapes_eval import ShapesEvalSettings, evaluate_shapes, world_from_config
+    from fusedit.eval.shapes_eval import ShapesEvalSettings, evaluate_shapes, prompts_of, world_from_config
     from fusedit.sampling.loading import load_pipeline
 
     if not args.path:
@@ -117,9 +117,8 @@ def _sample_and_score(args: argparse.Namespace):
     settings.validate()
     pipe = load_pipeline(path, device=args.device, use_ema=not args.no_ema)
     world = world_from_config(pipe.experiment)
-    training = settings.prompt_set == "training"
-    out = Path(args.out or path / ("eval-shapes-training" if training else "eval-shapes"))
-    prompts = world.training_prompts() if training else world.held_out_prompts()
+    out = Path(args.out or path / ("eval-shapes-training" if settings.prompt_set == "training" else "eval-shapes"))
+    prompts = prompts_of(world, settings.prompt_set)
     print(
         f"shapes suite: {len(prompts)} {args.prompt_set} prompts, at least {settings.per_prompt} images "
         f"each and {settings.min_per_category} per category -> {out}"

@@ -276,6 +276,11 @@ def evaluate_shapes(
     return result
 
 
+def prompts_of(world: ShapesWorld, prompt_set: str) -> list[PromptSpec]:
+    """The prompts of ``world`` in ``prompt_set`` (one of :data:`PROMPT_SETS`)."""
+    return world.training_prompts() if prompt_set == "training" else world.held_out_prompts()
+
+
 #: How image ``k`` of the ``i``-th prompt gets its seed (recorded in every manifest).
 SEED_RULE = "seed + prompt_index * seed_stride + k"
 
@@ -292,9 +297,7 @@ class SamplingPlan:
     def for_world(cls, world: ShapesWorld, settings: ShapesEvalSettings) -> SamplingPlan:
         """The prompts of ``world`` in ``settings.prompt_set``; refuses categories under 50 images unless
         ``settings.allow_small``."""
-        if settings.prompt_set == "training":
-            return cls.of_specs(world.training_prompts(), settings)
-        specs = world.held_out_prompts()
+        specs = prompts_of(world, settings.prompt_set)
         if not specs:
             raise ValueError(
                 "this shapes world holds out no prompts (data.shapes.held_out_fraction is 0); "

@@ -17,7 +17,7 @@ control (:mod:`fusedit.eval.shapes_controls`) go through it. Its result::
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,14 +43,14 @@ def score_image_set(images: Sequence[np.ndarray], specs: Sequence[PromptSpec], *
     if len(images) != len(specs):
         raise ValueError(f"got {len(images)} images but {len(specs)} prompts; expected one prompt per image")
     correct, recalls, precisions, f1s, backgrounds = [], [], [], [], []
-    failures: dict[str, Counter] = {}
+    failures: defaultdict[str, Counter] = defaultdict(Counter)
     for image, spec in zip(images, specs, strict=False):
         detection = analyse(image)
         objects = detection.objects
         reason = diagnose(objects, spec)
         correct.append(reason is None)
         if reason is not None:
-            failures.setdefault(spec.category, Counter())[reason] += 1
+            failures[spec.category][reason] += 1
         following = color_following(objects, spec)
         if following is not None:
             recall, precision = following
@@ -73,8 +73,7 @@ def score_image_set(images: Sequence[np.ndarray], specs: Sequence[PromptSpec], *
     result["background_error"] = float(np.mean(finite)) if finite else float("nan")
     result["correct"] = [bool(c) for c in correct]
     result["failures"] = {
-        c: {reason: failures[c][reason] for reason in FAILURES if failures.get(c, Counter())[reason]}
-        for c in result["categories"]
+        c: {reason: failures[c][reason] for reason in FAILURES if failures[c][reason]} for c in result["categories"]
     }
     return result
 
