@@ -21,6 +21,7 @@ from fusedit.study.report_sections import (
     failure_section,
     manifest_section,
 )
+from fusedit.study.reuse import reused_lines
 from fusedit.study.timing import read_sessions, wall_time_lines
 
 #: Metric name → (label, higher is better).
@@ -277,6 +278,7 @@ def write_report(
     lines += failure_section(results, list(grid.variants))
     lines += cost_section(costs or {}, summary)
     lines += wall_time_lines(results, read_sessions(out))
+    lines += reused_lines(results)
     lines += _per_seed_section(grid, results)
     lines += [
         "",

@@ -18,6 +18,7 @@ from fusedit.sampling.loading import load_pipeline
 from fusedit.study.costs import measure_costs
 from fusedit.study.grid import PlannedRun, StudyGrid, check_reusable, ensure_tiny_llms, eval_settings, plan_study
 from fusedit.study.report import write_report
+from fusedit.study.reuse import adopt_from, reused_from
 from fusedit.study.stats import correctness_by_category
 from fusedit.study.timing import run_timing, study_session, timed
 from fusedit.study.workers import Job, run_jobs
@@ -49,6 +50,7 @@ def run_study(
     log: Callable[[str], None] = print,
     jobs: int = 1,
     threads: int | None = None,
+    reuse_from: Sequence[Path] = (),
 ) -> list[dict]:
     """Train, evaluate and report every run of ``grid`` in ``out``; returns the per-run results.
 
@@ -62,6 +64,9 @@ def run_study(
     :func:`code_version`, sets ``torch.set_num_threads(threads)`` when ``threads`` is given (the caller sets its own)
     and shows no progress bar. ``train_fn`` and ``eval_fn`` must then pickle (module-level functions), and runs that
     fail raise :class:`~fusedit.study.workers.RunsFailed` once the others have finished (no report is written).
+
+    ``reuse_from``: other study folders whose finished runs with the identical config and text model are copied in
+    for runs this study has not started (:mod:`fusedit.study.reuse`), then evaluated here.
     """
     _check_jobs(jobs, threads, train_fn, eval_fn)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,6 +76,8 @@ def run_study(
     for run in runs:
         check_reusable(run)
     ensure_tiny_llms(grid, out, log=log)  # after the checks: a refused run costs no pretraining
+    if reuse_from:
+        adopt_from(runs, reuse_from, log)  # after the tiny LLMs: their bytes decide what matches
     pending = [(label, run) for label, run in _labelled(runs) if is_pending(run, settings, label, log)]
     started = time.perf_counter()
     with study_session(out, runs=len(pending), jobs=jobs, threads=threads):
@@ -209,6 +216,7 @@ def collect_run(run: PlannedRun) -> dict:
         "variant": run.variant,
         "seed": run.seed,
         "run_dir": str(run.run_dir),
+        "reused_from": reused_from(run.run_dir),
         "metrics": metrics,
         "timing_source": timing.get("source"),
         "threads": timing.get("threads"),
