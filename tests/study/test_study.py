@@ -228,3 +228,15 @@ def test_every_shipped_grid_passes_its_dry_run(name, tmp_path, capsys):
     loaded = study_grid.load_grid(grid)
     assert f"{len(loaded.variants) * len(loaded.seeds)} runs" in text and "[to train]" in text
     assert len(loaded.seeds) >= 3, "a shipped study compares variants over at least 3 seeds"
+
+
+def test_report_names_paths_inside_the_study_folder_relative_to_it(tmp_path):
+    """The reproduce section writes the tiny LLM's folder as STUDY/... (a report copied into docs/ names no
+    machine's absolute path); a path outside the study stays as it is."""
+    out = tmp_path / "study"
+    inside = GRID.replace("text.llm=/nonexistent/llm", f"text.llm={out}/tiny-llm")
+    run(write_grid(tmp_path, inside), out, Fakes())
+    report = (out / "report.md").read_text()
+    assert "text.llm=STUDY/tiny-llm" in report and str(out) + "/tiny-llm" not in report
+    run(write_grid(tmp_path), tmp_path / "elsewhere", Fakes())
+    assert "text.llm=/nonexistent/llm" in (tmp_path / "elsewhere" / "report.md").read_text()

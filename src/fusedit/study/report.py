@@ -235,7 +235,7 @@ def _reproduce_section(grid: StudyGrid, runs: Sequence[PlannedRun], out: Path) -
     ]
     for variant in grid.variants:
         example = next(r for r in runs if r.variant == variant)
-        shown = [o for o in example.overrides if not o.startswith("name=")]
+        shown = [_in_study(o, out) for o in example.overrides if not o.startswith("name=")]
         asked = " ".join(shlex.quote(o) for o in grid.variants[variant]) or "nothing: the base"
         lines.append(
             f"* **{variant}** (the grid's overrides: `{asked}`): `"
@@ -244,7 +244,8 @@ def _reproduce_section(grid: StudyGrid, runs: Sequence[PlannedRun], out: Path) -
         )
     lines += [
         "",
-        "Exact configs: `runs/<variant>/seed-<seed>/config.yaml`. Budget: "
+        "`STUDY` is the study folder (`--out`), where the study pretrains its tiny LLMs. Exact configs: "
+        "`runs/<variant>/seed-<seed>/config.yaml`. Budget: "
         + ", ".join(f"`{b}`" for b in grid.budget)
         + f"; seeds {grid.seeds}.",
         "",
@@ -299,6 +300,18 @@ def write_report(
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _in_study(override: str, out: Path) -> str:
+    """``override`` with a value inside the study folder ``out`` written as ``STUDY/...`` (the tiny LLMs' folders),
+    so that a report moved elsewhere names no machine's absolute path."""
+    key, sep, value = override.partition("=")
+    if not sep or not value.startswith("/"):
+        return override
+    try:
+        return f"{key}=STUDY/{Path(value).resolve().relative_to(out.resolve())}"
+    except ValueError:
+        return override
 
 
 def _shown_path(path: Path) -> str:
