@@ -104,6 +104,8 @@ def test_base_chain_and_overrides(tmp_path):
         (["data.source=folder"], "data.path: data.source=folder needs data.path"),
         (["model.in_channels=16"], "in_channels=3"),
         (["train.caption_dropout=1.5"], "train.caption_dropout: got 1.5"),
+        (["text.trainable=true", "train.llm_lr_scale=0"], "train.llm_lr_scale: got 0.0, expected > 0"),
+        (["train.llm_lr_scale=0.1"], "scales the learning rate of a training LLM, but the LLM is frozen"),
         (["train.max_steps"], "must look like key=value"),
     ],
 )

@@ -88,6 +88,11 @@ class ExperimentConfig:
             "finetune.lora.llm_target_modules with text.trainable: true: train the LLM either whole or through "
             "adapters, not both",
         )
+        require(
+            self.train.llm_lr_scale == 1.0 or self.text.trainable or bool(lora and lora.llm_target_modules),
+            f"train.llm_lr_scale={self.train.llm_lr_scale} scales the learning rate of a training LLM, but the LLM is "
+            "frozen; set text.trainable: true (or LLM adapters), or leave train.llm_lr_scale at 1",
+        )
         if self.data.vae is None:
             require(
                 self.model.in_channels == 3,

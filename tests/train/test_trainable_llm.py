@@ -18,8 +18,9 @@ pytestmark = pytest.mark.slow
 TRAINABLE = ["text.trainable=true", "train.cache_text_context=false", "train.caption_dropout=0.0"]
 
 
-def test_trainable_llm_trains_end_to_end_and_resumes_exactly(tiny_llm_dir, tmp_path):
-    config = load_experiment("demo", overrides_for(tiny_llm_dir) + TRAINABLE)
+@pytest.mark.parametrize("llm_lr_scale", [1.0, 0.1])  # one AdamW group, or the LLM's own group at a tenth
+def test_trainable_llm_trains_end_to_end_and_resumes_exactly(tiny_llm_dir, tmp_path, llm_lr_scale):
+    config = load_experiment("demo", overrides_for(tiny_llm_dir) + TRAINABLE + [f"train.llm_lr_scale={llm_lr_scale}"])
     straight = tmp_path / "straight"
     summary = train_run(config, straight, device="cpu", progress=False)
     assert summary.step == 4

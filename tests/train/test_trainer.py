@@ -171,6 +171,25 @@ def test_trainable_text_encoder_joins_optimizer_and_checkpoint(tmp_path):
     torch.testing.assert_close(saved["llm.proj.weight"], encoder.proj.weight.detach())
 
 
+def test_llm_lr_scale_gives_the_llm_its_own_group_on_the_same_schedule(tmp_path):
+    """``train.llm_lr_scale``: the LLM's parameters (after the model's, as checkpoints number them) form a second
+    AdamW group at ``lr × scale``, and the warm-up/cosine schedule scales both groups alike at every step."""
+    encoder = TrainableTextEncoder()
+    trainer = make_trainer(tmp_path, config(max_steps=6, llm_lr_scale=0.25), text_encoder=encoder)
+    dit_group, llm_group = trainer.optimizer.param_groups
+    assert {id(p) for p in llm_group["params"]} == {id(p) for p in encoder.parameters()}
+    assert {id(p) for p in dit_group["params"]} == {id(p) for p in trainer.model.parameters() if p.requires_grad}
+    ratios = []
+    for _ in range(6):
+        dit_lr, llm_lr = trainer.lr_scheduler.get_last_lr()
+        ratios.append(llm_lr / dit_lr)
+        trainer.lr_scheduler.step()
+    assert ratios == pytest.approx([0.25] * 6)
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(1e-3)  # the cosine's end: min_lr
+    one = make_trainer(tmp_path / "one", config(max_steps=6), text_encoder=TrainableTextEncoder())
+    assert len(one.optimizer.param_groups) == 1  # the default keeps one group (and older checkpoints loadable)
+
+
 def test_data_order_is_a_seeded_permutation_per_epoch_and_resumable():
     stream = iter(ResumableBatchSampler(5, 3, seed=1))
     batches = [next(stream) for _ in range(4)]

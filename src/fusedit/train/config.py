@@ -43,6 +43,9 @@ class TrainConfig:
         cache_text_context: keep the frozen text encoder's context of every caption seen
             (:class:`fusedit.text.cache.CachedTextEncoder`; for data sets that repeat their captions, such as the
             shapes world). Each caption is encoded alone, so results do not depend on batch composition or resume.
+        llm_lr_scale: learning-rate multiplier of the LLM's parameters when the LLM trains (``text.trainable`` or
+            LLM adapters): they form their own AdamW group at ``lr × llm_lr_scale`` (``min_lr`` scaled alike) on the
+            same schedule. 1 (the default) keeps a single group.
         optimizer: ``adamw`` (PyTorch's) or ``adamw8bit`` (bitsandbytes' 8-bit AdamW: a quarter of the optimizer
             state's memory; needs ``pip install "fusedit[lowmem]"``; not with ``fsdp`` or ``fused_adamw``).
         distributed: ``none``, ``ddp`` or ``fsdp`` (launched by torchrun).
@@ -82,6 +85,7 @@ class TrainConfig:
     compile: bool = False
     fused_adamw: bool = False
     cache_text_context: bool = False
+    llm_lr_scale: float = 1.0
     distributed: Literal["none", "ddp", "fsdp"] = "none"
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
 
@@ -98,6 +102,7 @@ class TrainConfig:
             f"({self.gradient_accumulation_steps})",
         )
         require(self.lr > 0, f"train.lr: got {self.lr}, expected > 0")
+        require(self.llm_lr_scale > 0, f"train.llm_lr_scale: got {self.llm_lr_scale}, expected > 0")
         require(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             f"train.betas: got {self.betas}, expected two numbers in [0, 1)",

@@ -26,7 +26,7 @@ BLOCK_SIZE = 256
 
 def make_optimizer(
     name: str,
-    params: list[nn.Parameter],
+    params: list[nn.Parameter] | list[dict[str, Any]],
     *,
     lr: float,
     betas: tuple[float, float],
@@ -34,7 +34,8 @@ def make_optimizer(
     weight_decay: float,
     fused: bool = False,
 ) -> torch.optim.Optimizer:
-    """AdamW over ``params`` (in this order): PyTorch's for ``adamw`` (``fused``: its fused kernel), bitsandbytes'
+    """AdamW over ``params`` (in this order; a list of parameters, or of parameter groups: dicts with ``params`` and
+    optionally their own ``lr``): PyTorch's for ``adamw`` (``fused``: its fused kernel), bitsandbytes'
     ``AdamW8bit`` for ``adamw8bit`` (same update rule; its state is 8-bit for tensors of at least
     :data:`MIN_8BIT_SIZE` elements)."""
     if name == "adamw":
@@ -44,7 +45,8 @@ def make_optimizer(
     if name != "adamw8bit":
         raise ConfigError(f"train.optimizer: got {name!r}, expected one of {', '.join(OPTIMIZERS)}")
     bnb = import_bitsandbytes("train.optimizer=adamw8bit")
-    for device in sorted({p.device for p in params}, key=str):
+    flat = [q for g in params for q in (g["params"] if isinstance(g, dict) else [g])]
+    for device in sorted({p.device for p in flat}, key=str):
         _probe_8bit_step(bnb, device)
     return bnb.optim.AdamW8bit(
         params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, min_8bit_size=MIN_8BIT_SIZE

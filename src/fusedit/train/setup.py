@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from fusedit.checkpoint.weights import LLM_PREFIX
 from fusedit.train.config import TrainConfig
 from fusedit.train.optimizers import make_optimizer
 from fusedit.train.schedules import build_lr_scheduler
@@ -79,12 +80,23 @@ def training_generators(seed: int, device: torch.device) -> dict[str, torch.Gene
     }
 
 
-def build_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> tuple[torch.optim.Optimizer, LRScheduler]:
-    """AdamW (``train.optimizer``: PyTorch's or bitsandbytes' 8-bit) over ``params`` (in this order: checkpoints
-    number the parameters by it) and its LR schedule."""
+def build_optimizer(cfg: TrainConfig, params: dict[str, nn.Parameter]) -> tuple[torch.optim.Optimizer, LRScheduler]:
+    """AdamW (``train.optimizer``: PyTorch's or bitsandbytes' 8-bit) over ``params`` (name → parameter, in this
+    order: checkpoints number the parameters by it) and its LR schedule. With ``train.llm_lr_scale`` ≠ 1 the LLM's
+    parameters (names under ``llm.``, which come after the model's) form a second group at ``lr × llm_lr_scale``;
+    the schedule scales both groups alike."""
+    dit = [p for name, p in params.items() if not name.startswith(LLM_PREFIX)]
+    llm = [p for name, p in params.items() if name.startswith(LLM_PREFIX)]
+    if [id(p) for p in params.values()] != [id(p) for p in dit + llm]:
+        raise ValueError("the LLM's parameters (llm.*) must come after the model's: checkpoints number them in order")
+    groups: list[dict] = [{"params": dit}] if dit else []
+    if llm and cfg.llm_lr_scale != 1.0:
+        groups.append({"params": llm, "lr": cfg.lr * cfg.llm_lr_scale})
+    elif llm:
+        groups = [{"params": dit + llm}]
     optimizer = make_optimizer(
         cfg.optimizer,
-        params,
+        groups,
         lr=cfg.lr,
         betas=(cfg.betas[0], cfg.betas[1]),
         eps=cfg.eps,

@@ -130,7 +130,7 @@ class Trainer:
         )
         self.forward_model = torch.compile(self.plan.module) if cfg.compile else self.plan.module
         self.params = trainable_named_parameters(self.model, text_encoder)
-        self.optimizer, self.lr_scheduler = build_optimizer(cfg, list(self.params.values()))
+        self.optimizer, self.lr_scheduler = build_optimizer(cfg, self.params)
         self.ema = EMA(self.params, cfg.ema_decay) if cfg.ema_every > 0 else None
         self.schedule = FlowMatchSchedule(shift=cfg.shift)
         self.generators = training_generators(cfg.seed, self.device)
