@@ -79,6 +79,10 @@ def test_identical_runs_are_copied_and_evaluated_not_trained(tmp_path):
     assert sum("reusing the identical run" in line for line in logs) == 2
     report = (out / "report.md").read_text()
     assert "Reused runs: 2 of 4 runs" in report and "deep seed 1 ←" in report
+    # the fake source recorded no training time: the copy takes it from the source's file times, and says so
+    timing = json.loads((run_dir / "study_timing.json").read_text())
+    assert timing["train_seconds"] >= 0 and timing["train_seconds_from"] == "file times of the source run"
+    assert "2 of them from the source's file times" in report
     results = json.loads((out / "results.json").read_text())["runs"]
     assert {r["variant"]: r["reused_from"] is not None for r in results} == {"deep": True, "slow": False}
 

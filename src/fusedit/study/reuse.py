@@ -119,12 +119,9 @@ def adopt(run: PlannedRun, source: Path) -> None:
     (staging / "final" / "config.yaml").unlink(missing_ok=True)
     save_run_config(run.config, staging)
     shutil.copy2(staging / "config.yaml", staging / "final" / "config.yaml")
-    timing = source / TIMING_NAME
-    if timing.is_file():
-        seconds = json.loads(timing.read_text())
-        write_json_atomic(
-            staging / TIMING_NAME, {k: v for k, v in seconds.items() if k in ("train_seconds", "threads")}
-        )
+    training = _source_training_time(source)
+    if training:
+        write_json_atomic(staging / TIMING_NAME, training)
     write_json_atomic(
         staging / REUSED_NAME,
         {
@@ -136,6 +133,16 @@ def adopt(run: PlannedRun, source: Path) -> None:
         },
     )
     staging.rename(run.run_dir)
+
+
+def _source_training_time(source: Path) -> dict:
+    """The source run's training time for our ``study_timing.json``: what its study recorded, else (a run trained
+    before studies recorded times) the span from its ``config.yaml`` to its ``final/``, marked as such."""
+    recorded = source / TIMING_NAME
+    if recorded.is_file():
+        return {k: v for k, v in json.loads(recorded.read_text()).items() if k in ("train_seconds", "threads")}
+    span = (source / "final").stat().st_mtime - (source / "config.yaml").stat().st_mtime
+    return {"train_seconds": span, "train_seconds_from": "file times of the source run"} if span >= 0 else {}
 
 
 def _file_sha256(path: Path) -> str | None:
@@ -185,9 +192,11 @@ def reused_lines(results: Sequence[dict]) -> list[str]:
     if not reused:
         return []
     which = "; ".join(f"{r['variant']} seed {r['seed']} ← `{r['reused_from']}`" for r in reused)
+    from_files = sum("train_seconds_from" in r for r in reused)
+    how = f" ({from_files} of them from the source's file times: it recorded none)" if from_files else ""
     return [
         f"Reused runs: {len(reused)} of {len(results)} runs were trained by another study with the identical config "
         f"and text model (`--reuse-from`), copied here and evaluated by this study; their training time is the "
-        f"source's: {which}.",
+        f"source's{how}: {which}.",
         "",
     ]

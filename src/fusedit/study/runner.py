@@ -219,6 +219,7 @@ def collect_run(run: PlannedRun) -> dict:
         "reused_from": reused_from(run.run_dir),
         "metrics": metrics,
         "timing_source": timing.get("source"),
+        **({"train_seconds_from": timing["train_seconds_from"]} if "train_seconds_from" in timing else {}),
         "threads": timing.get("threads"),
         "loss_curve": [[r["step"], r["loss"]] for r in records],
         "grids": scores.get("grids", {}),
