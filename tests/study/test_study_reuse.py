@@ -61,6 +61,7 @@ def test_identical_runs_are_copied_and_evaluated_not_trained(tmp_path):
     _, first = study(tmp_path, "toy", GRID, first_llm)
     trained = first / "runs" / "deep" / "seed-0" / "final" / "model.safetensors"
     save_file({"weight": torch.arange(6.0)}, str(trained))
+    (first / "runs" / "deep" / "seed-0" / "study_timing.json").unlink()  # as a run trained before studies timed
     # the same bytes in another folder, with another pretraining marker: the same text model
     same_llm = make_llm(tmp_path / "llm-b", b"weights", marker='{"new": 2}')
     logs: list[str] = []
@@ -79,10 +80,14 @@ def test_identical_runs_are_copied_and_evaluated_not_trained(tmp_path):
     assert sum("reusing the identical run" in line for line in logs) == 2
     report = (out / "report.md").read_text()
     assert "Reused runs: 2 of 4 runs" in report and "deep seed 1 ←" in report
-    # the fake source recorded no training time: the copy takes it from the source's file times, and says so
+    # seed 1's source recorded its training time, which the copy takes; seed 0's recorded none: the copy takes the
+    # span of the source's files, and says so
+    recorded = json.loads((first / "runs" / "deep" / "seed-1" / "study_timing.json").read_text())
+    copied = json.loads((out / "runs" / "deep" / "seed-1" / "study_timing.json").read_text())
+    assert copied["train_seconds"] == recorded["train_seconds"] and "train_seconds_from" not in copied
     timing = json.loads((run_dir / "study_timing.json").read_text())
     assert timing["train_seconds"] >= 0 and timing["train_seconds_from"] == "file times of the source run"
-    assert "2 of them from the source's file times" in report
+    assert "1 of them from the source's file times" in report
     results = json.loads((out / "results.json").read_text())["runs"]
     assert {r["variant"]: r["reused_from"] is not None for r in results} == {"deep": True, "slow": False}
 
