@@ -56,7 +56,8 @@ def study(tmp_path: Path, name: str, text: str, llm: Path, reuse_from=(), logs=N
     return fakes, out
 
 
-def test_identical_runs_are_copied_and_evaluated_not_trained(tmp_path):
+def test_identical_runs_are_copied_and_evaluated_not_trained(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the report names the sources relative to the working directory
     first_llm = make_llm(tmp_path / "llm-a", b"weights", marker='{"old": 1}')
     _, first = study(tmp_path, "toy", GRID, first_llm)
     trained = first / "runs" / "deep" / "seed-0" / "final" / "model.safetensors"
@@ -79,7 +80,7 @@ def test_identical_runs_are_copied_and_evaluated_not_trained(tmp_path):
         assert "name: deep-seed0" in text and str(same_llm) in text and str(first_llm) not in text
     assert sum("reusing the identical run" in line for line in logs) == 2
     report = (out / "report.md").read_text()
-    assert "Reused runs: 2 of 4 runs" in report and "deep seed 1 ←" in report
+    assert "Reused runs: 2 of 4 runs" in report and "deep seed 1 ← `toy/runs/deep/seed-1`" in report
     # seed 1's source recorded its training time, which the copy takes; seed 0's recorded none: the copy takes the
     # span of the source's files, and says so
     recorded = json.loads((first / "runs" / "deep" / "seed-1" / "study_timing.json").read_text())

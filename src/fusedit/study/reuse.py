@@ -186,12 +186,20 @@ def reused_from(run_dir: Path) -> str | None:
     return json.loads(path.read_text())["source"] if path.is_file() else None
 
 
+def _shown(path: str) -> str:
+    """``path`` relative to the working directory when it lies under it (a report names no machine's root)."""
+    try:
+        return str(Path(path).relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path
+
+
 def reused_lines(results: Sequence[dict]) -> list[str]:
     """A report paragraph naming the runs adopted from other studies (empty when there are none)."""
     reused = [r for r in results if r.get("reused_from")]
     if not reused:
         return []
-    which = "; ".join(f"{r['variant']} seed {r['seed']} ← `{r['reused_from']}`" for r in reused)
+    which = "; ".join(f"{r['variant']} seed {r['seed']} ← `{_shown(r['reused_from'])}`" for r in reused)
     from_files = sum("train_seconds_from" in r for r in reused)
     how = f" ({from_files} of them from the source's file times: it recorded none)" if from_files else ""
     return [
