@@ -21,7 +21,6 @@ from fusedit.study.report_sections import (
     failure_section,
     manifest_section,
 )
-from fusedit.study.reuse import reused_lines
 from fusedit.study.timing import read_sessions, wall_time_lines
 
 #: Metric name → (label, higher is better).
@@ -300,6 +299,23 @@ def write_report(
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def reused_lines(results: Sequence[dict]) -> list[str]:
+    """A report paragraph naming the runs adopted from other studies (:mod:`fusedit.study.reuse`; empty when there
+    are none)."""
+    reused = [r for r in results if r.get("reused_from")]
+    if not reused:
+        return []
+    which = "; ".join(f"{r['variant']} seed {r['seed']} ← `{_shown_path(r['reused_from'])}`" for r in reused)
+    from_files = sum("train_seconds_from" in r for r in reused)
+    how = f" ({from_files} of them from the source's file times: it recorded none)" if from_files else ""
+    return [
+        f"Reused runs: {len(reused)} of {len(results)} runs were trained by another study with the identical config "
+        f"and text model (`--reuse-from`), copied here and evaluated by this study; their training time is the "
+        f"source's{how}: {which}.",
+        "",
+    ]
 
 
 def _in_study(override: str, out: Path) -> str:

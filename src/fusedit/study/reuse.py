@@ -54,9 +54,7 @@ def llm_fingerprint(llm: str) -> str:
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MARKER_NAME):
         digest.update(str(path.relative_to(folder)).encode("utf-8") + b"\0")
-        with open(path, "rb") as file:
-            for block in iter(lambda: file.read(1 << 20), b""):
-                digest.update(block)
+        _hash_into(digest, path)
     return f"sha256:{digest.hexdigest()}"
 
 
@@ -145,14 +143,18 @@ def _source_training_time(source: Path) -> dict:
     return {"train_seconds": span, "train_seconds_from": "file times of the source run"} if span >= 0 else {}
 
 
-def _file_sha256(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
+def _hash_into(digest: Any, path: Path) -> Any:
+    """Feed the bytes of the file ``path`` into ``digest`` (a hashlib object), a megabyte at a time; returns it."""
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()
+    return digest
+
+
+def _file_sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    return _hash_into(hashlib.sha256(), path).hexdigest()
 
 
 def check_sources(sources: Sequence[str | Path]) -> None:
@@ -184,27 +186,3 @@ def reused_from(run_dir: Path) -> str | None:
     """The source folder a run was adopted from (``reused_from.json``), or ``None`` for a run trained here."""
     path = run_dir / REUSED_NAME
     return json.loads(path.read_text())["source"] if path.is_file() else None
-
-
-def _shown(path: str) -> str:
-    """``path`` relative to the working directory when it lies under it (a report names no machine's root)."""
-    try:
-        return str(Path(path).relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return path
-
-
-def reused_lines(results: Sequence[dict]) -> list[str]:
-    """A report paragraph naming the runs adopted from other studies (empty when there are none)."""
-    reused = [r for r in results if r.get("reused_from")]
-    if not reused:
-        return []
-    which = "; ".join(f"{r['variant']} seed {r['seed']} ← `{_shown(r['reused_from'])}`" for r in reused)
-    from_files = sum("train_seconds_from" in r for r in reused)
-    how = f" ({from_files} of them from the source's file times: it recorded none)" if from_files else ""
-    return [
-        f"Reused runs: {len(reused)} of {len(results)} runs were trained by another study with the identical config "
-        f"and text model (`--reuse-from`), copied here and evaluated by this study; their training time is the "
-        f"source's{how}: {which}.",
-        "",
-    ]

@@ -89,10 +89,10 @@ def build_optimizer(cfg: TrainConfig, params: dict[str, nn.Parameter]) -> tuple[
     llm = [p for name, p in params.items() if name.startswith(LLM_PREFIX)]
     if [id(p) for p in params.values()] != [id(p) for p in dit + llm]:
         raise ValueError("the LLM's parameters (llm.*) must come after the model's: checkpoints number them in order")
-    groups: list[dict] = [{"params": dit}] if dit else []
     if llm and cfg.llm_lr_scale != 1.0:
-        groups.append({"params": llm, "lr": cfg.lr * cfg.llm_lr_scale})
-    elif llm:
+        scaled = {"params": llm, "lr": cfg.lr * cfg.llm_lr_scale}
+        groups: list[dict] = [{"params": dit}, scaled] if dit else [scaled]
+    else:
         groups = [{"params": dit + llm}]
     optimizer = make_optimizer(
         cfg.optimizer,
