@@ -215,6 +215,20 @@ def test_shipped_grids_plan(tmp_path):
         assert len(runs) == len(grid.variants) * len(grid.seeds)
 
 
+def test_llm_size_grid_keeps_one_dit_across_llm_widths(tmp_path):
+    """llm-size changes the LLM alone: every variant's DiT resolves to width 128 / MLP 256 (pinned, or defaulting
+    to its 128-wide LLM's), so the runs differ only in the text model."""
+    from fusedit.config import SHIPPED_CONFIGS
+
+    grid = study_grid.load_grid(SHIPPED_CONFIGS / "studies" / "llm-size.yaml")
+    widths = set()
+    for run in study_grid.plan_study(grid, tmp_path / "llm-size"):
+        llm, _ = study_grid.variant_tiny_llm(grid, run.variant)
+        model = run.config.model
+        widths.add((model.dit_hidden_size or llm.hidden_size, model.dit_intermediate_size or llm.intermediate_size))
+    assert widths == {(128, 256)}
+
+
 @pytest.mark.parametrize(
     "name", sorted(p.stem for p in (Path(study_grid.__file__).parents[1] / "configs" / "studies").glob("*.yaml"))
 )
