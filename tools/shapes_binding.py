@@ -12,7 +12,8 @@ which drawn object is meant to be which:
 * per-object shape accuracy (the object of each color has the shape the prompt gives that color);
 * for prompts whose two shapes differ, in images where both objects have a recognised shape, how often the two
   share one shape anyway (a model that binds
-  colors and places but not shapes draws "a blue circle above a red square" as two circles or two squares).
+  colors and places but not shapes draws "a blue circle above a red square" as two circles or two squares), how
+  often each shape goes to its own color, and how often the two are swapped (as often as paired: no binding).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def load_evaluation(folder: Path) -> tuple[ShapesWorld, np.ndarray, list[str]]:
 
 def analyse_binding(world: ShapesWorld, images: np.ndarray, prompts: list[str]) -> dict:
     """``{"failures": {category: Counter}, "total": Counter, "right": Counter, "shape_hits": int,
-    "shape_objects": int, "distinct_prompts": int, "distinct_drawn_same": int}`` (see the module docstring)."""
+    "shape_objects": int, "distinct_prompts": int, "distinct_drawn_same": int, "distinct_paired": int,
+    "distinct_swapped": int}`` (see the module docstring)."""
     failures: dict[str, Counter] = {c: Counter() for c in CATEGORIES}
     total, right = Counter(), Counter()
     binding = Counter()
@@ -66,6 +68,8 @@ def analyse_binding(world: ShapesWorld, images: np.ndarray, prompts: list[str]) 
         if spec.objects[0].shape != spec.objects[1].shape and first is not None and second is not None:
             binding["distinct_prompts"] += 1
             binding["distinct_drawn_same"] += int(first == second)
+            binding["distinct_paired"] += int((first, second) == (spec.objects[0].shape, spec.objects[1].shape))
+            binding["distinct_swapped"] += int((first, second) == (spec.objects[1].shape, spec.objects[0].shape))
     return {"failures": failures, "total": total, "right": right, **binding}
 
 
@@ -86,7 +90,10 @@ def format_analysis(name: str, result: dict) -> list[str]:
             f"Two-color prompts with each color drawn once: {objects // 2} images; the object of each color has its "
             f"shape in {result['shape_hits'] / objects:.2f} of {objects} objects (chance 1/3); of {distinct} images "
             f"asking for two different shapes (both drawn as a recognised shape), "
-            f"{result['distinct_drawn_same'] / max(distinct, 1):.2f} show one shape twice."
+            f"{result['distinct_drawn_same'] / max(distinct, 1):.2f} show one shape twice, "
+            f"{result.get('distinct_paired', 0) / max(distinct, 1):.2f} the two shapes each with its color and "
+            f"{result.get('distinct_swapped', 0) / max(distinct, 1):.2f} the two shapes swapped (a model that does "
+            "not bind shapes to colors swaps them as often as it pairs them)."
         )
     return lines + [""]
 

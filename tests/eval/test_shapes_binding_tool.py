@@ -32,7 +32,7 @@ def write_evaluation(folder: Path, world: ShapesWorld, images: list[np.ndarray],
     return folder
 
 
-def test_right_renders_bind_every_shape_and_one_shape_twice_is_counted(tmp_path, capsys):
+def test_right_renders_bind_every_shape_and_one_shape_twice_or_swapped_is_counted(tmp_path, capsys):
     tool = load_tool()
     world = ShapesWorld(ShapesWorldConfig(), 32)
     rng = np.random.default_rng(0)
@@ -43,12 +43,22 @@ def test_right_renders_bind_every_shape_and_one_shape_twice_is_counted(tmp_path,
     for p in prompts:
         first, second = world.scene(world.spec(p), rng)
         twice.append(world.draw([first, replace(second, shape=first.shape)]))
+    # and with the two shapes swapped between the colors
+    swapped = []
+    for p in prompts:
+        first, second = world.scene(world.spec(p), rng)
+        swapped.append(world.draw([replace(first, shape=second.shape), replace(second, shape=first.shape)]))
     good = tool.analyse_binding(world, np.stack(right), prompts)
     bad = tool.analyse_binding(world, np.stack(twice), prompts)
+    crossed = tool.analyse_binding(world, np.stack(swapped), prompts)
     assert good["right"]["color_attr"] == len(prompts) and good["shape_hits"] == good["shape_objects"] == 24
     assert good["distinct_drawn_same"] == 0 and good["distinct_prompts"] == 12
+    assert good["distinct_paired"] == 12 and good["distinct_swapped"] == 0
+    assert crossed["distinct_swapped"] == 12 and crossed["distinct_paired"] == 0 and crossed["shape_hits"] == 0
+    assert bad["distinct_paired"] == bad["distinct_swapped"] == 0
     assert bad["failures"]["color_attr"]["shape"] == 12 and bad["distinct_drawn_same"] == 12
     assert bad["shape_hits"] == 12  # the first object of each image keeps its shape
     folder = write_evaluation(tmp_path / "eval", world, twice, prompts)
     assert tool.main([str(folder)]) == 0
-    assert "show one shape twice" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "show one shape twice" in out and "the two shapes swapped" in out
