@@ -133,8 +133,9 @@ class NaiveText:
         return h + block.mlp(self.norm(block.post_attention_layernorm, h))
 
 
-def naive_forward(model, decoder, family, x, timestep, ids, mask, pooled=None):
-    """The reference's joint computation of a FuseDiT (``model``) on LLM ``decoder``, written out in full."""
+def naive_forward(model, decoder, family, x, timestep, ids, mask, pooled=None, hidden=None):
+    """The reference's joint computation of a FuseDiT (``model``) on LLM ``decoder``, written out in full.
+    ``hidden``: the LLM hidden state ``(B, L, H_llm)`` the layers past the map read (``model.unfused_text: hidden``)."""
     c, r = model.resolved.config, model.resolved
     eps, theta = r.rms_norm_eps, r.rope_theta
     b, _, height, width = x.shape
@@ -249,10 +250,33 @@ def naive_forward(model, decoder, family, x, timestep, ids, mask, pooled=None):
 
             z = image_finish(block, z, image_self, mods, cross)
         h = h_new
-    for i in range(len(fused), r.num_layers):  # DiT-only layers past the map
+    image_only = torch.ones(b, n_img, n_img, dtype=torch.bool)
+    for i in range(len(fused), r.num_layers):  # layers past the map: image tokens only, or the LLM's hidden state
         block = model.layers[i]
         qi, ki, vi, mods = image_attention_inputs(block, z)
-        z = image_finish(block, z, softmax_attention(qi, ki, vi, torch.ones(b, n_img, n_img, dtype=torch.bool)), mods)
+        if hidden is None:
+            z = image_finish(block, z, softmax_attention(qi, ki, vi, image_only), mods)
+            continue
+        ce = model.context_embedder
+        text_h = ce[1](gemma_rms(hidden, ce[0].weight, eps))  # RMSNorm -> Linear, as the shallow baselines
+        if c.attention == "self":  # joined to the image self-attention, keys RMS-normed (qk_norm), no RoPE
+            at = block.self_attn
+            tk = gemma_rms(heads(at.text_source.text_k_proj(text_h), KV_HEADS), at.k_norm.weight, eps)
+            tv = heads(at.text_source.text_v_proj(text_h), KV_HEADS)
+            allowed = torch.cat([mask[:, None, :].expand(b, n_img, n_text), image_only], 2)
+            z = image_finish(
+                block, z, softmax_attention(qi, torch.cat([tk, ki], 2), torch.cat([tv, vi], 2), allowed), mods
+            )
+        else:  # a cross-attention with query and key norms
+            ca = block.cross_attn
+
+            def cross(z_res, ca=ca, text_h=text_h):
+                qc = gemma_rms(heads(ca.q_proj(z_res), HEADS), ca.q_norm.weight, eps)
+                tk = gemma_rms(heads(ca.text_source.text_k_proj(text_h), KV_HEADS), ca.k_norm.weight, eps)
+                tv = heads(ca.text_source.text_v_proj(text_h), KV_HEADS)
+                return ca.o_proj(softmax_attention(qc, tk, tv, mask[:, None, :].expand(b, n_img, n_text)))
+
+            z = image_finish(block, z, softmax_attention(qi, ki, vi, image_only), mods, cross)
 
     head = model.head
     z = gemma_rms(z, head.norm_out.weight, eps)
@@ -571,3 +595,42 @@ def test_sample_prediction_turns_the_network_output_into_the_velocity():
     torch.testing.assert_close(SamplePrediction()(x0, x_t, sigma * 1000), noise - x0, atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="prediction"):
         replace(config, prediction="sample", out_channels=6).validate()
+
+
+@pytest.mark.parametrize("attention", ["self", "cross"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unfused_layers_reading_the_llm_hidden_state_match_naive(attention, family):
+    """``unfused_text: hidden``: the DiT layers past the map read the LLM's last hidden state (taken here from the
+    Hugging Face model's own ``output_hidden_states``), embedded and projected as the shallow baselines do."""
+    decoder = copy.deepcopy(DECODERS[family])
+    model = _adapter_model(attention, "none", decoder, unfused_text="hidden", **LAYER_MAPS["extra-dit"])
+    randomize(model, 11)
+    requirements = model.text_requirements()
+    assert requirements.hidden_states_index == -1
+    assert [
+        type(b.self_attn.text_source).__name__ if b.self_attn.text_source is not None else None for b in model.layers
+    ][-1] == ("ProjectedKV" if attention == "self" else None)
+    for padding_side in ("left", "right"):
+        x, t, ids, mask = inputs(12, padding_side)
+        hidden = decoder(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states[-1]
+        ours = model(x, t, encode(decoder, model, ids, mask))
+        naive = naive_forward(model, decoder, family, x, t, ids, mask, hidden=hidden)
+        torch.testing.assert_close(ours, naive, atol=2e-5, rtol=1e-4)
+        # the last layer does read it: another hidden state changes the output
+        other = naive_forward(model, decoder, family, x, t, ids, mask, hidden=hidden.flip(0))
+        assert not torch.allclose(other, naive, atol=1e-3)
+
+
+def test_unfused_text_is_refused_where_it_means_nothing():
+    """Only deep fusion with DiT layers past its map can give those layers the hidden state; a clear error
+    otherwise (never a silently ignored setting)."""
+
+    decoder = DECODERS["gemma2"]
+    with pytest.raises(ConfigError, match=r"model.unfused_text: 'hidden' .* all 4 DiT layers are fused"):
+        small_deep_model(decoder, unfused_text="hidden")
+    with pytest.raises(ConfigError, match="model.unfused_text: 'hidden' gives deep fusion"):
+        ModelConfig(fusion="shallow", unfused_text="hidden").validate()
+    with pytest.raises(ConfigError, match="expected 'none' or 'hidden'"):
+        ModelConfig(unfused_text="last").validate()
+    with pytest.raises(ConfigError, match="model.text_hidden_states_index: got 9"):
+        small_deep_model(decoder, unfused_text="hidden", text_hidden_states_index=9, **LAYER_MAPS["extra-dit"])

@@ -70,7 +70,14 @@ class ModelConfig:
             rotated them, with the image placed after the prompt (true: the reference), or the keys before RoPE
             with image positions from 0 (false: the shallow baselines' convention, where a text key carries no
             position).
-        text_hidden_states_index: (``shallow`` only) which ``hidden_states`` entry of the LLM conditions the baseline.
+        text_hidden_states_index: which ``hidden_states`` entry of the LLM conditions the shallow baselines (and
+            the unfused layers of deep fusion with ``unfused_text: hidden``).
+        unfused_text: (``deep`` only) what the DiT layers past the layer map read of the text: ``none`` (image
+            tokens only, the reference) or ``hidden``: the LLM hidden state ``text_hidden_states_index`` (by
+            default its output), embedded once and projected by each such layer's own keys/values, as the shallow
+            baselines read it. Deep fusion's layer ``i`` reads what LLM layer ``i`` computes from its *input*, so
+            without this no DiT layer sees what the LLM's last layer adds. Needs ``dit_num_hidden_layers`` above
+            the number of fused layers.
         rms_norm_eps, rope_theta: ``null``: the LLM's.
     """
 
@@ -101,6 +108,7 @@ class ModelConfig:
     text_adapter: Literal["none", "key-norm", "linear"] = "none"
     text_key_rope: bool = True
     text_hidden_states_index: int = -1
+    unfused_text: Literal["none", "hidden"] = "none"
     rms_norm_eps: float | None = None
     rope_theta: float | None = None
 
@@ -203,6 +211,15 @@ class ModelConfig:
             self.text_adapter == "none" or self.fusion == "deep",
             f"model.text_adapter: {self.text_adapter!r} adapts the LLM's own keys/values, which only deep fusion "
             "reads (the shallow baselines project the text with their own weights); set it to 'none'",
+        )
+        require(
+            self.unfused_text in ("none", "hidden"),
+            f"model.unfused_text: got {self.unfused_text!r}, expected 'none' or 'hidden'",
+        )
+        require(
+            self.unfused_text == "none" or self.fusion == "deep",
+            f"model.unfused_text: {self.unfused_text!r} gives deep fusion's DiT layers past the layer map the LLM's "
+            "hidden state; the shallow baselines read it in every layer already; set it to 'none'",
         )
         require(
             self.text_key_rope or (self.fusion == "deep" and self.attention == "self"),
@@ -355,15 +372,27 @@ def _deep_layer_map(config: ModelConfig, llm: LLMGeometry) -> tuple[int | None, 
         f"model.dit_num_hidden_layers: got {depth}, but the layer map fuses {len(fused)} LLM layers "
         f"({fused[0]}..{fused[-1]}); expected at least {len(fused)}",
     )
+    if config.unfused_text == "hidden":
+        _check_hidden_states_index(config, llm)
+        require(
+            depth > len(fused),
+            f"model.unfused_text: 'hidden' feeds the LLM's hidden state to the DiT layers past the layer map, but "
+            f"all {depth} DiT layers are fused; set model.dit_num_hidden_layers above {len(fused)}",
+        )
     return tuple(fused) + (None,) * (depth - len(fused))
 
 
 def _shallow_layer_map(config: ModelConfig, llm: LLMGeometry) -> tuple[int | None, ...]:
     """Shallow fusion: no DiT layer reads an LLM layer (``None`` each); the hidden-state index is checked."""
+    _check_hidden_states_index(config, llm)
+    return (None,) * (config.dit_num_hidden_layers or llm.num_hidden_layers)
+
+
+def _check_hidden_states_index(config: ModelConfig, llm: LLMGeometry) -> None:
+    """``model.text_hidden_states_index`` names one of the LLM's ``num_hidden_layers + 1`` hidden states."""
     index = config.text_hidden_states_index
     require(
         -(llm.num_hidden_layers + 1) <= index <= llm.num_hidden_layers,
         f"model.text_hidden_states_index: got {index}, but the LLM has {llm.num_hidden_layers + 1} hidden "
         f"states; expected {-(llm.num_hidden_layers + 1)}..{llm.num_hidden_layers}",
     )
-    return (None,) * (config.dit_num_hidden_layers or llm.num_hidden_layers)

@@ -149,7 +149,7 @@ class DiffusionTransformer(nn.Module):
         self.prediction = build_prediction(config.prediction)
         #: deep or shallow fusion: what the model reads from the text and how each block gets it
         self.text_path = build_text_path(resolved)
-        self.context_embedder = self.text_path.context_embedder  # shallow fusion's parameters (None for deep)
+        self.context_embedder = self.text_path.context_embedder  # the hidden-state embedder, or None
         self.layers = nn.ModuleList(
             [
                 DiTBlock(resolved, *self.text_path.block_modules(i), variant.layer_modulation)

@@ -54,7 +54,8 @@ class TextPath:
 
     #: Whether image RoPE positions start after the prompt's real tokens (deep fusion) or at 0.
     image_follows_text: bool = True
-    #: Shallow fusion's text embedding (registered on the model under this name), else None.
+    #: The text embedding of a path that reads the LLM's hidden state (shallow fusion; deep fusion with
+    #: ``model.unfused_text: hidden``), registered on the model under this name; else None.
     context_embedder: ContextEmbedder | None = None
 
     def __init__(self, resolved: ResolvedModelConfig) -> None:
@@ -86,7 +87,10 @@ class DeepFusion(TextPath):
     """FuseDiT: DiT block ``i`` attends to the keys/values of LLM layer ``resolved.layer_map[i]`` (``None``: a DiT
     layer past the map, image tokens only). ``attention: self`` joins them to the image keys/values (post-RoPE keys);
     ``attention: cross`` reads them through a cross-attention (pre-RoPE keys, no key norm). ``model.text_key_rope:
-    false`` gives the self-attention pre-RoPE keys and image positions from 0."""
+    false`` gives the self-attention pre-RoPE keys and image positions from 0. ``model.unfused_text: hidden`` gives
+    the DiT layers past the map the LLM's hidden state as the shallow baselines read it (:class:`ContextEmbedder`,
+    then each layer's :class:`~fusedit.models.attention.ProjectedKV`; cross-attention with key norm for
+    ``attention: cross``)."""
 
     def __init__(self, resolved: ResolvedModelConfig) -> None:
         super().__init__(resolved)
@@ -94,17 +98,22 @@ class DeepFusion(TextPath):
         #: the self-attention variant reads post-RoPE keys unless model.text_key_rope is false
         self.rotated_keys = config.attention == "self" and config.text_key_rope
         self.image_follows_text = config.text_key_rope
+        if config.unfused_text == "hidden":
+            self.context_embedder = ContextEmbedder(
+                resolved.llm.hidden_size, resolved.hidden_size, resolved.rms_norm_eps
+            )
 
     def requirements(self) -> TextRequirements:
         config, fused = self.resolved.config, self.resolved.fused_llm_layers
+        hidden = config.text_hidden_states_index if self.context_embedder is not None else None
         if self.rotated_keys:
-            return TextRequirements(kv_layers=fused, pooled=config.text_modulation)
-        return TextRequirements(raw_key_layers=fused, pooled=config.text_modulation)
+            return TextRequirements(kv_layers=fused, hidden_states_index=hidden, pooled=config.text_modulation)
+        return TextRequirements(raw_key_layers=fused, hidden_states_index=hidden, pooled=config.text_modulation)
 
     def block_modules(self, index: int) -> tuple[nn.Module | None, CrossAttention | None]:
         llm_layer = self.resolved.layer_map[index]
         if llm_layer is None:
-            return None, None
+            return _projected_text(self) if self.context_embedder is not None else (None, None)
         if self.resolved.config.attention == "self":
             return LLMLayerKV(llm_layer, raw=not self.rotated_keys, adapter=self._adapter()), None
         return None, self._cross_attention(LLMLayerKV(llm_layer, raw=True, adapter=self._adapter()), key_norm=False)
@@ -124,10 +133,11 @@ class DeepFusion(TextPath):
         padding)."""
         key_mask = context.mask if context.has_padding else None
         keys = context.keys if self.rotated_keys else context.raw_keys
+        hidden = _embedded(self, context) if self.context_embedder is not None else None
         return [
             TextInputs(hidden=None, key_mask=key_mask, keys=keys[layer], values=context.values[layer])
             if layer is not None
-            else TextInputs(hidden=None, key_mask=key_mask)
+            else TextInputs(hidden=hidden, key_mask=key_mask)
             for layer in self.resolved.layer_map
         ]
 
@@ -148,24 +158,35 @@ class ShallowFusion(TextPath):
         return TextRequirements(hidden_states_index=config.text_hidden_states_index, pooled=config.text_modulation)
 
     def block_modules(self, index: int) -> tuple[nn.Module | None, CrossAttention | None]:
-        resolved = self.resolved
-        source = ProjectedKV(resolved.hidden_size, resolved.num_key_value_heads, resolved.head_dim)
-        if resolved.config.attention == "self":
-            return source, None
-        return None, self._cross_attention(source, key_norm=True)
+        return _projected_text(self)
 
     def prepare(self, context: TextContext) -> list[TextInputs]:
         """Every block: the embedded hidden states ``(B, L, H_dit)`` and the key mask (None without padding)."""
-        if context.hidden_states is None:
-            raise ValueError(
-                "this shallow-fusion model needs context.hidden_states; encode the prompts with a "
-                "TextEncoder built from model.text_requirements()"
-            )
-        embedder = self.context_embedder
-        assert embedder is not None
-        hidden = embedder(context.hidden_states.to(embedder.linear.weight.dtype))
+        hidden = _embedded(self, context)
         key_mask = context.mask if context.has_padding else None
         return [TextInputs(hidden=hidden, key_mask=key_mask) for _ in range(self.resolved.num_layers)]
+
+
+def _projected_text(path: TextPath) -> tuple[nn.Module | None, CrossAttention | None]:
+    """A block that reads the embedded hidden state through its own keys/values: joined to its self-attention, or
+    through a cross-attention with key norm (``attention: cross``)."""
+    resolved = path.resolved
+    source = ProjectedKV(resolved.hidden_size, resolved.num_key_value_heads, resolved.head_dim)
+    if resolved.config.attention == "self":
+        return source, None
+    return None, path._cross_attention(source, key_norm=True)
+
+
+def _embedded(path: TextPath, context: TextContext):
+    """``(B, L, H_dit)``: the context's hidden-state layer through the path's :class:`ContextEmbedder`."""
+    if context.hidden_states is None:
+        raise ValueError(
+            "this model reads the LLM's hidden states (context.hidden_states), which the context lacks; encode the "
+            "prompts with a TextEncoder built from model.text_requirements()"
+        )
+    embedder = path.context_embedder
+    assert embedder is not None
+    return embedder(context.hidden_states.to(embedder.linear.weight.dtype))
 
 
 def build_text_path(resolved: ResolvedModelConfig) -> TextPath:
