@@ -4,7 +4,6 @@ its timeout, or the budget runs out."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -14,16 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from .tool_loader import load_tool
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tools" / "gpu_check.sh"
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(name)
 
 
 gpu_check = _load("gpu_check")

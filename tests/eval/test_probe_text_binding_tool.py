@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
 from fusedit.data.config import ShapesWorldConfig
@@ -13,15 +9,11 @@ from fusedit.data.shapes import ShapesWorld
 from fusedit.text.config import TextConfig
 from fusedit.text.encoder import TextEncoder
 
-REPO = Path(__file__).resolve().parents[2]
+from ..tool_loader import load_tool as load_tool_named
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("probe_text_binding", REPO / "tools" / "probe_text_binding.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["probe_text_binding"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_tool_named("probe_text_binding")
 
 
 def test_probe_reads_a_planted_signal_and_not_noise():

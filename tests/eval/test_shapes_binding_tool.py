@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -13,15 +11,11 @@ import numpy as np
 from fusedit.data.config import ShapesWorldConfig
 from fusedit.data.shapes import ShapesWorld
 
-REPO = Path(__file__).resolve().parents[2]
+from ..tool_loader import load_tool as load_tool_named
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("shapes_binding", REPO / "tools" / "shapes_binding.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["shapes_binding"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_tool_named("shapes_binding")
 
 
 def write_evaluation(folder: Path, world: ShapesWorld, images: list[np.ndarray], prompts: list[str]) -> Path:

@@ -3,25 +3,18 @@ names, captions, pixels), and the ground-truth row and bootstrap intervals of it
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from fusedit.data.shapes import PALETTE, parse_prompt
 
-REPO = Path(__file__).resolve().parents[2]
+from ..tool_loader import load_tool
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(name)
 
 
 teal_tutorial = _load("teal_tutorial")
