@@ -84,13 +84,14 @@ class TextPath:
 
 
 class DeepFusion(TextPath):
-    """FuseDiT: DiT block ``i`` attends to the keys/values of LLM layer ``resolved.layer_map[i]`` (``None``: a DiT
-    layer past the map, image tokens only). ``attention: self`` joins them to the image keys/values (post-RoPE keys);
-    ``attention: cross`` reads them through a cross-attention (pre-RoPE keys, no key norm). ``model.text_key_rope:
-    false`` gives the self-attention pre-RoPE keys and image positions from 0. ``model.unfused_text: hidden`` gives
-    the DiT layers past the map the LLM's hidden state as the shallow baselines read it (:class:`ContextEmbedder`,
-    then each layer's :class:`~fusedit.models.attention.ProjectedKV`; cross-attention with key norm for
-    ``attention: cross``)."""
+    """FuseDiT: DiT block ``i`` attends to the keys/values of LLM layer ``resolved.layer_map[i]``.
+
+    ``attention: self`` joins them to the image keys/values (post-RoPE keys); ``attention: cross`` reads them through
+    a cross-attention (pre-RoPE keys, no key norm). ``model.text_key_rope: false`` gives the self-attention pre-RoPE
+    keys and image positions from 0. A DiT layer past the map (``None``) attends to image tokens only, or, with
+    ``model.unfused_text: hidden``, to the LLM's hidden state as the shallow baselines read it
+    (:class:`ContextEmbedder`, then each layer's :class:`~fusedit.models.attention.ProjectedKV`; a cross-attention
+    with key norm for ``attention: cross``)."""
 
     def __init__(self, resolved: ResolvedModelConfig) -> None:
         super().__init__(resolved)
