@@ -19,11 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tools" / "gpu_check.sh"
 
 
-def _load(name: str):
-    return load_tool(name)
-
-
-gpu_check = _load("gpu_check")
+gpu_check = load_tool("gpu_check")
 
 
 def run_check(tmp_path, *args, timeout=900):
@@ -148,7 +144,7 @@ def test_unknown_step_is_a_usage_error(tmp_path):
 
 
 def test_fixture_discovery_counts_a_vendored_copy_once(tmp_path):
-    helper = _load("gpu_check_helper")
+    helper = load_tool("gpu_check_helper")
     for root in ("vendored", "shared"):
         folder = tmp_path / root / "reference-tiny"
         (folder / "pipeline").mkdir(parents=True)
@@ -166,7 +162,7 @@ def test_fixture_discovery_counts_a_vendored_copy_once(tmp_path):
 
 def test_fixtures_used_by_the_tests_are_found():
     """Every reference fixture the tests use is in the parity step (the variants; the shared one when present)."""
-    helper = _load("gpu_check_helper")
+    helper = load_tool("gpu_check_helper")
     names = {f.name for f in helper.find_fixtures(helper.default_fixture_roots())}
     index = json.loads((REPO / "tests" / "fixtures" / "reference_variants" / "index.json").read_text())
     assert set(index["variants"]) <= names

@@ -9,15 +9,11 @@ from fusedit.data.shapes import ShapesWorld
 from fusedit.text.config import TextConfig
 from fusedit.text.encoder import TextEncoder
 
-from ..tool_loader import load_tool as load_tool_named
-
-
-def load_tool():
-    return load_tool_named("probe_text_binding")
+from ..tool_loader import load_tool
 
 
 def test_probe_reads_a_planted_signal_and_not_noise():
-    tool = load_tool()
+    tool = load_tool("probe_text_binding")
     gen = torch.Generator().manual_seed(0)
     y = torch.randint(0, 6, (600,), generator=gen)
     test = torch.arange(600) % 4 == 0
@@ -28,10 +24,10 @@ def test_probe_reads_a_planted_signal_and_not_noise():
     assert tool.probe_accuracy(noise, y, test) < 0.35  # chance 1/6
 
 
-def test_features_sit_at_each_shape_word(tiny_llm_dir, capsys):
+def test_features_sit_at_each_shape_word(tiny_llm_dir):
     """One row per object at its own shape word: layer 0 of a causal LLM sees that word alone, so its keys and
     values are one vector per shape whatever the color (a row taken at the color word would differ per color)."""
-    tool = load_tool()
+    tool = load_tool("probe_text_binding")
     world = ShapesWorld(ShapesWorldConfig(), 32)
     specs = tool.two_color_prompts(world)[:40]
     shapes = sorted({o.shape for s in specs for o in s.objects})

@@ -11,11 +11,7 @@ import numpy as np
 from fusedit.data.config import ShapesWorldConfig
 from fusedit.data.shapes import ShapesWorld
 
-from ..tool_loader import load_tool as load_tool_named
-
-
-def load_tool():
-    return load_tool_named("shapes_binding")
+from ..tool_loader import load_tool
 
 
 def write_evaluation(folder: Path, world: ShapesWorld, images: list[np.ndarray], prompts: list[str]) -> Path:
@@ -27,7 +23,7 @@ def write_evaluation(folder: Path, world: ShapesWorld, images: list[np.ndarray],
 
 
 def test_right_renders_bind_every_shape_and_one_shape_twice_or_swapped_is_counted(tmp_path, capsys):
-    tool = load_tool()
+    tool = load_tool("shapes_binding")
     world = ShapesWorld(ShapesWorldConfig(), 32)
     rng = np.random.default_rng(0)
     prompts = [s.text for s in world.training_prompts("color_attr") if s.objects[0].shape != s.objects[1].shape][:12]

@@ -12,12 +12,7 @@ from fusedit.data.shapes import PALETTE, parse_prompt
 
 from ..tool_loader import load_tool
 
-
-def _load(name: str):
-    return load_tool(name)
-
-
-teal_tutorial = _load("teal_tutorial")
+teal_tutorial = load_tool("teal_tutorial")
 
 
 def _has(image: np.ndarray, rgb: tuple[int, int, int]) -> bool:

@@ -251,14 +251,15 @@ def naive_forward(model, decoder, family, x, timestep, ids, mask, pooled=None, h
             z = image_finish(block, z, image_self, mods, cross)
         h = h_new
     image_only = torch.ones(b, n_img, n_img, dtype=torch.bool)
+    if hidden is not None:  # embedded once: RMSNorm -> Linear, as the shallow baselines
+        ce = model.context_embedder
+        text_h = ce[1](gemma_rms(hidden, ce[0].weight, eps))
     for i in range(len(fused), r.num_layers):  # layers past the map: image tokens only, or the LLM's hidden state
         block = model.layers[i]
         qi, ki, vi, mods = image_attention_inputs(block, z)
         if hidden is None:
             z = image_finish(block, z, softmax_attention(qi, ki, vi, image_only), mods)
             continue
-        ce = model.context_embedder
-        text_h = ce[1](gemma_rms(hidden, ce[0].weight, eps))  # RMSNorm -> Linear, as the shallow baselines
         if c.attention == "self":  # joined to the image self-attention, keys RMS-normed (qk_norm), no RoPE
             at = block.self_attn
             tk = gemma_rms(heads(at.text_source.text_k_proj(text_h), KV_HEADS), at.k_norm.weight, eps)
@@ -607,9 +608,9 @@ def test_unfused_layers_reading_the_llm_hidden_state_match_naive(attention, fami
     randomize(model, 11)
     requirements = model.text_requirements()
     assert requirements.hidden_states_index == -1
-    assert [
-        type(b.self_attn.text_source).__name__ if b.self_attn.text_source is not None else None for b in model.layers
-    ][-1] == ("ProjectedKV" if attention == "self" else None)
+    last = model.layers[-1]
+    reader = last.self_attn.text_source if attention == "self" else last.cross_attn.text_source
+    assert type(reader).__name__ == "ProjectedKV"
     for padding_side in ("left", "right"):
         x, t, ids, mask = inputs(12, padding_side)
         hidden = decoder(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states[-1]
