@@ -157,3 +157,19 @@ def test_study_manifests_name_the_commit_loaded_at_start(tmp_path, monkeypatch):
     grid = study_grid.load_grid(write_grid(tmp_path))
     study_runner.run_study(grid, tmp_path / "s", train_fn=train, eval_fn=evaluate, log=lambda m: None)
     assert seen == ["loaded-at-start"] * 4
+
+
+def test_failure_table_names_the_variants_whose_evaluations_lack_failure_counts():
+    def result(variant: str, failures: bool) -> dict:
+        r = {"variant": variant, "correct": {"x": [True, False, False, False]}}
+        return {**r, "failures": {"x": {"shape": 3}}} if failures else r
+
+    results = [result("deep", True), result("deep", True), result("old", True), result("old", False)]
+    lines = report_sections.failure_section(results, ["deep", "old", "never-ran"])
+    assert "| deep | 0.25 ± 0.00 |" in "\n".join(lines)
+    assert not any(line.startswith("| old |") for line in lines)
+    assert [line for line in lines if line.startswith("Not shown")] == [
+        "Not shown: old, some of whose evaluations predate the failure counts "
+        "(`python tools/shapes_binding.py RUN/eval-shapes` counts them from the saved images)."
+    ]
+    assert report_sections.failure_section([result("old", False)], ["old"]) == []
