@@ -117,6 +117,28 @@ def test_wall_time_lines_say_where_times_come_from():
     assert "taken from file times for 1" in text
     assert "**61 min** of wall time in 1 call(s): 61 min for 2 run(s) at 2 at a time, 1 thread(s) each." in text
     assert study_timing.wall_time_lines([], []) == []
+    killed = {"minutes": None, "runs": 2, "jobs": 2, "threads": 1, "finished": False}
+    text = " ".join(study_timing.wall_time_lines(results, [*sessions, killed]))
+    assert "**61 min** of wall time in 1 call(s)" in text
+    assert "Besides these, 1 call(s) recorded no time: killed outright" in text and "longer than this total" in text
+    text = " ".join(study_timing.wall_time_lines(results, [killed]))
+    assert "Whole study" not in text and "1 call(s) recorded no time" in text
+
+
+def test_a_call_is_on_record_from_its_start_and_completed_when_it_ends(tmp_path):
+    with study_timing.study_session(tmp_path, runs=3, jobs=2, threads=1):
+        (started,) = study_timing.read_sessions(tmp_path)
+        assert started["minutes"] is None and not started["finished"]  # what a kill -9 now would leave
+    (ended,) = study_timing.read_sessions(tmp_path)
+    assert ended["minutes"] >= 0 and ended["finished"] and ended["runs"] == 3
+    with study_timing.study_session(tmp_path, runs=0, jobs=1, threads=1):
+        pass
+    assert len(study_timing.read_sessions(tmp_path)) == 1
+    old = {"started": "2026-12-01T00:00:00+00:00", "minutes": 5.0, "jobs": 1, "threads": 1, "runs": 1, "finished": True}
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / study_timing.SESSIONS_NAME).write_text(json.dumps(old) + "\n" + json.dumps(old) + "\n")
+    assert len(study_timing.read_sessions(legacy)) == 2  # lines without a call id are one call each
 
 
 def test_controls_section_flags_failing_or_differing_controls():

@@ -232,6 +232,8 @@ def test_stopping_the_parent_stops_its_workers(tmp_path, how):
             deadline = time.monotonic() + 30
             while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
                 time.sleep(0.2)
+            # the call is on record, without a time
+            assert [s["minutes"] for s in study_timing.read_sessions(out)] == [None]
         # after Ctrl-C or SIGTERM, the parent stopped its workers before it exited
         assert not any(alive(pid) for pid in workers), output.read_text()
         if how != "sigkill":

@@ -4,9 +4,11 @@
   its seconds when it ends, also when it ends by an exception (Ctrl-C, a failed step), so a run interrupted and
   resumed reports the sum of its segments. Only a process killed outright (``kill -9``, power loss) loses the
   segment it was in. ``threads`` is ``torch.get_num_threads()`` of the last segment's process.
-* Per study, ``<study>/study_sessions.jsonl``: one line per ``fusedit study`` call that had runs to train or
-  evaluate, ``{"started", "minutes", "jobs", "threads", "runs", "finished"}`` (``runs``: how many were pending,
-  ``finished``: whether the call got through them, false after an interruption or a failed run).
+* Per study, ``<study>/study_sessions.jsonl``: per ``fusedit study`` call that had runs to train or evaluate,
+  ``{"call", "started", "minutes", "jobs", "threads", "runs", "finished"}`` (``call``: a random id) (``runs``: how many were pending,
+  ``finished``: whether the call got through them, false after an interruption or a failed run). A line with
+  ``"minutes": null`` is written when the call starts and a complete one when it ends; a call killed outright keeps
+  only the first, so the report can say that its time is unknown instead of leaving it out of the total.
 
 A run trained before a study recorded times has no ``study_timing.json``; :func:`run_timing` then falls back on its
 files' modification times and says so (``"source": "file times"``), which overstate an interrupted run.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -69,35 +72,47 @@ def run_timing(run: PlannedRun) -> dict:
 
 @contextmanager
 def study_session(out: Path, *, runs: int, jobs: int, threads: int | None) -> Iterator[None]:
-    """Append this call's line to ``out/study_sessions.jsonl`` when the ``with`` block ends, however it ends
-    (nothing when ``runs`` is 0: a call that only reused finished runs cost no study time)."""
+    """Record this call in ``out/study_sessions.jsonl``: a line without minutes now, the complete line when the
+    ``with`` block ends, however it ends (nothing when ``runs`` is 0: a call that only reused finished runs cost no
+    study time)."""
     if runs == 0:
         yield
         return
-    started, start = datetime.now(timezone.utc), time.perf_counter()
-    finished = False
+    line = {
+        "call": uuid.uuid4().hex,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "minutes": None,
+        "jobs": jobs,
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "runs": runs,
+        "finished": False,
+    }
+    _append_session(out, line)
+    start = time.perf_counter()
     try:
         yield
-        finished = True
+        line["finished"] = True
     finally:
-        line = {
-            "started": started.isoformat(timespec="seconds"),
-            "minutes": (time.perf_counter() - start) / 60,
-            "jobs": jobs,
-            "threads": threads if threads is not None else torch.get_num_threads(),
-            "runs": runs,
-            "finished": finished,
-        }
-        with open(out / SESSIONS_NAME, "a") as file:
-            file.write(json.dumps(line) + "\n")
+        _append_session(out, {**line, "minutes": (time.perf_counter() - start) / 60})
+
+
+def _append_session(out: Path, line: dict) -> None:
+    with open(out / SESSIONS_NAME, "a") as file:
+        file.write(json.dumps(line) + "\n")
 
 
 def read_sessions(out: Path) -> list[dict]:
-    """The lines of ``out/study_sessions.jsonl`` (empty when the study recorded none)."""
+    """One entry per recorded call of ``out/study_sessions.jsonl``, in order (empty when the study recorded none):
+    a call's complete line where it wrote one, else its start line (``"minutes": None``: killed outright)."""
     path = out / SESSIONS_NAME
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    calls: dict[str, dict] = {}
+    for number, text in enumerate(path.read_text().splitlines()):
+        if text.strip():
+            line = json.loads(text)
+            calls[line.get("call") or f"line {number}"] = line  # lines written before calls had ids: one each
+    return list(calls.values())
 
 
 def wall_time_lines(results: Sequence[dict], sessions: Sequence[dict]) -> list[str]:
@@ -118,12 +133,20 @@ def wall_time_lines(results: Sequence[dict], sessions: Sequence[dict]) -> list[s
                 "run that was interrupted)"
             )
         lines.append("Per-run times: " + "; ".join(parts) + ".")
-    if sessions:
-        total = sum(s["minutes"] for s in sessions)
+    timed_calls = [s for s in sessions if s.get("minutes") is not None]
+    killed = len(sessions) - len(timed_calls)
+    if timed_calls:
+        total = sum(s["minutes"] for s in timed_calls)
         calls = ", ".join(
             f"{s['minutes']:.0f} min for {s['runs']} run(s) at {s['jobs']} at a time, {s['threads']} thread(s) each"
             + ("" if s["finished"] else " (interrupted)")
-            for s in sessions
+            for s in timed_calls
         )
-        lines.append(f"Whole study: **{total:.0f} min** of wall time in {len(sessions)} call(s): {calls}.")
+        lines.append(f"Whole study: **{total:.0f} min** of wall time in {len(timed_calls)} call(s): {calls}.")
+    if killed:
+        lines.append(
+            f"{'Besides these, ' if timed_calls else ''}{killed} call(s) recorded no time: killed outright (their runs "
+            "resume in a later call) or still running, so the study took longer than "
+            + ("this total." if timed_calls else "the per-run times say.")
+        )
     return [" ".join(lines), ""] if lines else []
