@@ -5,10 +5,11 @@
   resumed reports the sum of its segments. Only a process killed outright (``kill -9``, power loss) loses the
   segment it was in. ``threads`` is ``torch.get_num_threads()`` of the last segment's process.
 * Per study, ``<study>/study_sessions.jsonl``: per ``fusedit study`` call that had runs to train or evaluate,
-  ``{"call", "started", "minutes", "jobs", "threads", "runs", "finished"}`` (``call``: a random id) (``runs``: how many were pending,
-  ``finished``: whether the call got through them, false after an interruption or a failed run). A line with
-  ``"minutes": null`` is written when the call starts and a complete one when it ends; a call killed outright keeps
-  only the first, so the report can say that its time is unknown instead of leaving it out of the total.
+  ``{"call", "started", "minutes", "jobs", "threads", "runs", "finished"}`` (``call``: a random id, ``runs``: how
+  many were pending, ``finished``: whether the call got through them, false after an interruption or a failed run).
+  A line with ``"minutes": null`` is written when the call starts and a complete one when it ends; a call killed
+  outright keeps only the first, so the report can say that its time is unknown instead of leaving it out of the
+  total.
 
 A run trained before a study recorded times has no ``study_timing.json``; :func:`run_timing` then falls back on its
 files' modification times and says so (``"source": "file times"``), which overstate an interrupted run.
