@@ -122,7 +122,7 @@ def test_wall_time_lines_say_where_times_come_from():
     assert "**61 min** of wall time in 1 call(s)" in text
     assert "Besides these, 1 call(s) recorded no time: killed outright" in text and "longer than this total" in text
     text = " ".join(study_timing.wall_time_lines(results, [killed]))
-    assert "Whole study" not in text and "1 call(s) recorded no time" in text
+    assert "Whole study" not in text and "1 call(s) recorded no time" in text and "wall time is not known" in text
 
 
 def test_a_call_is_on_record_from_its_start_and_completed_when_it_ends(tmp_path):

@@ -104,7 +104,8 @@ def _append_session(out: Path, line: dict) -> None:
 
 def read_sessions(out: Path) -> list[dict]:
     """One entry per recorded call of ``out/study_sessions.jsonl``, in order (empty when the study recorded none):
-    a call's complete line where it wrote one, else its start line (``"minutes": None``: killed outright)."""
+    a call's complete line where it wrote one, else its start line (``"minutes": None``: killed outright, or still
+    running)."""
     path = out / SESSIONS_NAME
     if not path.is_file():
         return []
@@ -147,7 +148,7 @@ def wall_time_lines(results: Sequence[dict], sessions: Sequence[dict]) -> list[s
     if killed:
         lines.append(
             f"{'Besides these, ' if timed_calls else ''}{killed} call(s) recorded no time: killed outright (their runs "
-            "resume in a later call) or still running, so the study took longer than "
-            + ("this total." if timed_calls else "the per-run times say.")
+            "resume in a later call) or still running, so "
+            + ("the study took longer than this total." if timed_calls else "the study's wall time is not known.")
         )
     return [" ".join(lines), ""] if lines else []
