@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 import fusedit.models.attention as attention_module
-from fusedit.data.shapes import PromptSpec, ShapesWorld, object_side, shape_mask
+from fusedit.data.shapes import PromptSpec, ShapesWorld, image_to_tensor, object_side, shape_mask
 from fusedit.data.shapes_grammar import COLORS, SHAPES
+from fusedit.flow import interpolate, timestep_input
 
 CATEGORIES = ("position", "color_attr")
 OWN_MIN, OTHER_MAX = 0.3, 0.05  # a patch is object A's: >= 30 % of its pixels A's, < 5 % B's
@@ -132,13 +133,13 @@ def measure(model, encoder, world: ShapesWorld, specs: Sequence[PromptSpec], sig
     tallies: dict = defaultdict(Tally)
     for spec in specs:
         placed = world.scene(spec, rng)
-        x0 = torch.from_numpy(world.draw(placed)).permute(2, 0, 1)[None].float() / 127.5 - 1
-        x_sigma = (1 - sigma) * x0 + sigma * torch.randn(x0.shape, generator=generator)
+        x0 = image_to_tensor(world.draw(placed))[None]
+        x_sigma = interpolate(x0, torch.randn(x0.shape, generator=generator), torch.tensor(sigma))
         with torch.no_grad():
             context = encoder.encode([spec.text])
             num_text = context.mask.shape[1]
             with recorded_attention() as calls:
-                model(x_sigma, torch.tensor([sigma * 1000.0]), context)
+                model(x_sigma, timestep_input(torch.tensor([sigma])), context)
         fractions = patch_fractions(world, placed, model.patch_size)
         shape_at, color_at = word_positions(encoder, spec.text, num_text)
         # scene objects are in prompt order: placed[i] is spec.objects[i], and so are the words
