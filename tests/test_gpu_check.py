@@ -117,6 +117,19 @@ def test_planted_hang_is_killed_at_the_step_timeout(tmp_path):
 
 
 @pytest.mark.slow  # several seconds: subprocesses / the full control set
+def test_steps_that_need_a_failed_step_are_skipped(tmp_path):
+    only = "fsdp-train,fsdp-resume,fsdp-sample"
+    code, records, _ = run_check(
+        tmp_path, "--device", "cpu", "--quick", "--only", only, "--skip", "environment", "--plant-failure", "fsdp-train"
+    )
+    assert code == 1
+    statuses = [(r["step"], r["status"]) for r in records[:-1]]
+    assert statuses == [("fsdp-train", "fail"), ("fsdp-resume", "skipped"), ("fsdp-sample", "skipped")]
+    assert all(r["error"] == "needs fsdp-train, which did not pass" for r in records[1:-1])
+    assert records[-1]["skipped"] == ["fsdp-resume", "fsdp-sample"] and records[-1]["ok"] is False
+
+
+@pytest.mark.slow  # several seconds: subprocesses / the full control set
 def test_exhausted_budget_skips_steps_and_fails(tmp_path):
     code, records, _ = run_check(tmp_path, "--device", "cpu", "--quick", "--only", "bench-train", "--budget", "1")
     assert code == 1
