@@ -53,8 +53,8 @@ gpu-check:
 gpu-check-cpu: venv
 	PYTHON=$(PY) bash tools/gpu_check.sh --device cpu --quick $(GPU_CHECK_ARGS)
 
-# Before a run on a lent device machine: wheels the device image lacks into .whl/, ../shared/fixtures into
-# .gpu-fixtures/ (both git-ignored; name them in the run tool's carry).
+# Before a run on a lent device machine: wheels the device image lacks into .whl/ (git-ignored; name it in the run
+# tool's carry).
 gpu-prepare: venv
 	PYTHON=$(PY) bash tools/gpu_check.sh --prepare
 

@@ -158,29 +158,26 @@ def test_unknown_step_is_a_usage_error(tmp_path):
 
 def test_fixture_discovery_counts_a_vendored_copy_once(tmp_path):
     helper = load_tool("gpu_check_helper")
-    for root in ("vendored", "shared"):
+    for root in ("vendored", "copy"):
         folder = tmp_path / root / "reference-tiny"
         (folder / "pipeline").mkdir(parents=True)
         (folder / "expected.json").write_text("{}")
         (folder / "expected.safetensors").write_bytes(b"same bytes")
-    other = tmp_path / "shared" / "other"
+    other = tmp_path / "copy" / "other"
     (other / "pipeline").mkdir(parents=True)
     (other / "expected.json").write_text("{}")
     (other / "expected.safetensors").write_bytes(b"other bytes")
-    found = helper.find_fixtures([tmp_path / "vendored", tmp_path / "missing", tmp_path / "shared"])
+    found = helper.find_fixtures([tmp_path / "vendored", tmp_path / "missing", tmp_path / "copy"])
     assert found == [other, tmp_path / "vendored" / "reference-tiny"]
-    roots = helper.default_fixture_roots()
-    assert REPO / "tests" / "fixtures" in roots and REPO.parent / "shared" / "fixtures" in roots
+    assert helper.default_fixture_roots()[0] == REPO / "tests" / "fixtures"
 
 
 def test_fixtures_used_by_the_tests_are_found():
-    """Every reference fixture the tests use is in the parity step (the variants; the shared one when present)."""
+    """Every reference fixture the tests use is in the parity step (the variants and ``reference-tiny``)."""
     helper = load_tool("gpu_check_helper")
     names = {f.name for f in helper.find_fixtures(helper.default_fixture_roots())}
     index = json.loads((REPO / "tests" / "fixtures" / "reference_variants" / "index.json").read_text())
-    assert set(index["variants"]) <= names
-    if (REPO.parent / "shared" / "fixtures" / "reference-tiny" / "expected.json").is_file():
-        assert "reference-tiny" in names
+    assert set(index["variants"]) <= names and "reference-tiny" in names
 
 
 def test_targets_compare_the_best_of_eager_and_compiled():

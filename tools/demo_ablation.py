@@ -237,7 +237,7 @@ def quick_suite(run: Path, guidance_scale: float | None = None) -> dict:
     }
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("overrides", nargs="*", help="demo config overrides, key=value")
@@ -281,28 +281,38 @@ def main() -> None:
         help="also sample every held-out position prompt with two colors twice at each guidance "
         "scale and print the POSITIONS breakdown of those images (PLACEMENT lines)",
     )
-    args = parser.parse_intermixed_args()
+    return parser
+
+
+def train_variant(args: argparse.Namespace, run: Path) -> None:
+    """Pretrain (or reuse) the variant's tiny LLM under ``args.out`` and train the demo with the overrides into
+    ``run`` (replacing what is there)."""
+    from fusedit.data.shapes import ShapesWorld
+    from fusedit.experiment import load_experiment
+    from fusedit.text.tiny_llm import ensure_shapes_world_llm
+    from fusedit.train.launch import train_run
+
+    base = load_experiment("demo", args.overrides)
+    world = ShapesWorld(base.data.shapes, base.data.resolution)
+    llm_config = TinyLLMConfig(
+        corpus=args.llm_corpus,
+        steps=args.llm_steps,
+        scene_loss_weight=args.llm_scene_weight,
+        scene_scope=args.llm_scene_scope,
+        num_hidden_layers=args.llm_layers,
+    )
+    llm = ensure_shapes_world_llm(args.out / "tiny-llm", world, llm_config)
+    config = load_experiment("demo", args.overrides + [f"text.llm={llm}"])
+    shutil.rmtree(run, ignore_errors=True)
+    train_run(config, run, device="cpu", progress=False)
+
+
+def main() -> None:
+    args = build_parser().parse_intermixed_args()
     torch.set_num_threads(1)
     run = args.out / "fusedit"
     if not args.probe_only:
-        from fusedit.data.shapes import ShapesWorld
-        from fusedit.experiment import load_experiment
-        from fusedit.text.tiny_llm import ensure_shapes_world_llm
-        from fusedit.train.launch import train_run
-
-        base = load_experiment("demo", args.overrides)
-        world = ShapesWorld(base.data.shapes, base.data.resolution)
-        llm_config = TinyLLMConfig(
-            corpus=args.llm_corpus,
-            steps=args.llm_steps,
-            scene_loss_weight=args.llm_scene_weight,
-            scene_scope=args.llm_scene_scope,
-            num_hidden_layers=args.llm_layers,
-        )
-        llm = ensure_shapes_world_llm(args.out / "tiny-llm", world, llm_config)
-        config = load_experiment("demo", args.overrides + [f"text.llm={llm}"])
-        shutil.rmtree(run, ignore_errors=True)
-        train_run(config, run, device="cpu", progress=False)
+        train_variant(args, run)
     if args.suite:
         print("SUITE", json.dumps(quick_suite(run, args.cfg)), flush=True)
     else:

@@ -4,7 +4,7 @@
 #   tools/gpu_check.sh                       # on a GPU machine: every step, JSON lines + summary, exit 0 iff all pass
 #   tools/gpu_check.sh --device cpu --quick  # every step at tiny size on the CPU (what the tests run)
 #   tools/gpu_check.sh --prepare             # here, before a device run: fetch the wheels the device image lacks
-#                                            # into .whl/ and copy ../shared/fixtures into .gpu-fixtures/
+#                                            # into .whl/
 #   tools/gpu_check.sh --help                # every option (tools/gpu_check.py)
 #
 # Python: $PYTHON if set; else the first of .venv/bin/python and python3 whose torch sees CUDA (for --device cpu:
@@ -30,14 +30,8 @@ prepare() {
     "$py" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d .whl $GPU_CHECK_WHEELS || { echo "gpu_check: pip download of $GPU_CHECK_WHEELS failed" >&2; return 1; }
-    if [ -d ../shared/fixtures ]; then
-        rm -rf .gpu-fixtures
-        cp -r ../shared/fixtures .gpu-fixtures
-        chmod -R u+w .gpu-fixtures
-    fi
     echo "prepared: $(ls .whl | tr '\n' ' ')" >&2
-    [ -d .gpu-fixtures ] && echo "prepared: .gpu-fixtures/ ($(du -sh .gpu-fixtures | cut -f1))" >&2
-    echo "carry: [\".whl\", \".gpu-fixtures\"] (both are git-ignored; together $(du -shc .whl .gpu-fixtures 2>/dev/null | tail -1 | cut -f1))" >&2
+    echo "carry: [\".whl\"] (git-ignored; $(du -sh .whl | cut -f1))" >&2
 }
 
 device=cuda
@@ -80,9 +74,6 @@ if [ "${GPU_CHECK_FORCE_WHEELS:-0}" = 1 ] || ! "$py" -c "$deps" >/dev/null 2>&1;
         echo "gpu_check: $py cannot import the dependencies ($deps) and there is no .whl/ to install from" \
              "(tools/gpu_check.sh --prepare fetches them); the environment step will say what is missing" >&2
     fi
-fi
-if [ -d .gpu-fixtures ]; then
-    export GPU_CHECK_FIXTURES="$repo/.gpu-fixtures${GPU_CHECK_FIXTURES:+:$GPU_CHECK_FIXTURES}"
 fi
 export PYTHONPATH="$repo/src${PYTHONPATH:+:$PYTHONPATH}"
 exec "$py" tools/gpu_check.py "$@"

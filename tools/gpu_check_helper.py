@@ -37,17 +37,17 @@ FP32_TOLERANCE = 1e-4
 
 
 def default_fixture_roots() -> list[Path]:
-    """Where reference fixtures live: ``tests/fixtures/`` (all of it, recursively), the shared fixture folder next to
-    the checkout (``../shared/fixtures``, today's home of ``reference-tiny``), and ``$GPU_CHECK_FIXTURES``
-    (os.pathsep-separated). Missing roots are ignored."""
-    roots = [REPO / "tests" / "fixtures", REPO.parent / "shared" / "fixtures"]
+    """Where reference fixtures live: ``tests/fixtures/`` (all of it, recursively: ``reference-tiny`` and
+    ``reference_variants``) and ``$GPU_CHECK_FIXTURES`` (os.pathsep-separated, for fixtures made elsewhere). Missing
+    roots are ignored."""
+    roots = [REPO / "tests" / "fixtures"]
     roots += [Path(p) for p in os.environ.get("GPU_CHECK_FIXTURES", "").split(os.pathsep) if p]
     return roots
 
 
 def find_fixtures(roots) -> list[Path]:
     """Fixture folders (``expected.json`` + ``expected.safetensors`` + ``pipeline/``) under ``roots``, sorted by name;
-    the same fixture found twice (identical ``expected.safetensors``, e.g. vendored and shared copies) counts once,
+    the same fixture found twice (identical ``expected.safetensors``, e.g. a fixture and a copy of it) counts once,
     the first root winning."""
     found, seen = [], set()
     for root in roots:
@@ -112,6 +112,42 @@ def _largest(results: list[dict], key: str):
     return max(values) if values else None
 
 
+def _compare_fixture(folder: Path, device: str, tolerance: float) -> dict:
+    """One fixture sampled on the CPU in fp32 and on ``device`` in fp32 and bf16: the largest absolute latent
+    differences between them and against the reference's latents. Any error is recorded, not raised (every fixture
+    is reported, not only the first failure)."""
+    import torch
+
+    entry = {"fixture": folder.name, "path": str(folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder)}
+    started = time.perf_counter()
+    try:
+        cpu, reference, key = _sample_fixture(folder, "cpu", torch.float32)
+        dev32, _, _ = _sample_fixture(folder, device, torch.float32)
+        dev16, _, _ = _sample_fixture(folder, device, torch.bfloat16)
+        entry.update(
+            reference_key=key,
+            fp32_max_abs_vs_cpu=_max_abs(dev32, cpu),
+            fp32_max_abs_vs_reference=_max_abs(dev32, reference),
+            cpu_max_abs_vs_reference=_max_abs(cpu, reference),
+            bf16_max_abs_vs_cpu_fp32=_max_abs(dev16, cpu),
+            bf16_max_abs_vs_reference=_max_abs(dev16, reference),
+            latent_abs_max=cpu.abs().max().item(),
+        )
+        fp32 = entry["fp32_max_abs_vs_cpu"]
+        entry["pass"] = fp32 is not None and fp32 <= tolerance and entry["bf16_max_abs_vs_cpu_fp32"] is not None
+        if not entry["pass"]:
+            entry["error"] = (
+                f"fp32 {device} vs CPU: {fp32} (tolerance {tolerance}); bf16 vs CPU fp32: "
+                f"{entry['bf16_max_abs_vs_cpu_fp32']} (None = not finite)"
+            )
+    except Exception as error:  # report every fixture, not only the first failure
+        entry.update({"pass": False, "error": f"{type(error).__name__}: {error}"})
+    entry["seconds"] = round(time.perf_counter() - started, 3)
+    details = json.dumps({k: v for k, v in entry.items() if k not in ("fixture", "path")})
+    print(f"parity {entry['fixture']}: {'ok' if entry['pass'] else 'FAIL'} {details}", file=sys.stderr)
+    return entry
+
+
 def cmd_parity(args) -> int:
     import torch
 
@@ -128,47 +164,8 @@ def cmd_parity(args) -> int:
     fixtures = find_fixtures(roots)
     if args.limit:
         fixtures = fixtures[: args.limit]
-    results, ok = [], bool(fixtures)
-    for folder in fixtures:
-        entry = {
-            "fixture": folder.name,
-            "path": str(folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder),
-        }
-        started = time.perf_counter()
-        try:
-            cpu, reference, key = _sample_fixture(folder, "cpu", torch.float32)
-            dev32, _, _ = _sample_fixture(folder, device, torch.float32)
-            dev16, _, _ = _sample_fixture(folder, device, torch.bfloat16)
-            entry.update(
-                reference_key=key,
-                fp32_max_abs_vs_cpu=_max_abs(dev32, cpu),
-                fp32_max_abs_vs_reference=_max_abs(dev32, reference),
-                cpu_max_abs_vs_reference=_max_abs(cpu, reference),
-                bf16_max_abs_vs_cpu_fp32=_max_abs(dev16, cpu),
-                bf16_max_abs_vs_reference=_max_abs(dev16, reference),
-                latent_abs_max=cpu.abs().max().item(),
-            )
-            fp32 = entry["fp32_max_abs_vs_cpu"]
-            entry["pass"] = (
-                fp32 is not None and fp32 <= args.tolerance and entry["bf16_max_abs_vs_cpu_fp32"] is not None
-            )
-            if not entry["pass"]:
-                entry["error"] = (
-                    f"fp32 {device} vs CPU: {fp32} (tolerance {args.tolerance}); bf16 vs CPU fp32: "
-                    f"{entry['bf16_max_abs_vs_cpu_fp32']} (None = not finite)"
-                )
-        except Exception as error:  # report every fixture, not only the first failure
-            entry.update({"pass": False, "error": f"{type(error).__name__}: {error}"})
-        entry["seconds"] = round(time.perf_counter() - started, 3)
-        ok = ok and entry["pass"]
-        results.append(entry)
-        print(
-            f"parity {entry['fixture']}: "
-            + ("ok" if entry["pass"] else "FAIL")
-            + " "
-            + json.dumps({k: v for k, v in entry.items() if k not in ("fixture", "path")}),
-            file=sys.stderr,
-        )
+    results = [_compare_fixture(folder, device, args.tolerance) for folder in fixtures]
+    ok = bool(fixtures) and all(r["pass"] for r in results)
     summary = {
         "ok": ok,
         "device": device,
@@ -308,7 +305,7 @@ def main(argv=None) -> int:
         "--fixtures",
         nargs="*",
         default=None,
-        help="roots to search (default: tests/fixtures, ../shared/fixtures, $GPU_CHECK_FIXTURES)",
+        help="roots to search (default: tests/fixtures, $GPU_CHECK_FIXTURES)",
     )
     p.add_argument("--limit", type=int, default=0, help="only the first N fixtures (0: all)")
     p.add_argument("--tolerance", type=float, default=FP32_TOLERANCE)

@@ -7,9 +7,9 @@ reference's initialisation zeroes the output projection and the AdaLN-Zero gates
 network), rounds the weights to float16 (so the float16 files written here hold exactly the weights the reference
 ran with, in float32; ``pos_embed_max_size`` is 16 to keep the saved sin-cos table small), saves a pipeline folder
 in the reference's format with its own ``save_pretrained`` (``model_index.json``, ``transformer/``, ``scheduler/``,
-``tokenizer/`` copied from the shared fixture, a tiny ``vae/``, and ``llm/`` for the shallow baselines) and runs
-the reference's sampling (16×16 images, 2× VAE → 16-channel 8×8 latents, 3 Euler steps, CFG 6, 16 text tokens)
-from fixed initial latents:
+``tokenizer/`` copied from ``tests/fixtures/reference-tiny``, a tiny ``vae/``, and ``llm/`` for the shallow
+baselines) and runs the reference's sampling (16×16 images, 2× VAE → 16-channel 8×8 latents, 3 Euler steps, CFG 6,
+16 text tokens) from fixed initial latents:
 
 * FuseDiT (deep fusion): the reference's ``FuseDiTPipeline`` with ``use_cache=False`` (its training-time
   computation; its cached path differs for 2d-rope and crashes for 1d-rope: docs/design.md, "Reference checkpoints").
@@ -31,10 +31,10 @@ Regenerate (CPU only, about two minutes; fixtures were made with the reference a
     /tmp/refenv/bin/pip install torch==2.13.0            # the CPU wheel; never an unpinned torch (CUDA build)
     /tmp/refenv/bin/pip install transformers==4.43.3 diffusers==0.32.0 einops==0.8.0 sentencepiece==0.2.0 \\
         accelerate==0.31.0 safetensors numpy
-    mkdir -p /tmp/fuse-dit-ref     # a checkout of github.com/tang-bd/fuse-dit; here from the local git mirror:
-    git -C /work/.mirror/tang-bd+fuse-dit/repo archive HEAD | tar -x -C /tmp/fuse-dit-ref
+    git clone https://github.com/tang-bd/fuse-dit /tmp/fuse-dit-ref     # the reference implementation
+    git -C /tmp/fuse-dit-ref checkout 5e6431a67f8c87b348bae7af682df19fed164617
     /tmp/refenv/bin/python tools/make_reference_fixtures.py --reference /tmp/fuse-dit-ref \\
-        --tokenizer ../shared/fixtures/reference-tiny/pipeline/tokenizer --out tests/fixtures/reference_variants
+        --tokenizer tests/fixtures/reference-tiny/pipeline/tokenizer --out tests/fixtures/reference_variants
 
 The reference pins torch 2.5.0; its model code runs unchanged on torch 2.13's CPU wheel. ``--only NAME`` regenerates
 one variant. The output is deterministic for a given torch build (seeded). This file imports the reference's
@@ -480,7 +480,12 @@ def versions() -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reference", type=Path, required=True, help="root of a fuse-dit checkout (has diffusion/)")
-    parser.add_argument("--tokenizer", type=Path, required=True, help="tokenizer folder (the shared fixture's)")
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        required=True,
+        help="tokenizer folder (tests/fixtures/reference-tiny/pipeline/tokenizer)",
+    )
     parser.add_argument(
         "--scheduler", type=Path, default=None, help="scheduler folder (default: the tokenizer's sibling scheduler/)"
     )
