@@ -179,43 +179,21 @@ def cmd_parity(ctx: Context) -> list[list[str]]:
     return [argv]
 
 
+def _fsdp_train(ctx: Context, max_steps: int, extra: list[str]) -> list[str]:
+    """``torchrun ... fusedit train demo`` of the FSDP steps into ``ctx.run_dir``, for ``max_steps`` steps."""
+    device = ctx.device.split(":")[0]
+    overrides = train_overrides(ctx, max_steps)
+    return _torchrun(ctx, ["train", "demo", *overrides, *extra, "--run-dir", str(ctx.run_dir), "--device", device])
+
+
 def cmd_fsdp_train(ctx: Context) -> list[list[str]]:
     first, _ = fsdp_steps(ctx)
-    return [
-        _make_llm(ctx),
-        _torchrun(
-            ctx,
-            [
-                "train",
-                "demo",
-                *train_overrides(ctx, first),
-                "--run-dir",
-                str(ctx.run_dir),
-                "--device",
-                ctx.device.split(":")[0],
-            ],
-        ),
-    ]
+    return [_make_llm(ctx), _fsdp_train(ctx, first, [])]
 
 
 def cmd_fsdp_resume(ctx: Context) -> list[list[str]]:
     _, second = fsdp_steps(ctx)
-    return [
-        _torchrun(
-            ctx,
-            [
-                "train",
-                "demo",
-                *train_overrides(ctx, second),
-                "--allow-change",
-                "train.max_steps",
-                "--run-dir",
-                str(ctx.run_dir),
-                "--device",
-                ctx.device.split(":")[0],
-            ],
-        )
-    ]
+    return [_fsdp_train(ctx, second, ["--allow-change", "train.max_steps"])]
 
 
 def cmd_fsdp_sample(ctx: Context) -> list[list[str]]:
