@@ -46,8 +46,10 @@ class TrainConfig:
         llm_lr_scale: learning-rate multiplier of the LLM's parameters when the LLM trains (``text.trainable`` or
             LLM adapters): they form their own AdamW group at ``lr × llm_lr_scale`` (``min_lr`` scaled alike) on the
             same schedule. 1 (the default) keeps a single group.
-        optimizer: ``adamw`` (PyTorch's) or ``adamw8bit`` (bitsandbytes' 8-bit AdamW: a quarter of the optimizer
-            state's memory; needs ``pip install "fusedit[lowmem]"``; not with ``fsdp`` or ``fused_adamw``).
+        optimizer: ``adamw`` (PyTorch's), ``adamw8bit`` (bitsandbytes' 8-bit AdamW: a quarter of the optimizer
+            state's memory; needs ``pip install "fusedit[lowmem]"``; not with ``fsdp`` or ``fused_adamw``) or ``muon``
+            (Muon for the transformer layers' attention and MLP matrices, AdamW for the rest, at the same ``lr`` and
+            ``weight_decay``: :mod:`fusedit.train.muon`; not with ``fsdp`` or ``fused_adamw``).
         distributed: ``none``, ``ddp`` or ``fsdp`` (launched by torchrun).
     """
 
@@ -87,7 +89,7 @@ class TrainConfig:
     cache_text_context: bool = False
     llm_lr_scale: float = 1.0
     distributed: Literal["none", "ddp", "fsdp"] = "none"
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    optimizer: Literal["adamw", "adamw8bit", "muon"] = "adamw"
 
     def validate(self) -> None:
         require(self.max_steps > 0, f"train.max_steps: got {self.max_steps}, expected a positive integer")
@@ -124,8 +126,19 @@ class TrainConfig:
         require(self.warmup_steps >= 0, f"train.warmup_steps: got {self.warmup_steps}, expected >= 0")
         require(self.sample_steps > 0, f"train.sample_steps: got {self.sample_steps}, expected > 0")
         require(self.sample_cfg >= 1, f"train.sample_cfg: got {self.sample_cfg}, expected >= 1 (1 = no guidance)")
-        if self.optimizer == "adamw8bit":
+        self._validate_optimizer()
+
+    def _validate_optimizer(self) -> None:
+        """The combinations ``train.optimizer`` cannot do (both alternatives to AdamW need unsharded weights)."""
+        if self.optimizer != "adamw":
             require(not self.fused_adamw, "train.fused_adamw applies to train.optimizer=adamw; turn one of them off")
+        if self.optimizer == "muon":
+            require(
+                self.distributed != "fsdp",
+                "train.optimizer=muon needs each weight matrix whole on every process, and train.distributed=fsdp "
+                "shards them; use train.distributed=ddp or train.optimizer=adamw",
+            )
+        if self.optimizer == "adamw8bit":
             require(
                 self.distributed != "fsdp",
                 "train.optimizer=adamw8bit does not shard under train.distributed=fsdp (bitsandbytes' 8-bit state "

@@ -1,5 +1,6 @@
-"""The optimizers ``train.optimizer`` names: ``adamw`` (PyTorch's) and ``adamw8bit`` (bitsandbytes' block-wise 8-bit
-AdamW, a quarter of the optimizer state's memory: one byte per state element plus one float32 scale per 256).
+"""The optimizers ``train.optimizer`` names: ``adamw`` (PyTorch's), ``adamw8bit`` (bitsandbytes' block-wise 8-bit
+AdamW, a quarter of the optimizer state's memory: one byte per state element plus one float32 scale per 256) and
+``muon`` (:class:`fusedit.train.muon.MuonAdamW`: Muon for the parameters its groups flag, AdamW for the others).
 
 bitsandbytes is an optional dependency (``pip install "fusedit[lowmem]"``); where it is missing or has no backend for
 the parameters' device, :func:`make_optimizer` raises a one-line :class:`~fusedit.config.ConfigError` saying what to
@@ -16,8 +17,9 @@ from torch import nn
 
 from fusedit.config import ConfigError
 from fusedit.lowmem import import_bitsandbytes
+from fusedit.train.muon import MuonAdamW
 
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "muon")
 #: bitsandbytes keeps 32-bit state for tensors smaller than this (its ``min_8bit_size`` default).
 MIN_8BIT_SIZE = 4096
 #: elements per block of bitsandbytes' block-wise quantisation (one float32 ``absmax`` per block and state).
@@ -37,7 +39,10 @@ def make_optimizer(
     """AdamW over ``params`` (in this order; a list of parameters, or of parameter groups: dicts with ``params`` and
     optionally their own ``lr``): PyTorch's for ``adamw`` (``fused``: its fused kernel), bitsandbytes'
     ``AdamW8bit`` for ``adamw8bit`` (same update rule; its state is 8-bit for tensors of at least
-    :data:`MIN_8BIT_SIZE` elements)."""
+    :data:`MIN_8BIT_SIZE` elements); for ``muon``, :class:`~fusedit.train.muon.MuonAdamW` (each group's ``muon``
+    flags say which parameters Muon updates)."""
+    if name == "muon":
+        return MuonAdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True if fused else None

@@ -13,6 +13,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from fusedit.checkpoint.weights import LLM_PREFIX
 from fusedit.train.config import TrainConfig
+from fusedit.train.muon import uses_muon
 from fusedit.train.optimizers import make_optimizer
 from fusedit.train.schedules import build_lr_scheduler
 
@@ -81,19 +82,19 @@ def training_generators(seed: int, device: torch.device) -> dict[str, torch.Gene
 
 
 def build_optimizer(cfg: TrainConfig, params: dict[str, nn.Parameter]) -> tuple[torch.optim.Optimizer, LRScheduler]:
-    """AdamW (``train.optimizer``: PyTorch's or bitsandbytes' 8-bit) over ``params`` (name → parameter, in this
-    order: checkpoints number the parameters by it) and its LR schedule. With ``train.llm_lr_scale`` ≠ 1 the LLM's
-    parameters (names under ``llm.``, which come after the model's) form a second group at ``lr × llm_lr_scale``;
-    the schedule scales both groups alike."""
-    dit = [p for name, p in params.items() if not name.startswith(LLM_PREFIX)]
-    llm = [p for name, p in params.items() if name.startswith(LLM_PREFIX)]
-    if [id(p) for p in params.values()] != [id(p) for p in dit + llm]:
+    """The optimizer of ``train.optimizer`` over ``params`` (name → parameter, in this order: checkpoints number the
+    parameters by it) and its LR schedule. With ``train.llm_lr_scale`` ≠ 1 the LLM's parameters (names under
+    ``llm.``, which come after the model's) form a second group at ``lr × llm_lr_scale``; the schedule scales both
+    groups alike. For ``muon`` each group flags the parameters Muon updates (:func:`fusedit.train.muon.uses_muon`)."""
+    dit = {name: p for name, p in params.items() if not name.startswith(LLM_PREFIX)}
+    llm = {name: p for name, p in params.items() if name.startswith(LLM_PREFIX)}
+    if list(params) != list(dit) + list(llm):
         raise ValueError("the LLM's parameters (llm.*) must come after the model's: checkpoints number them in order")
     if llm and cfg.llm_lr_scale != 1.0:
-        scaled = {"params": llm, "lr": cfg.lr * cfg.llm_lr_scale}
-        groups: list[dict] = [{"params": dit}, scaled] if dit else [scaled]
+        scaled = {**_group(cfg, llm), "lr": cfg.lr * cfg.llm_lr_scale}
+        groups: list[dict] = [_group(cfg, dit), scaled] if dit else [scaled]
     else:
-        groups = [{"params": dit + llm}]
+        groups = [_group(cfg, params)]
     optimizer = make_optimizer(
         cfg.optimizer,
         groups,
@@ -112,3 +113,11 @@ def build_optimizer(cfg: TrainConfig, params: dict[str, nn.Parameter]) -> tuple[
         min_lr=cfg.min_lr,
     )
     return optimizer, scheduler
+
+
+def _group(cfg: TrainConfig, named: dict[str, nn.Parameter]) -> dict:
+    """One parameter group of ``named`` (in order); for ``train.optimizer=muon`` with the group's Muon flags."""
+    group: dict = {"params": list(named.values())}
+    if cfg.optimizer == "muon":
+        group["muon"] = [uses_muon(name, p) for name, p in named.items()]
+    return group
