@@ -39,17 +39,17 @@ def test_unflagged_parameters_get_torch_adamw_exactly():
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("shape", [(16, 48), (48, 16)])
-def test_flagged_matrices_follow_torch_muon(shape):
+def test_flagged_matrices_follow_torch_muon():
     torch.manual_seed(0)
-    start = [torch.randn(shape)]
-    ours = _train(lambda ps: MuonAdamW([{"params": ps, "muon": [True]}], **HYPER), start)[0]
+    start = [torch.randn(16, 48), torch.randn(16, 48), torch.randn(48, 16)]  # two orthogonalised as one batch
+    ours = _train(lambda ps: MuonAdamW([{"params": ps, "muon": [True] * 3}], **HYPER), start)
     reference = _train(
         lambda ps: torch.optim.Muon(ps, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"), start
-    )[0]
-    moved = (reference - start[0]).norm()
-    # PyTorch runs the Newton-Schulz iteration in bfloat16, ours in float32: the moves agree to about 1 %
-    assert moved > 0.1 and (ours - reference).norm() < 0.02 * moved
+    )
+    for initial, mine, theirs in zip(start, ours, reference, strict=True):
+        moved = (theirs - initial).norm()
+        # both run the Newton-Schulz iteration in bfloat16, rounding in different places: the moves agree to ~2 %
+        assert moved > 0.1 and (mine - theirs).norm() < 0.03 * moved
 
 
 @pytest.mark.parametrize("shape", [(24, 64), (64, 24), (32, 32)])

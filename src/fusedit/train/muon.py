@@ -10,7 +10,7 @@ gradient ``G`` as::
 
 The factor ``0.2 √max(A, B)`` gives the update the root-mean-square size of an AdamW update, so the AdamW learning
 rate and weight decay carry over (Moonshot's "match RMS" rule; PyTorch's ``torch.optim.Muon`` calls it
-``adjust_lr_fn="match_rms_adamw"``; it runs the iteration in bfloat16, this module in float32). Muon is meant for
+``adjust_lr_fn="match_rms_adamw"``). Muon is meant for
 the hidden matrices only: embeddings, output heads, norms, biases and zero-initialised adaLN gates keep AdamW
 (``β₁, β₂, ε`` and decoupled weight decay ``λ``, the update of ``torch.optim.AdamW``).
 
@@ -48,19 +48,22 @@ def uses_muon(name: str, param: nn.Parameter) -> bool:
     )
 
 
-def orthogonalize(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """The Newton–Schulz approximation of the orthogonal factor of ``update`` ``(A, B)``: the same shape, singular
-    values pushed into roughly [0.7, 1.2] (the quintic iteration trades exactness for speed), computed in float32."""
+def orthogonalize(
+    update: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """The Newton–Schulz approximation of the orthogonal factor of each matrix of ``update`` ``(..., A, B)``: the same
+    shape and dtype, singular values pushed into roughly [0.7, 1.2] (the quintic iteration trades exactness for
+    speed). The iteration runs in ``dtype`` (bfloat16, as in Muon's reference implementation and PyTorch's)."""
     a, b, c = NS_COEFFICIENTS
-    x = update.float()
-    x = x / (x.norm() + eps)
-    transposed = x.shape[0] > x.shape[1]
+    x = update.to(dtype)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
+    transposed = x.shape[-2] > x.shape[-1]
     if transposed:
-        x = x.T
+        x = x.mT
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x.T if transposed else x).to(update.dtype)
+    return (x.mT if transposed else x).to(update.dtype)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -101,25 +104,34 @@ class MuonAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            matrices = []
             for flag, param in zip(group["muon"], group["params"], strict=True):
                 if param.grad is None:
                     continue
                 if flag:
-                    self._muon_update(param, param.grad, group)
+                    matrices.append(param)
                 else:
                     self._adamw_update(param, param.grad, group)
+            self._muon_updates(matrices, group)
         return loss
 
-    def _muon_update(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
-        state = self.state[param]
-        if not state:
-            state["momentum_buffer"] = torch.zeros_like(param)
-        buffer = state["momentum_buffer"]
-        buffer.lerp_(grad, 1 - group["momentum"])
-        update = grad.lerp(buffer, group["momentum"])
-        orthogonal = orthogonalize(update, steps=group["ns_steps"])
-        param.mul_(1 - group["lr"] * group["weight_decay"])
-        param.add_(orthogonal, alpha=-group["lr"] * 0.2 * math.sqrt(max(param.shape)))
+    def _muon_updates(self, params: list[torch.Tensor], group: dict[str, Any]) -> None:
+        """Muon's step for ``params`` (matrices with gradients) of ``group``; matrices of one shape are orthogonalised
+        together, as one batch."""
+        by_shape: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for param in params:
+            state = self.state[param]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(param)
+            buffer = state["momentum_buffer"]
+            buffer.lerp_(param.grad, 1 - group["momentum"])
+            update = param.grad.lerp(buffer, group["momentum"])
+            by_shape.setdefault(tuple(param.shape), []).append((param, update))
+        for shape, pairs in by_shape.items():
+            orthogonal = orthogonalize(torch.stack([u for _, u in pairs]), steps=group["ns_steps"])
+            for (param, _), step in zip(pairs, orthogonal, strict=True):
+                param.mul_(1 - group["lr"] * group["weight_decay"])
+                param.add_(step, alpha=-group["lr"] * 0.2 * math.sqrt(max(shape)))
 
     def _adamw_update(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
         state = self.state[param]
