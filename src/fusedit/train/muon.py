@@ -123,9 +123,10 @@ class MuonAdamW(torch.optim.Optimizer):
             state = self.state[param]
             if not state:
                 state["momentum_buffer"] = torch.zeros_like(param)
-            buffer = state["momentum_buffer"]
-            buffer.lerp_(param.grad, 1 - group["momentum"])
-            update = param.grad.lerp(buffer, group["momentum"])
+            buffer, grad = state["momentum_buffer"], param.grad
+            assert grad is not None  # step() passes only parameters with gradients
+            buffer.lerp_(grad, 1 - group["momentum"])
+            update = grad.lerp(buffer, group["momentum"])
             by_shape.setdefault(tuple(param.shape), []).append((param, update))
         for shape, pairs in by_shape.items():
             orthogonal = orthogonalize(torch.stack([u for _, u in pairs]), steps=group["ns_steps"])
