@@ -9,8 +9,9 @@ config (``config.yaml`` plus the changes recorded in ``config_changes.jsonl``) a
 * **allowed** keys (``name``, ``sample.*`` and the ``train.*`` keys not in :data:`FIXED_TRAIN_KEYS`: step count,
   logging, checkpoints, sample grids, optimiser and objective settings) change only when named with
   ``--allow-change KEY``; the change is recorded.
-* every other key (``model.*``, ``text.*``, ``data.*``, ``train.seed``, ``train.batch_size``, ``train.ema_every``)
-  alters the model, the text side or the data stream: the resume is refused, whatever the flags.
+* every other key (``model.*``, ``text.*``, ``data.*``, ``train.seed``, ``train.batch_size``, ``train.ema_every``,
+  ``train.optimizer``) alters the model, the text side, the data stream or what a checkpoint holds: the resume is
+  refused, whatever the flags.
 
 A refused resume raises :class:`RunConfigChangeError` before anything in the run is touched. Recorded changes go to
 ``run_dir/config_changes.jsonl`` (one JSON object per resume that changed something: time, step, ``{key: [old,
@@ -47,7 +48,7 @@ EXECUTION_KEYS = frozenset(
     }
 )
 #: ``train.*`` keys that alter the data stream or the checkpoint's contents: never changed on a resume.
-FIXED_TRAIN_KEYS = frozenset({"train.seed", "train.batch_size", "train.ema_every"})
+FIXED_TRAIN_KEYS = frozenset({"train.seed", "train.batch_size", "train.ema_every", "train.optimizer"})
 #: Sections whose keys may change with ``--allow-change KEY`` (besides :data:`FIXED_TRAIN_KEYS`).
 ALLOWED_SECTIONS = ("train.", "sample.")
 
