@@ -186,3 +186,21 @@ def test_estimate_for_a_training_config(tiny_llm_dir, demo_overrides, capsys):
     assert "config demo" in capsys.readouterr().out
     assert cli_main(["bench", "train", "--estimate-memory", "--config", "demo", "--set", "text.llm=/nonexistent"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_muon_state_is_one_moment_for_its_matrices_and_two_for_the_rest():
+    from fusedit.train.muon import MuonAdamW, uses_muon
+
+    plan = plan_for_preset(TINY, 8)
+    model = DiffusionTransformer(plan.resolved)
+    named = dict(model.named_parameters())
+    optimizer = MuonAdamW(
+        [{"params": list(named.values()), "muon": [uses_muon(n, p) for n, p in named.items()]}], lr=1e-3
+    )
+    for p in named.values():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    real = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+    assert plan.dit.muon > 0 and optimizer_state_bytes(plan.dit.tensors, "muon", plan.dit.muon) == real
+    rows = {n: b for n, b, _ in plan.with_settings(optimizer="muon").estimate().rows}
+    assert rows["optimizer state"] == real

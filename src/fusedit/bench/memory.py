@@ -9,9 +9,11 @@ Where the bytes are (per process, on the training device):
   except while it encodes.
 * **gradients**: float32, one per trained parameter (alive from the backward pass to the optimizer step).
 * **optimizer state**: AdamW's two float32 moments (8 bytes per parameter); bitsandbytes' 8-bit AdamW: two bytes
-  plus two float32 block scales per 256 elements for tensors of at least 4096 elements, 8 bytes for smaller ones.
+  plus two float32 block scales per 256 elements for tensors of at least 4096 elements, 8 bytes for smaller ones;
+  Muon (``muon``): one float32 momentum for each matrix it updates, AdamW's two moments for the other parameters.
   The step's temporaries: one float32 copy of all parameters for the multi-tensor (``foreach``) kernel, the default
-  on CUDA; one of the largest tensor for the single-tensor loop, the default on CPU.
+  on CUDA; one of the largest tensor for the single-tensor loop, the default on CPU; Muon adds at most two float32
+  copies of its matrices (their updates, then stacked by shape for the Newton–Schulz iteration).
 * **activations** (:func:`block_activation_bytes`): what autograd saves in each DiT block, derived from the block's
   structure and counted per tensor: RMSNorm saves its input and normalised output in float32; each linear layer
   reading the normalised residual stream saves its own contiguous copy of its input (the residual stream is laid
@@ -38,6 +40,7 @@ from torch import nn
 
 from fusedit.models.config import ResolvedModelConfig
 from fusedit.models.dit import DiffusionTransformer
+from fusedit.train.muon import uses_muon
 
 FP32 = 4
 MIN_8BIT_SIZE = 4096  # bitsandbytes' min_8bit_size: smaller tensors keep 32-bit state
@@ -54,8 +57,8 @@ class MemorySettings:
         text_keys: text key columns the DiT attends to (after trimming all-padding columns); ``llm_tokens``: the
             columns the LLM runs on (the same with ``text.trim``).
         precision: ``fp32`` or ``bf16`` (autocast with float32 master weights).
-        optimizer: ``adamw`` or ``adamw8bit``; ``optimizer_kernel``: ``foreach`` (CUDA's default), ``single`` (CPU's)
-            or ``fused``.
+        optimizer: ``adamw``, ``adamw8bit`` or ``muon``; ``optimizer_kernel``: ``foreach`` (CUDA's default),
+            ``single`` (CPU's) or ``fused``.
         activation_checkpointing: recompute each block in the backward pass.
         world_size, sharding: ``none``/``ddp`` (replicated) or ``fsdp`` (DiT parameters, gradients and optimizer
             state divided by ``world_size``).
@@ -90,7 +93,7 @@ class MemorySettings:
 class ParameterCounts:
     """Element counts of a module: ``trainable`` parameters (``tensors``: their sizes), ``frozen`` parameters,
     ``buffers``, and ``linear`` weights (the part bf16 autocast copies and int8 quantises; ``linear_rows``: their
-    output rows)."""
+    output rows); ``muon``: the trainable elements ``train.optimizer=muon`` updates with Muon."""
 
     trainable: int
     frozen: int
@@ -98,6 +101,7 @@ class ParameterCounts:
     linear: int
     linear_rows: int
     tensors: tuple[int, ...] = field(default=())
+    muon: int = 0
 
 
 def count_parameters(module: nn.Module) -> ParameterCounts:
@@ -111,6 +115,7 @@ def count_parameters(module: nn.Module) -> ParameterCounts:
         linear=sum(m.weight.numel() for m in linears),
         linear_rows=sum(m.weight.shape[0] for m in linears),
         tensors=tuple(trained),
+        muon=sum(p.numel() for name, p in module.named_parameters() if p.requires_grad and uses_muon(name, p)),
     )
 
 
@@ -134,10 +139,13 @@ def llm_parameter_counts(hf_config, keep_layers: int) -> ParameterCounts:
     return count_parameters(decoder)
 
 
-def optimizer_state_bytes(tensors: tuple[int, ...], optimizer: str) -> int:
-    """Bytes of AdamW's state for trained tensors of ``tensors`` elements each (``adamw8bit``: bitsandbytes)."""
+def optimizer_state_bytes(tensors: tuple[int, ...], optimizer: str, muon: int = 0) -> int:
+    """Bytes of the optimizer's state for trained tensors of ``tensors`` elements each: AdamW's, bitsandbytes' for
+    ``adamw8bit``, and for ``muon`` one moment for the ``muon`` elements Muon updates and two for the others."""
     if optimizer == "adamw":
         return 2 * FP32 * sum(tensors)
+    if optimizer == "muon":
+        return 2 * FP32 * sum(tensors) - FP32 * muon
     total = 0
     for n in tensors:
         if n >= MIN_8BIT_SIZE:
@@ -259,10 +267,12 @@ def estimate_training_memory(
     dit_bytes, llm_bytes = _weights(dit, llm, s)
     offloaded = s.llm_offload and s.device != "cpu"
     grads = dit.trainable * FP32 // shard
-    state = optimizer_state_bytes(dit.tensors, s.optimizer) // shard
+    state = optimizer_state_bytes(dit.tensors, s.optimizer, dit.muon) // shard
     temp = {"foreach": grads, "fused": 0, "single": 2 * max(dit.tensors, default=0) * FP32}[s.optimizer_kernel]
     if s.optimizer == "adamw8bit":
         temp = max(dit.tensors, default=0) * FP32
+    if s.optimizer == "muon":  # the Nesterov updates of every Muon matrix, then each shape's stack (bounded by them)
+        temp += 2 * FP32 * dit.muon // shard
     activations, how = _activations(resolved, s)
     copies = dit.linear * 2 if s.precision == "bf16" else 0
     context = text_context_bytes(resolved, s)
@@ -276,7 +286,9 @@ def estimate_training_memory(
     }
     phase = max(phases, key=lambda name: phases[name])
     resident = dit_bytes + (0 if offloaded else llm_bytes) + state
-    kind = "8-bit AdamW (bitsandbytes)" if s.optimizer == "adamw8bit" else "AdamW, 2 x fp32"
+    kind = {"adamw8bit": "8-bit AdamW (bitsandbytes)", "muon": "Muon 1 x fp32 for layer matrices, AdamW 2 x fp32"}.get(
+        s.optimizer, "AdamW, 2 x fp32"
+    )
     llm_how = f"{(llm.trainable + llm.frozen) / 1e6:.2f} M" + (" int8 linears" if s.llm_int8 else "")
     rows = [
         ("DiT parameters + buffers", dit_bytes, f"{dit.trainable / 1e6:.2f} M trained, fp32" + _shard_note(shard)),

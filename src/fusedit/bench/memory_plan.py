@@ -57,8 +57,8 @@ def check_options(batch: int, world_size: int, sharding: str, precision: str, op
         raise BenchError(f"--sharding: got {sharding!r}, expected none, ddp or fsdp")
     if precision not in ("fp32", "bf16"):
         raise BenchError(f"precision: got {precision!r}, expected fp32 or bf16")
-    if optimizer not in ("adamw", "adamw8bit"):
-        raise BenchError(f"--optimizer: got {optimizer!r}, expected adamw or adamw8bit")
+    if optimizer not in ("adamw", "adamw8bit", "muon"):
+        raise BenchError(f"--optimizer: got {optimizer!r}, expected adamw, adamw8bit or muon")
 
 
 def plan_for_preset(preset: BenchPreset, batch: int, device: str = "cpu", **options) -> MemoryPlan:

@@ -57,7 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     memory.add_argument("--config", help="estimate for this training config (YAML or shipped name) instead of --preset")
     memory.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of --config")
-    memory.add_argument("--optimizer", choices=("adamw", "adamw8bit"), default=None, help="preset: the optimizer")
+    memory.add_argument(
+        "--optimizer", choices=("adamw", "adamw8bit", "muon"), default=None, help="preset: the optimizer"
+    )
     memory.add_argument("--activation-checkpointing", action="store_true", help="preset: recompute each block")
     memory.add_argument("--llm-int8", action="store_true", help="preset: the LLM's linear layers in 8 bits")
     memory.add_argument("--llm-offload", action="store_true", help="preset: the LLM on the CPU between encodings")
