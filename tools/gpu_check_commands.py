@@ -69,6 +69,7 @@ def train_overrides(ctx: Context, max_steps: int) -> list[str]:
     common = [
         f"text.llm={ctx.llm_dir}",
         "train.distributed=fsdp",
+        "train.optimizer=adamw",  # the demo's Muon needs whole matrices; FSDP shards them
         "train.mixed_precision=bf16",
         "train.sample_every=0",
         f"train.max_steps={max_steps}",

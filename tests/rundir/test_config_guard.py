@@ -44,7 +44,7 @@ def test_config_is_written_once(tmp_path):
         ("data.shapes.seed=5", "data.shapes.seed:"),
         ("train.seed=7", "train.seed:"),
         ("train.batch_size=8", "train.batch_size:"),
-        ("train.optimizer=muon", "train.optimizer: 'adamw' -> 'muon'"),  # the saved optimizer state is AdamW's
+        ("train.optimizer=adamw", "train.optimizer: 'muon' -> 'adamw'"),  # the saved optimizer state is Muon's
     ],
 )
 def test_changes_of_model_text_or_data_are_refused_even_with_the_flag(tmp_path, override, shown):
