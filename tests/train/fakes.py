@@ -128,3 +128,22 @@ class EpochRecordingDataset(ImageCaptionDataset):
     def __getitem__(self, i: int):
         self.seen.append((self.epoch, i))
         return super().__getitem__(i)
+
+
+def crash_then_resume(make_trainer, cfg, root) -> tuple:
+    """An uninterrupted run of ``cfg`` in ``root/full`` and one in ``root/resumed`` whose data crash during step 5 (at
+    ``cfg.batch_size`` 4, with a checkpoint at step 3), resumed by a trainer with other initial weights.
+    ``make_trainer(run_dir, cfg, model_seed=0, dataset=None)`` builds each trainer. Returns ``(full, full_losses,
+    resumed, resumed_losses)``."""
+    full = make_trainer(root / "full", cfg)
+    full_losses = full.fit().losses
+    crashing = ImageCaptionDataset()
+    crashing.crash_after = 4 * 4 + 1  # during step 5; the last checkpoint is step 3
+    try:
+        make_trainer(root / "resumed", cfg, dataset=crashing).fit()
+    except RuntimeError as error:
+        assert "simulated crash" in str(error)
+    else:
+        raise AssertionError("the crashing run did not crash")
+    resumed = make_trainer(root / "resumed", cfg, model_seed=7)
+    return full, full_losses, resumed, resumed.fit().losses

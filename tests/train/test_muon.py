@@ -13,7 +13,7 @@ from fusedit.train.muon import MuonAdamW, orthogonalize, uses_muon
 from fusedit.train.optimizers import make_optimizer
 from fusedit.train.trainer import Trainer
 
-from .fakes import FrozenTextEncoder, ImageCaptionDataset
+from .fakes import FrozenTextEncoder, ImageCaptionDataset, crash_then_resume
 
 HYPER = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
@@ -133,16 +133,8 @@ def test_muon_training_resumes_exactly(tmp_path):
     cfg = TrainConfig(
         max_steps=6, batch_size=4, lr=1e-2, checkpoint_every=3, ema_every=0, log_every=3, optimizer="muon"
     )
-    full = _trainer(tmp_path / "full", cfg)
-    assert isinstance(full.optimizer, MuonAdamW)
-    full_losses = full.fit().losses
-    crashing = ImageCaptionDataset()
-    crashing.crash_after = 4 * 4 + 1  # during step 5; the last checkpoint is step 3
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        _trainer(tmp_path / "resumed", cfg, dataset=crashing).fit()
-    resumed = _trainer(tmp_path / "resumed", cfg, model_seed=7)
-    losses = resumed.fit().losses
-    assert sorted(losses) == [4, 5, 6]
+    full, full_losses, resumed, losses = crash_then_resume(_trainer, cfg, tmp_path)
+    assert isinstance(full.optimizer, MuonAdamW) and sorted(losses) == [4, 5, 6]
     for step in (4, 5, 6):
         assert losses[step] == full_losses[step]
     kinds = {tuple(sorted(state)) for state in resumed.optimizer.state.values()}

@@ -16,7 +16,7 @@ from fusedit.train.config import TrainConfig
 from fusedit.train.optimizers import MIN_8BIT_SIZE, make_optimizer
 from fusedit.train.trainer import Trainer
 
-from .fakes import FrozenTextEncoder, ImageCaptionDataset, TinyVelocityModel
+from .fakes import FrozenTextEncoder, ImageCaptionDataset, TinyVelocityModel, crash_then_resume
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -66,16 +66,8 @@ def test_adamw8bit_training_resumes_exactly(tmp_path):
     cfg = TrainConfig(
         max_steps=6, batch_size=4, lr=1e-2, checkpoint_every=3, ema_every=0, log_every=3, optimizer="adamw8bit"
     )
-    full = _trainer(tmp_path / "full", cfg)
-    assert isinstance(full.optimizer, bnb.optim.AdamW8bit)
-    full_losses = full.fit().losses
-    crashing = ImageCaptionDataset()
-    crashing.crash_after = 4 * 4 + 1  # during step 5; the last checkpoint is step 3
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        _trainer(tmp_path / "resumed", cfg, dataset=crashing).fit()
-    resumed = _trainer(tmp_path / "resumed", cfg, model_seed=7)
-    losses = resumed.fit().losses
-    assert sorted(losses) == [4, 5, 6]
+    full, full_losses, resumed, losses = crash_then_resume(_trainer, cfg, tmp_path)
+    assert isinstance(full.optimizer, bnb.optim.AdamW8bit) and sorted(losses) == [4, 5, 6]
     for step in (4, 5, 6):
         assert losses[step] == pytest.approx(full_losses[step], abs=1e-6)
     states = [s for s in resumed.optimizer.state.values() if s["state1"].dtype == torch.uint8]
