@@ -189,14 +189,12 @@ def test_estimate_for_a_training_config(tiny_llm_dir, demo_overrides, capsys):
 
 
 def test_muon_state_is_one_moment_for_its_matrices_and_two_for_the_rest():
-    from fusedit.train.muon import MuonAdamW, uses_muon
+    from fusedit.train.config import TrainConfig
+    from fusedit.train.setup import build_optimizer
 
     plan = plan_for_preset(TINY, 8)
-    model = DiffusionTransformer(plan.resolved)
-    named = dict(model.named_parameters())
-    optimizer = MuonAdamW(
-        [{"params": list(named.values()), "muon": [uses_muon(n, p) for n, p in named.items()]}], lr=1e-3
-    )
+    named = dict(DiffusionTransformer(plan.resolved).named_parameters())
+    optimizer, _ = build_optimizer(TrainConfig(optimizer="muon", lr=1e-3), named)  # the trainer's parameter groups
     for p in named.values():
         p.grad = torch.ones_like(p)
     optimizer.step()

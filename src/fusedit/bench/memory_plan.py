@@ -19,6 +19,7 @@ from fusedit.bench.presets import BenchError, BenchPreset
 from fusedit.config import ConfigError
 from fusedit.models.config import LLMGeometry, ResolvedModelConfig, resolve_model_config
 from fusedit.text.llm import load_llm_config
+from fusedit.train.optimizers import OPTIMIZERS
 
 LLM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -57,8 +58,8 @@ def check_options(batch: int, world_size: int, sharding: str, precision: str, op
         raise BenchError(f"--sharding: got {sharding!r}, expected none, ddp or fsdp")
     if precision not in ("fp32", "bf16"):
         raise BenchError(f"precision: got {precision!r}, expected fp32 or bf16")
-    if optimizer not in ("adamw", "adamw8bit", "muon"):
-        raise BenchError(f"--optimizer: got {optimizer!r}, expected adamw, adamw8bit or muon")
+    if optimizer not in OPTIMIZERS:
+        raise BenchError(f"--optimizer: got {optimizer!r}, expected {', '.join(OPTIMIZERS[:-1])} or {OPTIMIZERS[-1]}")
 
 
 def plan_for_preset(preset: BenchPreset, batch: int, device: str = "cpu", **options) -> MemoryPlan:
