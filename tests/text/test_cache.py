@@ -7,6 +7,7 @@ import torch
 
 from fusedit.experiment import load_experiment
 from fusedit.text.cache import CachedTextEncoder
+from fusedit.text.context import TextContext
 from fusedit.train.config import TrainConfig
 from fusedit.train.setup import check_text_encoder
 from tests.conftest import text_dependent_components
@@ -73,3 +74,19 @@ def test_a_trainable_encoder_is_not_cached(parts):
         check_text_encoder(Trainable(), TrainConfig(cache_text_context=True))
     with pytest.raises(ValueError, match="non-empty list"):
         CachedTextEncoder(parts.text_encoder).encode("a red circle")
+
+
+def test_a_cached_batch_knows_its_padding_so_a_compiled_model_traces_in_one_graph(parts):
+    """The batch's ``has_padding`` comes from its rows, not from a read of its mask (which would break a compiled
+    forward's graph), and it is what the mask says."""
+    cached = CachedTextEncoder(parts.text_encoder)
+    for prompts in (PROMPTS, ["two green triangles"] * 2, ["a circle", "two green triangles"]):
+        batch = cached.encode(prompts)
+        assert batch.__dict__["_has_padding"] == (not bool(batch.mask.all())), prompts
+    full = [TextContext(mask=torch.ones(1, 3, dtype=torch.bool)) for _ in range(2)]
+    assert TextContext.cat(full).__dict__["_has_padding"] is False
+    shorter = TextContext.cat([*full, TextContext(mask=torch.ones(1, 2, dtype=torch.bool))])
+    assert shorter.__dict__["_has_padding"] is True and not bool(shorter.mask.all())
+    x = torch.randn(len(PROMPTS), 3, 16, 16)
+    explained = torch._dynamo.explain(parts.model)(x, torch.full((len(PROMPTS),), 700.0), cached.encode(PROMPTS))
+    assert explained.graph_break_count == 0, explained.break_reasons

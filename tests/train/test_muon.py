@@ -87,6 +87,37 @@ def test_bad_flags_are_refused():
     assert isinstance(make_optimizer("muon", [matrix], **HYPER), MuonAdamW)
 
 
+def test_muon_lr_scale_moves_only_the_muon_matrices_further():
+    torch.manual_seed(0)
+    start = [torch.randn(16, 48), torch.randn(16)]
+    flags = [True, False]
+    base = _train(lambda ps: MuonAdamW([{"params": ps, "muon": flags}], **HYPER), start, steps=1)
+    scaled = _train(lambda ps: MuonAdamW([{"params": ps, "muon": flags}], muon_lr_scale=3.0, **HYPER), start, steps=1)
+    torch.testing.assert_close(scaled[1], base[1], atol=0, rtol=0)  # the AdamW vector: unaffected
+    # one step from the same gradient: the same orthogonalised direction, three times the step and the decay
+    decay = HYPER["lr"] * HYPER["weight_decay"]
+    move = (base[0] - start[0] * (1 - decay)) * 3
+    torch.testing.assert_close(scaled[0], start[0] * (1 - 3 * decay) + move, atol=1e-6, rtol=1e-5)
+
+
+def test_fewer_newton_schulz_steps_are_used_and_bad_settings_refused():
+    torch.manual_seed(0)
+    start = [torch.randn(16, 48)]
+    five = _train(lambda ps: MuonAdamW([{"params": ps, "muon": [True]}], **HYPER), start, steps=1)
+    three = _train(lambda ps: MuonAdamW([{"params": ps, "muon": [True]}], ns_steps=3, **HYPER), start, steps=1)
+    assert (five[0] - three[0]).abs().max() > 1e-5
+    with pytest.raises(ValueError, match="ns_steps must be >= 1, got 0"):
+        MuonAdamW([torch.zeros(2, 2, requires_grad=True)], lr=1e-3, ns_steps=0)
+    with pytest.raises(ValueError, match="muon_lr_scale must be > 0, got 0"):
+        MuonAdamW([torch.zeros(2, 2, requires_grad=True)], lr=1e-3, muon_lr_scale=0)
+    with pytest.raises(ConfigError, match="train.muon_ns_steps: got 0, expected >= 1"):
+        TrainConfig(optimizer="muon", muon_ns_steps=0).validate()
+    with pytest.raises(ConfigError, match="apply to train.optimizer=muon, not 'adamw'"):
+        TrainConfig(optimizer="adamw", muon_lr_scale=2.0).validate()
+    optimizer = make_optimizer("muon", [torch.zeros(2, 2, requires_grad=True)], **HYPER, muon_ns_steps=3)
+    assert optimizer.param_groups[0]["ns_steps"] == 3
+
+
 def test_config_refuses_combinations_muon_cannot_do():
     with pytest.raises(ConfigError, match="fused_adamw applies to train.optimizer=adamw"):
         TrainConfig(optimizer="muon", fused_adamw=True).validate()
@@ -141,3 +172,24 @@ def test_muon_training_resumes_exactly(tmp_path):
     assert kinds == {("momentum_buffer",), ("exp_avg", "exp_avg_sq", "step")}
     for a, b in zip(full.params.values(), resumed.params.values(), strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_settings_changed_on_resume_take_effect(tmp_path):
+    """A checkpoint saves the optimizer's hyperparameters and the schedule's base rate; a resume with other settings
+    (what ``--allow-change`` accepts) must train with the new ones, not the saved ones."""
+    first = TrainConfig(
+        max_steps=3, batch_size=4, lr=1e-2, weight_decay=0.1, betas=[0.9, 0.95], checkpoint_every=3, ema_every=0,
+        log_every=3, optimizer="muon",
+    )  # fmt: skip
+    _trainer(tmp_path, first).fit()
+    changed = TrainConfig(
+        max_steps=5, batch_size=4, lr=1e-3, weight_decay=0.0, betas=[0.8, 0.9], checkpoint_every=3, ema_every=0,
+        log_every=3, optimizer="muon", muon_ns_steps=3, muon_lr_scale=2.0,
+    )  # fmt: skip
+    resumed = _trainer(tmp_path, changed)
+    summary = resumed.fit()
+    assert summary.start_step == 3 and resumed.step == 5
+    (group,) = resumed.optimizer.param_groups
+    assert (group["lr"], group["initial_lr"], group["weight_decay"]) == (1e-3, 1e-3, 0.0)
+    assert (tuple(group["betas"]), group["ns_steps"], group["muon_lr_scale"]) == ((0.8, 0.9), 3, 2.0)
+    assert resumed.lr_scheduler.get_last_lr() == [1e-3] and resumed.lr_scheduler.base_lrs == [1e-3]

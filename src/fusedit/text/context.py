@@ -155,7 +155,7 @@ class TextContext:
         def cat_dict(name):
             return {k: torch.cat([getattr(c, name)[k] for c in padded], dim=0) for k in getattr(first, name)}
 
-        return TextContext(
+        out = TextContext(
             mask=torch.cat([c.mask for c in padded], dim=0),
             keys=cat_dict("keys"),
             values=cat_dict("values"),
@@ -166,6 +166,9 @@ class TextContext:
             pooled=None if first.pooled is None else torch.cat([_present(c.pooled) for c in contexts]),
             num_truncated=sum(c.num_truncated for c in contexts),
         )
+        # known from the parts (each part's answer is cached), so a compiled forward reading it does not synchronise
+        out.__dict__["_has_padding"] = any(c.length < length or c.has_padding for c in contexts)
+        return out
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,10 @@ class TrainConfig:
             state's memory; needs ``pip install "fusedit[lowmem]"``; not with ``fsdp`` or ``fused_adamw``) or ``muon``
             (Muon for the transformer layers' attention and MLP matrices, AdamW for the rest, at the same ``lr`` and
             ``weight_decay``: :mod:`fusedit.train.muon`; not with ``fsdp`` or ``fused_adamw``).
+        muon_ns_steps: ``muon`` only: Newton–Schulz iterations per step (5, the reference's; 3 is cheaper and
+            rougher).
+        muon_lr_scale: ``muon`` only: Muon's matrices train at ``lr × muon_lr_scale`` (and ``min_lr`` alike, on the
+            same schedule); the AdamW parameters at ``lr``.
         distributed: ``none``, ``ddp`` or ``fsdp`` (launched by torchrun).
     """
 
@@ -90,6 +94,8 @@ class TrainConfig:
     llm_lr_scale: float = 1.0
     distributed: Literal["none", "ddp", "fsdp"] = "none"
     optimizer: Literal["adamw", "adamw8bit", "muon"] = "adamw"
+    muon_ns_steps: int = 5
+    muon_lr_scale: float = 1.0
 
     def validate(self) -> None:
         require(self.max_steps > 0, f"train.max_steps: got {self.max_steps}, expected a positive integer")
@@ -130,6 +136,14 @@ class TrainConfig:
 
     def _validate_optimizer(self) -> None:
         """The combinations ``train.optimizer`` cannot do (both alternatives to AdamW need unsharded weights)."""
+        require(self.muon_ns_steps >= 1, f"train.muon_ns_steps: got {self.muon_ns_steps}, expected >= 1")
+        require(self.muon_lr_scale > 0, f"train.muon_lr_scale: got {self.muon_lr_scale}, expected > 0")
+        if self.optimizer != "muon":
+            require(
+                self.muon_ns_steps == 5 and self.muon_lr_scale == 1.0,
+                f"train.muon_ns_steps and train.muon_lr_scale apply to train.optimizer=muon, not "
+                f"{self.optimizer!r}; leave them at 5 and 1 or set train.optimizer=muon",
+            )
         if self.optimizer != "adamw":
             require(not self.fused_adamw, "train.fused_adamw applies to train.optimizer=adamw; turn one of them off")
         if self.optimizer == "muon":

@@ -71,7 +71,9 @@ class MuonAdamW(torch.optim.Optimizer):
 
     ``params``: a list of parameters or of groups (dicts with ``params``, optionally ``lr``), each group with
     ``muon``: a list of booleans, one per parameter (missing: all AdamW). ``momentum`` and ``ns_steps`` are Muon's
-    (μ and the Newton–Schulz iterations); ``betas``, ``eps`` AdamW's; ``lr`` and ``weight_decay`` both rules'.
+    (μ and the Newton–Schulz iterations); ``betas``, ``eps`` AdamW's; ``lr`` and ``weight_decay`` both rules'. Muon's
+    matrices step at ``lr × muon_lr_scale`` (weight decay included), so a schedule that sets the group's ``lr`` moves
+    both rules together.
     """
 
     def __init__(
@@ -84,8 +86,21 @@ class MuonAdamW(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         momentum: float = 0.95,
         ns_steps: int = 5,
+        muon_lr_scale: float = 1.0,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps)
+        if ns_steps < 1:
+            raise ValueError(f"MuonAdamW: ns_steps must be >= 1, got {ns_steps}")
+        if not muon_lr_scale > 0:
+            raise ValueError(f"MuonAdamW: muon_lr_scale must be > 0, got {muon_lr_scale}")
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            ns_steps=ns_steps,
+            muon_lr_scale=muon_lr_scale,
+        )
         super().__init__(params, defaults)
         for group in self.param_groups:
             flags = group.setdefault("muon", [False] * len(group["params"]))
@@ -130,9 +145,10 @@ class MuonAdamW(torch.optim.Optimizer):
             by_shape.setdefault(tuple(param.shape), []).append((param, update))
         for shape, pairs in by_shape.items():
             orthogonal = orthogonalize(torch.stack([u for _, u in pairs]), steps=group["ns_steps"])
+            lr = group["lr"] * group.get("muon_lr_scale", 1.0)  # state dicts saved before the scale existed: 1
             for (param, _), step in zip(pairs, orthogonal, strict=True):
-                param.mul_(1 - group["lr"] * group["weight_decay"])
-                param.add_(step, alpha=-group["lr"] * 0.2 * math.sqrt(max(shape)))
+                param.mul_(1 - lr * group["weight_decay"])
+                param.add_(step, alpha=-lr * 0.2 * math.sqrt(max(shape)))
 
     def _adamw_update(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
         state = self.state[param]

@@ -35,14 +35,25 @@ def make_optimizer(
     eps: float,
     weight_decay: float,
     fused: bool = False,
+    muon_ns_steps: int = 5,
+    muon_lr_scale: float = 1.0,
 ) -> torch.optim.Optimizer:
     """AdamW over ``params`` (in this order; a list of parameters, or of parameter groups: dicts with ``params`` and
     optionally their own ``lr``): PyTorch's for ``adamw`` (``fused``: its fused kernel), bitsandbytes'
     ``AdamW8bit`` for ``adamw8bit`` (same update rule; its state is 8-bit for tensors of at least
     :data:`MIN_8BIT_SIZE` elements); for ``muon``, :class:`~fusedit.train.muon.MuonAdamW` (each group's ``muon``
-    flags say which parameters Muon updates)."""
+    flags say which parameters Muon updates; ``muon_ns_steps`` Newton–Schulz iterations, Muon's matrices at
+    ``lr × muon_lr_scale``)."""
     if name == "muon":
-        return MuonAdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        return MuonAdamW(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            ns_steps=muon_ns_steps,
+            muon_lr_scale=muon_lr_scale,
+        )
     if name == "adamw":
         return torch.optim.AdamW(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True if fused else None

@@ -103,6 +103,8 @@ def build_optimizer(cfg: TrainConfig, params: dict[str, nn.Parameter]) -> tuple[
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
         fused=cfg.fused_adamw,
+        muon_ns_steps=cfg.muon_ns_steps,
+        muon_lr_scale=cfg.muon_lr_scale,
     )
     scheduler = build_lr_scheduler(
         optimizer,

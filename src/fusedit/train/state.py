@@ -84,13 +84,19 @@ class RunState:
 
     def load(self, path: Path) -> CheckpointState:
         """Restore weights, EMA, optimizer, LR scheduler, data position, RNGs and step from checkpoint ``path``
-        (either format, written by any number of processes); notes go to :attr:`notes`."""
+        (either format, written by any number of processes); notes go to :attr:`notes`.
+
+        The optimizer's hyperparameters and the schedule's base rates stay this run's config's (a checkpoint saves
+        its own, which would otherwise replace them): a setting changed on resume (``--allow-change train.lr``)
+        takes effect, an unchanged one continues exactly."""
+        configured = _configured_hyperparameters(self.lr_scheduler)
         loaded = self.checkpointer.load(path)
         try:
             self.lr_scheduler.load_state_dict(loaded.run["lr_scheduler"])
             position = loaded.run["data"]
         except (KeyError, ValueError) as error:
             raise CheckpointError(f"{path}: scheduler/data state does not fit this run ({error})") from None
+        _restore_hyperparameters(self.lr_scheduler, configured)
         env, saved = self.plan.env, len(loaded.ranks)
         if saved == env.world_size:
             restore_rng_state(loaded.ranks[env.rank]["rng"], self.generators, self._cuda_devices)
@@ -176,3 +182,30 @@ class RunState:
             write_dir_atomic(target, files)
         barrier()
         return target
+
+
+#: parameter-group entries a checkpoint restores as saved: the parameters and the rates the schedule sets
+_SCHEDULED_KEYS = ("params", "lr", "initial_lr")
+
+
+def _configured_hyperparameters(scheduler: LRScheduler) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The schedule's base rates and each parameter group's hyperparameters (betas, weight decay, Muon's settings...)
+    as this run's config built them, before a checkpoint's replace them."""
+    groups = scheduler.optimizer.param_groups
+    return list(scheduler.base_lrs), [{k: v for k, v in g.items() if k not in _SCHEDULED_KEYS} for g in groups]
+
+
+def _restore_hyperparameters(scheduler: LRScheduler, configured: tuple[list[Any], list[dict[str, Any]]]) -> None:
+    """Put back what :func:`_configured_hyperparameters` saw and set each group's rate for the restored step: the
+    schedule's multiplier at its restored position times the configured base rate (what ``LambdaLR`` computes). The
+    optimizer has already refused a checkpoint with another number of groups."""
+    base_lrs, hyperparameters = configured
+    groups = scheduler.optimizer.param_groups
+    scheduler.base_lrs = base_lrs
+    multipliers = getattr(scheduler, "lr_lambdas", None)
+    for index, (group, base, settings) in enumerate(zip(groups, base_lrs, hyperparameters, strict=True)):
+        group.update(settings)
+        group["initial_lr"] = base
+        if multipliers is not None:
+            group["lr"] = base * multipliers[index](scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
