@@ -81,6 +81,27 @@ def test_allowed_changes_need_the_flag_and_are_recorded(tmp_path):
         resume_changes(tmp_path, experiment(), allow=["train.max_stepz"])
 
 
+def _created_before(run_dir, key: str) -> None:
+    """Write the demo's config.yaml to ``run_dir`` as a fusedit without ``train.<key>`` would have written it."""
+    write_config_once(run_dir, experiment())
+    stored = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+    del stored["train"][key]
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(stored))
+
+
+def test_a_key_added_after_the_run_was_created_reads_as_its_default(tmp_path):
+    """A run created by an older fusedit has no entry for a newer key: it trained with the key's default, so a
+    resume with the default is no change, and a resume with another value is one (flagged or refused as usual)."""
+    _created_before(tmp_path / "ns", "muon_ns_steps")
+    assert resume_changes(tmp_path / "ns", experiment()) == {}
+    with pytest.raises(RunConfigChangeError, match=r"train.muon_ns_steps: 5 -> 3; .*--allow-change train.muon_ns_s"):
+        resume_changes(tmp_path / "ns", experiment("train.muon_ns_steps=3"))
+    _created_before(tmp_path / "optimizer", "optimizer")  # before train.optimizer: every run trained with AdamW
+    assert resume_changes(tmp_path / "optimizer", experiment("train.optimizer=adamw")) == {}
+    with pytest.raises(RunConfigChangeError, match="train.optimizer: 'adamw' -> 'muon'"):
+        resume_changes(tmp_path / "optimizer", experiment())
+
+
 def test_execution_keys_change_freely(tmp_path):
     write_config_once(tmp_path, experiment("data.num_workers=0"))
     assert resume_changes(tmp_path, experiment("data.num_workers=2")) == {"data.num_workers": (0, 2)}

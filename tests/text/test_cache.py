@@ -90,3 +90,24 @@ def test_a_cached_batch_knows_its_padding_so_a_compiled_model_traces_in_one_grap
     x = torch.randn(len(PROMPTS), 3, 16, 16)
     explained = torch._dynamo.explain(parts.model)(x, torch.full((len(PROMPTS),), 700.0), cached.encode(PROMPTS))
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_a_batch_from_padded_rows_is_the_concatenation_of_its_rows(parts):
+    """Batches are assembled from rows kept padded to the longest caption seen: the same tensors as concatenating
+    the rows themselves, also after a longer caption arrives (every row padded anew) and for prompts not kept."""
+    cached = CachedTextEncoder(parts.text_encoder, max_entries=4)
+    batches = [
+        ["two green triangles", "a circle"],
+        PROMPTS,  # a longer caption: the width grows
+        ["a circle", "", "two green triangles"],
+        ["a purple circle above a white square", "a circle"],  # past max_entries: encoded, not kept
+    ]
+    for prompts in batches:
+        batch = cached.encode(prompts)
+        rows = TextContext.cat([parts.text_encoder.encode([p]) for p in prompts])
+        assert batch.length == rows.length and torch.equal(batch.mask, rows.mask), prompts
+        assert batch.keys.keys() == rows.keys.keys() and torch.equal(batch.pooled, rows.pooled)
+        for layer in rows.keys:
+            assert torch.equal(batch.keys[layer], rows.keys[layer]), (prompts, layer)
+            assert torch.equal(batch.values[layer], rows.values[layer]), (prompts, layer)
+        assert batch.has_padding == (not bool(rows.mask.all()))

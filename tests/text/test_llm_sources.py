@@ -57,8 +57,9 @@ def test_a_hub_like_name_whose_first_folder_exists_here_is_local(tmp_path, monke
         load_llm_config("runs/tiny-llm")
 
 
-def test_a_missing_local_folder_is_reported_at_once(capsys, monkeypatch):
+def test_a_missing_local_folder_is_reported_at_once(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("probed the network"))
+    monkeypatch.chdir(tmp_path)  # `fusedit train demo` opens runs/demo in the working directory
     start = time.perf_counter()
     assert cli(["train", "demo", "text.llm=some/missing/dir"]) == 2
     assert time.perf_counter() - start < 5

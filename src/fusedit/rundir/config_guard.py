@@ -138,7 +138,12 @@ def resume_changes(run_dir: Path, config: Any, allow: Iterable[str] = ()) -> dic
     the others. Reads only."""
     allow = set(allow)
     check_allow_change(allow, config)
-    changes = compare(effective_config(run_dir), flatten(dataclasses.asdict(config)))
+    stored = effective_config(run_dir)
+    # a key the run's config lacks was added to fusedit after the run was created: the run has trained with its
+    # default all along, so only another value is a change
+    defaults = flatten(dataclasses.asdict(type(config)()))
+    stored.update({key: value for key, value in defaults.items() if key not in stored})
+    changes = compare(stored, flatten(dataclasses.asdict(config)))
     fixed = {k: v for k, v in changes.items() if key_kind(k) == "fixed"}
     unflagged = {k: v for k, v in changes.items() if key_kind(k) == "allowed" and k not in allow}
     if fixed:

@@ -3,7 +3,10 @@
 A frozen LLM maps the same caption to the same :class:`~fusedit.text.context.TextContext` at every step, so a data
 set that repeats its captions (the shapes world has about 1,300 training captions) pays for the LLM again and again:
 16 % of a demo training step on one CPU thread. :class:`CachedTextEncoder` encodes each caption *alone*, the first
-time it is asked for, keeps its context row, and assembles a batch from rows with :meth:`TextContext.cat`.
+time it is asked for, keeps its context row, and assembles a batch from rows with :meth:`TextContext.cat`. It also
+keeps each row padded on the right to the longest caption seen, so that a batch is one concatenation per tensor
+(1 ms instead of 4.5 ms for 32 shapes-world captions on one CPU thread) and the same tensors as concatenating the
+rows themselves.
 
 Exactness: each row is encoded alone, so a row never depends on which batch first asked for it — a resumed run
 rebuilds exactly the cache an uninterrupted one had. Rows differ from rows of a batched :meth:`encode` only by the
@@ -40,6 +43,10 @@ class CachedTextEncoder:
             raise ValueError(f"max_entries: got {max_entries}, expected a positive integer")
         self.encoder, self.max_entries = encoder, max_entries
         self._rows: dict[str, TextContext] = {}
+        # the rows again, padded on the right to ``_width`` tokens (the longest row seen), so that a batch is one
+        # concatenation per tensor instead of a pad and a concatenation per row
+        self._padded: dict[str, TextContext] = {}
+        self._width = 0
         self.hits = self.misses = 0
 
     def __len__(self) -> int:
@@ -62,4 +69,23 @@ class CachedTextEncoder:
         shorter rows padded on the right and masked)."""
         if isinstance(prompts, str) or not prompts:
             raise ValueError("CachedTextEncoder.encode expects a non-empty list of prompts")
-        return TextContext.cat([self._row(p) for p in prompts])
+        rows = [self._row(p) for p in prompts]
+        if len(rows) == 1:
+            return rows[0]
+        length = max(row.length for row in rows)
+        if length > self._width:  # a longer caption than any before: pad every row anew
+            self._width = length
+            self._padded.clear()
+        batch = TextContext.cat([self._padded_row(p, row) for p, row in zip(prompts, rows, strict=True)])
+        batch = batch.first_columns(length)  # the columns past every row's end: padding in all rows
+        batch.__dict__["_has_padding"] = any(row.length < length or row.has_padding for row in rows)
+        return batch
+
+    def _padded_row(self, prompt: str, row: TextContext) -> TextContext:
+        """``row`` padded on the right to :attr:`_width` tokens (kept for the prompts the cache keeps)."""
+        padded = self._padded.get(prompt)
+        if padded is None:
+            padded = row.padded_on_the_right(self._width)
+            if prompt in self._rows:
+                self._padded[prompt] = padded
+        return padded

@@ -128,6 +128,24 @@ class TextContext:
             out = replace(out, pooled=move(self.pooled, 0))
         return out
 
+    def padded_on_the_right(self, length: int) -> TextContext:
+        """The context with masked zero columns appended up to ``length`` tokens (``self`` when it has them)."""
+        if length < self.length:
+            raise ValueError(f"cannot pad a context of {self.length} tokens to {length}")
+        if length == self.length:
+            return self
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            shape = list(t.shape)
+            shape[dim] = length - t.shape[dim]
+            return torch.cat([t, torch.zeros(shape, dtype=t.dtype, device=t.device)], dim=dim)
+
+        return self._map(pad)
+
+    def first_columns(self, length: int) -> TextContext:
+        """The first ``length`` token columns (views; exact when the others are padding in every prompt)."""
+        return self if length == self.length else self._map(lambda t, dim: t.narrow(dim, 0, length))
+
     @staticmethod
     def cat(contexts: list[TextContext]) -> TextContext:
         """Concatenate contexts along the batch; lengths are padded to the longest (pad columns masked).
