@@ -5,8 +5,8 @@ set that repeats its captions (the shapes world has about 1,300 training caption
 16 % of a demo training step on one CPU thread. :class:`CachedTextEncoder` encodes each caption *alone*, the first
 time it is asked for, keeps its context row, and assembles a batch from rows with :meth:`TextContext.cat`. It also
 keeps each row padded on the right to the longest caption seen, so that a batch is one concatenation per tensor
-(1 ms instead of 4.5 ms for 32 shapes-world captions on one CPU thread) and the same tensors as concatenating the
-rows themselves.
+(1.3-1.7 ms instead of 2.5-2.9 ms for 32 shapes-world captions on one CPU thread, ``tools/bench_text_cache.py``),
+giving the same tensors as concatenating the rows themselves.
 
 Exactness: each row is encoded alone, so a row never depends on which batch first asked for it — a resumed run
 rebuilds exactly the cache an uninterrupted one had. Rows differ from rows of a batched :meth:`encode` only by the
