@@ -110,8 +110,10 @@ def driver(tmp_path_factory):
 def set_value(driver, selector: str, value) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
 
-    field = driver.find_element(By.CSS_SELECTOR, selector)
+    # Gradio renders its components one after another: wait for this one (it was not there yet in one CI run)
+    field = WebDriverWait(driver, 60).until(lambda d: next(iter(d.find_elements(By.CSS_SELECTOR, selector)), False))
     field.send_keys(Keys.CONTROL, "a")
     field.send_keys(Keys.DELETE)
     field.send_keys(str(value))
@@ -147,7 +149,17 @@ def test_the_page_generates_images_in_a_real_browser(server, driver, tmp_path):
 
     url, _ = server
     driver.get(url)
-    WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#prompt textarea"))
+    # Gradio renders its components one after another: wait for every one the test touches
+    needed = (
+        "#prompt textarea",
+        "#steps input",
+        "#seed input",
+        "#width input",
+        "#height input",
+        "#generate",
+        "#status",
+    )
+    WebDriverWait(driver, 60).until(lambda d: all(d.find_elements(By.CSS_SELECTOR, css) for css in needed))
     driver.find_element(By.CSS_SELECTOR, "#prompt textarea").send_keys(PROMPT)
     set_value(driver, "#steps input", STEPS)
     set_value(driver, "#seed input", 7)
