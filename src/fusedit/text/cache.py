@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fusedit.text.context import TextContext
+from fusedit.text.context import TextContext, padding_among
 
 #: default bound on cached captions (a shapes-world caption costs about 40 KB with the demo's tiny LLM)
 DEFAULT_MAX_ENTRIES = 100_000
@@ -78,7 +78,7 @@ class CachedTextEncoder:
             self._padded.clear()
         batch = TextContext.cat([self._padded_row(p, row) for p, row in zip(prompts, rows, strict=True)])
         batch = batch.first_columns(length)  # the columns past every row's end: padding in all rows
-        batch.__dict__["_has_padding"] = any(row.length < length or row.has_padding for row in rows)
+        batch.__dict__["_has_padding"] = padding_among(rows, length)  # of the rows, not of the padded copies
         return batch
 
     def _padded_row(self, prompt: str, row: TextContext) -> TextContext:

@@ -184,9 +184,15 @@ class TextContext:
             pooled=None if first.pooled is None else torch.cat([_present(c.pooled) for c in contexts]),
             num_truncated=sum(c.num_truncated for c in contexts),
         )
-        # known from the parts (each part's answer is cached), so a compiled forward reading it does not synchronise
-        out.__dict__["_has_padding"] = any(c.length < length or c.has_padding for c in contexts)
+        out.__dict__["_has_padding"] = padding_among(contexts, length)
         return out
+
+
+def padding_among(contexts: list[TextContext], length: int) -> bool:
+    """Whether a batch of ``contexts`` at ``length`` tokens has padding: a row shorter than ``length`` or with padding
+    of its own. Known from the rows (each row's answer is cached), so that a compiled forward reading the batch's
+    :attr:`TextContext.has_padding` does not synchronise."""
+    return any(c.length < length or c.has_padding for c in contexts)
 
 
 @dataclass(frozen=True)
