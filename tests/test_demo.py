@@ -34,3 +34,33 @@ def test_stale_demo_runs_are_set_aside(tmp_path, tiny_llm_dir, demo_overrides, m
     assert "cannot be read" in stale_run_reason(run, config, llm_retrained=False)
     set_aside_stale_run(run, config, llm_retrained=False)  # replaces the older .previous
     assert not (previous / "marker.txt").exists() and (previous / "config.yaml").is_file()
+
+
+def test_the_demo_runs_end_to_end_with_its_controls_scored_during_pretraining(tmp_path, monkeypatch, capsys):
+    """``fusedit demo``'s stages on a shrunken world and model: the controls it starts with the world (scored in a
+    second process while the tiny LLM trains) are the controls of its evaluation, and its summary is written."""
+    import json
+    from dataclasses import replace
+
+    import fusedit.demo as demo
+    from fusedit.data.shapes import ShapesWorld
+    from fusedit.eval.shapes_eval import SamplingPlan
+    from fusedit.eval.shapes_report import run_controls
+    from tests.conftest import TINY_LLM, overrides_for
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo, "TinyLLMConfig", lambda: replace(TINY_LLM, steps=2))
+    small = replace(demo.EVAL_SETTINGS, per_prompt=1, num_inference_steps=1, min_per_category=2, allow_small=True)
+    monkeypatch.setattr(demo, "EVAL_SETTINGS", small)
+    overrides = [o for o in overrides_for("unused") if not o.startswith("text.llm=")]
+    overrides += ["data.shapes.size=64", "data.shapes.held_out_fraction=0.01", "data.shapes.max_objects=2"]
+    summary = demo.run_demo(tmp_path / "out", device="cpu", steps=2, overrides=overrides, images_per_prompt=1)
+
+    run = tmp_path / "out" / "fusedit"
+    assert json.loads((run / "eval" / "shapes.json").read_text())["overall"] == summary["overall"]
+    assert (run / "demo_grid.png").is_file() and (run / "final").is_dir()
+    config = load_experiment("demo", overrides)
+    world = ShapesWorld(config.data.shapes, config.data.resolution)
+    inline = run_controls(world, SamplingPlan.for_world(world, small).expanded, seed=small.seed)
+    assert summary["controls"] == {name: row["overall"] for name, row in inline.items()}
+    assert "controls" in capsys.readouterr().out

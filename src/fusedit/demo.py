@@ -23,13 +23,23 @@ import torch
 from fusedit.builders import resolve_relative_paths
 from fusedit.config import ConfigError
 from fusedit.data.shapes import PromptSpec, ShapesWorld
-from fusedit.eval.shapes_eval import ShapesEvalSettings, evaluate_shapes, format_scores, write_json_atomic
+from fusedit.eval.shapes_controls_worker import ControlsInBackground
+from fusedit.eval.shapes_eval import (
+    SamplingPlan,
+    ShapesEvalSettings,
+    evaluate_shapes,
+    format_scores,
+    write_json_atomic,
+)
 from fusedit.eval.shapes_report import summary_keys
 from fusedit.experiment import ExperimentConfig, load_experiment
 from fusedit.sampling.loading import load_pipeline
 from fusedit.text.tiny_llm import TinyLLMConfig, ensure_shapes_world_llm, read_marker
 from fusedit.train.launch import train_run
 from fusedit.train.logging import save_image_grid
+
+#: The demo's evaluation: the full held-out suite with every control, the run's sampler settings.
+EVAL_SETTINGS = ShapesEvalSettings()
 
 
 def held_out_examples(world: ShapesWorld, per_category: int = 2) -> list[PromptSpec]:
@@ -92,15 +102,26 @@ def run_demo(
         f"[1/4] shapes world: {len(world.training_prompts())} training prompts, "
         f"{len(world.held_out_prompts())} held out, {base.data.resolution}px"
     )
-    llm_dir, retrained = pretrain_tiny_llm(out / "tiny-llm", world)
-    extra = [f"text.llm={llm_dir}"] + ([f"train.max_steps={steps}"] if steps else [])
-    config = load_experiment("demo", list(overrides) + extra)
-    run_dir = out / "fusedit"
-    train_demo(config, run_dir, device, llm_retrained=retrained)
-    print("[4/4] sampling held-out prompts, and the full held-out suite next to its controls")
-    pipe = load_pipeline(run_dir, device=device)
-    grid = sample_demo_grid(pipe, world, run_dir, images_per_prompt)
-    summary, summary_path = evaluate_demo(pipe, world, run_dir)
+    # the controls depend on the world alone: scored on the second core while the tiny LLM trains on the first
+    controls = ControlsInBackground.start(
+        world, SamplingPlan.for_world(world, EVAL_SETTINGS).expanded, EVAL_SETTINGS.seed
+    )
+    threads = torch.get_num_threads()
+    try:
+        llm_dir, retrained = pretrain_tiny_llm(out / "tiny-llm", world)
+        extra = [f"text.llm={llm_dir}"] + ([f"train.max_steps={steps}"] if steps else [])
+        config = load_experiment("demo", list(overrides) + extra)
+        run_dir = out / "fusedit"
+        train_demo(config, run_dir, device, llm_retrained=retrained)
+        print("[4/4] sampling held-out prompts, and the full held-out suite next to its controls")
+        # every core samples now: the data worker is gone and the controls were scored during stage 2
+        torch.set_num_threads(threads)
+        pipe = load_pipeline(run_dir, device=device)
+        grid = sample_demo_grid(pipe, world, run_dir, images_per_prompt)
+        summary, summary_path = evaluate_demo(pipe, world, run_dir, controls)
+    except BaseException:
+        controls.cancel()
+        raise
     print()
     print(format_scores(summary))
     print()
@@ -157,9 +178,17 @@ def sample_demo_grid(pipe, world: ShapesWorld, run_dir: Path, images_per_prompt:
     return grid
 
 
-def evaluate_demo(pipe, world: ShapesWorld, run_dir: Path) -> tuple[dict, Path]:
-    """The full held-out suite with its controls (default :class:`~fusedit.eval.shapes_eval.ShapesEvalSettings`):
-    ``scores.json``, grids and images in ``<run>/eval``, the summary document in ``<run>/eval/shapes.json``."""
-    scores = evaluate_shapes(pipe, world, run_dir / "eval", ShapesEvalSettings(), model_path=str(run_dir))
+def evaluate_demo(
+    pipe, world: ShapesWorld, run_dir: Path, controls: ControlsInBackground | None = None
+) -> tuple[dict, Path]:
+    """The full held-out suite with its controls (:data:`EVAL_SETTINGS`): ``scores.json``, grids and images in
+    ``<run>/eval``, the summary document in ``<run>/eval/shapes.json``.
+
+    ``controls``: the controls, already scored in a second process for :data:`EVAL_SETTINGS` (the demo starts them
+    with the world, so that they take no time of their own: they are about half of an evaluation's time on one core;
+    the same table either way); None: scored here."""
+    scores = evaluate_shapes(
+        pipe, world, run_dir / "eval", EVAL_SETTINGS, model_path=str(run_dir), pending_controls=controls
+    )
     summary = {key: scores[key] for key in summary_keys(scores)}
     return summary, write_json_atomic(run_dir / "eval" / "shapes.json", summary)

@@ -358,3 +358,20 @@ def test_the_training_prompt_set_from_the_command_line(run_dir, tmp_path, capsys
     assert "training prompts" in capsys.readouterr().out
     assert cli_main(args + ["--prompt-set", "training", "--images", str(tmp_path)]) == 2
     assert "leave --prompt-set out" in capsys.readouterr().err
+
+
+def test_controls_scored_beside_sampling_are_the_ones_scored_after_it(tmp_path):
+    """``controls_in_background`` (the demo's setting) must give the same document as scoring the controls inline."""
+    from fusedit.eval.shapes_eval import evaluate_shapes
+
+    config = load_experiment("demo", WORLD)
+    world = ShapesWorld(config.data.shapes, config.data.resolution)
+    settings = small_settings(controls=True, pixel_fd=False)
+    inline = evaluate_shapes(PerfectPipe(world), world, tmp_path / "inline", settings)
+    beside = evaluate_shapes(
+        PerfectPipe(world), world, tmp_path / "beside", replace(settings, controls_in_background=True)
+    )
+    assert beside["controls"]["ground_truth"] == 1.0 and beside["controls"]["blobs"] < 0.1
+    # compared as JSON text: controls without background pixels have background error NaN, which != itself
+    as_text = lambda document: json.dumps({k: v for k, v in document.items() if k != "manifest"}, sort_keys=True)  # noqa: E731
+    assert as_text(beside) == as_text(inline)

@@ -44,6 +44,7 @@ from fusedit.atomic import write_text_atomic
 from fusedit.data.shapes import PromptSpec, ShapesWorld
 from fusedit.eval.fid import fid_from_features
 from fusedit.eval.manifest import code_version, prompt_set_hash, sampling_manifest
+from fusedit.eval.shapes_controls_worker import ControlsInBackground
 from fusedit.eval.shapes_report import format_report, score_and_report
 from fusedit.eval.shapes_scorer import as_uint8_images
 from fusedit.eval.shapes_stats import MIN_IMAGES_PER_CATEGORY, check_category_sizes
@@ -71,6 +72,9 @@ class ShapesEvalSettings:
         min_per_category: at least this many images per category (more images per prompt where needed; 0: off).
         allow_small: score categories with fewer than 50 images anyway (refused otherwise).
         controls: also score every control (:mod:`fusedit.eval.shapes_controls`) on the same prompts.
+        controls_in_background: score the controls in a second process while the model samples
+            (:mod:`fusedit.eval.shapes_controls_worker`; the same table): faster where a core is idle during
+            sampling, as in the demo.
         prompt_set: ``held_out`` (the benchmark: prompts never seen in training) or ``training`` (the prompts the
             model was trained on, each with the same number of images: what it learned to draw, against which the
             held-out score measures generalisation).
@@ -87,6 +91,7 @@ class ShapesEvalSettings:
     min_per_category: int = MIN_IMAGES_PER_CATEGORY
     allow_small: bool = False
     controls: bool = True
+    controls_in_background: bool = False
     prompt_set: str = "held_out"
 
     def validate(self) -> None:
@@ -223,6 +228,7 @@ def evaluate_shapes(
     *,
     model_path: str | None = None,
     progress: bool = False,
+    pending_controls: ControlsInBackground | None = None,
 ) -> dict[str, Any]:
     """Sample and score every held-out prompt of ``world`` (or every training prompt: ``settings.prompt_set``), with
     the controls; write ``scores.json``, ``images.npz`` and grids into ``out_dir``.
@@ -233,20 +239,71 @@ def evaluate_shapes(
         out_dir: output folder (created).
         settings: sampling settings.
         model_path: recorded in ``scores.json``.
+        pending_controls: the controls, already being scored in the background for this evaluation's prompts
+            (``SamplingPlan.for_world(world, settings).expanded``) and ``settings.seed``; None: scored here (in the
+            background while sampling with ``settings.controls_in_background``).
 
     Returns:
         The contents of ``scores.json``: the :func:`~fusedit.eval.shapes_report.summary_json` document plus the
         per-prompt results, ``accuracy``/``correct``/``total`` per category, ``num_images``, ``settings``, ``grids``.
 
     Raises:
-        ValueError: a category would get fewer than 50 images and ``settings.allow_small`` is off.
+        ValueError: a category would get fewer than 50 images and ``settings.allow_small`` is off; or
+            ``pending_controls`` were started for other prompts or another seed, or with ``settings.controls`` off.
     """
     settings.validate()
     plan = SamplingPlan.for_world(world, settings)
     resolved = _resolve_sampling(pipe, settings)
-    images = sample_jobs(pipe, plan.jobs, world.resolution, resolved, progress=progress)
-    uint8 = as_uint8_images(images)
-    manifest = {
+    pending = _pending_controls(world, plan, settings, pending_controls)
+    try:
+        images = sample_jobs(pipe, plan.jobs, world.resolution, resolved, progress=progress)
+        uint8 = as_uint8_images(images)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        extra: dict[str, Any] = {"suite": "shapes"}
+        if settings.pixel_fd:
+            real = render_specs(world, plan.specs, plan.counts, settings.seed)
+            extra["fd_pixels"] = pixel_frechet_distance(np.stack(uint8), real)
+        extra["grids"] = save_category_grids(images, plan.specs, plan.counts, out, settings.grid_prompts)
+        control_table = pending.result() if pending is not None else None
+    except BaseException:
+        if pending is not None:
+            pending.cancel()
+        raise
+    manifest = _evaluation_manifest(pipe, world, plan, resolved, settings, model_path)
+    result = score_and_report(world, uint8, plan.expanded, manifest, settings.controls, extra, control_table)
+    result["settings"] = _settings_record(world, plan, resolved, model_path)
+    result["per_prompt"] = plan.per_prompt_results(result.pop("correct_per_image"))
+    np.savez_compressed(out / "images.npz", images=np.stack(uint8), prompts=np.array([s.text for s in plan.expanded]))
+    write_json_atomic(out / SCORES_NAME, result)
+    return result
+
+
+def _pending_controls(
+    world: ShapesWorld, plan: SamplingPlan, settings: ShapesEvalSettings, given: ControlsInBackground | None
+) -> ControlsInBackground | None:
+    """The controls being scored in the background for this evaluation: ``given`` (checked), or started now when
+    ``settings.controls_in_background``; None: scored inline (or not at all)."""
+    if given is not None:
+        if not settings.controls:
+            given.cancel()
+            raise ValueError("controls were started in the background, but the evaluation has controls off")
+        try:
+            given.check_scores(plan.expanded, settings.seed)
+        except ValueError:
+            given.cancel()
+            raise
+        return given
+    if settings.controls and settings.controls_in_background:
+        return ControlsInBackground.start(world, plan.expanded, settings.seed)
+    return None
+
+
+def _evaluation_manifest(
+    pipe, world: ShapesWorld, plan: SamplingPlan, resolved, settings: ShapesEvalSettings, model_path: str | None
+) -> dict:
+    """The reproducibility manifest of one evaluation: code, sampler, seeds, resolution, model and prompt set."""
+    return {
         **code_version(),
         **sampling_manifest(
             pipe,
@@ -261,19 +318,6 @@ def evaluate_shapes(
         "seed_stride": plan.stride,
         **prompt_manifest(plan.specs, plan.counts, settings.prompt_set),
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    extra: dict[str, Any] = {"suite": "shapes"}
-    if settings.pixel_fd:
-        real = render_specs(world, plan.specs, plan.counts, settings.seed)
-        extra["fd_pixels"] = pixel_frechet_distance(np.stack(uint8), real)
-    extra["grids"] = save_category_grids(images, plan.specs, plan.counts, out, settings.grid_prompts)
-    result = score_and_report(world, uint8, plan.expanded, manifest, settings.controls, extra)
-    result["settings"] = _settings_record(world, plan, resolved, model_path)
-    result["per_prompt"] = plan.per_prompt_results(result.pop("correct_per_image"))
-    np.savez_compressed(out / "images.npz", images=np.stack(uint8), prompts=np.array([s.text for s in plan.expanded]))
-    write_json_atomic(out / SCORES_NAME, result)
-    return result
 
 
 def prompts_of(world: ShapesWorld, prompt_set: str) -> list[PromptSpec]:

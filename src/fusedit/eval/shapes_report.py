@@ -85,12 +85,19 @@ def score_and_report(
     manifest: dict[str, Any],
     controls: bool,
     extra: dict[str, Any] | None = None,
+    control_table: dict[str, dict] | None = None,
 ) -> dict:
     """Score ``images`` against ``specs`` and, if ``controls``, every control on the same prompts: the
     :func:`summary_json` document plus the per-category tables ``accuracy``, ``correct``, ``total``,
-    ``num_images``, ``color_recall``, ``color_precision`` and ``correct_per_image``."""
+    ``num_images``, ``color_recall``, ``color_precision`` and ``correct_per_image``.
+
+    ``control_table``: the controls' :func:`run_controls` table when it was already scored (on ``specs`` with the
+    manifest's seed, e.g. by :mod:`fusedit.eval.shapes_controls_worker` while the model sampled); None: score it here.
+    """
     scored = score_image_set(images, specs)
-    table = run_controls(world, specs, seed=manifest.get("seed") or 0) if controls else None
+    table = None
+    if controls:
+        table = control_table if control_table is not None else run_controls(world, specs, seed=control_seed(manifest))
     categories = scored["categories"]
     tables: dict[str, Any] = {
         "accuracy": {c: v["accuracy"] for c, v in categories.items()},
@@ -105,6 +112,11 @@ def score_and_report(
     document = summary_json(scored, table, manifest, {**(extra or {}), **tables})
     document["correct_per_image"] = scored["correct"]
     return document
+
+
+def control_seed(manifest: dict[str, Any]) -> int:
+    """The seed the controls of an evaluation with ``manifest`` are drawn with: its base seed (0 when it has none)."""
+    return manifest.get("seed") or 0
 
 
 def run_controls(
