@@ -1,6 +1,7 @@
 """How alike a text model's states at the last word of two prompts are, layer by layer.
 
-    python tools/text_state_similarity.py LLM "a square and a triangle" "a triangle and a square" "a circle and a triangle"
+    python tools/text_state_similarity.py LLM "a square and a triangle" "a triangle and a square" \
+        "a circle and a triangle"
 
 The first prompt is compared with each of the others: the cosine similarity of the hidden states at their last
 token, for the embeddings (layer 0) and after every decoder layer. Deep fusion reads keys and values projected from
