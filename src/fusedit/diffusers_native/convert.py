@@ -58,6 +58,7 @@ def pipeline_from_parts(
         run_config=run_config_of(experiment),
     )
     pipe.source_experiment = experiment
+    pipe.prompt_expander = text_encoder.formatter.expander if text_encoder.formatter is not None else None
     return pipe
 
 

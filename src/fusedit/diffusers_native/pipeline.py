@@ -57,6 +57,7 @@ from fusedit.sampling.pipeline import FuseDiTPipeline as Sampler
 from fusedit.sampling.pipeline import postprocess
 from fusedit.text.context import TextContext
 from fusedit.text.encoder import TextEncoder
+from fusedit.text.expansion import PromptExpander
 from fusedit.text.llm import extract_decoder
 from fusedit.text.pooled import CLIPPooler
 
@@ -127,6 +128,10 @@ class FuseDiTPipeline(DiffusionPipeline, FuseDiTLoraLoaderMixin):
         self._guidance_scale, self._num_timesteps, self._interrupt = defaults.guidance_scale, 0, False
         #: the run's own ExperimentConfig when the pipeline was made from it (local paths kept); else rebuilt
         self.source_experiment: ExperimentConfig | None = None
+        #: ``text.expansion``: the LLM with its output head that continues every prompt (:mod:`fusedit.text.expansion`);
+        #: set by :func:`~fusedit.diffusers_native.convert.pipeline_from_parts` from a run's text encoder (a saved
+        #: pipeline keeps only the layers the transformer reads, so it cannot expand prompts itself)
+        self.prompt_expander: PromptExpander | None = None
         self._sampler = self._build_sampler()
 
     def _build_sampler(self) -> Sampler:
@@ -143,6 +148,7 @@ class FuseDiTPipeline(DiffusionPipeline, FuseDiTLoraLoaderMixin):
             dataclasses.replace(text, trainable=False),
             self.transformer.text_requirements(),
             pooled_encoder=pooled,
+            expander=self.prompt_expander,
         )
         match_config_to_layers(decoder)  # the encoder may have dropped layers the model never reads
         codec = VAECodec(self.vae) if self.vae is not None else PixelCodec()
@@ -151,10 +157,18 @@ class FuseDiTPipeline(DiffusionPipeline, FuseDiTLoraLoaderMixin):
 
     def _current_sampler(self) -> Sampler:
         sampler = self._sampler
-        if sampler.text_encoder.decoder is not extract_decoder(self.text_encoder) or sampler.model is not (
-            self.transformer
+        if (
+            sampler.text_encoder.decoder is not extract_decoder(self.text_encoder)
+            or sampler.model is not self.transformer
+            or getattr(sampler.text_encoder.formatter, "expander", None) is not self.prompt_expander
         ):
             sampler = self._sampler = self._build_sampler()
+        if read_text_config(self.config["text_config"]).expansion != "none" and self.prompt_expander is None:
+            raise ValueError(
+                "this pipeline's text config asks for prompt expansion (text.expansion), which needs the whole LLM "
+                "with its output head; a saved pipeline holds only the layers the transformer reads. Sample from the "
+                "training run directory instead (fusedit sample RUN ...)"
+            )
         sampler.scheduler = self.scheduler
         return sampler
 

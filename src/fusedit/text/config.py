@@ -38,6 +38,12 @@ class TextConfig:
         offload: keep the frozen LLM's weights on the CPU and move them to the training device only to encode a
             batch (back right after), so the DiT step has the device memory the LLM would hold. Costs one
             host-device copy of the LLM per step; a no-op on a CPU-only run.
+        expansion: ``none``, or ``greedy``: every non-empty prompt is followed by the LLM's own greedy continuation
+            of ``prompt + expansion_separator`` before it is encoded (:mod:`fusedit.text.expansion`; e.g. the shapes
+            world's tiny LLM restates the prompt's content). ``max_length`` must then hold prompt and continuation.
+        expansion_separator: text put between the prompt and what the LLM is asked to continue (the shapes world's
+            tiny LLM was pretrained on ``caption . restatement``).
+        expansion_max_new_tokens: the longest continuation, in tokens.
     """
 
     llm: str = ""
@@ -55,9 +61,18 @@ class TextConfig:
     trim: bool = True
     quantization: Literal["none", "int8"] = "none"
     offload: bool = False
+    expansion: Literal["none", "greedy"] = "none"
+    expansion_separator: str = " ."
+    expansion_max_new_tokens: int = 32
 
     def validate(self) -> None:
         require(self.max_length > 0, f"text.max_length: got {self.max_length}, expected a positive integer")
+        require(
+            self.expansion_max_new_tokens > 0,
+            f"text.expansion_max_new_tokens: got {self.expansion_max_new_tokens}, expected a positive integer",
+        )
+        if self.expansion != "none":
+            require(not self.trainable, "text.expansion is for a frozen LLM (its continuations are computed once)")
         if self.pooled == "clip":
             require(bool(self.clip_model), "text.pooled: clip needs text.clip_model (a path or hub id of a CLIP model)")
         if self.trainable:

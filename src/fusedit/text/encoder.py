@@ -19,6 +19,7 @@ from torch import nn
 
 from fusedit.text.config import TextConfig
 from fusedit.text.context import TextContext, TextRequirements
+from fusedit.text.expansion import PromptExpander
 from fusedit.text.llm import decoder_forward_kwargs, load_llm, load_tokenizer, resolve_dtype
 from fusedit.text.pooled import load_clip_pooler
 
@@ -89,9 +90,11 @@ class PromptFormatter:
     ``max_length + len(instruction tokens)`` like the reference.
     """
 
-    def __init__(self, tokenizer, config: TextConfig):
+    def __init__(self, tokenizer, config: TextConfig, expander: PromptExpander | None = None):
         self.tokenizer = tokenizer
         self.config = config
+        #: ``text.expansion``: what appends the LLM's continuation to every non-empty prompt (None: nothing)
+        self.expander = expander
         self.instruction_length = self._instruction_length()
         self._unknown_told: set[str] = set()  # unknown words already named in a warning
 
@@ -116,6 +119,8 @@ class PromptFormatter:
             raise TypeError(f"prompts must be strings, got {type(prompt).__name__}: {prompt!r}")
         if prompt == "":
             return ""
+        if self.expander is not None:
+            prompt = self.expander.expand(prompt)
         text = self.config.instruction + prompt
         if self.config.chat_template:
             text = self.tokenizer.apply_chat_template(
@@ -194,6 +199,7 @@ class TextEncoder(nn.Module):
         requirements: TextRequirements,
         pooled_encoder: nn.Module | None = None,
         execution_device: torch.device | str | None = None,
+        expander: PromptExpander | None = None,
     ):
         super().__init__()
         #: ``text.offload``: the device the LLM runs on; its weights rest where they are (the CPU) between batches
@@ -203,7 +209,7 @@ class TextEncoder(nn.Module):
         self.config = config
         self.requirements = requirements
         # Without a tokenizer only encode_tokens() works (tests, benchmarks feeding token ids directly).
-        self.formatter = PromptFormatter(tokenizer, config) if tokenizer is not None else None
+        self.formatter = PromptFormatter(tokenizer, config, expander) if tokenizer is not None else None
         self.pooled_encoder = pooled_encoder
         self._cache_arg = decoder_forward_kwargs(decoder)
         self.trainable = config.trainable
@@ -227,7 +233,14 @@ class TextEncoder(nn.Module):
         if requirements.pooled and config.pooled == "clip":
             assert config.clip_model is not None  # TextConfig.validate requires it
             pooled = load_clip_pooler(config.clip_model, device=device)
-        return cls(decoder, tokenizer, config, requirements, pooled_encoder=pooled, execution_device=device)
+        expander = None
+        if config.expansion == "greedy":
+            expander = PromptExpander.from_pretrained(
+                config.llm, tokenizer, config.expansion_separator, config.expansion_max_new_tokens, device=device
+            )
+        return cls(
+            decoder, tokenizer, config, requirements, pooled_encoder=pooled, execution_device=device, expander=expander
+        )
 
     def _truncate_unused_layers(self) -> None:
         """Keep only the LLM layers the model reads (a deep-fusion model never needs the layers past its map)."""

@@ -192,6 +192,31 @@ def load_llm(
     Returns:
         the decoder module (e.g. ``Gemma2Model``), in eval mode.
     """
+    model = load_causal_lm(
+        name_or_path,
+        dtype=dtype,
+        attention=attention,
+        attn_implementation=attn_implementation,
+        quantization=quantization,
+        device=device,
+    )
+    decoder = extract_decoder(model)
+    decoder.eval()
+    return decoder
+
+
+def load_causal_lm(
+    name_or_path: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    attention: Literal["hf", "reference"] = "hf",
+    attn_implementation: str | None = None,
+    quantization: Literal["none", "int8"] = "none",
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """The whole model at ``name_or_path`` with its output head (a causal LM, or an image-text-to-text model), in
+    eval mode, where ``from_pretrained`` put it (``device`` only places an 8-bit model); arguments as
+    :func:`load_llm`. :class:`LLMLoadError` when transformers cannot load it."""
     from transformers import AutoModelForCausalLM
 
     config = load_llm_config(name_or_path)
@@ -213,9 +238,7 @@ def load_llm(
             raise LLMLoadError(f"{name_or_path!r} is not a causal LM transformers can load: {error}") from None
     except Exception as error:
         raise LLMLoadError(f"could not load the LLM from {name_or_path!r}: {error}") from None
-    decoder = extract_decoder(model)
-    decoder.eval()
-    return decoder
+    return model.eval()
 
 
 def int8_load_kwargs(device: torch.device | str) -> dict:
