@@ -43,10 +43,19 @@ def test_the_continuation_is_the_llm_greedy_generation(expander, tiny_llm_dir):
 def test_the_empty_prompt_stays_empty_and_continuations_are_remembered(expander, monkeypatch):
     assert expander.expand("") == ""
     first = expander.expand("two green triangles")
-    monkeypatch.setattr(expander, "_generate", lambda prompt: pytest.fail("generated again"))
+    monkeypatch.setattr(expander, "_generate", lambda prompts: pytest.fail("generated again"))
     assert expander.expand("two green triangles") == first
     with pytest.raises(ValueError, match="max_new_tokens"):
         PromptExpander(expander.model, expander.tokenizer, " .", 0)
+
+
+def test_a_continuation_does_not_depend_on_the_batch_it_came_in(tiny_llm_dir):
+    tokenizer = load_tokenizer(str(tiny_llm_dir))
+    prompts = ["a red circle", "a blue square", "two green triangles", "a circle", "a white circle", "a red circle"]
+    together = PromptExpander.from_pretrained(str(tiny_llm_dir), tokenizer, " .", 6)
+    batched = together.expand_all(prompts)
+    alone = [PromptExpander.from_pretrained(str(tiny_llm_dir), tokenizer, " .", 6).expand(p) for p in prompts]
+    assert batched == alone and len(set(batched)) > 2
 
 
 def test_an_expanding_encoder_encodes_the_expanded_text(tiny_llm_dir, demo_overrides):

@@ -133,6 +133,8 @@ class PromptFormatter:
             prompts = [prompts]
         if len(prompts) == 0:
             raise ValueError("no prompts given: expected a non-empty list of strings")
+        if self.expander is not None:  # the new prompts' continuations generated together
+            self.expander.expand_all([p for p in prompts if isinstance(p, str)])
         texts = [self.format(p) for p in prompts]
         unknown = [w for w in unknown_words(self.tokenizer, texts) if w not in self._unknown_told]
         if unknown:  # once per word (a fine-tuning run encodes the same unknown word at every step)

@@ -16,7 +16,9 @@ Conventions:
   token; special tokens are dropped from the text; the expanded prompt is ``prompt + separator + " " + continuation``.
 * The empty prompt (CFG's unconditional prompt, dropped captions) stays empty.
 * Continuations are remembered per prompt for the life of the expander (training sees the same captions again and
-  again, sampling the same prompts at every step and image).
+  again, sampling the same prompts at every step and image). :meth:`PromptExpander.expand_all` generates the new
+  prompts of a batch together, grouped by token length so that no row is padded: a prompt's continuation does not
+  depend on the batch it first came in (tested against generating it alone).
 
 Cost: a second copy of the LLM with its output head (the encoder keeps only the layers the DiT reads), and one
 generation per distinct prompt; longer text contexts (set ``text.max_length`` for prompt plus continuation).
@@ -54,7 +56,7 @@ class PromptExpander:
     def continuation(self, prompt: str) -> str:
         """The LLM's greedy continuation of ``prompt + separator`` (remembered)."""
         if prompt not in self._continuations:
-            self._continuations[prompt] = self._generate(prompt)
+            self._remember([prompt])
         return self._continuations[prompt]
 
     def expand(self, prompt: str) -> str:
@@ -64,11 +66,24 @@ class PromptExpander:
         return f"{prompt}{self.separator} {self.continuation(prompt)}".rstrip()
 
     def expand_all(self, prompts: Sequence[str]) -> list[str]:
+        """:meth:`expand` of every prompt, the new ones generated in batches."""
+        self._remember([p for p in prompts if p != "" and p not in self._continuations])
         return [self.expand(p) for p in prompts]
 
-    def _generate(self, prompt: str) -> str:
+    def _remember(self, prompts: Sequence[str], batch_size: int = 64) -> None:
+        """Generate and remember the continuations of ``prompts``, in batches of prompts of one token length."""
+        by_length: dict[int, list[str]] = {}
+        for prompt in dict.fromkeys(prompts):
+            by_length.setdefault(len(self.tokenizer(prompt + self.separator)["input_ids"]), []).append(prompt)
+        for group in by_length.values():
+            for start in range(0, len(group), batch_size):
+                chunk = group[start : start + batch_size]
+                self._continuations.update(zip(chunk, self._generate(chunk), strict=True))
+
+    def _generate(self, prompts: Sequence[str]) -> list[str]:
+        """Greedy continuations of prompts of one token length (so that no row is padded)."""
         device = next(self.model.parameters()).device
-        inputs = self.tokenizer(prompt + self.separator, return_tensors="pt").to(device)
+        inputs = self.tokenizer([p + self.separator for p in prompts], return_tensors="pt").to(device)
         with torch.no_grad():
             out = self.model.generate(  # type: ignore[operator]
                 **inputs,
@@ -77,5 +92,5 @@ class PromptExpander:
                 eos_token_id=self.tokenizer.eos_token_id,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
-        new_tokens = out[0, inputs["input_ids"].shape[1] :]
-        return self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+        new_tokens = out[:, inputs["input_ids"].shape[1] :]
+        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
