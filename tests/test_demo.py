@@ -52,7 +52,8 @@ def test_the_demo_runs_end_to_end_with_its_controls_scored_during_pretraining(tm
     monkeypatch.setattr(demo, "TinyLLMConfig", lambda: replace(TINY_LLM, steps=2))
     small = replace(demo.EVAL_SETTINGS, per_prompt=1, num_inference_steps=1, min_per_category=2, allow_small=True)
     monkeypatch.setattr(demo, "EVAL_SETTINGS", small)
-    overrides = [o for o in overrides_for("unused") if not o.startswith("text.llm=")]
+    # the demo's own prompt expansion stays on (its tiny LLM continues "caption ." in its pretraining language)
+    overrides = [o for o in overrides_for("unused") if not o.startswith(("text.llm=", "text.expansion=", "text.max"))]
     overrides += ["data.shapes.size=64", "data.shapes.held_out_fraction=0.01", "data.shapes.max_objects=2"]
     summary = demo.run_demo(tmp_path / "out", device="cpu", steps=2, overrides=overrides, images_per_prompt=1)
 
@@ -64,3 +65,4 @@ def test_the_demo_runs_end_to_end_with_its_controls_scored_during_pretraining(tm
     inline = run_controls(world, SamplingPlan.for_world(world, small).expanded, seed=small.seed)
     assert summary["controls"] == {name: row["overall"] for name, row in inline.items()}
     assert "controls" in capsys.readouterr().out
+    assert load_experiment("demo", overrides).text.expansion == "greedy"

@@ -82,8 +82,6 @@ def test_an_expanding_encoder_encodes_the_expanded_text(tiny_llm_dir, demo_overr
 def test_expansion_settings_are_validated():
     with pytest.raises(ConfigError, match="expansion_max_new_tokens"):
         TextConfig(llm="x", expansion="greedy", expansion_max_new_tokens=0).validate()
-    with pytest.raises(ConfigError, match="frozen LLM"):
-        TextConfig(llm="x", expansion="greedy", trainable=True).validate()
 
 
 def test_a_run_trained_with_expansion_samples_with_it(tmp_path, tiny_llm_dir, demo_overrides):

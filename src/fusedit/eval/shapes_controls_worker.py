@@ -73,3 +73,28 @@ class ControlsInBackground:
         """Stop waiting for the table (the caller failed before it needed it) and shut the worker down."""
         self.future.cancel()
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def controls_for_evaluation(
+    world: ShapesWorld,
+    specs: Sequence[PromptSpec],
+    seed: int,
+    controls: bool,
+    in_background: bool,
+    given: ControlsInBackground | None,
+) -> ControlsInBackground | None:
+    """The controls being scored in the background for an evaluation of ``specs`` with ``seed``: ``given`` (checked
+    against them; cancelled and refused with ``ValueError`` when they do not match, or when the evaluation has
+    ``controls`` off), or started now when ``in_background``; None: scored inline (or not at all)."""
+    if given is not None:
+        try:
+            if not controls:
+                raise ValueError("controls were started in the background, but the evaluation has controls off")
+            given.check_scores(specs, seed)
+        except ValueError:
+            given.cancel()
+            raise
+        return given
+    if controls and in_background:
+        return ControlsInBackground.start(world, specs, seed)
+    return None

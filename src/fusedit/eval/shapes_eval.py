@@ -44,7 +44,7 @@ from fusedit.atomic import write_text_atomic
 from fusedit.data.shapes import PromptSpec, ShapesWorld
 from fusedit.eval.fid import fid_from_features
 from fusedit.eval.manifest import code_version, prompt_set_hash, sampling_manifest
-from fusedit.eval.shapes_controls_worker import ControlsInBackground
+from fusedit.eval.shapes_controls_worker import ControlsInBackground, controls_for_evaluation
 from fusedit.eval.shapes_report import format_report, score_and_report
 from fusedit.eval.shapes_scorer import as_uint8_images
 from fusedit.eval.shapes_stats import MIN_IMAGES_PER_CATEGORY, check_category_sizes
@@ -254,7 +254,9 @@ def evaluate_shapes(
     settings.validate()
     plan = SamplingPlan.for_world(world, settings)
     resolved = _resolve_sampling(pipe, settings)
-    pending = _pending_controls(world, plan, settings, pending_controls)
+    pending = controls_for_evaluation(
+        world, plan.expanded, settings.seed, settings.controls, settings.controls_in_background, pending_controls
+    )
     try:
         images = sample_jobs(pipe, plan.jobs, world.resolution, resolved, progress=progress)
         uint8 = as_uint8_images(images)
@@ -277,26 +279,6 @@ def evaluate_shapes(
     np.savez_compressed(out / "images.npz", images=np.stack(uint8), prompts=np.array([s.text for s in plan.expanded]))
     write_json_atomic(out / SCORES_NAME, result)
     return result
-
-
-def _pending_controls(
-    world: ShapesWorld, plan: SamplingPlan, settings: ShapesEvalSettings, given: ControlsInBackground | None
-) -> ControlsInBackground | None:
-    """The controls being scored in the background for this evaluation: ``given`` (checked), or started now when
-    ``settings.controls_in_background``; None: scored inline (or not at all)."""
-    if given is not None:
-        if not settings.controls:
-            given.cancel()
-            raise ValueError("controls were started in the background, but the evaluation has controls off")
-        try:
-            given.check_scores(plan.expanded, settings.seed)
-        except ValueError:
-            given.cancel()
-            raise
-        return given
-    if settings.controls and settings.controls_in_background:
-        return ControlsInBackground.start(world, plan.expanded, settings.seed)
-    return None
 
 
 def _evaluation_manifest(

@@ -71,8 +71,6 @@ class TextConfig:
             self.expansion_max_new_tokens > 0,
             f"text.expansion_max_new_tokens: got {self.expansion_max_new_tokens}, expected a positive integer",
         )
-        if self.expansion != "none":
-            require(not self.trainable, "text.expansion is for a frozen LLM (its continuations are computed once)")
         if self.pooled == "clip":
             require(bool(self.clip_model), "text.pooled: clip needs text.clip_model (a path or hub id of a CLIP model)")
         if self.trainable:

@@ -21,7 +21,8 @@ Conventions:
   depend on the batch it first came in (tested against generating it alone).
 
 Cost: a second copy of the LLM with its output head (the encoder keeps only the layers the DiT reads), and one
-generation per distinct prompt; longer text contexts (set ``text.max_length`` for prompt plus continuation).
+generation per distinct prompt; longer text contexts (set ``text.max_length`` for prompt plus continuation). The
+copy stays frozen: with ``text.trainable`` the continuations are the pretrained LLM's, computed once.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from fusedit.text.llm import load_causal_lm
 
 
 class PromptExpander:
@@ -49,8 +52,6 @@ class PromptExpander:
         cls, name_or_path: str, tokenizer, separator: str, max_new_tokens: int, device="cpu"
     ) -> PromptExpander:
         """The expander of the causal LM at ``name_or_path`` (a local folder or hub id), in float32 on ``device``."""
-        from fusedit.text.llm import load_causal_lm
-
         return cls(load_causal_lm(name_or_path).to(device), tokenizer, separator, max_new_tokens)
 
     def continuation(self, prompt: str) -> str:
