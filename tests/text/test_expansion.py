@@ -99,3 +99,22 @@ def test_a_run_trained_with_expansion_samples_with_it(tmp_path, tiny_llm_dir, de
     pipe.prompt_expander = None  # what a saved pipeline has: only the layers the transformer reads
     with pytest.raises(ValueError, match="prompt expansion"):
         pipe(["a red circle"], num_inference_steps=1)
+
+
+def test_known_captions_are_expanded_ahead_in_one_pass(tiny_llm_dir, monkeypatch):
+    from fusedit.data.config import ShapesWorldConfig
+    from fusedit.data.shapes import ShapesDataset, ShapesWorld
+    from fusedit.text.expansion import expand_ahead
+
+    world = ShapesWorld(ShapesWorldConfig(size=64, max_objects=2), 16)
+    dataset = ShapesDataset(world)
+    config = TextConfig(llm=str(tiny_llm_dir), dtype="float32", max_length=24, expansion="greedy")
+    from fusedit.text.context import TextRequirements
+
+    encoder = TextEncoder.from_config(config, TextRequirements(kv_layers=(0,)))
+    assert expand_ahead(encoder, dataset) == len(world.training_prompts()) > 10
+    monkeypatch.setattr(encoder.formatter.expander, "_generate", lambda prompts: pytest.fail("generated again"))
+    encoder.encode([dataset[i]["caption"] for i in range(8)])
+    assert expand_ahead(encoder, object()) == 0  # a dataset that cannot list its captions: nothing ahead
+    plain = TextEncoder.from_config(dataclasses.replace(config, expansion="none"), TextRequirements(kv_layers=(0,)))
+    assert expand_ahead(plain, dataset) == 0

@@ -362,6 +362,11 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.world.config.size
 
+    def known_captions(self) -> list[str]:
+        """Every caption the dataset can yield (its world's training prompts), for work done once ahead of training
+        (:func:`fusedit.text.expansion.expand_ahead`)."""
+        return [spec.text for spec in self.world.training_prompts()]
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         n = len(self)
         if not -n <= index < n:

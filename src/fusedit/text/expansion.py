@@ -95,3 +95,19 @@ class PromptExpander:
             )
         new_tokens = out[:, inputs["input_ids"].shape[1] :]
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def expand_ahead(text_encoder, dataset) -> int:
+    """Generate the continuations of every caption ``dataset`` knows up front (``dataset.known_captions()``, e.g. the
+    shapes world's training prompts) in one batched pass, when ``text_encoder`` expands prompts; returns how many.
+
+    Without it the caption cache asks for a training batch's new captions at a time: the same continuations, in
+    small groups (measured on the demo: about 50 s instead of 7 s for the 1,336 captions).
+    """
+    expander = getattr(getattr(text_encoder, "formatter", None), "expander", None)
+    known = getattr(dataset, "known_captions", None)
+    if expander is None or known is None:
+        return 0
+    captions = known()
+    expander.expand_all(captions)
+    return len(captions)

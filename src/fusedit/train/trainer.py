@@ -58,6 +58,7 @@ from fusedit.dist.parallelize import parallelize
 from fusedit.flow import FlowMatchSchedule, loss_weighting
 from fusedit.rundir.lock import hold_run_dir
 from fusedit.text.cache import CachedTextEncoder
+from fusedit.text.expansion import expand_ahead
 from fusedit.train.data_order import MicroBatch, TrainingData
 from fusedit.train.ema import EMA
 from fusedit.train.errors import NonFiniteLossError
@@ -111,6 +112,7 @@ class Trainer:
         cfg = self.cfg
         self.run_dir, self.device = Path(run_dir), torch.device(device)
         self.text_encoder, self.codec, self.sample_fn = text_encoder, codec, sample_fn
+        expand_ahead(text_encoder, dataset)  # text.expansion: every known caption's continuation, batched, once
         if cfg.cache_text_context:
             self.text_encoder = CachedTextEncoder(text_encoder)
         self.resume, self.resume_from = resume, Path(resume_from) if resume_from is not None else None
