@@ -14,7 +14,7 @@ import os
 import socket
 import urllib.parse
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -170,37 +170,10 @@ def extract_decoder(model: nn.Module) -> nn.Module:
     raise LLMLoadError(f"{type(model).__name__} has no decoder with embed_tokens and layers; not a decoder-only LLM")
 
 
-def load_llm(
-    name_or_path: str,
-    *,
-    dtype: torch.dtype = torch.float32,
-    attention: Literal["hf", "reference"] = "hf",
-    attn_implementation: str | None = None,
-    quantization: Literal["none", "int8"] = "none",
-    device: torch.device | str = "cpu",
-) -> nn.Module:
-    """Load the decoder of a causal LM (or of PaliGemma's language model).
-
-    Args:
-        name_or_path: local folder or hub id.
-        dtype: weights dtype.
-        attention: ``reference`` patches the config as :func:`reference_attention_config`.
-        attn_implementation: transformers attention backend (``sdpa`` default, ``eager``).
-        quantization: ``int8`` loads the linear layers in 8 bits on ``device`` (bitsandbytes' LLM.int8 through
-            ``BitsAndBytesConfig``; :class:`~fusedit.config.ConfigError` where bitsandbytes is missing); the model is
-            then already on ``device``.
-    Returns:
-        the decoder module (e.g. ``Gemma2Model``), in eval mode.
-    """
-    model = load_causal_lm(
-        name_or_path,
-        dtype=dtype,
-        attention=attention,
-        attn_implementation=attn_implementation,
-        quantization=quantization,
-        device=device,
-    )
-    decoder = extract_decoder(model)
+def load_llm(name_or_path: str, **options: Any) -> nn.Module:
+    """Load the decoder of a causal LM (or of PaliGemma's language model): the decoder module (e.g.
+    ``Gemma2Model``) of :func:`load_causal_lm` with the same arguments, in eval mode."""
+    decoder = extract_decoder(load_causal_lm(name_or_path, **options))
     decoder.eval()
     return decoder
 
@@ -215,8 +188,19 @@ def load_causal_lm(
     device: torch.device | str = "cpu",
 ) -> nn.Module:
     """The whole model at ``name_or_path`` with its output head (a causal LM, or an image-text-to-text model), in
-    eval mode, where ``from_pretrained`` put it (``device`` only places an 8-bit model); arguments as
-    :func:`load_llm`. :class:`LLMLoadError` when transformers cannot load it."""
+    eval mode, where ``from_pretrained`` put it.
+
+    Args:
+        name_or_path: local folder or hub id.
+        dtype: weights dtype.
+        attention: ``reference`` patches the config as :func:`reference_attention_config`.
+        attn_implementation: transformers attention backend (``sdpa`` default, ``eager``).
+        quantization: ``int8`` loads the linear layers in 8 bits on ``device`` (bitsandbytes' LLM.int8 through
+            ``BitsAndBytesConfig``; :class:`~fusedit.config.ConfigError` where bitsandbytes is missing); the model is
+            then already on ``device`` (``device`` places nothing else).
+    Raises:
+        LLMLoadError: transformers cannot load it.
+    """
     from transformers import AutoModelForCausalLM
 
     config = load_llm_config(name_or_path)
