@@ -163,7 +163,7 @@ class FuseDiTPipeline(DiffusionPipeline, FuseDiTLoraLoaderMixin):
             or getattr(sampler.text_encoder.formatter, "expander", None) is not self.prompt_expander
         ):
             sampler = self._sampler = self._build_sampler()
-        if read_text_config(self.config["text_config"]).expansion != "none" and self.prompt_expander is None:
+        if sampler.text_encoder.config.expansion != "none" and self.prompt_expander is None:
             raise ValueError(
                 "this pipeline's text config asks for prompt expansion (text.expansion), which needs the whole LLM "
                 "with its output head; a saved pipeline holds only the layers the transformer reads. Sample from the "
