@@ -92,6 +92,17 @@ def test_a_cached_batch_knows_its_padding_so_a_compiled_model_traces_in_one_grap
     assert explained.graph_break_count == 0, explained.break_reasons
 
 
+def test_an_encoded_batch_knows_its_padding_so_a_compiled_model_traces_in_one_graph(parts):
+    """A trainable LLM's contexts are encoded afresh every step: theirs too is set where the mask was made."""
+    for prompts in (PROMPTS, ["two green triangles"] * 2):
+        context = parts.text_encoder.encode(prompts)
+        assert context.__dict__["_has_padding"] == (not bool(context.mask.all())), prompts
+    x = torch.randn(len(PROMPTS), 3, 16, 16)
+    context = parts.text_encoder.encode(PROMPTS)
+    explained = torch._dynamo.explain(parts.model)(x, torch.full((len(PROMPTS),), 700.0), context)
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
 def test_a_batch_from_padded_rows_is_the_concatenation_of_its_rows(parts):
     """Batches are assembled from rows kept padded to the longest caption seen: the same tensors as concatenating
     the rows themselves, also after a longer caption arrives (every row padded anew) and for prompts not kept."""

@@ -115,6 +115,20 @@ def test_keys_values_hidden_states_match_hf(family, padding_side):
     torch.testing.assert_close(context.pooled, mean)
 
 
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_last_token_pooling_is_the_state_at_each_prompts_last_real_token(padding_side):
+    torch.manual_seed(0)
+    decoder = FAMILIES["gemma2"]().model.eval()
+    ids, mask = make_batch(padding_side)
+    reference = decoder(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states[-1]
+    requirements = TextRequirements(kv_layers=(0,), pooled=True)
+    config = TextConfig(llm="unused", padding_side=padding_side, pooled="llm-last")
+    pooled = TextEncoder(decoder, None, config, requirements).encode_tokens(ids, mask).pooled
+    for row in range(ids.shape[0]):
+        last = max(i for i, real in enumerate(mask[row].tolist()) if real)
+        torch.testing.assert_close(pooled[row], reference[row, last])
+
+
 @pytest.mark.parametrize("family", ["gemma2", "qwen3"])
 def test_raw_keys_are_pre_rope(family):
     torch.manual_seed(0)

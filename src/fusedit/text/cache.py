@@ -78,7 +78,7 @@ class CachedTextEncoder:
             self._padded.clear()
         batch = TextContext.cat([self._padded_row(p, row) for p, row in zip(prompts, rows, strict=True)])
         batch = batch.first_columns(length)  # the columns past every row's end: padding in all rows
-        batch.__dict__["_has_padding"] = padding_among(rows, length)  # of the rows, not of the padded copies
+        batch.remember_padding(padding_among(rows, length))  # of the rows, not of the padded copies
         return batch
 
     def _padded_row(self, prompt: str, row: TextContext) -> TextContext:

@@ -29,7 +29,9 @@ class TextConfig:
             compute attention like tang-bd/fuse-dit (plain softmax, scale head_dim^-0.5, no logit soft-capping, no
             sliding window), needed to reproduce reference checkpoints trained on Gemma 2.
         pooled: pooled text embedding for ``model.text_modulation``: ``none``, ``llm-mean`` (masked mean of the
-            last hidden state) or ``clip`` (a CLIP text model's projected embedding, from ``clip_model``).
+            last hidden state), ``llm-last`` (the last hidden state at the prompt's last real token, the one state of
+            a causal LLM that has read the whole prompt) or ``clip`` (a CLIP text model's projected embedding, from
+            ``clip_model``).
         clip_model: path or hub id of a CLIP text model (for ``pooled: clip``).
         trim: drop key/value columns that are padding in every prompt of the batch (exact; faster attention).
         quantization: ``none`` or ``int8``: the frozen LLM's linear layers in 8 bits (bitsandbytes' LLM.int8 through
@@ -56,7 +58,7 @@ class TextConfig:
     instruction: str = ""
     chat_template: bool = False
     attention: Literal["hf", "reference"] = "hf"
-    pooled: Literal["none", "llm-mean", "clip"] = "none"
+    pooled: Literal["none", "llm-mean", "llm-last", "clip"] = "none"
     clip_model: str | None = None
     trim: bool = True
     quantization: Literal["none", "int8"] = "none"

@@ -54,6 +54,11 @@ class TextContext:
             cached = self.__dict__["_has_padding"] = not bool(self.mask.all())
         return cached
 
+    def remember_padding(self, has_padding: bool) -> None:
+        """Set :attr:`has_padding` from what the caller already knows (e.g. read from the mask on the host before
+        it moved to the device), so that reading it never synchronises, nor breaks a compiled graph."""
+        self.__dict__["_has_padding"] = bool(has_padding)
+
     @property
     def batch_size(self) -> int:
         return self.mask.shape[0]

@@ -314,7 +314,10 @@ class TextEncoder(nn.Module):
         offset = 0
         if self.config.trim:
             input_ids, attention_mask, offset = trim_padding_columns(input_ids, attention_mask)
-        return self.encode_tokens(input_ids.to(self.device), attention_mask.to(self.device), position_offset=offset)
+        padding = not bool(attention_mask.all())  # read where the mask was made: no device sync, no graph break
+        context = self.encode_tokens(input_ids.to(self.device), attention_mask.to(self.device), position_offset=offset)
+        context.remember_padding(padding)
+        return context
 
     def encode_tokens(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_offset: int = 0
@@ -372,8 +375,7 @@ class TextEncoder(nn.Module):
             if req.hidden_states_index is not None:
                 context.hidden_states = hidden
             if req.pooled and self.pooled_encoder is None:
-                weights = mask[..., None].to(hidden.dtype)
-                context.pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
+                context.pooled = _pool(hidden, mask, self.config.pooled)
         return context
 
     @contextlib.contextmanager
@@ -396,3 +398,18 @@ class TextEncoder(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def _pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """One vector per prompt from the LLM's last hidden state ``hidden (B, L, D)`` over its real tokens ``mask (B, L)``.
+
+    ``llm-mean``: the masked mean. ``llm-last``: the state at the last real token (the rightmost ``True`` of the
+    mask, so left and right padding give the same vector), which in a causal LLM is the only one that has read the
+    whole prompt. Returns ``(B, D)``.
+    """
+    if how == "llm-last":
+        slots = torch.arange(mask.shape[1], device=mask.device)
+        last = torch.where(mask, slots, torch.zeros_like(slots)).amax(1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    weights = mask[..., None].to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
