@@ -210,6 +210,8 @@ class TextEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.config = config
         self.requirements = requirements
+        #: how the last hidden state is pooled for text modulation when no separate pooled encoder gives it
+        self._pool = last_token_pool if config.pooled == "llm-last" else mean_pool
         # Without a tokenizer only encode_tokens() works (tests, benchmarks feeding token ids directly).
         self.formatter = PromptFormatter(tokenizer, config, expander) if tokenizer is not None else None
         self.pooled_encoder = pooled_encoder
@@ -375,7 +377,7 @@ class TextEncoder(nn.Module):
             if req.hidden_states_index is not None:
                 context.hidden_states = hidden
             if req.pooled and self.pooled_encoder is None:
-                context.pooled = _pool(hidden, mask, self.config.pooled)
+                context.pooled = self._pool(hidden, mask)
         return context
 
     @contextlib.contextmanager
@@ -400,16 +402,17 @@ class TextEncoder(nn.Module):
                 handle.remove()
 
 
-def _pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    """One vector per prompt from the LLM's last hidden state ``hidden (B, L, D)`` over its real tokens ``mask (B, L)``.
-
-    ``llm-mean``: the masked mean. ``llm-last``: the state at the last real token (the rightmost ``True`` of the
-    mask, so left and right padding give the same vector), which in a causal LLM is the only one that has read the
-    whole prompt. Returns ``(B, D)``.
-    """
-    if how == "llm-last":
-        slots = torch.arange(mask.shape[1], device=mask.device)
-        last = torch.where(mask, slots, torch.zeros_like(slots)).amax(1)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``text.pooled: llm-mean``: the mean of the last hidden state ``hidden (B, L, D)`` over the real tokens
+    ``mask (B, L)``. Returns ``(B, D)``."""
     weights = mask[..., None].to(hidden.dtype)
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
+def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``text.pooled: llm-last``: the last hidden state ``hidden (B, L, D)`` at each prompt's last real token (the
+    rightmost ``True`` of ``mask (B, L)``, so left and right padding give the same vector), the one state of a causal
+    LLM that has read the whole prompt. Returns ``(B, D)``."""
+    slots = torch.arange(mask.shape[1], device=mask.device)
+    last = torch.where(mask, slots, torch.zeros_like(slots)).amax(1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
