@@ -189,7 +189,7 @@ class TextContext:
             pooled=None if first.pooled is None else torch.cat([_present(c.pooled) for c in contexts]),
             num_truncated=sum(c.num_truncated for c in contexts),
         )
-        out.__dict__["_has_padding"] = padding_among(contexts, length)
+        out.remember_padding(padding_among(contexts, length))
         return out
 
 
