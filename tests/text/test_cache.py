@@ -8,8 +8,7 @@ import torch
 from fusedit.experiment import load_experiment
 from fusedit.text.cache import CachedTextEncoder
 from fusedit.text.context import TextContext
-from fusedit.train.config import TrainConfig
-from fusedit.train.setup import check_text_encoder
+from fusedit.train.text_phases import TextEncoderPhases
 from tests.conftest import text_dependent_components
 
 # different lengths, an empty caption (dropped captions) and a repeated one
@@ -71,7 +70,7 @@ def test_a_trainable_encoder_is_not_cached(parts):
     with pytest.raises(ValueError, match="trainable text encoder cannot be cached"):
         CachedTextEncoder(Trainable())
     with pytest.raises(ValueError, match="train.cache_text_context=true with a trainable text encoder"):
-        check_text_encoder(Trainable(), TrainConfig(cache_text_context=True))
+        TextEncoderPhases(Trainable(), trains_until=None, cache=True)
     with pytest.raises(ValueError, match="non-empty list"):
         CachedTextEncoder(parts.text_encoder).encode("a red circle")
 

@@ -38,6 +38,11 @@ class TrainableTextEncoder(FrozenTextEncoder):
     def trainable_parameters(self):
         return self.proj.parameters()
 
+    def freeze(self) -> None:
+        """What ``train.llm_train_steps`` calls when the LLM stops training."""
+        self.trainable = False
+        self.proj.requires_grad_(False)
+
 
 class TinyVelocityModel(nn.Module):
     """forward(x (B, 3, H, W), timestep (B,), context (B, 8)) -> (B, 3, H, W). Has dropout (global RNG; ``dropout=0``

@@ -281,6 +281,13 @@ class TextEncoder(nn.Module):
         """Parameters to optimise (empty when frozen)."""
         return [p for p in self.decoder.parameters() if p.requires_grad] if self.trainable else []
 
+    def freeze(self) -> None:
+        """Stop training the LLM (``train.llm_train_steps``): no gradients, evaluation mode, :attr:`trainable` off.
+        Its weights stay as they are; the trainer keeps saving them."""
+        self.trainable = False
+        self.decoder.requires_grad_(False)
+        self.decoder.eval()
+
     def train(self, mode: bool = True):
         super().train(mode)
         if not self.trainable:

@@ -46,6 +46,9 @@ class TrainConfig:
         llm_lr_scale: learning-rate multiplier of the LLM's parameters when the LLM trains (``text.trainable`` or
             LLM adapters): they form their own AdamW group at ``lr × llm_lr_scale`` (``min_lr`` scaled alike) on the
             same schedule. 1 (the default) keeps a single group.
+        llm_train_steps: with a trainable LLM, train it for the first ``llm_train_steps`` optimiser steps only, then
+            freeze it (and cache its contexts when ``cache_text_context``; :mod:`fusedit.train.text_phases`).
+            ``null`` (the default): it trains for the whole run.
         optimizer: ``adamw`` (PyTorch's), ``adamw8bit`` (bitsandbytes' 8-bit AdamW: a quarter of the optimizer
             state's memory; needs ``pip install "fusedit[lowmem]"``; not with ``fsdp`` or ``fused_adamw``) or ``muon``
             (Muon for the transformer layers' attention and MLP matrices, AdamW for the rest, at the same ``lr`` and
@@ -92,6 +95,7 @@ class TrainConfig:
     fused_adamw: bool = False
     cache_text_context: bool = False
     llm_lr_scale: float = 1.0
+    llm_train_steps: int | None = None
     distributed: Literal["none", "ddp", "fsdp"] = "none"
     optimizer: Literal["adamw", "adamw8bit", "muon"] = "adamw"
     muon_ns_steps: int = 5
@@ -111,6 +115,10 @@ class TrainConfig:
         )
         require(self.lr > 0, f"train.lr: got {self.lr}, expected > 0")
         require(self.llm_lr_scale > 0, f"train.llm_lr_scale: got {self.llm_lr_scale}, expected > 0")
+        require(
+            self.llm_train_steps is None or self.llm_train_steps > 0,
+            f"train.llm_train_steps: got {self.llm_train_steps}, expected a positive step count or null",
+        )
         require(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             f"train.betas: got {self.betas}, expected two numbers in [0, 1)",

@@ -65,11 +65,6 @@ def check_text_encoder(text_encoder: Any, cfg: TrainConfig) -> None:
             f"train.distributed={cfg.distributed} with a trainable text encoder is not supported: the "
             f"LLM is replicated outside DDP/FSDP; train it with train.distributed=none"
         )
-    if cfg.cache_text_context and getattr(text_encoder, "trainable", False):
-        raise ValueError(
-            "train.cache_text_context=true with a trainable text encoder: its contexts change every step; "
-            "set train.cache_text_context=false or freeze the LLM"
-        )
 
 
 def training_generators(seed: int, device: torch.device) -> dict[str, torch.Generator]:

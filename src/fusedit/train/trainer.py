@@ -57,7 +57,6 @@ from fusedit.dist.env import all_reduce
 from fusedit.dist.parallelize import parallelize
 from fusedit.flow import FlowMatchSchedule, loss_weighting
 from fusedit.rundir.lock import hold_run_dir
-from fusedit.text.cache import CachedTextEncoder
 from fusedit.text.expansion import expand_ahead
 from fusedit.train.data_order import MicroBatch, TrainingData
 from fusedit.train.ema import EMA
@@ -66,6 +65,7 @@ from fusedit.train.logging import SilentLog, TrainLogger
 from fusedit.train.setup import TrainSummary, build_optimizer, check_text_encoder, split_config, training_generators
 from fusedit.train.state import RunState
 from fusedit.train.step import flow_loss, train_step
+from fusedit.train.text_phases import TextEncoderPhases
 
 SampleFn = Callable[[list[str], int], torch.Tensor]
 
@@ -111,10 +111,12 @@ class Trainer:
         check_text_encoder(text_encoder, self.cfg)
         cfg = self.cfg
         self.run_dir, self.device = Path(run_dir), torch.device(device)
-        self.text_encoder, self.codec, self.sample_fn = text_encoder, codec, sample_fn
+        self.codec, self.sample_fn = codec, sample_fn
         expand_ahead(text_encoder, dataset)  # text.expansion: every known caption's continuation, batched, once
-        if cfg.cache_text_context:
-            self.text_encoder = CachedTextEncoder(text_encoder)
+        #: the encoder of each step: trained along (for the first train.llm_train_steps), or frozen and maybe cached
+        self.text_phases = TextEncoderPhases(
+            text_encoder, trains_until=cfg.llm_train_steps, cache=cfg.cache_text_context
+        )
         self.resume, self.resume_from = resume, Path(resume_from) if resume_from is not None else None
         self.progress, self.tensorboard = progress, tensorboard
         self.after_save = after_save
@@ -229,11 +231,17 @@ class Trainer:
         drop = torch.rand(total, generator=self.generators["caption_dropout"])[mine] < self.cfg.caption_dropout
         return ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
 
+    @property
+    def text_encoder(self) -> Any:
+        """The text encoder of the coming step (:class:`fusedit.train.text_phases.TextEncoderPhases`)."""
+        return self.text_phases.at(self.step)
+
     def _encode_text(self, captions: list[str]) -> Any:
-        if getattr(self.text_encoder, "trainable", False):
-            return self.text_encoder.encode(captions)
+        encoder = self.text_encoder
+        if getattr(encoder, "trainable", False):
+            return encoder.encode(captions)
         with torch.no_grad():
-            return self.text_encoder.encode(captions)
+            return encoder.encode(captions)
 
     def compute_loss(self, images: torch.Tensor, captions: list[str], is_latent: bool = False) -> torch.Tensor:
         """Flow-matching loss of this rank's micro-batch: ``images`` ``(B, C, H, W)`` (pixels, or latents when
@@ -379,6 +387,8 @@ class Trainer:
         data = self.data.batches()
         window_start, window_losses, grad_norm = time.perf_counter(), [], 0.0
         while self.step < cfg.max_steps:
+            if self.step == cfg.llm_train_steps:
+                log.info(f"step {self.step}: the LLM stops training (train.llm_train_steps); frozen from here on")
             loss, grad_norm = self.optimizer_step(data)
             summary.losses[self.step] = loss
             window_losses.append(loss)
