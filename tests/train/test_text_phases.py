@@ -62,3 +62,12 @@ def test_contradictory_settings_are_refused_with_what_to_change():
         TextEncoderPhases(NoFreeze(), trains_until=5, cache=False)
     with pytest.raises(ConfigError, match="train.llm_train_steps: got 0, expected a positive step count"):
         TrainConfig(llm_train_steps=0).validate()
+
+
+def test_the_log_says_when_the_llm_stops_training_or_stayed_frozen_over_a_resume():
+    phases = TextEncoderPhases(TrainableTextEncoder(), trains_until=3, cache=False)
+    notes = {step: phases.note(step, started_at=0) for step in range(6)}
+    assert [step for step, note in notes.items() if note] == [3] and "stops training" in notes[3]
+    assert "resumed at step 5, past train.llm_train_steps=3" in phases.note(5, started_at=5)
+    assert phases.note(6, started_at=5) is None and phases.note(2, started_at=2) is None
+    assert TextEncoderPhases(TrainableTextEncoder(), trains_until=None, cache=False).note(0, started_at=0) is None

@@ -69,3 +69,14 @@ class TextEncoderPhases:
             self._trained.freeze()
             self._frozen = self._wrap(self._trained)
         return self._frozen
+
+    def note(self, step: int, started_at: int) -> str | None:
+        """The log line before optimiser step ``step`` of a run (re)started at ``started_at``, if any: the LLM stops
+        training at this step, or the run resumed past the step where it stopped."""
+        if self.trains_until is None or self._trained is None:
+            return None
+        if step == self.trains_until:
+            return f"step {step}: the LLM stops training (train.llm_train_steps); frozen from here on"
+        if step == started_at > self.trains_until:
+            return f"resumed at step {step}, past train.llm_train_steps={self.trains_until}: the LLM stays frozen"
+        return None

@@ -12,7 +12,8 @@ Interfaces consumed (duck-typed):
 * ``text_encoder``: ``encode(prompts: list[str]) -> context`` (opaque; passed to the model), ``trainable: bool``,
   ``trainable_parameters()``. Frozen: encoded under ``no_grad``, never optimised or saved. Trainable: it must also
   have ``named_parameters()`` (e.g. be an ``nn.Module``); its trainable parameters join the optimiser, the EMA and
-  the weight files under the prefix ``llm.``.
+  the weight files under the prefix ``llm.``. With ``train.llm_train_steps`` it also needs ``freeze()``, called when
+  the LLM stops training (:mod:`fusedit.train.text_phases`).
 * ``dataset``: items ``{"image": (C, H, W) float tensor, "caption": str}``, map-style or a resumable stream (read as
   :mod:`fusedit.train.data_order` describes). Items with ``"is_latent": True`` are already latents (a latent
   cache): ``codec.encode`` is skipped. Otherwise an optional ``codec`` with ``encode(images (B, 3, H, W) in [-1, 1])
@@ -387,8 +388,8 @@ class Trainer:
         data = self.data.batches()
         window_start, window_losses, grad_norm = time.perf_counter(), [], 0.0
         while self.step < cfg.max_steps:
-            if self.step == cfg.llm_train_steps:
-                log.info(f"step {self.step}: the LLM stops training (train.llm_train_steps); frozen from here on")
+            if note := self.text_phases.note(self.step, started_at=summary.start_step):
+                log.info(note)
             loss, grad_norm = self.optimizer_step(data)
             summary.losses[self.step] = loss
             window_losses.append(loss)
