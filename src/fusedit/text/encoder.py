@@ -217,9 +217,10 @@ class TextEncoder(nn.Module):
         self.pooled_encoder = pooled_encoder
         self._cache_arg = decoder_forward_kwargs(decoder)
         self.trainable = config.trainable
-        self.decoder.requires_grad_(self.trainable)
-        if not self.trainable:
-            self.decoder.eval()
+        if self.trainable:
+            self.decoder.requires_grad_(True)
+        else:
+            self.freeze()
         self._truncate_unused_layers()
 
     # ------------------------------------------------------------------------------------------------------------
